@@ -1,0 +1,29 @@
+"""Shared test helpers: tiny static checkpoints and their converted copies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Glm4MoeLiteForCausalLM, Qwen3MoeForCausalLM
+
+from zeda_rl.tiny import tiny_glm4_moe_lite_config, tiny_qwen3_moe_config
+
+FAMILIES = {
+    "qwen3_moe": (tiny_qwen3_moe_config, Qwen3MoeForCausalLM),
+    "glm4_moe_lite": (tiny_glm4_moe_lite_config, Glm4MoeLiteForCausalLM),
+}
+
+
+def save_static(family: str, out: Path, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random tiny static MoE of one family, saved in HF format; returns the model (eval, fp32)."""
+    make_config, model_cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(make_config(**overrides)).eval()
+    if family == "glm4_moe_lite":  # a non-trivial correction bias, as in the real model
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if hasattr(layer.mlp, "gate"):
+                    layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    model.save_pretrained(out)
+    return model

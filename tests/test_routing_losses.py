@@ -1,0 +1,103 @@
+"""Routing rules and losses as pure functions (ZEDA.md sections 2, 3 and 5)."""
+
+import torch
+
+from zeda_rl.losses import equilibrium_zero_share, group_aux_loss, opd_policy_loss, sft_loss, token_logprobs
+from zeda_rl.routing import RouterSpec, route, zero_ratio
+
+
+def test_softmax_zero_slots_dropped_without_renormalising():
+    spec = RouterSpec("softmax", num_experts=4, num_zero=2, top_k=2)
+    logits = torch.tensor([[5.0, 0.0, 0.0, 0.0, 4.0, -9.0], [3.0, 2.0, -9.0, -9.0, -9.0, -9.0]])
+    r = route(logits, spec)
+    assert r.ids[0].tolist() == [0, 4] and r.ids[1].tolist() == [0, 1]
+    assert torch.allclose(r.weights.sum(-1), torch.ones(2))  # norm_topk over the K slots, zero slots included
+    real0 = r.weights[0][r.ids[0] < 4]
+    assert real0.sum() < 0.8  # the real expert keeps its share, not renormalised to 1
+    assert torch.allclose(r.probs.sum(-1), torch.ones(2))
+
+
+def test_sigmoid_bias_groups_scaling_and_mask():
+    spec = RouterSpec("sigmoid", num_experts=4, num_zero=2, top_k=2, scaling=1.8, n_group=2, topk_group=1)
+    logits = torch.tensor([[2.0, 1.9, 1.8, -5.0, 0.0, 3.0]])
+    r = route(logits, spec, bias=torch.zeros(6))
+    # group 0 (experts 0,1) wins over group 1 (2,3); zero slot 5 is always eligible
+    assert sorted(r.ids[0].tolist()) == [0, 5]
+    assert torch.isclose(r.weights.sum(), torch.tensor(1.8))
+    masked = route(logits, RouterSpec(**{**spec.__dict__, "mask_zero": True}), bias=torch.zeros(6))
+    assert sorted(masked.ids[0].tolist()) == [0, 1]
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 5.0, 0.0])
+    assert 4 in route(logits, spec, bias=bias).ids[0].tolist()  # bias steers the choice, not the weight
+
+
+def test_replay_keeps_router_gradient():
+    spec = RouterSpec("softmax", num_experts=4, num_zero=4, top_k=2)
+    logits = torch.randn(5, 8, requires_grad=True)
+    given = torch.tensor([[0, 4]] * 5)
+    r = route(logits, spec, replay_ids=given)
+    assert torch.equal(r.ids, given)
+    r.weights[:, 0].sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_group_aux_loss_minimum_at_r_star():
+    for n, nz, w in [(8, 4, 2.0), (128, 64, 2.0), (64, 32, 1.0), (16, 16, 3.0)]:
+        grid = torch.linspace(0.01, 0.99, 981)
+        losses = []
+        for r in grid:
+            k = 100
+            ids = torch.cat([torch.zeros(k - int(round(r.item() * k)), dtype=torch.long), torch.full((int(round(r.item() * k)),), n)])
+            probs = torch.zeros(1, n + nz)
+            probs[0, :n] = (1 - r) / n
+            probs[0, n:] = r / nz
+            losses.append(group_aux_loss(probs, ids.view(1, -1), n, nz, alpha=0.1, w=w))
+        best = grid[int(torch.stack(losses).argmin())].item()
+        assert abs(best - equilibrium_zero_share(n, nz, w)) < 0.015, (n, nz, w, best)
+    assert equilibrium_zero_share(128, 64, 2.0) == 0.5
+
+
+def test_group_aux_loss_gradient_reaches_router():
+    weight = torch.randn(12, 16, requires_grad=True)
+    x = torch.randn(32, 16)
+    spec = RouterSpec("softmax", num_experts=8, num_zero=4, top_k=2)
+    r = route(x @ weight.T, spec)
+    loss = group_aux_loss(r.probs, r.ids, 8, 4)
+    loss.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    # sigmoid family: normalised scores, same mechanism
+    r = route(x @ weight.T, RouterSpec("sigmoid", num_experts=8, num_zero=4, top_k=2, scaling=1.8))
+    weight.grad = None
+    group_aux_loss(r.probs, r.ids, 8, 4).backward()
+    assert weight.grad.abs().sum() > 0
+
+
+def test_sft_and_opd_losses():
+    logits = torch.randn(2, 6, 10, requires_grad=True)
+    tokens = torch.randint(0, 10, (2, 6))
+    lp = token_logprobs(logits, tokens)
+    assert lp.shape == (2, 5)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
+    nll = sft_loss(lp, mask)
+    assert torch.isclose(nll, -(lp * mask).sum() / 5)
+    # OPD: teacher == student -> zero advantage -> zero loss; teacher better -> pushes logprob up
+    loss, stats = opd_policy_loss(lp, lp.detach(), lp.detach(), mask)
+    assert abs(loss.item()) < 1e-7 and abs(stats["reverse_kl"]) < 1e-7
+    loss, stats = opd_policy_loss(lp, lp.detach(), lp.detach() + 1.0, mask)
+    loss.backward()
+    assert loss.item() < 0 and stats["reverse_kl"] < 0
+    g = logits.grad.clone()
+    assert g.abs().sum() > 0
+    # clipping: a ratio far above 1+eps with positive advantage gives no gradient
+    lp2 = token_logprobs(logits, tokens)
+    loss, stats = opd_policy_loss(lp2, lp2.detach() - 2.0, lp2.detach() + 1.0, mask)
+    logits.grad = None
+    loss.backward()
+    assert stats["clip_frac"] == 1.0 and logits.grad.abs().sum() == 0
+
+
+def test_zero_ratio_per_layer_and_mask():
+    ids = torch.tensor([[[[0, 8], [8, 9]]], [[[1, 2], [3, 4]]]])  # [L=2, B=1, S=2, K=2], N=8
+    r = zero_ratio(ids, 8)
+    assert r["per_layer"] == [0.75, 0.0] and r["overall"] == 0.375
+    r = zero_ratio(ids, 8, token_mask=torch.tensor([[True, False]]))
+    assert r["per_layer"] == [0.5, 0.0]

@@ -1,0 +1,84 @@
+"""Held-out evaluation of any checkpoint (teacher or converted student).
+
+Accuracy is exact match on the built-in tasks with greedy decoding; the zero-expert
+ratio is measured on a teacher-forced pass over each prompt + its own completion, so
+it counts exactly the tokens the model processed, per MoE layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import zeda_rl  # noqa: F401  (registers the zero-expert Auto classes)
+from zeda_rl.generate import greedy_complete
+from zeda_rl.modeling import moe_blocks, record_routing
+from zeda_rl.routing import zero_ratio
+from zeda_rl.tasks import FAMILIES, make_split, score
+
+
+def load(checkpoint: str | Path, dtype=torch.float32):
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@torch.no_grad()
+def routed_zero_ratio(model, tokenizer, texts: list[str], batch_size: int = 64) -> dict:
+    """Zero-expert share over every non-pad token of `texts`, overall and per MoE layer."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        layers = getattr(model.config, "num_hidden_layers", 0)
+        return {"overall": 0.0, "per_layer": [], "tokens": 0, "note": f"static model ({layers} layers, no zero experts)"}
+    n = blocks[0].spec.num_experts
+    zero = torch.zeros(len(blocks))
+    count = 0
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True)
+        with record_routing(model) as rec:
+            model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+        mask = enc.attention_mask.bool()
+        r = zero_ratio(rec(), n, token_mask=mask)
+        zero += torch.tensor(r["per_layer"]) * int(mask.sum())
+        count += int(mask.sum())
+    per_layer = (zero / max(count, 1)).tolist()
+    return {"overall": sum(per_layer) / len(per_layer), "per_layer": per_layer, "tokens": count}
+
+
+def evaluate(checkpoint: str | Path, n_per_family: int = 100, batch_size: int = 64, model=None, tokenizer=None) -> dict:
+    if model is None:
+        model, tokenizer = load(checkpoint)
+    examples = make_split("heldout", n_per_family)
+    max_new = max(len(tokenizer(e.answer).input_ids) for e in examples) + 4
+    completions = greedy_complete(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new, batch_size=batch_size)
+    per_family = {}
+    for fam in FAMILIES:
+        hits = [score(e, c) for e, c in zip(examples, completions) if e.family == fam]
+        per_family[fam] = sum(hits) / max(len(hits), 1)
+    texts = [e.prompt + c for e, c in zip(examples, completions)]
+    return {
+        "checkpoint": str(checkpoint),
+        "accuracy": {**per_family, "mean": sum(per_family.values()) / len(per_family)},
+        "zero_ratio": routed_zero_ratio(model, tokenizer, texts, batch_size),
+        "n_per_family": n_per_family,
+    }
+
+
+def render(result: dict):
+    """A rich table of an evaluate() result."""
+    from rich.table import Table
+
+    t = Table(title=f"held-out evaluation: {result['checkpoint']}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for fam, acc in result["accuracy"].items():
+        t.add_row(f"accuracy/{fam}", f"{100 * acc:.1f}%")
+    z = result["zero_ratio"]
+    t.add_row("zero-expert ratio (overall)", f"{100 * z['overall']:.1f}%")
+    for i, r in enumerate(z["per_layer"]):
+        t.add_row(f"zero-expert ratio / MoE layer {i}", f"{100 * r:.1f}%")
+    return t

@@ -1,0 +1,262 @@
+"""The zero-expert models for transformers: Qwen3MoePlusPlus and Glm4MoeLitePlusPlus.
+
+Everything but the MoE block is transformers' own code: the configs and models below
+subclass the stock Qwen3-MoE and GLM-4.7-Flash classes, and only the sparse blocks are
+swapped for zero-expert ones. The router grows to N+N_Z rows; zero slots are handed
+to the fused experts as the skip sentinel id N (weight 0), so the experts module never
+computes them. Config fields follow the released ZEDA checkpoints (zce_nums,
+zce_types, use_zce_mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Glm4MoeLiteConfig,
+    Glm4MoeLiteForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteMoE, Glm4MoeLiteTopkRouter
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock, Qwen3MoeTopKRouter
+
+from zeda_rl.routing import RouterSpec, route
+
+SUPPORTED_ZCE_TYPES = ("zero", "copy")
+
+
+class _ZceConfigMixin:
+    """zce_nums[i] slots of type zce_types[i]; the released class defaults to mask on, type copy."""
+
+    def zce_slots(self) -> list[str]:
+        nums = list(self.zce_nums or [])
+        types = list(self.zce_types or ["zero"] * len(nums))
+        if len(nums) != len(types):
+            raise ValueError(f"config: zce_nums {nums} and zce_types {types} must have the same length")
+        for t in types:
+            if t not in SUPPORTED_ZCE_TYPES:
+                raise ValueError(f"config: zce_types entry {t!r} is not supported; expected one of {SUPPORTED_ZCE_TYPES}")
+        return [t for n, t in zip(nums, types) for _ in range(int(n))]
+
+
+class Qwen3MoePlusPlusConfig(_ZceConfigMixin, Qwen3MoeConfig):
+    model_type = "qwen3_moe_plus_plus"
+    zce_nums: list[int] | None = None
+    zce_types: list[str] | None = None
+    use_zce_mask: bool = True
+
+
+class Glm4MoeLitePlusPlusConfig(_ZceConfigMixin, Glm4MoeLiteConfig):
+    model_type = "glm4_moe_lite_plus_plus"
+    zce_nums: list[int] | None = None
+    zce_types: list[str] | None = None
+    use_zce_mask: bool = True
+
+
+def router_spec(config) -> RouterSpec:
+    """The routing rule of a converted config, in the form `zeda_rl.routing.route` takes."""
+    slots = config.zce_slots()
+    if isinstance(config, Glm4MoeLiteConfig):
+        return RouterSpec(
+            family="sigmoid",
+            num_experts=config.n_routed_experts,
+            num_zero=len(slots),
+            top_k=config.num_experts_per_tok,
+            norm_topk_prob=config.norm_topk_prob,
+            scaling=config.routed_scaling_factor,
+            n_group=config.n_group,
+            topk_group=config.topk_group,
+            mask_zero=config.use_zce_mask,
+        )
+    return RouterSpec(
+        family="softmax",
+        num_experts=config.num_experts,
+        num_zero=len(slots),
+        top_k=config.num_experts_per_tok,
+        norm_topk_prob=config.norm_topk_prob,
+        mask_zero=config.use_zce_mask,
+    )
+
+
+class _ZeroExpertRouterMixin:
+    """Router with N+N_Z output rows. Returns the stock (logits, weights, ids) triple."""
+
+    def _widen(self, config):
+        self.spec = router_spec(config)
+        self.num_experts = self.spec.total
+        self.weight = nn.Parameter(torch.zeros(self.spec.total, self.hidden_dim, dtype=self.weight.dtype))
+        if hasattr(self, "e_score_correction_bias"):
+            self.e_score_correction_bias = nn.Buffer(torch.zeros(self.spec.total, dtype=torch.float32))
+
+    def forward(self, hidden_states, replay_ids=None):
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        logits = nn.functional.linear(x.float(), self.weight.float())  # router in fp32
+        r = route(logits, self.spec, getattr(self, "e_score_correction_bias", None), replay_ids)
+        self.last_probs = r.probs  # kept for the group auxiliary loss of a training loop
+        return logits, r.weights, r.ids
+
+
+class ZeroExpertQwen3Router(_ZeroExpertRouterMixin, Qwen3MoeTopKRouter):
+    def __init__(self, config):
+        super().__init__(config)
+        self._widen(config)
+
+
+class ZeroExpertGlmRouter(_ZeroExpertRouterMixin, Glm4MoeLiteTopkRouter):
+    def __init__(self, config):
+        super().__init__(config)
+        self._widen(config)
+
+
+class _ZeroExpertBlockMixin:
+    """Routes, records or replays expert ids, and sends only real (token, expert) pairs to the experts."""
+
+    def _setup(self, config):
+        copy = [t == "copy" for t in config.zce_slots()]
+        self.register_buffer("copy_slot", torch.tensor([False] * self.spec.num_experts + copy), persistent=False)
+        # The fused paths (grouped_mm, batched_mm) skip sentinel ids >= N and, with this flag, zero their rows.
+        self.experts._is_expert_parallel = True
+        self.record: list[torch.Tensor] | None = None
+        self.replay: torch.Tensor | None = None  # [B, S_total, K], consumed call by call (KV-cache friendly)
+        self.replay_pos = 0
+
+    @property
+    def spec(self) -> RouterSpec:
+        return self.gate.spec
+
+    def _routed_experts(self, x: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+        replay_ids = None
+        if self.replay is not None:
+            if self.replay.shape[0] != batch or self.replay_pos + seq > self.replay.shape[1]:
+                raise ValueError(
+                    f"routing replay: ids of shape {tuple(self.replay.shape)} (position {self.replay_pos}) "
+                    f"do not cover a forward of batch {batch} x {seq} tokens"
+                )
+            replay_ids = self.replay[:, self.replay_pos : self.replay_pos + seq].reshape(-1, self.spec.top_k)
+            self.replay_pos += seq
+        _, weights, ids = self.gate(x, replay_ids)
+        if self.record is not None:
+            self.record.append(ids.detach().reshape(batch, seq, -1))
+        n = self.spec.num_experts
+        zero = ids >= n
+        out = self.experts(x, ids.masked_fill(zero, n), weights.masked_fill(zero, 0.0).to(x.dtype))
+        copy = self.copy_slot[ids]
+        if self.spec.num_zero and bool(copy.any()):
+            out = out + (weights * copy).sum(-1, keepdim=True).to(x.dtype) * x
+        return out
+
+
+class Qwen3MoePlusPlusSparseMoeBlock(_ZeroExpertBlockMixin, Qwen3MoeSparseMoeBlock):
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate = ZeroExpertQwen3Router(config)
+        self._setup(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, s, h = hidden_states.shape
+        return self._routed_experts(hidden_states.reshape(-1, h), b, s).reshape(b, s, h)
+
+
+class Glm4MoeLitePlusPlusMoE(_ZeroExpertBlockMixin, Glm4MoeLiteMoE):
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate = ZeroExpertGlmRouter(config)
+        self._setup(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, s, h = hidden_states.shape
+        out = self._routed_experts(hidden_states.reshape(-1, h), b, s).reshape(b, s, h)
+        return out + self.shared_experts(hidden_states)
+
+
+def _swap_blocks(model: nn.Module, stock: type, zero_block: type, config) -> None:
+    for layer in model.model.layers:
+        if type(layer.mlp) is stock:
+            layer.mlp = zero_block(config)
+
+
+class Qwen3MoePlusPlusForCausalLM(Qwen3MoeForCausalLM):
+    config_class = Qwen3MoePlusPlusConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _swap_blocks(self, Qwen3MoeSparseMoeBlock, Qwen3MoePlusPlusSparseMoeBlock, config)
+        self.post_init()
+
+
+class Glm4MoeLitePlusPlusForCausalLM(Glm4MoeLiteForCausalLM):
+    config_class = Glm4MoeLitePlusPlusConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _swap_blocks(self, Glm4MoeLiteMoE, Glm4MoeLitePlusPlusMoE, config)
+        self.post_init()
+
+
+def register() -> None:
+    """Make AutoConfig / AutoModelForCausalLM load converted checkpoints (idempotent)."""
+    for cfg, model in (
+        (Qwen3MoePlusPlusConfig, Qwen3MoePlusPlusForCausalLM),
+        (Glm4MoeLitePlusPlusConfig, Glm4MoeLitePlusPlusForCausalLM),
+    ):
+        AutoConfig.register(cfg.model_type, cfg, exist_ok=True)
+        AutoModelForCausalLM.register(cfg, model, exist_ok=True)
+
+
+# ---- routing record / replay over a whole model -------------------------------------------------
+
+
+def moe_blocks(model: nn.Module) -> list[_ZeroExpertBlockMixin]:
+    """The zero-expert MoE blocks of a model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, _ZeroExpertBlockMixin)]
+
+
+@contextmanager
+def record_routing(model: nn.Module):
+    """Record the chosen slot ids of every MoE layer: `rec()` gives [L, B, S, K] over all calls."""
+    records = []
+    for blk in moe_blocks(model):
+        blk.record = []
+        records.append(blk.record)
+
+    def ids() -> torch.Tensor:
+        return torch.stack([torch.cat(r, dim=1) for r in records])
+
+    try:
+        yield ids
+    finally:
+        for blk in moe_blocks(model):
+            blk.record = None
+
+
+@contextmanager
+def replay_routing(model: nn.Module, ids: torch.Tensor):
+    """Force the slot ids [L, B, S, K] (routing replay); weights are still the router's."""
+    blocks = moe_blocks(model)
+    if ids.shape[0] != len(blocks):
+        raise ValueError(f"routing replay: ids cover {ids.shape[0]} MoE layers, the model has {len(blocks)}")
+    for blk, layer_ids in zip(blocks, ids):
+        blk.replay, blk.replay_pos = layer_ids, 0
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            blk.replay, blk.replay_pos = None, 0
+
+
+def set_zce_mask(model: nn.Module, on: bool) -> None:
+    """Switch use_zce_mask on a loaded model (on: exactly the original static model)."""
+    model.config.use_zce_mask = on
+    for blk in moe_blocks(model):
+        blk.gate.spec = dataclasses.replace(blk.gate.spec, mask_zero=on)
+
+
+def last_router_probs(model: nn.Module) -> list[torch.Tensor]:
+    """Routing distributions [T, N+N_Z] of the last forward, per MoE layer (for L_GA)."""
+    return [blk.gate.last_probs for blk in moe_blocks(model)]

@@ -1,0 +1,119 @@
+"""Routing with zero experts (ZEDA.md section 2), as pure functions.
+
+One function serves the transformers model, the Megatron learner and the rollout
+engines, so "which expert does this token use" has a single definition. Experts
+0..N-1 are real; N..N+N_Z-1 are zero-computation slots. Zero slots keep the weight
+the router gave them but are dropped without renormalising the real ones, so a token
+uses between 0 and K real experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    family: Literal["softmax", "sigmoid"]
+    num_experts: int  # N real experts
+    num_zero: int  # N_Z zero-computation slots
+    top_k: int
+    norm_topk_prob: bool = True
+    scaling: float = 1.0  # routed scaling factor (sigmoid family)
+    n_group: int = 1  # grouped top-k over the real experts (sigmoid family)
+    topk_group: int = 1
+    mask_zero: bool = False  # use_zce_mask: zero slots never chosen -> the original model exactly
+
+    @property
+    def total(self) -> int:
+        return self.num_experts + self.num_zero
+
+
+@dataclass
+class Routing:
+    ids: torch.Tensor  # [T, K] int64, ids >= N are zero slots
+    weights: torch.Tensor  # [T, K] float32, zero slots included (their weight is simply not used)
+    probs: torch.Tensor  # [T, N+N_Z] float32 routing distribution for the group auxiliary loss
+
+
+def route(
+    logits: torch.Tensor,
+    spec: RouterSpec,
+    bias: torch.Tensor | None = None,
+    replay_ids: torch.Tensor | None = None,
+) -> Routing:
+    """Choose K of N+N_Z slots per token from fp32 router logits [T, N+N_Z].
+
+    With `replay_ids` the choice is given (routing replay: the learner reuses the
+    rollout engine's experts) and only the weights are recomputed, so gradients still
+    reach the router through the weights and the auxiliary loss.
+    """
+    logits = logits.float()
+    if logits.shape[-1] != spec.total:
+        raise ValueError(f"router logits have {logits.shape[-1]} columns, expected N+N_Z = {spec.total}")
+    n = spec.num_experts
+    if spec.mask_zero and spec.num_zero:
+        logits = torch.cat([logits[:, :n], torch.full_like(logits[:, n:], float("-inf"))], dim=-1)
+
+    if spec.family == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+        probs = scores
+        choice = scores
+    elif spec.family == "sigmoid":
+        scores = torch.sigmoid(logits)
+        probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        choice = scores if bias is None else scores + bias.float()
+        if spec.mask_zero and spec.num_zero:
+            choice = torch.cat([choice[:, :n], torch.full_like(choice[:, n:], float("-inf"))], dim=-1)
+        if spec.n_group > 1:
+            choice = _mask_groups(choice, spec)
+    else:
+        raise ValueError(f"unknown router family {spec.family!r}; expected 'softmax' or 'sigmoid'")
+
+    if replay_ids is None:
+        ids = torch.topk(choice, spec.top_k, dim=-1).indices
+    else:
+        if replay_ids.shape != (logits.shape[0], spec.top_k):
+            raise ValueError(
+                f"replayed expert ids have shape {tuple(replay_ids.shape)}, expected {(logits.shape[0], spec.top_k)}"
+            )
+        ids = replay_ids.to(device=logits.device, dtype=torch.long)
+    weights = scores.gather(1, ids)
+    if spec.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if spec.family == "sigmoid":
+        weights = weights * spec.scaling
+    return Routing(ids=ids, weights=weights, probs=probs)
+
+
+def _mask_groups(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """DeepSeek-style grouped top-k over the real experts; zero slots stay eligible.
+
+    Zero slots belong to no group, so adding them never changes which real groups win,
+    and with the mask on the original model's choice is reproduced exactly.
+    """
+    n, g = spec.num_experts, spec.n_group
+    real = choice[:, :n].reshape(choice.shape[0], g, n // g)
+    group_scores = real.topk(2, dim=-1).values.sum(dim=-1)
+    keep = torch.zeros_like(group_scores)
+    keep.scatter_(1, torch.topk(group_scores, spec.topk_group, dim=-1).indices, 1.0)
+    real = real.masked_fill(keep.unsqueeze(-1) == 0, float("-inf")).reshape(choice.shape[0], n)
+    return torch.cat([real, choice[:, n:]], dim=-1)
+
+
+def zero_ratio(ids: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None) -> dict:
+    """Share of routed slots sent to zero experts, overall and per MoE layer.
+
+    `ids` is [L, ..., K] (layers first). `token_mask` ([...], bool) limits the count to
+    some tokens, e.g. the response. Expert FLOPs eliminated ~= this share (ZEDA.md 6).
+    """
+    zero = (ids >= num_experts).float()
+    if token_mask is not None:
+        m = token_mask.to(zero.dtype).unsqueeze(-1).expand_as(zero[0])
+        per_layer = (zero * m).flatten(1).sum(1) / m.sum().clamp_min(1)
+    else:
+        per_layer = zero.flatten(1).mean(1)
+    return {"overall": float(per_layer.mean()) if len(per_layer) else 0.0, "per_layer": per_layer.tolist()}
