@@ -49,7 +49,9 @@ def route(
 
     With `replay_ids` the choice is given (routing replay: the learner reuses the
     rollout engine's experts) and only the weights are recomputed, so gradients still
-    reach the router through the weights and the auxiliary loss.
+    reach the router through the weights and the auxiliary loss. Rows of -1 in
+    `replay_ids` mean "not recorded, let the router choose" (e.g. the last sampled
+    token, which the engine never ran through the model).
     """
     logits = logits.float()
     if logits.shape[-1] != spec.total:
@@ -73,14 +75,16 @@ def route(
     else:
         raise ValueError(f"unknown router family {spec.family!r}; expected 'softmax' or 'sigmoid'")
 
-    if replay_ids is None:
-        ids = torch.topk(choice, spec.top_k, dim=-1).indices
-    else:
+    ids = torch.topk(choice, spec.top_k, dim=-1).indices
+    if replay_ids is not None:
         if replay_ids.shape != (logits.shape[0], spec.top_k):
             raise ValueError(
                 f"replayed expert ids have shape {tuple(replay_ids.shape)}, expected {(logits.shape[0], spec.top_k)}"
             )
-        ids = replay_ids.to(device=logits.device, dtype=torch.long)
+        given = replay_ids.to(device=logits.device, dtype=torch.long)
+        if int(given.max()) >= spec.total:
+            raise ValueError(f"replayed expert id {int(given.max())} out of range for {spec.total} slots")
+        ids = torch.where(given[:, :1] >= 0, given, ids)
     weights = scores.gather(1, ids)
     if spec.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
