@@ -57,11 +57,18 @@ class _GroupedRows(TorchDispatchMode):
 
 
 def _widen_zero_rows(model, scale):
-    """Zero row j := scale * real row j: as scale grows, zero slots win more often."""
+    """Push the router toward zero slots by `scale`: as it grows, zero slots win more often.
+
+    Softmax family: zero row j := scale * real row j. Sigmoid family (scores are compared
+    after the correction bias): zero-slot bias := scale - 1 (scores live in (0, 1))."""
     with torch.no_grad():
         for blk in moe_blocks(model):
             n, w = blk.spec.num_experts, blk.gate.weight
-            w[n:] = scale * w[: w.shape[0] - n]
+            bias = getattr(blk.gate, "e_score_correction_bias", None)
+            if bias is None:
+                w[n:] = scale * w[: w.shape[0] - n]
+            else:
+                bias[n:] = (scale - 1.0) * 0.1
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe_lite"])

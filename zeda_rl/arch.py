@@ -16,7 +16,7 @@ from typing import Callable, Literal
 
 def _qwen3_moe_layers(cfg: dict) -> list[int]:
     n_layers = int(cfg["num_hidden_layers"])
-    if int(cfg.get("num_experts") or 0) <= 0:
+    if int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) <= 0:
         return []
     step = int(cfg.get("decoder_sparse_step") or 1)
     dense = set(cfg.get("mlp_only_layers") or [])
@@ -42,6 +42,15 @@ class ArchSpec:
     router_weight: re.Pattern  # matches router weights [N, H]; group 1 = layer index
     router_bias: re.Pattern | None  # matches correction biases [N]; group 1 = layer index
     moe_layers: Callable[[dict], list[int]]
+    # Other names the same field is saved under (transformers 5 writes Qwen3-MoE's as num_local_experts).
+    num_experts_aliases: tuple[str, ...] = ()
+
+    def num_experts(self, cfg: dict) -> int:
+        """N from a raw config dict, whichever of the known names it is saved under (0 if absent)."""
+        for key in (self.num_experts_key, *self.num_experts_aliases):
+            if cfg.get(key) is not None:
+                return int(cfg[key])
+        return 0
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -57,6 +66,7 @@ ARCHS: dict[str, ArchSpec] = {
             router_weight=re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$"),
             router_bias=None,
             moe_layers=_qwen3_moe_layers,
+            num_experts_aliases=("num_local_experts",),
         ),
         ArchSpec(
             source="Glm4MoeLiteForCausalLM",

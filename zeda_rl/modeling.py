@@ -118,8 +118,10 @@ class _ZeroExpertBlockMixin:
     """Routes, records or replays expert ids, and sends only real (token, expert) pairs to the experts."""
 
     def _setup(self, config):
-        copy = [t == "copy" for t in config.zce_slots()]
-        self.register_buffer("copy_slot", torch.tensor([False] * self.spec.num_experts + copy), persistent=False)
+        # A plain attribute, not a buffer: from_pretrained builds modules on the meta device and
+        # would leave a non-persistent buffer uninitialised.
+        n = self.spec.num_experts
+        self.copy_slots = [n + i for i, t in enumerate(config.zce_slots()) if t == "copy"]
         # The fused paths (grouped_mm, batched_mm) skip sentinel ids >= N and, with this flag, zero their rows.
         self.experts._is_expert_parallel = True
         self.record: list[torch.Tensor] | None = None
@@ -146,9 +148,10 @@ class _ZeroExpertBlockMixin:
         n = self.spec.num_experts
         zero = ids >= n
         out = self.experts(x, ids.masked_fill(zero, n), weights.masked_fill(zero, 0.0).to(x.dtype))
-        copy = self.copy_slot[ids]
-        if self.spec.num_zero and bool(copy.any()):
-            out = out + (weights * copy).sum(-1, keepdim=True).to(x.dtype) * x
+        if self.copy_slots:
+            copy = torch.isin(ids, torch.tensor(self.copy_slots, device=ids.device))
+            if bool(copy.any()):
+                out = out + (weights * copy).sum(-1, keepdim=True).to(x.dtype) * x
         return out
 
 
@@ -200,13 +203,24 @@ class Glm4MoeLitePlusPlusForCausalLM(Glm4MoeLiteForCausalLM):
 
 
 def register() -> None:
-    """Make AutoConfig / AutoModelForCausalLM load converted checkpoints (idempotent)."""
-    for cfg, model in (
-        (Qwen3MoePlusPlusConfig, Qwen3MoePlusPlusForCausalLM),
-        (Glm4MoeLitePlusPlusConfig, Glm4MoeLitePlusPlusForCausalLM),
+    """Make AutoConfig / AutoModelForCausalLM load converted checkpoints (idempotent).
+
+    The checkpoint-conversion mapping is registered too: transformers fuses the per-expert
+    HF tensors into its grouped expert parameters by model_type, and our model types must
+    inherit the stock families' rules or the expert weights would silently not load.
+    """
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+    for cfg, model, stock in (
+        (Qwen3MoePlusPlusConfig, Qwen3MoePlusPlusForCausalLM, "qwen3_moe"),
+        (Glm4MoeLitePlusPlusConfig, Glm4MoeLitePlusPlusForCausalLM, "glm4_moe_lite"),
     ):
         AutoConfig.register(cfg.model_type, cfg, exist_ok=True)
         AutoModelForCausalLM.register(cfg, model, exist_ok=True)
+        if get_checkpoint_conversion_mapping(cfg.model_type) is None:
+            mapping = get_checkpoint_conversion_mapping(stock)
+            if mapping is not None:
+                register_checkpoint_conversion_mapping(cfg.model_type, mapping)
 
 
 # ---- routing record / replay over a whole model -------------------------------------------------

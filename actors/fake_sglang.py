@@ -1,0 +1,215 @@
+"""FakeSGLangEngine: a CPU stand-in for `sglang.Engine`, for tests only. It is NOT SGLang.
+
+It answers the part of `sglang.Engine`'s offline API that `actors.sglang_engine` uses, in
+SGLang's own shapes, so the backend's decoding, layout and weight-sync logic can be tested
+end to end without a GPU: `SGLangEngine(ckpt, _engine_factory=FakeSGLangEngine)`.
+What it copies from SGLang 0.5.x (and what a change there would have to be copied here):
+- generate returns {"output_ids", "meta_info"} per request; meta_info holds finish_reason
+  {"type": "stop"|"length", ...}, output_token_logprobs [(logprob, id, None)] at the
+  sampling temperature, input_token_logprobs / input_top_logprobs from the raw logits
+  (temperature 1, as SGLang computes them) led by a None entry for token 0, and
+  routed_experts as base64 int32 [P+O-1, num_hidden_layers, K] with every decoder layer
+  present (dense layers hold zeros, as SGLang's zero-initialised host buffer does);
+- ignore_eos disables stop_token_ids too; without it the config's eos ids also stop;
+- update_weights_from_tensor takes checkpoint names only (per-expert, like SGLang's loaders)
+  and answers (success, message); unknown names fail rather than raise;
+- it routes with the zeda_rl transformers model (`zeda_rl.modeling`), not with the plugin.
+It keeps a log of control calls in `calls` so tests can check what was sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import zeda_rl.modeling as modeling
+from actors.torch_engine import _sample
+from zeda_rl.arch import ARCHS, TARGETS
+
+_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos", "sampling_seed"}
+_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<which>gate_proj|up_proj|down_proj)\.weight$")
+
+
+@dataclass
+class FlushCacheReqOutput:
+    success: bool = True
+    message: str = ""
+
+
+class FakeSGLangEngine:
+    """Fake of `sglang.Engine` backed by the zeda_rl transformers model (see module docstring)."""
+
+    def __init__(self, **server_args):
+        self.server_args = SimpleNamespace(**server_args)
+        path = Path(server_args["model_path"])
+        cfg = json.loads((path / "config.json").read_text())
+        self.model = _load(path, cfg).eval()
+        arch = TARGETS.get(cfg["architectures"][0]) or ARCHS.get(cfg["architectures"][0])
+        self.moe_layers = arch.moe_layers(cfg) if arch else []
+        self.num_hidden_layers = int(cfg["num_hidden_layers"])
+        self.top_k = int(cfg.get("num_experts_per_tok") or 0)
+        eos = cfg.get("eos_token_id")
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.calls: dict[str, list[dict]] = defaultdict(list)
+        self.flushes = 0
+        self.is_shutdown = False
+
+    # ---- generate ---------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt=None,
+        sampling_params=None,
+        input_ids=None,
+        return_logprob=False,
+        logprob_start_len=None,
+        top_logprobs_num=None,
+        return_routed_experts=False,
+    ):
+        if prompt is not None or input_ids is None:
+            raise ValueError("FakeSGLangEngine takes input_ids only (skip_tokenizer_init)")
+        if return_routed_experts and not getattr(self.server_args, "enable_return_routed_experts", False):
+            raise ValueError("return_routed_experts needs the server arg enable_return_routed_experts")
+        single = bool(input_ids) and isinstance(input_ids[0], int)
+        batch = [input_ids] if single else input_ids
+        sps = sampling_params if isinstance(sampling_params, list) else [sampling_params or {}] * len(batch)
+        outs = [
+            self._one(list(ids), dict(sp), return_logprob, logprob_start_len, top_logprobs_num, return_routed_experts)
+            for ids, sp in zip(batch, sps)
+        ]
+        return outs[0] if single else outs
+
+    @torch.no_grad()
+    def _one(self, ids, sp, return_logprob, logprob_start_len, top_n, return_routed):
+        unknown = set(sp) - _SAMPLING_KEYS
+        if unknown:
+            raise TypeError(f"unexpected sampling params {sorted(unknown)}")
+        max_new = int(sp.get("max_new_tokens", 128))
+        temperature = float(sp.get("temperature", 1.0))
+        stops = set() if sp.get("ignore_eos") else set(sp.get("stop_token_ids") or []) | self.eos_ids
+        gen = torch.Generator().manual_seed(int(sp["sampling_seed"])) if sp.get("sampling_seed") is not None else None
+        meta: dict = {"prompt_tokens": len(ids)}
+        out_ids, out_lps, finish = [], [], {"type": "length", "length": max_new}
+        with modeling.record_routing(self.model) as routed:
+            cache = DynamicCache(config=self.model.config)
+            logits = self.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True).logits[0].float()
+            if return_logprob and logprob_start_len == 0:
+                self._input_logprobs(meta, ids, logits, top_n)
+            for step in range(max_new):
+                tok, lp = _sample(logits[-1:], temperature if temperature >= 1e-6 else 0.0, float(sp.get("top_p", 1.0)), gen)
+                out_ids.append(int(tok))
+                out_lps.append(float(lp))
+                if int(tok) in stops:
+                    finish = {"type": "stop", "matched": int(tok)}
+                    break
+                if step + 1 < max_new:
+                    logits = self.model(input_ids=tok[:, None], cache=cache, use_cache=True).logits[0].float()
+            fed = routed() if self.moe_layers else None  # [L_moe, 1, P+O-1, K]
+        meta.update(completion_tokens=len(out_ids), finish_reason=finish)
+        if return_logprob:
+            meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(out_lps, out_ids)]
+        if return_routed and fed is not None:
+            n_fed = len(ids) + len(out_ids) - 1
+            full = np.zeros((n_fed, self.num_hidden_layers, self.top_k), dtype=np.int32)
+            full[:, self.moe_layers] = fed[:, 0, :n_fed].numpy().transpose(1, 0, 2)
+            meta["routed_experts"] = base64.b64encode(full.tobytes()).decode("ascii")
+        return {"output_ids": out_ids, "meta_info": meta}
+
+    @staticmethod
+    def _input_logprobs(meta, ids, logits, top_n):
+        logp = torch.log_softmax(logits[:-1], dim=-1)  # temperature 1: SGLang does not scale input logprobs
+        target = torch.tensor(ids[1:])
+        lp = logp.gather(1, target[:, None])[:, 0]
+        meta["input_token_logprobs"] = [(None, ids[0], None)] + [(float(v), int(t), None) for v, t in zip(lp, target)]
+        if top_n:
+            vals, idx = logp.topk(min(int(top_n), logp.shape[-1]), dim=-1)
+            meta["input_top_logprobs"] = [None] + [
+                [(float(v), int(i), None) for v, i in zip(vr, ir)] for vr, ir in zip(vals, idx)
+            ]
+
+    # ---- weight sync ------------------------------------------------------------------------------
+
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+        self.calls["update_weights_from_tensor"].append({"names": [n for n, _ in named_tensors], "flush_cache": flush_cache})
+        if load_format is not None:
+            return False, f"load_format {load_format!r} is not supported by the fake"
+        plan = []
+        for name, t in named_tensors:
+            dst = self._target(name)
+            if dst is None:
+                return False, f"Failed to update weights: unknown parameter {name!r}"
+            if tuple(dst.shape) != tuple(t.shape):
+                return False, f"Failed to update weights: {name!r} has shape {list(t.shape)}, expected {list(dst.shape)}"
+            plan.append((dst, t))
+        with torch.no_grad():
+            for dst, t in plan:
+                dst.copy_(t)
+        if flush_cache:
+            self.flushes += 1
+        return True, "Succeeded to update parameter online."
+
+    def _target(self, name: str) -> torch.Tensor | None:
+        """The tensor (or slice of a fused expert tensor) a checkpoint name loads into."""
+        m = _PER_EXPERT.match(name)
+        if m is None:
+            if name.endswith((".gate_up_proj", ".down_proj")) and ".experts." in name + ".":
+                return None  # transformers' fused in-memory names are not checkpoint names
+            return dict(self.model.named_parameters()).get(name, dict(self.model.named_buffers()).get(name))
+        params = dict(self.model.named_parameters())
+        e = int(m["e"])
+        if m["which"] == "down_proj":
+            fused = params.get(f"{m['prefix']}.down_proj")
+            return None if fused is None else fused[e]
+        fused = params.get(f"{m['prefix']}.gate_up_proj")
+        if fused is None:
+            return None
+        half = fused.shape[1] // 2
+        return fused[e, :half] if m["which"] == "gate_proj" else fused[e, half:]
+
+    def flush_cache(self):
+        self.flushes += 1
+        return FlushCacheReqOutput()
+
+    def init_weights_update_group(self, master_address, master_port, rank_offset, world_size, group_name, backend="nccl"):
+        self.calls["init_weights_update_group"].append(dict(
+            master_address=master_address, master_port=master_port, rank_offset=rank_offset,
+            world_size=world_size, group_name=group_name, backend=backend,
+        ))
+        return True, "Succeeded to initialize custom process group."
+
+    def update_weights_from_distributed(self, names, dtypes, shapes, group_name="weight_update_group", flush_cache=True, load_format=None):
+        """Records the metadata; a fake cannot take part in an NCCL broadcast."""
+        self.calls["update_weights_from_distributed"].append(dict(names=names, dtypes=dtypes, shapes=shapes, group_name=group_name))
+        for name, shape in zip(names, shapes):
+            dst = self._target(name)
+            if dst is None or list(dst.shape) != list(shape):
+                return False, f"Failed to update weights: {name!r} unknown or of another shape"
+        return True, "Succeeded to update parameter online."
+
+    def release_memory_occupation(self, tags=None):
+        self.calls["release_memory_occupation"].append({"tags": tags})
+
+    def resume_memory_occupation(self, tags=None):
+        self.calls["resume_memory_occupation"].append({"tags": tags})
+
+    def shutdown(self):
+        self.is_shutdown = True
+
+
+def _load(path: Path, cfg: dict):
+    """The model class SGLang would resolve: our zero-expert class first, else the stock one."""
+    for name in cfg.get("architectures") or []:
+        cls = getattr(modeling, name, None)
+        if cls is not None:
+            config = cls.config_class.from_dict({k: v for k, v in cfg.items() if k != "model_type"})
+            return cls.from_pretrained(path, config=config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

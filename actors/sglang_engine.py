@@ -1,0 +1,447 @@
+"""The `sglang` engine backend: the Engine protocol over SGLang's offline `sglang.Engine`.
+
+Same contract as `actors.torch_engine.TorchEngine` (see `actors.engine`): samples carry
+behaviour logprobs at the sampling temperature and the expert slot ids each fed token was
+routed to, int16 [L_moe, P+O, K] with -1 for the last token (never fed). Zero slots keep
+their ids >= N there, so the learner can replay them.
+
+How each piece maps onto SGLang (read from sglang 0.5.x `srt/entrypoints/engine.py`):
+- generate: `Engine.generate(input_ids=..., sampling_params=..., return_logprob=True,
+  return_routed_experts=True)` with server arg `enable_return_routed_experts`. Output
+  logprobs are taken after temperature scaling (unless SGLANG_RETURN_ORIGINAL_LOGPROB is
+  set, which is refused). Routed experts come back as base64 int32
+  [P+O-1, num_hidden_layers, K], every decoder layer included; we keep the MoE layers.
+- score: a prefill (`max_new_tokens=0`, `logprob_start_len=0`). SGLang computes input-token
+  logprobs from the raw logits, i.e. at temperature 1 only. At T=1 the result is exact; at
+  T != 1 we request the top `score_top_k` input logprobs per position and renormalise over
+  those (plus the scored token): log p_T(y) ~= lp(y)/T - logsumexp(lp(top)/T). That
+  overestimates log p_T by the tail mass outside the top k (negligible for T < 1 and a
+  large k); `strict_temperature=True` refuses T != 1 instead.
+- update_weights: one `update_weights_from_tensor` per bucket (flush_cache=False), then
+  one `flush_cache`, then the version moves. Transformers' fused expert tensors
+  (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) are split into the
+  checkpoint names SGLang's loaders know. The multi-node path is
+  `init_distributed_weight_sync` + `update_weights_from_distributed` (NCCL broadcast from
+  the learner; names must already be in checkpoint layout).
+
+Zero-expert checkpoints need the plugin in `actors.sglang_plugin`, registered through
+SGLANG_EXTERNAL_MODEL_PACKAGE, and SGLang sees them through a "view" directory: symlinks
+to every file plus a config.json whose model_type is the stock one (so the scheduler
+processes load it without our config classes) and whose architectures list our class
+first and the stock one second (so SGLang's name-keyed special cases, e.g. MLA for
+GLM-4.7-Flash, still apply). Options that cannot take expert id -1 are refused up front.
+
+When SGLang's scheduler dies it SIGKILLs the process that created the Engine: create this
+class inside a process of its own (a Ray actor, or a subprocess in tests).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actors.engine import Sample, SamplingParams
+from actors.sglang_plugin import PACKAGE as PLUGIN_PACKAGE
+from actors.sglang_plugin.zero_slots import router_spec_from_config
+from zeda_rl.arch import ARCHS, TARGETS, ArchSpec
+
+_FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<which>gate_up_proj|down_proj)$")
+
+
+# ---- the checkpoint as SGLang will see it ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    config: dict
+    arch: ArchSpec | None  # None: an architecture the arch table does not know
+    moe_layers: list[int] = field(default_factory=list)
+    num_hidden_layers: int = 0
+    top_k: int = 0
+
+    @property
+    def zero_experts(self) -> bool:
+        return router_spec_from_config(self.config) is not None
+
+    @property
+    def family(self) -> str | None:
+        return self.arch.router if self.arch else None
+
+
+def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
+    cfg = json.loads((Path(checkpoint) / "config.json").read_text())
+    name = (cfg.get("architectures") or [None])[0]
+    arch = TARGETS.get(name) or ARCHS.get(name)
+    return CheckpointInfo(
+        config=cfg,
+        arch=arch,
+        moe_layers=arch.moe_layers(cfg) if arch else [],
+        num_hidden_layers=int(cfg.get("num_hidden_layers") or 0),
+        top_k=int(cfg.get("num_experts_per_tok") or 0),
+    )
+
+
+def sglang_model_dir(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A view of a converted checkpoint that stock SGLang processes can load (see module doc)."""
+    src, out = Path(checkpoint).resolve(), Path(out_dir)
+    info = inspect_checkpoint(src)
+    if info.arch is None or info.arch.target != (info.config.get("architectures") or [None])[0]:
+        raise ValueError(f"{src}: not a converted (zero-expert) checkpoint; serve it directly")
+    out.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.name != "config.json":
+            (out / p.name).symlink_to(p)
+    cfg = dict(info.config)
+    cfg["model_type"] = info.arch.source_model_type
+    cfg["architectures"] = [info.arch.target, info.arch.source]
+    if info.arch.router == "softmax" and "num_experts" not in cfg:  # transformers 5 may save num_local_experts
+        cfg["num_experts"] = info.arch.num_experts(cfg)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def validate_server_options(options: dict, zero_experts: bool, family: str | None) -> dict:
+    """Server args with the zero-expert requirements applied; ValueError for what cannot work.
+
+    Only SGLang's Triton fused MoE runner skips expert id -1. DeepEP-style a2a backends
+    dispatch by expert id, EPLB and redundant experts remap ids through logical->physical
+    tables, expert parallelism maps ids through a local table (where -1 indexes the last
+    entry), a fused shared expert takes id N (a zero slot here), and the NextN/MTP draft
+    model used by speculative decoding has no zero-expert router.
+    """
+    opts = dict(options)
+    if not zero_experts:
+        return opts
+
+    def refuse(what: str, why: str):
+        raise ValueError(f"zero-expert checkpoint: {what} is not supported: {why}")
+
+    if opts.get("moe_a2a_backend") not in (None, "none"):
+        refuse(f"moe_a2a_backend={opts['moe_a2a_backend']!r}", "the a2a dispatch cannot take expert id -1")
+    if opts.get("enable_deepep_moe"):
+        refuse("enable_deepep_moe", "DeepEP dispatch cannot take expert id -1")
+    if opts.get("enable_eplb"):
+        refuse("enable_eplb", "EPLB remaps expert ids through logical->physical tables that have no entry for -1")
+    if int(opts.get("ep_num_redundant_experts") or 0) > 0:
+        refuse(f"ep_num_redundant_experts={opts['ep_num_redundant_experts']}", "redundant experts need EPLB's id remapping")
+    if int(opts.get("ep_size") or 1) > 1:
+        refuse(f"ep_size={opts['ep_size']}", "the expert-parallel local id table would map -1 to the last expert")
+    if opts.get("speculative_algorithm"):
+        refuse(f"speculative_algorithm={opts['speculative_algorithm']!r}", "the draft (MTP) model has no zero-expert router")
+    runner = opts.get("moe_runner_backend")
+    if runner in (None, "auto"):
+        opts["moe_runner_backend"] = "triton"
+    elif runner != "triton":
+        refuse(f"moe_runner_backend={runner!r}", "only the Triton fused MoE kernel skips expert id -1")
+    if family == "sigmoid":
+        if opts.get("disable_shared_experts_fusion") is False:
+            refuse("disable_shared_experts_fusion=False", "a fused shared expert takes id N, a zero slot here")
+        opts["disable_shared_experts_fusion"] = True
+    return opts
+
+
+# ---- format conversions ------------------------------------------------------------------------
+
+
+def decode_routed_experts(value, n_tokens: int, num_hidden_layers: int, top_k: int, moe_layers: list[int]) -> np.ndarray:
+    """SGLang's routed experts ([n_tokens-1, all layers, K], base64 int32) -> int16 [L_moe, n_tokens, K]."""
+    if isinstance(value, (str, bytes, bytearray)):
+        arr = np.frombuffer(base64.b64decode(value), dtype=np.int32)
+    elif isinstance(value, torch.Tensor):
+        arr = value.detach().cpu().numpy().astype(np.int32)
+    else:
+        arr = np.asarray(value, dtype=np.int32)
+    rows = n_tokens - 1
+    if arr.size != rows * num_hidden_layers * top_k:
+        raise ValueError(
+            f"routed experts: got {arr.size} ids, expected {rows} fed tokens x {num_hidden_layers} layers x {top_k} slots"
+        )
+    per_layer = arr.reshape(rows, num_hidden_layers, top_k)[:, moe_layers].transpose(1, 0, 2)
+    out = np.full((len(moe_layers), n_tokens, top_k), -1, dtype=np.int16)
+    out[:, :rows] = per_layer
+    return out
+
+
+def to_checkpoint_layout(named_tensors):
+    """(name, tensor) pairs with transformers' fused expert tensors split into per-expert checkpoint names."""
+    for name, t in named_tensors:
+        t = torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else t
+        m = _FUSED_EXPERTS.match(name)
+        if m is None:
+            yield name, t
+            continue
+        if t.dim() != 3:
+            raise ValueError(f"weight {name!r}: expected a fused [E, ., .] expert tensor, got shape {list(t.shape)}")
+        p = m["prefix"]
+        for e in range(t.shape[0]):
+            if m["which"] == "gate_up_proj":  # [E, 2I, H], gate rows first
+                half = t.shape[1] // 2
+                yield f"{p}.{e}.gate_proj.weight", t[e, :half]
+                yield f"{p}.{e}.up_proj.weight", t[e, half:]
+            else:  # [E, H, I]
+                yield f"{p}.{e}.down_proj.weight", t[e]
+
+
+def tempered_logprobs(lp: np.ndarray, ids: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, temperature: float) -> np.ndarray:
+    """log p_T(y) renormalised over the top-k tokens and y, from temperature-1 logprobs.
+
+    lp, ids: [n] logprob and id of each scored token; top_lp, top_ids: [n, k].
+    """
+    in_top = (top_ids == ids[:, None]).any(axis=1)
+    extra = np.where(in_top, -np.inf, lp / temperature)[:, None]
+    z = np.concatenate([top_lp / temperature, extra], axis=1)
+    zmax = z.max(axis=1, keepdims=True)
+    lse = (zmax + np.log(np.exp(z - zmax).sum(axis=1, keepdims=True)))[:, 0]
+    return (lp / temperature - lse).astype(np.float32)
+
+
+def _result(ret) -> tuple[bool, str]:
+    """SGLang's control calls answer (success, message) or an object with .success/.message."""
+    if isinstance(ret, tuple):
+        return bool(ret[0]), str(ret[1]) if len(ret) > 1 else ""
+    if hasattr(ret, "success"):
+        return bool(ret.success), str(getattr(ret, "message", ""))
+    return True, "" if ret is None else str(ret)
+
+
+def _launch_sglang(**server_args):
+    """The real engine. sglang is imported only here, so this module imports without it."""
+    if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes"):
+        raise ValueError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: behaviour logprobs must be at the sampling temperature")
+    current = os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE")
+    if current and current != PLUGIN_PACKAGE:
+        raise ValueError(f"SGLANG_EXTERNAL_MODEL_PACKAGE={current!r} is set; the zero-expert models need {PLUGIN_PACKAGE!r}")
+    os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = PLUGIN_PACKAGE  # inherited by the scheduler processes
+    import sglang
+
+    # SGLang's registry only warns when a model module fails to import; fail loudly here instead.
+    importlib.import_module(PLUGIN_PACKAGE + ".models")
+    return sglang.Engine(**server_args)
+
+
+# ---- the engine --------------------------------------------------------------------------------
+
+
+class SGLangEngine:
+    """Engine protocol over `sglang.Engine` (or any object with its API, via `_engine_factory`)."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        tp_size: int = 1,
+        mem_fraction: float = 0.8,
+        *,
+        score_top_k: int = 64,
+        strict_temperature: bool = False,
+        return_routed_experts: bool = True,
+        _engine_factory=None,
+        **engine_kwargs,
+    ):
+        if "model_path" in engine_kwargs:
+            raise ValueError("pass the checkpoint as the first argument, not model_path")
+        self.checkpoint = Path(checkpoint)
+        self.info = inspect_checkpoint(self.checkpoint)
+        self.score_top_k = int(score_top_k)
+        self.strict_temperature = strict_temperature
+        opts = dict(engine_kwargs, tp_size=tp_size, mem_fraction_static=mem_fraction)
+        opts.setdefault("skip_tokenizer_init", True)  # token ids in, token ids out
+        opts.setdefault("enable_return_routed_experts", bool(return_routed_experts and self.info.moe_layers))
+        self.server_options = validate_server_options(opts, self.info.zero_experts, self.info.family)
+        self._routed = bool(self.server_options["enable_return_routed_experts"] and self.info.moe_layers)
+
+        self._view_dir = None
+        model_path = self.checkpoint
+        if self.info.zero_experts:
+            self._view_dir = tempfile.mkdtemp(prefix="zeda-sglang-view-")
+            model_path = sglang_model_dir(self.checkpoint, self._view_dir)
+        try:
+            self._engine = (_engine_factory or _launch_sglang)(model_path=str(model_path), **self.server_options)
+        except BaseException:
+            self._cleanup_view()
+            raise
+        self.version = 0
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        sp = {
+            "max_new_tokens": int(params.max_new_tokens),
+            "temperature": max(float(params.temperature), 0.0),  # SGLang: T < 1e-6 is greedy
+            "top_p": float(params.top_p),
+        }
+        if params.stop_token_ids:  # SGLang also stops at the model's own EOS ids in this mode
+            sp["stop_token_ids"] = [int(t) for t in params.stop_token_ids]
+        else:  # ignore_eos disables every stop id, which is what an empty stop set means here
+            sp["ignore_eos"] = True
+        per_request = [dict(sp, sampling_seed=params.seed + i) for i in range(len(prompts))] if params.seed is not None else sp
+        outs = self._engine.generate(
+            input_ids=[[int(t) for t in p] for p in prompts],
+            sampling_params=per_request,
+            return_logprob=True,
+            return_routed_experts=self._routed,
+        )
+        outs = [outs] if isinstance(outs, dict) else outs
+        return [self._sample(list(p), o) for p, o in zip(prompts, outs)]
+
+    def _sample(self, prompt: list[int], out: dict) -> Sample:
+        meta = out["meta_info"]
+        token_lps = meta.get("output_token_logprobs") or []
+        output_ids = [int(t) for t in (out.get("output_ids") or [e[1] for e in token_lps])]
+        if len(token_lps) != len(output_ids):
+            raise RuntimeError(f"SGLang returned {len(output_ids)} output tokens but {len(token_lps)} logprobs")
+        finish = meta.get("finish_reason") or {}
+        kind = finish.get("type") if isinstance(finish, dict) else str(finish)
+        if kind == "abort":
+            raise RuntimeError(f"SGLang aborted a request: {finish.get('message', finish)}")
+        routed = None
+        if self._routed:
+            routed = decode_routed_experts(
+                meta["routed_experts"], len(prompt) + len(output_ids),
+                self.info.num_hidden_layers, self.info.top_k, self.info.moe_layers,
+            )
+        return Sample(
+            prompt_ids=prompt,
+            output_ids=output_ids,
+            logprobs=np.asarray([e[0] for e in token_lps], dtype=np.float32),
+            routed_experts=routed,
+            finish_reason="stop" if kind == "stop" else "length",
+            policy_version=self.version,
+        )
+
+    # ---- teacher scoring ------------------------------------------------------------------------
+
+    def score(self, sequences: list[list[int]], temperature: float = 1.0) -> list[np.ndarray]:
+        if temperature <= 0:
+            raise ValueError(f"score: temperature must be positive, got {temperature}")
+        exact = abs(temperature - 1.0) < 1e-6
+        if not exact and self.strict_temperature:
+            raise ValueError(f"score: SGLang gives input logprobs at temperature 1 only (asked {temperature})")
+        results: list[np.ndarray] = [np.zeros(0, dtype=np.float32) for _ in sequences]
+        todo = [i for i, s in enumerate(sequences) if len(s) >= 2]
+        if not todo:
+            return results
+        outs = self._engine.generate(
+            input_ids=[[int(t) for t in sequences[i]] for i in todo],
+            sampling_params={"max_new_tokens": 0, "temperature": 1.0},
+            return_logprob=True,
+            logprob_start_len=0,
+            top_logprobs_num=None if exact else self.score_top_k,
+        )
+        outs = [outs] if isinstance(outs, dict) else outs
+        for i, out in zip(todo, outs):
+            seq = sequences[i]
+            meta = out["meta_info"]
+            entries = _align(meta["input_token_logprobs"], len(seq), "input_token_logprobs")
+            lp = np.asarray([e[0] for e in entries], dtype=np.float64)
+            ids = np.asarray([int(t) for t in seq[1:]])
+            if any(e[1] is not None and int(e[1]) != t for e, t in zip(entries, ids)):
+                raise RuntimeError("score: SGLang's input logprobs do not line up with the sequence")
+            if exact:
+                results[i] = lp.astype(np.float32)
+                continue
+            tops = _align(meta["input_top_logprobs"], len(seq), "input_top_logprobs")
+            top_lp = np.asarray([[e[0] for e in row] for row in tops], dtype=np.float64)
+            top_ids = np.asarray([[int(e[1]) for e in row] for row in tops])
+            results[i] = tempered_logprobs(lp, ids, top_lp, top_ids, temperature)
+        return results
+
+    # ---- weight sync ----------------------------------------------------------------------------
+
+    def update_weights(self, update) -> int:
+        """Apply a `zeda_rl.weights.WeightUpdate` bucket by bucket, flush the cache, move the version.
+
+        If SGLang refuses a bucket after earlier ones were applied, the engine serves a mix:
+        the version becomes -1 (unknown) until a complete update succeeds.
+        """
+        for n, bucket in enumerate(update.buckets):
+            named = list(to_checkpoint_layout(bucket))
+            ok, msg = _result(self._engine.update_weights_from_tensor(named_tensors=named, flush_cache=False))
+            if not ok:
+                if n:
+                    self.version = -1
+                raise RuntimeError(f"SGLang refused bucket {n} of weight update v{update.version}: {msg}")
+        ok, msg = _result(self._engine.flush_cache())
+        if not ok:
+            raise RuntimeError(f"SGLang could not flush its cache after weight update v{update.version}: {msg}")
+        self.version = int(update.version)
+        return self.version
+
+    def init_distributed_weight_sync(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+        group_name: str = "zeda_weight_sync", backend: str = "nccl",
+    ) -> None:
+        """Join the learner's weight-broadcast group (the learner is rank 0, this engine's TP ranks follow)."""
+        ok, msg = _result(self._engine.init_weights_update_group(
+            master_address=master_address, master_port=int(master_port), rank_offset=int(rank_offset),
+            world_size=int(world_size), group_name=group_name, backend=backend,
+        ))
+        if not ok:
+            raise RuntimeError(f"SGLang could not join weight group {group_name!r}: {msg}")
+        self._group_name = group_name
+
+    def update_weights_from_distributed(self, version: int, tensors: list[tuple[str, str, list[int]]]) -> int:
+        """Receive (name, dtype, shape) tensors the learner broadcasts in this order, then serve `version`."""
+        if not hasattr(self, "_group_name"):
+            raise RuntimeError("update_weights_from_distributed: call init_distributed_weight_sync first")
+        fused = [n for n, _, _ in tensors if _FUSED_EXPERTS.match(n)]
+        if fused:
+            raise ValueError(f"broadcast tensors must use checkpoint names (per-expert), got fused {fused[:2]}")
+        names = [n for n, _, _ in tensors]
+        dtypes = [str(d).removeprefix("torch.") for _, d, _ in tensors]
+        shapes = [list(map(int, s)) for _, _, s in tensors]
+        ok, msg = _result(self._engine.update_weights_from_distributed(
+            names=names, dtypes=dtypes, shapes=shapes, group_name=self._group_name, flush_cache=True
+        ))
+        if not ok:
+            self.version = -1
+            raise RuntimeError(f"SGLang refused distributed weight update v{version}: {msg}")
+        self.version = int(version)
+        return self.version
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def release_memory(self) -> None:
+        """Free GPU memory between phases (needs the server arg enable_memory_saver=True)."""
+        self._engine.release_memory_occupation()
+
+    def resume_memory(self) -> None:
+        self._engine.resume_memory_occupation()
+
+    def shutdown(self) -> None:
+        try:
+            self._engine.shutdown()
+        finally:
+            self._cleanup_view()
+
+    def _cleanup_view(self) -> None:
+        if self._view_dir:
+            shutil.rmtree(self._view_dir, ignore_errors=True)
+            self._view_dir = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        return False
+
+
+def _align(entries: list, seq_len: int, what: str) -> list:
+    """Per-position entries for tokens 1..len-1 (SGLang leads with a None entry for token 0)."""
+    if len(entries) == seq_len:
+        entries = entries[1:]
+    if len(entries) != seq_len - 1:
+        raise RuntimeError(f"score: SGLang returned {len(entries)} {what} for a sequence of {seq_len} tokens")
+    return entries

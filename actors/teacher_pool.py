@@ -1,0 +1,88 @@
+"""The teacher-scoring pool: Ray actors that score student samples and push them to the learner.
+
+The teacher scores each sampled token with a prefill (no new tokens) at the rollout's
+sampling temperature, tokens aligned one to one, then the trajectory goes straight to
+the learner over ZMQ (msgpack header + raw frames): the driver never touches it. The
+pool sends each request to the least-loaded actor.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from actors.rollout import EngineActor
+from zeda_rl.trajectory import pack_samples
+
+
+@ray.remote(max_restarts=3, max_task_retries=0)
+class TeacherActor(EngineActor):
+    def __init__(self, *args, learner_endpoint: str | None = None, pad_id: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.endpoint = learner_endpoint
+        self.pad_id = pad_id
+        self.pusher = None
+        self.scored_tokens = 0
+
+    def score_and_push(self, samples: list[dict], temperature: float, push_timeout_s: float = 60.0) -> dict:
+        """Teacher logprobs for every sampled token, then PUSH the packed batch to the learner."""
+        from zeda_rl.transport import Pusher
+        from zeda_rl.wire import TrajectoryBatch
+
+        t0 = time.time()
+        seqs = [list(s["prompt_ids"]) + list(s["output_ids"]) for s in samples]
+        teacher = self.engine.score(seqs, temperature=temperature)
+        arrays = pack_samples(samples, teacher, pad_id=self.pad_id)
+        if self.pusher is None:
+            self.pusher = Pusher(self.endpoint)
+        batch = TrajectoryBatch.from_arrays(arrays, meta={"temperature": temperature})
+        sent = self.pusher.send(batch, timeout_s=push_timeout_s)
+        n_tokens = sum(len(x) for x in seqs)
+        self.scored_tokens += n_tokens
+        out_tokens = sum(len(s["output_ids"]) for s in samples)
+        return {"samples": len(samples), "tokens": n_tokens, "output_tokens": out_tokens, "seconds": time.time() - t0, "sent": bool(sent)}
+
+    def generate_and_push(self, prompts: list[list[int]], params: dict, sample_ids: list[int], push_timeout_s: float = 60.0) -> dict:
+        """SFT warmup data: the teacher answers prompts; its responses go to the learner as targets."""
+        from zeda_rl.transport import Pusher
+        from zeda_rl.wire import TrajectoryBatch
+
+        t0 = time.time()
+        samples = self.generate(prompts, params, sample_ids)
+        arrays = pack_samples(samples, None, pad_id=self.pad_id)
+        arrays.pop("routed_experts", None)  # the teacher's routing means nothing to the student
+        if self.pusher is None:
+            self.pusher = Pusher(self.endpoint)
+        sent = self.pusher.send(TrajectoryBatch.from_arrays(arrays, meta={"stage": "sft"}), timeout_s=push_timeout_s)
+        n_tokens = sum(len(s["output_ids"]) for s in samples)
+        return {"samples": len(samples), "tokens": n_tokens, "seconds": time.time() - t0, "sent": bool(sent)}
+
+    def score(self, seqs: list[list[int]], temperature: float = 1.0) -> list:
+        return self.engine.score(seqs, temperature=temperature)
+
+
+class TeacherPool:
+    """Least-loaded dispatch over TeacherActors (driver side); actors restart on failure."""
+
+    def __init__(self, actors: list):
+        if not actors:
+            raise ValueError("TeacherPool needs at least one teacher actor")
+        self.actors = actors
+        self.inflight = {i: set() for i in range(len(actors))}
+
+    def _least_loaded(self) -> int:
+        for i, refs in self.inflight.items():  # forget finished requests
+            done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0) if refs else ([], [])
+            refs.difference_update(done)
+        return min(self.inflight, key=lambda i: len(self.inflight[i]))
+
+    def submit(self, method: str, *args, **kwargs):
+        i = self._least_loaded()
+        ref = getattr(self.actors[i], method).remote(*args, **kwargs)
+        self.inflight[i].add(ref)
+        return ref
+
+    def load(self) -> list[int]:
+        self._least_loaded()
+        return [len(v) for v in self.inflight.values()]

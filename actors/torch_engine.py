@@ -1,0 +1,133 @@
+"""The `torch` engine: batched KV-cache generation over the zeda_rl model, on CPU.
+
+It is the embedded default and the reference for the SGLang backend: same sampling
+(temperature, top-p, stop tokens), behaviour logprobs at the sampling temperature,
+and the expert ids each token was routed to (for routing replay in the learner).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.utils import logging as hf_logging
+
+import zeda_rl  # noqa: F401  (registers the zero-expert Auto classes)
+from actors.engine import Sample, SamplingParams
+from zeda_rl.modeling import moe_blocks, record_routing
+
+
+class TorchEngine:
+    def __init__(self, checkpoint: str | Path, dtype: str = "float32", threads: int | None = None, pad_token_id: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        hf_logging.disable_progress_bar()
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
+        cfg = self.model.config
+        self.pad_id = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
+        self.version = 0
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        b, plen = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((b, plen), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, plen), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding keeps every row's next token at the end
+            ids[i, plen - len(p) :] = torch.tensor(p)
+            mask[i, plen - len(p) :] = 1
+        stop = torch.tensor(list(params.stop_token_ids) or [-1])
+        done = torch.zeros(b, dtype=torch.bool)
+        out_ids, out_lp = [], []
+        cache = DynamicCache(config=self.model.config)
+        step_ids, step_mask = ids, mask
+        has_moe = bool(moe_blocks(self.model))
+        with record_routing(self.model) as routed:
+            for _ in range(params.max_new_tokens):
+                pos = (step_mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1] :]
+                logits = self.model(
+                    input_ids=step_ids, attention_mask=step_mask, position_ids=pos, cache=cache, use_cache=True
+                ).logits[:, -1].float()
+                tok, lp = _sample(logits, params.temperature, params.top_p, gen)
+                tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+                out_ids.append(tok)
+                out_lp.append(lp)
+                fed = (~done).long()  # a finished row's padding is never attended
+                done = done | torch.isin(tok, stop)
+                if bool(done.all()):
+                    break
+                step_ids = tok[:, None]
+                step_mask = torch.cat([step_mask, fed[:, None]], dim=1)
+            experts = routed() if has_moe else None  # [L, B, plen + steps - 1, K]
+
+        toks = torch.stack(out_ids, 1)
+        lps = torch.stack(out_lp, 1)
+        samples = []
+        for i, p in enumerate(prompts):
+            row = toks[i].tolist()
+            n_out = next((j + 1 for j, t in enumerate(row) if t in params.stop_token_ids), len(row))
+            finish = "stop" if n_out <= len(row) and row[n_out - 1] in params.stop_token_ids else "length"
+            routed_i = None
+            if experts is not None:
+                # tokens fed to the model: the prompt and every output token but the last
+                fed = experts[:, i, plen - len(p) : plen + n_out - 1]
+                last = torch.full_like(fed[:, :1], -1)
+                routed_i = torch.cat([fed, last], dim=1).to(torch.int16).numpy()
+            samples.append(
+                Sample(
+                    prompt_ids=list(p),
+                    output_ids=row[:n_out],
+                    logprobs=lps[i, :n_out].numpy().astype(np.float32),
+                    routed_experts=routed_i,
+                    finish_reason=finish,
+                    policy_version=self.version,
+                )
+            )
+        return samples
+
+    # ---- teacher scoring ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]], temperature: float = 1.0, batch_size: int = 64) -> list[np.ndarray]:
+        out = []
+        for s in range(0, len(sequences), batch_size):
+            chunk = sequences[s : s + batch_size]
+            n = max(len(x) for x in chunk)
+            ids = torch.full((len(chunk), n), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, x in enumerate(chunk):  # right padding: position t is the same for every row
+                ids[i, : len(x)] = torch.tensor(x)
+                mask[i, : len(x)] = 1
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float() / temperature
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            out.extend(lp[i, : len(x) - 1].numpy().astype(np.float32) for i, x in enumerate(chunk))
+        return out
+
+    # ---- weight sync --------------------------------------------------------------------------
+
+    def update_weights(self, update) -> int:
+        from zeda_rl.weights import apply_update
+
+        self.version = apply_update(self.model, update)
+        return self.version
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token and its logprob under the temperature-scaled distribution (greedy at T=0)."""
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)

@@ -1,0 +1,145 @@
+"""One typed config describes a run; a YAML file is a serialized `RunConfig`.
+
+Unknown keys are errors (a typo must not silently fall back to a default), and every
+validation error names the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    teacher: str = Field("embedded", description="HF checkpoint dir of the static teacher, or 'embedded'")
+    zero_experts: int | None = Field(None, ge=1, description="N_Z per MoE layer; default N/2 (ZEDA)")
+    zero_type: Literal["zero", "copy"] = "zero"
+    convert_seed: int = 0
+
+
+class EngineSection(_Strict):
+    backend: Literal["torch", "sglang"] = "torch"
+    replicas: int = Field(1, ge=1)
+    cpus: float = Field(0.5, gt=0)
+    gpus: float = Field(0, ge=0)
+    threads: int = Field(1, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    engine_kwargs: dict = Field(default_factory=dict)
+
+
+class SamplingSection(_Strict):
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(16, ge=1)
+
+
+class LearnerSection(_Strict):
+    ep: int = Field(1, ge=1, description="expert-parallel size")
+    dp: int = Field(1, ge=1, description="data-parallel size")
+    cpus_per_rank: float = Field(0.5, gt=0)
+    gpus_per_rank: float = Field(0, ge=0)
+    micro_batch_tokens: int = Field(4096, ge=16)
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    alpha: float = Field(0.1, ge=0, description="group auxiliary loss weight")
+    w: float = Field(2.0, gt=0, description="zero-expert group weight: r* = wN_Z/(N+wN_Z)")
+    checkpoint_every: int = Field(0, ge=0, description="steps between learner checkpoints (0: only at phase ends)")
+    bucket_bytes: int = Field(32 << 20, ge=1024)
+
+
+class SFTSection(_Strict):
+    steps: int = Field(50, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = 2e-5
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_frac: float = Field(0.1, ge=0, lt=1)
+    prompts: int = Field(2000, ge=1, description="training prompts the teacher answers")
+    data: str | None = Field(None, description="JSONL of {prompt, response}: skip teacher rollouts")
+    teacher_temperature: float = Field(0.0, ge=0)
+
+
+class OPDSection(_Strict):
+    steps: int = Field(20, ge=0)
+    prompts_per_step: int = Field(16, ge=1)
+    samples_per_prompt: int = Field(2, ge=1)
+    lr: float = 5e-6
+    clip_eps: float = Field(0.2, gt=0)
+    sync_every: int = Field(1, ge=1, description="learner steps between weight pushes")
+    max_staleness: int = Field(1, ge=0, description="max policy versions a sample may lag")
+    asynchronous: bool = True
+    routing_replay: bool = True
+    rollout_batch: int = Field(8, ge=1, description="prompts per generation call")
+
+
+class EvalSection(_Strict):
+    n_per_family: int = Field(100, ge=1)
+
+
+class ClusterSection(_Strict):
+    address: str | None = Field(None, description="Ray address; None starts a local Ray")
+    num_cpus: int | None = None
+    bind_host: str = Field("127.0.0.1", description="host the learner's ZMQ inbox binds to")
+
+
+class RunConfig(_Strict):
+    name: str = "tiny-cpu"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelSection = Field(default_factory=ModelSection)
+    rollout: EngineSection = Field(default_factory=EngineSection)
+    teacher: EngineSection = Field(default_factory=EngineSection)
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    learner: LearnerSection = Field(default_factory=LearnerSection)
+    sft: SFTSection = Field(default_factory=SFTSection)
+    opd: OPDSection = Field(default_factory=OPDSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.model.teacher != "embedded" and not self.model.teacher:
+            raise ValueError("model.teacher: expected 'embedded' or a checkpoint directory")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{path}: invalid config"]
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "<top>"
+            got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+            lines.append(f"  {key}: {e['msg']}{got}")
+        raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,396 @@
+"""The ZEDA pipeline as one readable function: teacher -> convert -> SFT -> OPD -> export -> eval.
+
+A token's path: a prompt is tokenized here, sampled by a RolloutActor (policy version
+v, behaviour logprobs, routed experts), scored by a TeacherActor, pushed over ZMQ to
+this process's learner inbox, trained on by the Megatron learner ranks, and every
+`sync_every` steps the new weights go back to the rollout actors in versioned buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import ray
+from rich.console import Console
+
+from launch.config import RunConfig
+from zeda_rl.metrics import MetricsLog
+from zeda_rl.trajectory import concat_batches, num_rows, take_rows
+
+console = Console()
+
+
+class Phases:
+    """Wall time per phase, logged and shown as the run goes."""
+
+    def __init__(self, log: MetricsLog):
+        self.log, self.times = log, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        console.rule(f"[bold]{name}")
+        self.log.log("driver", "phase", name)
+        t0 = time.time()
+        yield
+        self.times[name] = time.time() - t0
+        self.log.log("driver", f"phase_seconds/{name}", self.times[name])
+        console.print(f"[green]{name} done in {self.times[name]:.1f}s")
+
+
+def prepare_checkpoints(cfg: RunConfig, phases: Phases) -> tuple[Path, Path]:
+    from zeda_rl.convert import convert_checkpoint
+
+    with phases("teacher"):
+        if cfg.model.teacher == "embedded":
+            from zeda_rl.teacher import build_teacher
+
+            teacher = Path(build_teacher(seed=cfg.seed))
+        else:
+            teacher = Path(cfg.model.teacher)
+        console.print(f"teacher: {teacher}")
+    with phases("convert"):
+        n = _num_experts(teacher)
+        nz = cfg.model.zero_experts or n // 2
+        student = convert_checkpoint(
+            teacher, cfg.run_dir / "student-init", zero_experts=nz, zero_type=cfg.model.zero_type,
+            seed=cfg.model.convert_seed, overwrite=True,
+        )
+        console.print(f"student: {student} (N={n}, N_Z={nz})")
+    return teacher, Path(student)
+
+
+def _num_experts(checkpoint: Path) -> int:
+    from zeda_rl.arch import spec_for
+
+    raw = json.loads((checkpoint / "config.json").read_text())
+    return spec_for(raw, str(checkpoint / "config.json")).num_experts(raw)
+
+
+class Inbox:
+    """The learner's end of the ZMQ data plane: a bound PULL socket plus a row buffer."""
+
+    def __init__(self, bind_host: str, log: MetricsLog):
+        from zeda_rl.transport import Puller
+
+        host = ray.util.get_node_ip_address() if bind_host == "auto" else bind_host
+        self.puller = Puller(f"tcp://{host}:0")
+        self.endpoint = self.puller.endpoint
+        self.rows: list[dict] = []  # packed batches not yet consumed
+        self.log = log
+
+    def drain(self, timeout_s: float = 0.0) -> int:
+        """Move every batch waiting on the socket into the buffer; returns rows received."""
+        got = 0
+        batch = self.puller.recv(timeout_s=timeout_s)
+        while batch is not None:
+            arrays = {k: np.array(v) for k, v in batch.arrays.items()}
+            self.rows.append(arrays)
+            got += int(arrays["tokens"].shape[0])
+            batch = self.puller.recv(timeout_s=0)
+        return got
+
+    def size(self) -> int:
+        return sum(int(b["tokens"].shape[0]) for b in self.rows)
+
+    def take_all(self) -> dict[str, np.ndarray] | None:
+        if not self.rows:
+            return None
+        out = concat_batches(self.rows)
+        self.rows = []
+        return out
+
+    def dropped(self) -> int:
+        return int(self.puller.dropped)
+
+
+class PromptStream:
+    """Training prompts, cycled in a seeded random order, as token ids."""
+
+    def __init__(self, tokenizer, n: int, seed: int):
+        from zeda_rl.tasks import FAMILIES, make_split
+
+        self.examples = make_split("train", max(1, n // len(FAMILIES)), seed=seed)
+        self.ids = [tokenizer(e.prompt).input_ids for e in self.examples]
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.next_id = 0
+
+    def take(self, n: int) -> tuple[list[list[int]], list[int]]:
+        prompts, ids = [], []
+        for _ in range(n):
+            if not self.order:
+                self.order = list(range(len(self.ids)))
+                self.rng.shuffle(self.order)
+            prompts.append(self.ids[self.order.pop()])
+            ids.append(self.next_id)
+            self.next_id += 1
+        return prompts, ids
+
+
+def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, tokenizer, log: MetricsLog) -> None:
+    """Stage 1: the teacher answers the training prompts; the student learns them (NLL + L_GA)."""
+    stream = PromptStream(tokenizer, cfg.sft.prompts, cfg.seed)
+    params = {"temperature": cfg.sft.teacher_temperature, "top_p": 1.0, "max_new_tokens": cfg.sampling.max_new_tokens,
+              "stop_token_ids": (tokenizer.eos_token_id,), "seed": cfg.seed}
+    if cfg.sft.data:
+        data = _read_sft_jsonl(Path(cfg.sft.data), tokenizer)
+    else:
+        refs, chunk = [], 64
+        for start in range(0, cfg.sft.prompts, chunk):
+            prompts, ids = stream.take(min(chunk, cfg.sft.prompts - start))
+            refs.append(teachers.submit("generate_and_push", prompts, params, ids))
+        t0 = time.time()
+        for r in ray.get(refs):
+            log.log("teacher", "tokens", r["tokens"])
+        while inbox.size() < cfg.sft.prompts:
+            if inbox.drain(timeout_s=5.0) == 0 and time.time() - t0 > 300:
+                raise RuntimeError(f"SFT data: only {inbox.size()} of {cfg.sft.prompts} teacher rollouts reached the learner")
+        data = inbox.take_all()
+        console.print(f"teacher answered {num_rows(data)} prompts in {time.time() - t0:.1f}s")
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(num_rows(data))
+    cursor = 0
+    for step in range(cfg.sft.steps):
+        if cursor + cfg.sft.batch_size > len(order):
+            order, cursor = rng.permutation(num_rows(data)), 0
+        batch = take_rows(data, order[cursor : cursor + cfg.sft.batch_size])
+        cursor += cfg.sft.batch_size
+        metrics = learner.train_step("sft", batch)
+        _log_step(log, metrics, step + 1, cfg.sft.steps)
+
+
+def _read_sft_jsonl(path: Path, tokenizer) -> dict[str, np.ndarray]:
+    """Teacher rollouts given as JSONL lines {"prompt": ..., "response": ...}."""
+    from zeda_rl.trajectory import pack_samples
+
+    samples = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            prompt, response = rec["prompt"], rec["response"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{i + 1}: expected a JSON object with 'prompt' and 'response' ({err})") from None
+        out = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        samples.append({"prompt_ids": tokenizer(prompt).input_ids, "output_ids": out, "logprobs": np.zeros(len(out)), "sample_id": i})
+    if not samples:
+        raise ValueError(f"{path}: no prompt/response pairs")
+    return pack_samples(samples, None, pad_id=tokenizer.pad_token_id or 0)
+
+
+def _log_step(log: MetricsLog, metrics: dict, step: int, total: int) -> None:
+    log.log_many("learner", metrics, step)
+    log.log("learner", "step", step, step)
+    log.log("learner", "step_done", 1, step)
+    log.log("driver", "progress_done", step, step)
+    log.log("driver", "progress_total", total, step)
+    if step % 5 == 0 or step == total:
+        z = metrics.get("zero_ratio", float("nan"))
+        console.print(
+            f"step {step}/{total} loss {metrics.get('loss', float('nan')):.4f} zero {100 * z:.1f}% "
+            f"tok/s {metrics.get('tokens_per_s', 0):.0f}"
+            + (f" rKL {metrics['reverse_kl']:.4f}" if "reverse_kl" in metrics else "")
+        )
+
+
+def push_weights(learner, rollouts: list, version: int, log: MetricsLog) -> list:
+    """Publish the learner's weights as version `version`; returns the actors' ack refs.
+
+    The frames go into Ray's object store once and every rollout actor applies them
+    between generation batches (its queue), so nothing in flight is aborted.
+    """
+    t0 = time.time()
+    frames = learner.export_update(version)
+    ref = ray.put(frames)
+    acks = [a.update_weights.remote(ref) for a in rollouts]
+    log.log("driver", "weight_sync_s", time.time() - t0, version)
+    log.log("driver", "policy_version", version, version)
+    return acks
+
+
+def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, inbox: Inbox, tokenizer, log: MetricsLog, version: int) -> int:
+    """Stage 2: on-policy distillation, asynchronous (or synchronous for comparison).
+
+    Admission control keeps at most `capacity` samples generated-but-untrained, so no
+    sample can lag more than `max_staleness` policy versions in steady state (generating
+    and then discarding would starve long samples); the few that still do are dropped
+    and counted. The advantage is recomputed by the learner under the current student.
+    """
+    o = cfg.opd
+    per_step = o.prompts_per_step * o.samples_per_prompt
+    per_call = o.rollout_batch * o.samples_per_prompt
+    capacity = per_step * (o.max_staleness + 1) * o.sync_every if o.asynchronous else per_step
+    stream = PromptStream(tokenizer, 10**9 if cfg.sft.prompts < 1 else max(cfg.sft.prompts, 64), cfg.seed + 1)
+    params = {"temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
+              "max_new_tokens": cfg.sampling.max_new_tokens, "stop_token_ids": (tokenizer.eos_token_id,)}
+    inflight: dict = {}  # score ref -> (actor index, samples)
+    busy = [0] * len(rollouts)
+    dropped_stale, step, seed = 0, 0, cfg.seed * 100_003
+    acks = push_weights(learner, rollouts, version, log)
+    ray.get(acks)
+    t_phase = time.time()
+    log.log("driver", "progress_started", t_phase)
+
+    def admit():
+        nonlocal seed
+        while sum(n for _, n in inflight.values()) + inbox.size() + per_call <= capacity:
+            i = min(range(len(rollouts)), key=lambda j: busy[j])
+            if busy[i] >= 2:  # two calls queued per actor keep it busy without hoarding prompts
+                return
+            prompts, ids = stream.take(o.rollout_batch)
+            prompts = [p for p in prompts for _ in range(o.samples_per_prompt)]
+            ids = [i2 * o.samples_per_prompt + k for i2 in ids for k in range(o.samples_per_prompt)]
+            seed += 1
+            gen = rollouts[i].generate.remote(prompts, {**params, "seed": seed}, ids)
+            ref = teachers.submit("score_and_push", gen, cfg.sampling.temperature)
+            inflight[ref] = (i, len(prompts))
+            busy[i] += 1
+
+    while step < o.steps:
+        admit()
+        # collect finished rollouts (their batches are already on the learner's socket)
+        ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0.05) if inflight else ([], [])
+        for ref in ready:
+            i, _n = inflight.pop(ref)
+            busy[i] -= 1
+            try:
+                r = ray.get(ref)
+                log.log("teacher", "tokens", r["tokens"])
+                log.log("rollout", "tokens", r.get("output_tokens", r["tokens"]))
+            except ray.exceptions.RayError as err:  # a dead actor: Ray restarts it; its samples are lost
+                log.log("driver", "actor_restart", str(err)[:200])
+                console.print(f"[yellow]rollout/teacher failure, actor restarting: {err}")
+        inbox.drain(timeout_s=0.0 if len(inbox.rows) else 0.05)
+        log.log("driver", "queue_depth", inbox.size(), step)
+        log.log("driver", "inflight_samples", sum(n for _, n in inflight.values()), step)
+        if inbox.size() < per_step:
+            continue
+        data = inbox.take_all()
+        stale = version - data["policy_version"] > o.max_staleness
+        if stale.any():
+            dropped_stale += int(stale.sum())
+            log.log("driver", "dropped_stale", dropped_stale, step)
+        keep = np.flatnonzero(~stale)
+        if len(keep) < per_step:  # put back what is still fresh and wait for more
+            if len(keep):
+                inbox.rows.append(take_rows(data, keep))
+            continue
+        batch, rest = take_rows(data, keep[:per_step]), keep[per_step:]
+        if len(rest):
+            inbox.rows.append(take_rows(data, rest))
+        if not o.routing_replay:
+            batch.pop("routed_experts", None)
+        lag = version - batch["policy_version"]
+        metrics = learner.train_step("opd", batch)
+        metrics.update(staleness_mean=float(lag.mean()), staleness_max=int(lag.max()))
+        step += 1
+        _log_step(log, metrics, step, o.steps)
+        log.log("driver", "dropped_malformed", inbox.dropped(), step)
+        if step % o.sync_every == 0:
+            version += 1
+            acks = push_weights(learner, rollouts, version, log)
+            if not o.asynchronous:
+                ray.get(acks)
+    # let the last rollouts finish so no actor is left mid-call
+    for ref in list(inflight):
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError:
+            pass
+    inbox.drain(timeout_s=0.5)
+    inbox.take_all()
+    log.log("driver", "dropped_stale", dropped_stale, step)
+    return version
+
+
+def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint: str, pad_id: int):
+    """Rollout and teacher actors in one placement group (PACK: one node when it fits)."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.rollout import RolloutActor
+    from actors.teacher_pool import TeacherActor, TeacherPool
+
+    def bundle(e):
+        return {"CPU": e.cpus, **({"GPU": e.gpus} if e.gpus else {})}
+
+    bundles = [bundle(cfg.rollout)] * cfg.rollout.replicas + [bundle(cfg.teacher)] * cfg.teacher.replicas
+    pg = placement_group(bundles, strategy="PACK")
+    ray.get(pg.ready(), timeout=600)
+
+    def opts(e, i):
+        return dict(num_cpus=e.cpus, num_gpus=e.gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+
+    def kwargs(e):
+        kw = dict(e.engine_kwargs)
+        if e.backend == "torch":
+            kw["dtype"] = e.dtype
+        return kw
+
+    rollouts = [
+        RolloutActor.options(**opts(cfg.rollout, i)).remote(cfg.rollout.backend, str(student_dir), cfg.rollout.threads, kwargs(cfg.rollout))
+        for i in range(cfg.rollout.replicas)
+    ]
+    base = cfg.rollout.replicas
+    teachers = [
+        TeacherActor.options(**opts(cfg.teacher, base + i)).remote(
+            cfg.teacher.backend, str(teacher_dir), cfg.teacher.threads, kwargs(cfg.teacher), learner_endpoint=endpoint, pad_id=pad_id
+        )
+        for i in range(cfg.teacher.replicas)
+    ]
+    ray.get([a.health.remote() for a in rollouts + teachers])
+    return rollouts, TeacherPool(teachers), pg
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict:
+    """The whole pipeline; returns the report's numbers."""
+    from transformers import AutoTokenizer
+
+    from launch.report import write_report
+    from learner.group import LearnerGroup
+    from zeda_rl.evaluate import evaluate
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    log = MetricsLog(cfg.run_dir / "metrics.jsonl")
+    phases = Phases(log)
+    t_start = time.time()
+    teacher_dir, student_dir = prepare_checkpoints(cfg, phases)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+
+    with phases("start"):
+        if not ray.is_initialized():
+            ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus if cfg.cluster.address is None else None,
+                     include_dashboard=False, log_to_driver=True)
+        inbox = Inbox(cfg.cluster.bind_host, log)
+        learner = LearnerGroup.from_run_config(cfg, student_dir)
+        rollouts, teachers, _pg = start_actors(cfg, teacher_dir, student_dir, inbox.endpoint, tokenizer.pad_token_id or 0)
+        log.log("driver", "actors_alive", len(rollouts) + len(teachers.actors) + learner.world_size)
+
+    version = 0
+    with phases("sft"):
+        sft_phase(cfg, teachers, learner, inbox, tokenizer, log)
+    with phases("opd"):
+        version = opd_phase(cfg, rollouts, teachers, learner, inbox, tokenizer, log, version)
+    with phases("export"):
+        final = learner.export_hf(cfg.run_dir / "student")
+    with phases("eval"):
+        teacher_eval = evaluate(teacher_dir, n_per_family=cfg.eval.n_per_family)
+        student_eval = evaluate(final, n_per_family=cfg.eval.n_per_family)
+        log.log("eval", "teacher_accuracy", teacher_eval["accuracy"]["mean"])
+        log.log("eval", "student_accuracy", student_eval["accuracy"]["mean"])
+        log.log("eval", "student_zero_ratio", student_eval["zero_ratio"]["overall"])
+    learner.shutdown()
+    inbox.puller.close()
+    log.log("driver", "phase", "finished")
+    phases.times["total"] = time.time() - t_start
+    result = write_report(cfg, teacher_eval, student_eval, phases.times, cfg.run_dir / "metrics.jsonl", final_version=version)
+    log.close()
+    return result

@@ -1,0 +1,163 @@
+"""The run report: runs/<name>/report.md, report.json with the same numbers, and PNG plots.
+
+Every number comes from this run's evaluation results and metrics JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from zeda_rl.metrics import read_events  # noqa: E402
+
+
+def _series(events, component, name):
+    return [(e.step, e.value, e.time) for e in events if e.component == component and e.name == name]
+
+
+def throughput(events) -> dict[str, float]:
+    """Tokens/s per component, over the span in which that component reported."""
+    out = {}
+    for comp in ("rollout", "teacher", "learner"):
+        pts = [(e.time, float(e.value)) for e in events if e.component == comp and e.name == "tokens"]
+        if len(pts) >= 2:
+            span = max(pts[-1][0] - pts[0][0], 1e-6)
+            out[comp] = sum(v for _, v in pts[1:]) / span
+        else:
+            out[comp] = 0.0
+    return out
+
+
+def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict, metrics_path: Path, final_version: int = 0) -> dict:
+    run = Path(cfg.run_dir)
+    events = read_events(metrics_path)
+    zr = student_eval["zero_ratio"]
+    t_acc, s_acc = teacher_eval["accuracy"], student_eval["accuracy"]
+    rkl = _series(events, "learner", "reverse_kl")
+    zero_steps = _series(events, "learner", "zero_ratio")
+    stale = _series(events, "driver", "dropped_stale")
+    result = {
+        "name": cfg.name,
+        "accuracy": {"teacher": t_acc, "student": s_acc, "delta_points": 100 * (s_acc["mean"] - t_acc["mean"])},
+        "zero_expert_ratio": {"overall": zr["overall"], "per_layer": zr["per_layer"]},
+        "expert_flops_eliminated": zr["overall"],
+        "reverse_kl": [{"step": s, "value": v} for s, v, _ in rkl],
+        "zero_ratio_over_steps": [{"step": s, "value": v} for s, v, _ in zero_steps],
+        "tokens_per_s": throughput(events),
+        "phase_seconds": phase_times,
+        "final_policy_version": final_version,
+        "dropped_stale": stale[-1][1] if stale else 0,
+        "targets": {
+            "zero_ratio_at_least": 0.45,
+            "accuracy_within_points": 2.0,
+            "met_zero": zr["overall"] >= 0.45,
+            "met_accuracy": 100 * (t_acc["mean"] - s_acc["mean"]) <= 2.0,
+        },
+    }
+    tmp = run / "report.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(run / "report.json")
+    _plots(run, result)
+    md = _markdown(result)
+    tmp = run / "report.md.tmp"
+    tmp.write_text(md)
+    tmp.replace(run / "report.md")
+    return result
+
+
+def _plots(run: Path, r: dict) -> None:
+    fams = [f for f in r["accuracy"]["teacher"] if f != "mean"] + ["mean"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = range(len(fams))
+    ax.bar([x - 0.2 for x in xs], [100 * r["accuracy"]["teacher"][f] for f in fams], 0.4, label="teacher")
+    ax.bar([x + 0.2 for x in xs], [100 * r["accuracy"]["student"][f] for f in fams], 0.4, label="student (ZEDA)")
+    ax.set_xticks(list(xs), fams)
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_ylim(0, 105)
+    ax.legend()
+    _save(fig, run / "accuracy.png")
+
+    per = r["zero_expert_ratio"]["per_layer"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([f"L{i}" for i in range(len(per))] + ["all"], [100 * v for v in per] + [100 * r["zero_expert_ratio"]["overall"]])
+    ax.axhline(50, ls="--", c="gray", lw=1)
+    ax.set_ylabel("routed slots on zero experts (%)")
+    _save(fig, run / "zero_ratio.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    if r["reverse_kl"]:
+        axes[0].plot([p["step"] for p in r["reverse_kl"]], [p["value"] for p in r["reverse_kl"]])
+    axes[0].set_title("OPD reverse KL (sampled-token estimate)")
+    axes[0].set_xlabel("OPD step")
+    if r["zero_ratio_over_steps"]:
+        axes[1].plot(range(len(r["zero_ratio_over_steps"])), [100 * p["value"] for p in r["zero_ratio_over_steps"]])
+    axes[1].set_title("zero-expert ratio during training (%)")
+    axes[1].set_xlabel("learner step (SFT then OPD)")
+    _save(fig, run / "training.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    tps = r["tokens_per_s"]
+    axes[0].bar(list(tps), list(tps.values()))
+    axes[0].set_title("tokens/s")
+    ph = {k: v for k, v in r["phase_seconds"].items() if k != "total"}
+    axes[1].barh(list(ph), list(ph.values()))
+    axes[1].set_title("wall time per phase (s)")
+    _save(fig, run / "throughput_time.png")
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _markdown(r: dict) -> str:
+    t, s = r["accuracy"]["teacher"], r["accuracy"]["student"]
+    rows = "\n".join(f"| {f} | {100 * t[f]:.1f} | {100 * s[f]:.1f} |" for f in t)
+    per = ", ".join(f"{100 * v:.1f}%" for v in r["zero_expert_ratio"]["per_layer"])
+    tps = r["tokens_per_s"]
+    ph = "\n".join(f"| {k} | {v:.1f} |" for k, v in r["phase_seconds"].items())
+    tg = r["targets"]
+    rkl = r["reverse_kl"]
+    return f"""# ZEDA run report: {r['name']}
+
+## Accuracy (held-out exact match, %)
+| task family | teacher | student |
+|---|---|---|
+{rows}
+
+Student minus teacher: {r['accuracy']['delta_points']:+.1f} points.
+
+![accuracy](accuracy.png)
+
+## Zero experts
+- Routed slots on zero experts: **{100 * r['zero_expert_ratio']['overall']:.1f}%** (per MoE layer: {per})
+- Routed-expert FLOPs eliminated: ~{100 * r['expert_flops_eliminated']:.1f}% (all routed experts have the same size; a shared expert is not counted)
+
+![zero ratio](zero_ratio.png)
+
+## Training
+- OPD reverse KL: {f"{rkl[0]['value']:.4f} -> {rkl[-1]['value']:.4f}" if rkl else "n/a"} over {len(rkl)} steps
+- Final policy version: {r['final_policy_version']}; samples dropped as too stale: {r['dropped_stale']}
+
+![training](training.png)
+
+## Throughput and time
+- tokens/s: rollout {tps['rollout']:.1f}, teacher {tps['teacher']:.1f}, learner {tps['learner']:.1f}
+
+| phase | seconds |
+|---|---|
+{ph}
+
+![throughput](throughput_time.png)
+
+## Targets (embedded default)
+- zero share >= 45%: {'met' if tg['met_zero'] else 'NOT met'}
+- accuracy within 2 points of the teacher: {'met' if tg['met_accuracy'] else 'NOT met'}
+"""

@@ -1,0 +1,280 @@
+"""The learner as Ray actors: one `LearnerActor` per rank, driven by a `LearnerGroup`.
+
+The ranks live in one placement group (PACK: one node when it fits) and form one
+torch.distributed world (gloo on CPU, nccl on GPU): world = DP ranks, with expert
+parallelism of `ep_size` carved out of them (learner.parallel). Rank 0's node address
+and a free port there are the rendezvous; every rank then builds its `Learner`
+concurrently (init_process_group blocks until all have joined).
+
+The driver talks to the group only with plain data: batches go in as dicts of numpy
+arrays (split by rows across the DP ranks), metrics come back as dicts of floats/lists,
+weights come back as numpy arrays (bf16 as uint16 views plus the dtype name) or as the
+encoded wire frames of `zeda_rl.weights`, never as pickled tensors or modules.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import ray
+
+# Fields the learner reads; others (sample ids, versions...) stay on the driver.
+_BATCH_KEYS = ("tokens", "loss_mask", "attention_mask", "behaviour_logprobs", "teacher_logprobs", "routed_experts")
+
+
+def _to_numpy(t) -> tuple[np.ndarray, str]:
+    import torch
+
+    name = str(t.dtype).removeprefix("torch.")
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy(), name
+    return t.numpy(), name
+
+
+def _to_torch(a: np.ndarray, dtype: str):
+    import torch
+
+    a = np.ascontiguousarray(a)
+    t = torch.from_numpy(a if a.flags.writeable else a.copy())
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+@ray.remote
+class LearnerActor:
+    """One learner rank. Methods are collective: call them on every rank of the group together."""
+
+    def __init__(self, rank: int, world_size: int, threads: int = 1):
+        self.rank, self.world_size = rank, world_size
+        self.learner = None
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, free port) of this actor's node, for rank 0 to host the process group."""
+        from learner.parallel import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def init(self, checkpoint_dir: str, config: dict, master_addr: str, master_port: int) -> dict:
+        from learner.train import Learner, LearnerConfig
+
+        self.learner = Learner(checkpoint_dir, LearnerConfig(**config), self.rank, self.world_size, master_addr, master_port)
+        info = self.learner.info
+        return {"rank": self.rank, "family": info.family, "moe_layers": len(info.moe_layers), "num_experts": info.num_experts}
+
+    def set_stage(self, stage: str, reset_optimizer: bool, overrides: dict) -> dict:
+        return self.learner.set_stage(stage, reset_optimizer, **overrides).model_dump(mode="json")
+
+    def train_step(self, batch: dict, data_cursor=None) -> dict:
+        return self.learner.train_step(batch, data_cursor)
+
+    def logits(self, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        return self.learner.logits(tokens, attention_mask).numpy()
+
+    def export_buckets(self, version: int, bucket_bytes: int, layout: str = "fused") -> tuple[int, list] | None:
+        """Rank 0: (version, [[(hf_name, array, dtype), ...], ...]); other ranks None (they help gather)."""
+        update = self.learner.export_buckets(version, bucket_bytes, layout)
+        if self.rank != 0:
+            return None
+        return update.version, [[(n, *_to_numpy(t)) for n, t in b] for b in update.buckets]
+
+    def export_update(self, version: int, bucket_bytes: int, layout: str = "fused") -> list[bytes] | None:
+        """Rank 0: the encoded weight-update frames (zeda_rl.weights wire format); others None."""
+        from zeda_rl.weights import encode_update
+
+        update = self.learner.export_buckets(version, bucket_bytes, layout)
+        if self.rank != 0:
+            return None
+        return [bytes(f) for f in encode_update(update)]
+
+    def export_hf(self, out_dir: str) -> str | None:
+        out = self.learner.export_hf(out_dir)
+        return str(out) if out is not None else None
+
+    def save(self, path: str) -> str:
+        return str(self.learner.save(path))
+
+    def load(self, path: str) -> dict:
+        meta = self.learner.load(path)
+        return {"step": meta["step"], "data_cursor": meta.get("data_cursor")}
+
+    def state(self) -> dict:
+        return {"step": self.learner.step, "stage": self.learner.config.stage, "data_cursor": self.learner.data_cursor}
+
+    def close(self) -> None:
+        if self.learner is not None:
+            self.learner.close()
+            self.learner = None
+
+
+class LearnerGroup:
+    """Drives `world_size` LearnerActors (EP x DP) in one placement group.
+
+    world_size defaults to ep_size (pure expert parallelism); data parallelism is
+    world_size / ep_size. `train_step(batch)` splits the rows of the global batch over
+    the ranks; every rank gets at least an empty share, so collectives always match.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        config=None,
+        world_size: int | None = None,
+        cpus_per_rank: float = 1,
+        gpus_per_rank: float | None = None,
+        threads_per_rank: int | None = None,
+        stage_overrides: dict[str, dict] | None = None,
+        resume: str | Path | None = None,
+    ):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from learner.train import LearnerConfig
+
+        self.config = config if isinstance(config, LearnerConfig) else LearnerConfig(**(config or {}))
+        self.world_size = int(world_size or self.config.ep_size)
+        if self.world_size % self.config.ep_size:
+            raise ValueError(f"world size {self.world_size} is not a multiple of EP={self.config.ep_size}")
+        if gpus_per_rank is None:
+            gpus_per_rank = 1 if ray.cluster_resources().get("GPU", 0) >= self.world_size else 0
+        self.stage = self.config.stage
+        self.stage_overrides = stage_overrides or {}
+        bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
+        ray.get(self.pg.ready(), timeout=600)
+        threads = threads_per_rank or max(1, int(cpus_per_rank))
+        self.actors = [
+            LearnerActor.options(
+                num_cpus=cpus_per_rank,
+                num_gpus=gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(i, self.world_size, threads)
+            for i in range(self.world_size)
+        ]
+        addr, port = ray.get(self.actors[0].rendezvous.remote())
+        # paths are resolved here: the actors' working directory need not be the driver's
+        if self.config.checkpoint_dir:
+            self.config = self.config.model_copy(update={"checkpoint_dir": str(Path(self.config.checkpoint_dir).resolve())})
+        cfg = self.config.model_dump(mode="json")
+        self.info = ray.get([a.init.remote(str(Path(checkpoint_dir).resolve()), cfg, addr, port) for a in self.actors])[0]
+        if resume is not None:
+            self.load(resume)
+
+    @classmethod
+    def from_run_config(cls, cfg, checkpoint_dir: str | Path) -> "LearnerGroup":
+        """The learner of a `launch.config.RunConfig`: SFT settings first, OPD's applied when it starts."""
+        from learner.train import LearnerConfig
+
+        lc = cfg.learner
+        base = LearnerConfig(
+            stage="sft",
+            lr=cfg.sft.lr,
+            schedule=cfg.sft.schedule,
+            warmup_ratio=cfg.sft.warmup_frac,
+            total_steps=max(1, cfg.sft.steps),
+            weight_decay=lc.weight_decay,
+            betas=tuple(lc.betas),
+            clip_grad=lc.grad_clip,
+            token_budget=lc.micro_batch_tokens,
+            alpha=lc.alpha,
+            w=lc.w,
+            clip_eps=cfg.opd.clip_eps,
+            ep_size=lc.ep,
+            checkpoint_interval=lc.checkpoint_every,
+            checkpoint_dir=str(cfg.run_dir / "learner") if lc.checkpoint_every else None,
+            seed=cfg.seed,
+        )
+        opd = {"lr": cfg.opd.lr, "schedule": "constant", "warmup_steps": 0, "total_steps": max(1, cfg.opd.steps)}
+        group = cls(
+            checkpoint_dir,
+            base,
+            world_size=lc.ep * lc.dp,
+            cpus_per_rank=lc.cpus_per_rank,
+            gpus_per_rank=lc.gpus_per_rank,
+            threads_per_rank=max(1, int(lc.cpus_per_rank)),
+            stage_overrides={"opd": opd},
+        )
+        group.bucket_bytes = lc.bucket_bytes
+        return group
+
+    bucket_bytes: int = 256 << 20
+
+    # -- training --
+
+    def set_stage(self, stage: str, reset_optimizer: bool = True, **overrides) -> dict:
+        """Switch every rank to `stage` (with the group's preset overrides for it, then these)."""
+        ov = {**self.stage_overrides.get(stage, {}), **overrides}
+        cfgs = ray.get([a.set_stage.remote(stage, reset_optimizer, ov) for a in self.actors])
+        self.stage = stage
+        return cfgs[0]
+
+    def split(self, batch: dict) -> list[dict]:
+        """Contiguous row shards of the batch, one per rank (learner fields only)."""
+        b = {k: np.asarray(batch[k]) for k in _BATCH_KEYS if batch.get(k) is not None}
+        rows = np.array_split(np.arange(b["tokens"].shape[0]), self.world_size)
+        return [{k: (v[:, r] if k == "routed_experts" else v[r]) for k, v in b.items()} for r in rows]
+
+    def train_step(self, batch_or_stage, batch: dict | None = None, data_cursor=None) -> dict:
+        """One step on the global batch: `train_step(batch)` or `train_step("sft" | "opd", batch)`."""
+        if isinstance(batch_or_stage, str):
+            if batch_or_stage != self.stage:
+                self.set_stage(batch_or_stage)
+        else:
+            batch = batch_or_stage
+        shards = self.split(batch)
+        out = ray.get([a.train_step.remote(s, data_cursor) for a, s in zip(self.actors, shards)])
+        return out[0]
+
+    def logits(self, tokens, attention_mask=None) -> np.ndarray:
+        """Eval logits of the same tokens on every rank (they must agree); rank 0's are returned."""
+        return ray.get([a.logits.remote(np.asarray(tokens), attention_mask) for a in self.actors])[0]
+
+    # -- weights --
+
+    def export_buckets(self, version: int, bucket_bytes: int | None = None, layout: str = "fused"):
+        """zeda_rl.weights.WeightUpdate (torch tensors) gathered from the EP ranks.
+
+        layout "fused": names/shapes of the transformers model (what engines apply); "checkpoint": per-expert.
+        """
+        from zeda_rl.weights import WeightUpdate
+
+        res = ray.get([a.export_buckets.remote(version, bucket_bytes or self.bucket_bytes, layout) for a in self.actors])[0]
+        v, buckets = res
+        return WeightUpdate(version=v, buckets=[[(n, _to_torch(arr, dt)) for n, arr, dt in b] for b in buckets])
+
+    def export_update(self, version: int, bucket_bytes: int | None = None, layout: str = "fused") -> list[bytes]:
+        """The encoded frames of weights v`version` (what rollout actors' update_weights takes)."""
+        return ray.get([a.export_update.remote(version, bucket_bytes or self.bucket_bytes, layout) for a in self.actors])[0]
+
+    def export_hf(self, out_dir: str | Path) -> Path:
+        return Path(ray.get([a.export_hf.remote(str(Path(out_dir).resolve())) for a in self.actors])[0])
+
+    # -- state --
+
+    def save(self, path: str | Path) -> Path:
+        return Path(ray.get([a.save.remote(str(Path(path).resolve())) for a in self.actors])[0])
+
+    def load(self, path: str | Path) -> dict:
+        out = ray.get([a.load.remote(str(Path(path).resolve())) for a in self.actors])[0]
+        self.stage = ray.get(self.actors[0].state.remote())["stage"]
+        return out
+
+    def state(self) -> dict:
+        return ray.get(self.actors[0].state.remote())
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            ray.get([a.close.remote() for a in self.actors], timeout=60)
+        except Exception:  # noqa: BLE001 - best effort: the actors are killed next anyway
+            pass
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)
+        self.actors = []

@@ -1,0 +1,142 @@
+"""Full learner state, saved atomically and resumed exactly.
+
+A learner checkpoint is a directory:
+    meta.json        format, step, world/EP layout, data cursor (JSON), LearnerConfig, source model
+    rank00000.pt     that rank's tensors: model (its own experts), AdamW state, RNG state
+    ...
+Every rank writes its own file into a temporary directory beside the target (all ranks
+need the same filesystem), and global rank 0 renames it into place only after all ranks
+have finished, so a crash never leaves a half-written checkpoint under the final name.
+Resuming restores the parameters, the optimiser moments and step counts, the
+LearnerConfig of the run (stage, schedule: the lr is a pure function of the step) and
+the data cursor, so the next step is bit-identical to
+the one the uninterrupted run would have taken. The layout (world size, EP size) must be
+the same; to change it, go through an HF export (`Learner.export_hf`), which keeps the
+weights but not the optimiser state.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+FORMAT = "zeda-learner-checkpoint/1"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def save(learner, path: str | Path) -> Path:
+    """Save the learner's full state to `path` (collective: every rank calls it)."""
+    path = Path(path)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tmp = path.parent / f".{path.name}.tmp"
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state = {
+        "model": _model_tensors(learner.model),
+        "optimizer": learner.optimizer.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    torch.save(state, tmp / _rank_file(rank))
+    _barrier()
+    if rank == 0:
+        meta = {
+            "format": FORMAT,
+            "step": learner.step,
+            "stage_start": learner.stage_start,
+            "world_size": learner.world_size,
+            "ep_size": learner.config.ep_size,
+            "data_cursor": learner.data_cursor,
+            "config": learner.config.model_dump(mode="json"),
+            "source": str(learner.source),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if path.exists():
+            old = path.parent / f".{path.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    _barrier()
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    meta_path = Path(path) / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: not a learner checkpoint (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load(learner, path: str | Path) -> dict:
+    """Restore a learner (built from the same source model and layout) from `path`; returns meta."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta["world_size"] != learner.world_size or meta["ep_size"] != learner.config.ep_size:
+        raise ValueError(
+            f"{path}: saved with world={meta['world_size']} EP={meta['ep_size']}, this learner has "
+            f"world={learner.world_size} EP={learner.config.ep_size}; resume with the same layout "
+            "(or start a new run from an HF export)"
+        )
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    from learner.train import LearnerConfig
+
+    # The run's settings at save time (stage, schedule...) come back too; where checkpoints go follows this learner.
+    saved_cfg = LearnerConfig(**meta["config"])
+    for k in ("dispatcher", "alpha", "w"):
+        if getattr(saved_cfg, k) != getattr(learner.config, k):
+            raise ValueError(f"{path}: saved with {k}={getattr(saved_cfg, k)!r}, this learner has {getattr(learner.config, k)!r}")
+    learner.config = saved_cfg.model_copy(
+        update={"checkpoint_dir": learner.config.checkpoint_dir, "checkpoint_interval": learner.config.checkpoint_interval}
+    )
+    state = torch.load(path / _rank_file(rank), map_location="cpu", weights_only=False)
+    targets = {k: v for k, v in learner.model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+    missing = sorted(set(targets) - set(state["model"]))
+    unexpected = sorted(set(state["model"]) - set(targets))
+    if missing or unexpected:
+        raise ValueError(f"{path}: model tensors do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for k, v in state["model"].items():
+            targets[k].copy_(v)
+    learner.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    learner.step = int(meta["step"])
+    learner.stage_start = int(meta.get("stage_start", 0))
+    learner.data_cursor = meta.get("data_cursor")
+    _barrier()
+    return meta
+
+
+def latest(root: str | Path) -> Path | None:
+    """The newest complete `step_*` checkpoint under `root` (what train_step's periodic saves write)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+    return done[-1] if done else None

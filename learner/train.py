@@ -1,0 +1,424 @@
+"""The training step of both ZEDA stages on the Megatron model: `LearnerConfig` and `Learner`.
+
+One `Learner` lives in each rank's process. `train_step(batch)` takes this rank's share
+of the global batch (plain dict of numpy/torch arrays, see `Batch fields` below) and:
+1. cuts it into micro-batches under a token budget (rows x padded length);
+2. agrees with the other ranks on the number and shapes of micro-batches (expert
+   parallelism makes every forward/backward collective over the EP group, and the
+   allgather dispatcher needs equal shapes), padding with rows/columns that carry no
+   loss and dummy micro-batches of weight 0;
+3. per micro-batch: forward (routing replay when `routed_experts` is given), the stage's
+   loss scaled by its share of the global batch, L_GA attached by the routers (weight set
+   through Megatron's MoEAuxLossAutoScaler), backward (gradient accumulation);
+4. gradient sync (learner.parallel), clipping by the global norm, AdamW with the
+   learning rate of the schedule, and metrics.
+
+Loss definitions (global batch over all DP ranks):
+- SFT:  sum_t NLL_t / T_resp  +  mean over micro-batches of sum over MoE layers of L_GA
+- OPD:  per-token clipped policy loss with A_t = log p_teacher - log p_student(fresh),
+        averaged over response tokens the same way, plus the same L_GA term.
+(`aux_reduce="mean"` averages L_GA over layers instead of summing, as Megatron sums.)
+
+Batch fields, all [B, S] unless said (column t describes token t, predicted from t-1;
+column 0 is never trained): `tokens` int, `loss_mask` 0/1, optional `attention_mask`
+(1 = real token; right padding only), OPD: `behaviour_logprobs`, `teacher_logprobs`;
+optional `routed_experts` [L_moe, B, S, K] (-1 = not recorded) for routing replay.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+
+from learner import cpu_shims
+
+cpu_shims.apply()
+
+from learner import bridge, parallel  # noqa: E402
+from learner import model as mdl  # noqa: E402
+from zeda_rl.losses import opd_policy_loss, token_logprobs  # noqa: E402
+
+
+class LearnerConfig(BaseModel):
+    """Everything the learner's optimisation depends on (defaults: the paper's SFT stage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal["sft", "opd"] = "sft"
+    lr: float = Field(2e-5, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio when set")
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    total_steps: int = Field(1000, ge=1, description="length of the cosine schedule")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0, description="0 disables clipping")
+    token_budget: int = Field(8192, ge=1, description="max rows x padded length per micro-batch")
+    alpha: float = Field(0.1, ge=0, description="L_GA weight")
+    w: float = Field(2.0, gt=0, description="zero-expert weight in L_GA")
+    aux_reduce: Literal["sum", "mean"] = "sum"
+    clip_eps: float = Field(0.2, gt=0, description="OPD ratio clip")
+    ep_size: int = Field(1, ge=1)
+    dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"
+    checkpoint_interval: int = Field(0, ge=0, description="save every K steps (0: never)")
+    checkpoint_dir: str | None = None
+    seed: int = 0
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else int(round(self.warmup_ratio * self.total_steps))
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of update number `step` (0-based): linear warmup, then cosine to min_lr or constant."""
+        if self.warmup and step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
+        span = max(1, self.total_steps - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- batches --------------------------------------------------------------------------------------
+
+
+def _tensor(x, dtype=None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        a = np.ascontiguousarray(x)
+        if not a.flags.writeable:  # e.g. arrays Ray hands over zero-copy
+            a = a.copy()
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(a)
+    return t.to(dtype) if dtype is not None else t
+
+
+def normalise_batch(batch: dict, stage: str) -> dict[str, torch.Tensor]:
+    """Checked torch tensors: tokens (int64), loss_mask/attention_mask (bool), logprobs (fp32), routed ids."""
+    if "tokens" not in batch or "loss_mask" not in batch:
+        raise ValueError("batch needs 'tokens' and 'loss_mask' ([B, S] each)")
+    tokens = _tensor(batch["tokens"], torch.long)
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be [B, S], got {tuple(tokens.shape)}")
+    out = {"tokens": tokens, "loss_mask": _tensor(batch["loss_mask"]).bool()}
+    am = batch.get("attention_mask")
+    out["attention_mask"] = _tensor(am).bool() if am is not None else torch.ones_like(tokens, dtype=torch.bool)
+    if stage == "opd":
+        for k in ("behaviour_logprobs", "teacher_logprobs"):
+            if k not in batch:
+                raise ValueError(f"an OPD batch needs {k!r} [B, S]")
+            out[k] = _tensor(batch[k], torch.float32)
+    if batch.get("routed_experts") is not None:
+        out["routed_experts"] = _tensor(batch["routed_experts"], torch.long)
+    for k, v in out.items():
+        shape = v.shape[1:3] if k == "routed_experts" else v.shape
+        if tuple(shape) != tuple(tokens.shape):
+            raise ValueError(f"batch field {k!r} has shape {tuple(v.shape)}, expected [B, S] = {tuple(tokens.shape)}")
+    out["loss_mask"] = out["loss_mask"] & out["attention_mask"]
+    out["loss_mask"][:, 0] = False  # column 0 has no prediction
+    return out
+
+
+def micro_batches(batch: dict[str, torch.Tensor], token_budget: int) -> list[list[int]]:
+    """Consecutive row groups whose rows x max length stays within the budget (one row at least)."""
+    lengths = batch["attention_mask"].sum(1).clamp_min(1).tolist()
+    groups, cur, cur_max = [], [], 0
+    for i, n in enumerate(lengths):
+        m = max(cur_max, n)
+        if cur and (len(cur) + 1) * m > token_budget:
+            groups.append(cur)
+            cur, m = [], n
+        cur.append(i)
+        cur_max = m
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _take(batch: dict[str, torch.Tensor], rows: list[int], b: int, s: int) -> dict[str, torch.Tensor]:
+    """Rows of the batch padded/trimmed to [b, s] (padding: token 0, no loss, not attended)."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    out = {}
+    for k, v in batch.items():
+        x = v[:, idx] if k == "routed_experts" else v[idx]
+        seq_dim = 2 if k == "routed_experts" else 1
+        row_dim = 1 if k == "routed_experts" else 0
+        cur = x.shape[seq_dim]
+        if cur >= s:
+            x = x.narrow(seq_dim, 0, s)
+        else:
+            pad_shape = list(x.shape)
+            pad_shape[seq_dim] = s - cur
+            fill = -1 if k == "routed_experts" else 0
+            x = torch.cat([x, torch.full(pad_shape, fill, dtype=x.dtype)], seq_dim)
+        if x.shape[row_dim] < b:
+            pad_shape = list(x.shape)
+            pad_shape[row_dim] = b - x.shape[row_dim]
+            fill = -1 if k == "routed_experts" else 0
+            x = torch.cat([x, torch.full(pad_shape, fill, dtype=x.dtype)], row_dim)
+        out[k] = x
+    return out
+
+
+def _padding_batch(rows: int, seq: int, stage: str) -> dict[str, torch.Tensor]:
+    """Rows of pure padding: they run through the model (collectives match) and carry no loss."""
+    out = {
+        "tokens": torch.zeros(rows, seq, dtype=torch.long),
+        "loss_mask": torch.zeros(rows, seq, dtype=torch.bool),
+        "attention_mask": torch.zeros(rows, seq, dtype=torch.bool),
+    }
+    if stage == "opd":
+        out["behaviour_logprobs"] = torch.zeros(rows, seq)
+        out["teacher_logprobs"] = torch.zeros(rows, seq)
+    return out
+
+
+# ---- the learner --------------------------------------------------------------------------------
+
+
+class Learner:
+    """One rank's model, optimiser and step counter; see the module docstring."""
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        config: LearnerConfig | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+        backend: str | None = None,
+    ):
+        self.config = config or LearnerConfig()
+        c = self.config
+        parallel.setup(rank, world_size, c.ep_size, master_addr, master_port, backend, seed=c.seed)
+        self.rank, self.world_size = rank, world_size
+        self.source = Path(checkpoint_dir)
+        self.info = mdl.model_info(mdl.load_hf_config(checkpoint_dir))
+        if self.info.num_experts % c.ep_size:
+            raise ValueError(f"{self.info.num_experts} experts cannot be split over EP={c.ep_size} ranks")
+        dispatcher = parallel.default_dispatcher() if c.dispatcher == "auto" else c.dispatcher
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.model = mdl.build_model(self.info, ep_size=c.ep_size, dispatcher=dispatcher, alpha=c.alpha, w=c.w)
+        self.model.to(self.device)
+        bridge.load_hf(self.model, checkpoint_dir)
+        self.optimizer = self._make_optimizer()
+        self.step = 0  # completed optimiser steps
+        self.stage_start = 0  # step at which the current stage (and its lr schedule) began
+        self.data_cursor: object = None  # opaque JSON-able position of the data stream, saved with the state
+
+    def set_stage(self, stage: str, reset_optimizer: bool = True, **overrides) -> LearnerConfig:
+        """Switch to another stage (e.g. SFT -> OPD) with its own settings; its schedule starts at 0.
+
+        `overrides` are LearnerConfig fields (lr, schedule, warmup_steps, total_steps, clip_eps...);
+        the model-shape fields (ep_size, dispatcher, alpha, w) cannot change here.
+        """
+        fixed = {"ep_size", "dispatcher", "alpha", "w", "seed"} & set(overrides)
+        if fixed:
+            raise ValueError(f"set_stage cannot change {sorted(fixed)}; build a new learner")
+        self.config = LearnerConfig(**{**self.config.model_dump(), **overrides, "stage": stage})
+        self.stage_start = self.step
+        if reset_optimizer:
+            self.optimizer = self._make_optimizer()
+        return self.config
+
+    def save(self, path: str | Path) -> Path:
+        """Full state, atomically (collective); see learner.checkpoint."""
+        from learner import checkpoint
+
+        return checkpoint.save(self, path)
+
+    def load(self, path: str | Path) -> dict:
+        """Resume from a learner checkpoint written by `save` (collective); returns its meta."""
+        from learner import checkpoint
+
+        return checkpoint.load(self, path)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=c.lr_at(0), betas=tuple(c.betas), eps=c.eps)
+
+    # -- one step --
+
+    def train_step(self, batch: dict, data_cursor: object = None) -> dict:
+        """One optimiser step on this rank's share of the global batch; returns global metrics.
+
+        Collective: every rank of the world calls it once per step (with its own share).
+        """
+        t0 = time.perf_counter()
+        stats = self.accumulate(batch)
+        grad_norm, lr = self.update()
+        if data_cursor is not None:
+            self.data_cursor = data_cursor
+        m = self._metrics(stats, grad_norm, lr, time.perf_counter() - t0)
+        c = self.config
+        if c.checkpoint_interval and c.checkpoint_dir and self.step % c.checkpoint_interval == 0:
+            from learner import checkpoint
+
+            checkpoint.save(self, Path(c.checkpoint_dir) / f"step_{self.step:08d}")
+            m["checkpoint"] = self.step
+        return m
+
+    def accumulate(self, batch: dict) -> dict:
+        """Forward/backward of every micro-batch and gradient sync; grads are left in `param.grad`."""
+        c = self.config
+        self.model.train()
+        b = normalise_batch(batch, c.stage)
+        groups = micro_batches(b, c.token_budget)
+        shapes = [(len(g), int(b["attention_mask"][g].sum(1).max())) for g in groups]
+
+        # Agree on micro-batch count and shapes over the whole world (EP collectives + equal shapes).
+        n_mb = parallel.all_reduce_max([len(groups)])[0]
+        if n_mb == 0:
+            raise ValueError("train_step: the global batch has no rows")
+        flat = [0] * (2 * n_mb)
+        for i, (rows, s) in enumerate(shapes):
+            flat[2 * i], flat[2 * i + 1] = rows, s
+        flat = parallel.all_reduce_max(flat)
+        common = [(max(1, flat[2 * i]), max(1, flat[2 * i + 1])) for i in range(n_mb)]
+        resp_local = float(b["loss_mask"].sum())
+        valid_local = float(b["attention_mask"].sum())
+        resp_total, real_mb_total, valid_total = parallel.all_reduce_sum([resp_local, float(len(groups)), valid_local])
+        resp_total = max(resp_total, 1.0)
+        n_layers = len(self.info.moe_layers)
+        aux_layer_div = n_layers if c.aux_reduce == "mean" else 1
+
+        sums = {"main": 0.0, "nll": 0.0, "reverse_kl": 0.0, "clip_frac": 0.0, "ratio_sum": 0.0}
+        aux = torch.zeros(n_layers, dtype=torch.float64)
+        zero_slots = torch.zeros(n_layers, dtype=torch.float64)
+        routed_slots = 0.0
+        self.optimizer.zero_grad(set_to_none=False)
+        for i in range(n_mb):
+            rows_n, s = common[i]
+            real = i < len(groups)
+            if real:
+                mb = _take(b, groups[i], rows_n, s)
+            else:  # a dummy micro-batch (this rank has fewer): same collectives, no loss, no aux
+                mb = _padding_batch(rows_n, s, c.stage)
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            mdl.set_aux_loss_scale((1.0 / real_mb_total / aux_layer_div) if real else 0.0)
+            padding = ~mb["attention_mask"]
+            with mdl.replay_routing(self.model, mb.get("routed_experts")):
+                logits = mdl.forward_logits(self.model, mb["tokens"], padding)
+            logp = token_logprobs(logits, mb["tokens"])  # [B, S-1]
+            mask = mb["loss_mask"][:, 1:].float()
+            n_resp = float(mask.sum())
+            if c.stage == "sft":
+                nll_sum = -(logp * mask).sum()
+                loss = nll_sum / resp_total
+                sums["nll"] += float(nll_sum.detach())
+            else:
+                pl, stats = opd_policy_loss(
+                    logp, mb["behaviour_logprobs"][:, 1:], mb["teacher_logprobs"][:, 1:], mask, clip_eps=c.clip_eps
+                )
+                loss = pl * (n_resp / resp_total)
+                sums["reverse_kl"] += stats["reverse_kl"] * n_resp
+                sums["clip_frac"] += stats["clip_frac"] * n_resp
+                sums["ratio_sum"] += stats["ratio_mean"] * n_resp
+                sums["nll"] += float(-(logp.detach() * mask).sum())
+            if not real:
+                loss = loss * 0.0
+            loss.backward()
+            sums["main"] += float(loss.detach())
+            if real:
+                aux += torch.tensor(mdl.last_aux_losses(self.model), dtype=torch.float64)
+                ids = mdl.last_routing(self.model, mb["tokens"].shape[0], s).cpu()  # [L, B, S, K]
+                valid = mb["attention_mask"].cpu()[None, :, :, None].expand_as(ids)
+                zero_slots += ((ids >= self.info.num_experts) & valid).flatten(1).sum(1).double()
+                routed_slots += float(valid[0].sum())
+
+        parallel.sync_grads(self.model)
+        return dict(sums=sums, aux=aux, zero_slots=zero_slots, routed_slots=routed_slots, n_mb=n_mb,
+                    real_mb_total=real_mb_total, resp_total=resp_total, valid_total=valid_total,
+                    aux_layer_div=aux_layer_div)
+
+    def update(self) -> tuple[float, float]:
+        """Clip by the global norm, AdamW step at the schedule's lr; returns (grad norm before clip, lr)."""
+        c = self.config
+        grad_norm = parallel.clip_grads(self.model, c.clip_grad)
+        lr = c.lr_at(self.step - self.stage_start)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return grad_norm, lr
+
+    def _metrics(self, st: dict, grad_norm: float, lr: float, dt: float) -> dict:
+        c = self.config
+        sums, aux, zero_slots, routed_slots = st["sums"], st["aux"], st["zero_slots"], st["routed_slots"]
+        real_mb_total, resp_total, valid_total = st["real_mb_total"], st["resp_total"], st["valid_total"]
+        n_layers = len(self.info.moe_layers)
+        red = parallel.all_reduce_sum(
+            [sums["main"], sums["nll"], sums["reverse_kl"], sums["clip_frac"], sums["ratio_sum"], routed_slots]
+            + aux.tolist()
+            + zero_slots.tolist()
+        )
+        main, nll, rkl, cfrac, rsum, slots = red[:6]
+        aux_l = [a / max(real_mb_total, 1.0) for a in red[6 : 6 + n_layers]]
+        zr = [z / max(slots, 1.0) for z in red[6 + n_layers :]]
+        aux_total = sum(aux_l) / st["aux_layer_div"]
+        m = {
+            "step": self.step,
+            "lr": lr,
+            "loss": main + aux_total,
+            "aux_loss": aux_total,
+            "aux_loss_per_layer": aux_l,
+            "zero_ratio": float(sum(zr) / len(zr)) if zr else 0.0,
+            "zero_ratio_per_layer": zr,
+            "grad_norm": grad_norm,
+            "tokens": valid_total,
+            "response_tokens": resp_total,
+            "tokens_per_s": valid_total / dt if dt > 0 else 0.0,
+            "step_time_s": dt,
+            "micro_batches": st["n_mb"],
+            "nll": nll / resp_total,
+        }
+        if c.stage == "sft":
+            m["sft_loss"] = main
+        else:
+            m.update(policy_loss=main, reverse_kl=rkl / resp_total, clip_frac=cfrac / resp_total, ratio_mean=rsum / resp_total)
+        return m
+
+    # -- evaluation helpers --
+
+    @torch.no_grad()
+    def logits(self, tokens, attention_mask=None) -> torch.Tensor:
+        """Eval-mode logits [B, S, V] (collective over the EP group: every rank must call it)."""
+        self.model.eval()
+        t = _tensor(tokens, torch.long).to(self.device)
+        pad = None if attention_mask is None else ~_tensor(attention_mask).bool().to(self.device)
+        return mdl.forward_logits(self.model, t, pad).float().cpu()
+
+    # -- weights out --
+
+    def export_buckets(self, version: int, bucket_bytes: int = 256 << 20, layout: str = "fused"):
+        """WeightUpdate(version, buckets of (HF name, tensor)) gathered from the EP ranks (collective).
+
+        layout "fused": the transformers model's names (what engines apply); "checkpoint": per-expert names.
+        """
+        return bridge.export_buckets(self.model, version, bucket_bytes, layout=layout)
+
+    def export_hf(self, out_dir: str | Path) -> Path | None:
+        """The student as an HF checkpoint in the converted format (collective; rank 0 writes)."""
+        return bridge.export_hf_checkpoint(self.model, out_dir, self.source)
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def close(self) -> None:
+        parallel.teardown()

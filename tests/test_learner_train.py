@@ -1,0 +1,188 @@
+"""The learner's training step (SFT, OPD), gradient accumulation, schedule and exact resume (one CPU rank)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from learner import bridge, checkpoint
+from learner import model as mdl
+from learner.testing import tiny_checkpoint
+from learner.train import Learner, LearnerConfig
+from zeda_rl.losses import token_logprobs
+
+FAMILIES = ["qwen3_moe", "glm4_moe_lite"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learner_train")
+    return {f: tiny_checkpoint(f, root / f) for f in FAMILIES}
+
+
+def sft_batch(b=4, s=12, seed=0, vocab=64):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (b, s))
+    loss_mask = np.zeros((b, s), np.uint8)
+    loss_mask[:, 4:] = 1
+    attn = np.ones((b, s), np.uint8)
+    attn[1, 9:] = 0  # right padding on two rows
+    attn[3, 6:] = 0
+    return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attn}
+
+
+def cfg(**kw):
+    base = dict(lr=1e-2, schedule="constant", warmup_steps=0, clip_grad=1.0, token_budget=64)
+    return LearnerConfig(**{**base, **kw})
+
+
+def params(learner):
+    return {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_steps_decrease_the_loss_and_report_metrics(ckpts, family):
+    learner = Learner(ckpts[family], cfg())
+    batch = sft_batch()
+    ms = [learner.train_step(batch) for _ in range(5)]
+    assert ms[-1]["sft_loss"] < ms[0]["sft_loss"] - 0.5
+    n_moe = len(learner.info.moe_layers)
+    for m in ms:
+        assert m["aux_loss"] > 0 and len(m["aux_loss_per_layer"]) == n_moe
+        assert 0 <= m["zero_ratio"] <= 1 and len(m["zero_ratio_per_layer"]) == n_moe
+        assert m["grad_norm"] > 0 and m["tokens_per_s"] > 0
+        assert m["tokens"] == float(batch["attention_mask"].sum())
+        assert m["response_tokens"] == float((batch["loss_mask"] * batch["attention_mask"])[:, 1:].sum())
+        assert m["loss"] == pytest.approx(m["sft_loss"] + m["aux_loss"])
+    assert [m["step"] for m in ms] == [1, 2, 3, 4, 5]
+
+
+def _student_logprobs(learner, batch):
+    lg = learner.logits(batch["tokens"], batch["attention_mask"])
+    out = np.zeros(batch["tokens"].shape, np.float32)
+    out[:, 1:] = token_logprobs(lg, torch.as_tensor(batch["tokens"])).numpy()
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_opd_steps_move_the_student_towards_the_teacher(ckpts, family):
+    """The OPD loss uses fresh advantages, so its value is not a descent objective; what must fall is
+    the per-token gap |log p_teacher - log p_student| on the sampled response tokens."""
+    learner = Learner(ckpts[family], cfg(stage="opd", lr=3e-3))
+    batch = sft_batch(seed=1)
+    behaviour = _student_logprobs(learner, batch)
+    rng = np.random.default_rng(0)
+    teacher = behaviour + rng.normal(0.0, 1.0, behaviour.shape).astype(np.float32)  # up on some tokens, down on others
+    batch.update(behaviour_logprobs=behaviour, teacher_logprobs=teacher)
+    mask = (batch["loss_mask"] * batch["attention_mask"]).astype(bool)
+    mask[:, 0] = False
+
+    def gap():
+        return float(np.abs(teacher - _student_logprobs(learner, batch))[mask].mean())
+
+    before = gap()
+    ms = [learner.train_step(batch) for _ in range(4)]
+    after = gap()
+    assert after < 0.8 * before
+    m0 = ms[0]
+    assert m0["reverse_kl"] == pytest.approx(float((behaviour - teacher)[mask].mean()), abs=1e-4)  # fresh = behaviour at step 1
+    assert m0["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and m0["clip_frac"] == 0.0
+    assert m0["loss"] == pytest.approx(m0["policy_loss"] + m0["aux_loss"])
+    assert all(m["aux_loss"] > 0 and 0 <= m["zero_ratio"] <= 1 for m in ms)
+    assert ms[-1]["clip_frac"] > 0  # the student moved away from the behaviour policy
+
+
+def test_opd_with_routing_replay_uses_the_given_experts(ckpts):
+    learner = Learner(ckpts["qwen3_moe"], cfg(stage="opd"))
+    batch = sft_batch(seed=2)
+    b, s = batch["tokens"].shape
+    info = learner.info
+    rng = np.random.default_rng(0)
+    routed = np.stack([rng.permutation(info.router.total)[: info.router.top_k] for _ in range(len(info.moe_layers) * b * s)])
+    routed = routed.reshape(len(info.moe_layers), b, s, info.router.top_k).astype(np.int16)
+    batch.update(behaviour_logprobs=np.zeros((b, s), np.float32), teacher_logprobs=np.zeros((b, s), np.float32), routed_experts=routed)
+    m = learner.train_step(batch)
+    valid = batch["attention_mask"].astype(bool)
+    want = [float((routed[i][valid] >= info.num_experts).mean()) for i in range(len(info.moe_layers))]
+    assert m["zero_ratio_per_layer"] == pytest.approx(want)
+
+
+def test_gradient_accumulation_matches_one_micro_batch(ckpts):
+    """alpha=0 (L_GA is per micro-batch by definition): 1 micro-batch vs 4 give the same gradient."""
+    grads = {}
+    for budget in (1000, 12):
+        learner = Learner(ckpts["glm4_moe_lite"], cfg(alpha=0.0, token_budget=budget))
+        st = learner.accumulate(sft_batch())
+        assert st["n_mb"] == (1 if budget == 1000 else 4)
+        grads[budget] = dict(bridge.full_hf_state(learner.model, cast=False, grads=True))
+        grads[budget]["loss"] = torch.tensor(st["sums"]["main"])
+    for k in grads[1000]:
+        torch.testing.assert_close(grads[12][k], grads[1000][k], atol=1e-6, rtol=1e-5)
+
+
+def test_lr_schedule():
+    c = LearnerConfig(lr=1.0, min_lr=0.1, schedule="cosine", warmup_steps=2, total_steps=12)
+    assert [c.lr_at(i) for i in (0, 1)] == [0.5, 1.0]
+    assert c.lr_at(2) == pytest.approx(1.0) and c.lr_at(7) == pytest.approx(0.55) and c.lr_at(12) == pytest.approx(0.1)
+    assert LearnerConfig(lr=2.0, schedule="constant", warmup_ratio=0.0).lr_at(500) == 2.0
+    assert LearnerConfig(total_steps=50).warmup == 5
+    with pytest.raises(ValueError):
+        LearnerConfig(lr_typo=1.0)
+
+
+def test_resume_continues_exactly(ckpts, tmp_path):
+    """Train 2 steps, save, train 1 more; vs. resume from the save and train 1: identical params and loss."""
+    c = cfg(schedule="cosine", warmup_steps=1, total_steps=10, checkpoint_interval=2, checkpoint_dir=str(tmp_path / "ck"))
+    batches = [sft_batch(seed=i) for i in range(3)]
+    a = Learner(ckpts["qwen3_moe"], c)
+    for i in range(2):
+        a.train_step(batches[i], data_cursor={"epoch": 0, "row": 4 * (i + 1)})
+    saved = checkpoint.latest(tmp_path / "ck")
+    assert saved is not None and saved.name == "step_00000002"
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_00000002"]  # no temporary left
+    m3 = a.train_step(batches[2])
+    p3 = params(a)
+
+    b = Learner(ckpts["qwen3_moe"], c)
+    meta = b.load(saved)
+    assert meta["step"] == 2 and b.step == 2 and b.data_cursor == {"epoch": 0, "row": 8}
+    r3 = b.train_step(batches[2])
+    assert r3["loss"] == m3["loss"] and r3["lr"] == m3["lr"] and r3["step"] == 3
+    q3 = params(b)
+    assert all(torch.equal(p3[k], q3[k]) for k in p3)
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_resume_refuses_another_layout(ckpts, tmp_path):
+    a = Learner(ckpts["qwen3_moe"], cfg())
+    a.train_step(sft_batch())
+    a.save(tmp_path / "ck")
+    b = Learner(ckpts["qwen3_moe"], cfg(alpha=0.2))
+    with pytest.raises(ValueError, match="alpha"):
+        b.load(tmp_path / "ck")
+
+
+def test_stage_switch_resets_the_schedule(ckpts):
+    learner = Learner(ckpts["qwen3_moe"], cfg(schedule="cosine", warmup_steps=2, total_steps=4))
+    learner.train_step(sft_batch())
+    c = learner.set_stage("opd", lr=5e-3, schedule="constant", warmup_steps=0)
+    assert c.stage == "opd" and learner.stage_start == 1
+    b = sft_batch()
+    b.update(behaviour_logprobs=np.zeros(b["tokens"].shape, np.float32), teacher_logprobs=np.zeros(b["tokens"].shape, np.float32))
+    m = learner.train_step(b)
+    assert m["lr"] == 5e-3 and "policy_loss" in m
+    with pytest.raises(ValueError, match="ep_size"):
+        learner.set_stage("sft", ep_size=2)
+
+
+def test_batch_errors_name_the_field(ckpts):
+    learner = Learner(ckpts["qwen3_moe"], cfg(stage="opd"))
+    with pytest.raises(ValueError, match="behaviour_logprobs"):
+        learner.train_step(sft_batch())
+    bad = sft_batch()
+    bad["loss_mask"] = bad["loss_mask"][:, :5]
+    with pytest.raises(ValueError, match="loss_mask"):
+        Learner(ckpts["qwen3_moe"], cfg()).train_step(bad)
+    assert mdl.routers(learner.model)  # the model is still usable
