@@ -132,8 +132,14 @@ class PromptStream:
         return prompts, ids
 
 
-def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, tokenizer, log: MetricsLog) -> None:
-    """Stage 1: the teacher answers the training prompts; the student learns them (NLL + L_GA)."""
+def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, tokenizer, log: MetricsLog, start: int = 0) -> None:
+    """Stage 1: the teacher answers the training prompts; the student learns them (NLL + L_GA).
+
+    The teacher decodes greedily by default, so a resumed run regenerates the same data and
+    replays the same shuffled order up to step `start`.
+    """
+    if start >= cfg.sft.steps:
+        return
     stream = PromptStream(tokenizer, cfg.sft.prompts, cfg.seed)
     params = {"temperature": cfg.sft.teacher_temperature, "top_p": 1.0, "max_new_tokens": cfg.sampling.max_new_tokens,
               "stop_token_ids": (tokenizer.eos_token_id,), "seed": cfg.seed}
@@ -158,9 +164,11 @@ def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, tokenizer, log: M
     for step in range(cfg.sft.steps):
         if cursor + cfg.sft.batch_size > len(order):
             order, cursor = rng.permutation(num_rows(data)), 0
-        batch = take_rows(data, order[cursor : cursor + cfg.sft.batch_size])
+        rows = order[cursor : cursor + cfg.sft.batch_size]
         cursor += cfg.sft.batch_size
-        metrics = learner.train_step("sft", batch)
+        if step < start:  # resumed: this step is already in the learner's state
+            continue
+        metrics = learner.train_step("sft", take_rows(data, rows), {"stage": "sft", "step": step + 1})
         _log_step(log, metrics, step + 1, cfg.sft.steps)
 
 
@@ -214,7 +222,9 @@ def push_weights(learner, rollouts: list, version: int, log: MetricsLog) -> list
     return acks
 
 
-def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, inbox: Inbox, tokenizer, log: MetricsLog, version: int) -> int:
+def opd_phase(
+    cfg: RunConfig, rollouts: list, teachers, learner, inbox: Inbox, tokenizer, log: MetricsLog, version: int = 0, start: int = 0
+) -> int:
     """Stage 2: on-policy distillation, asynchronous (or synchronous for comparison).
 
     Admission control keeps at most `capacity` samples generated-but-untrained, so no
@@ -231,7 +241,7 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, inbox: Inbox, t
               "max_new_tokens": cfg.sampling.max_new_tokens, "stop_token_ids": (tokenizer.eos_token_id,)}
     inflight: dict = {}  # score ref -> (actor index, samples)
     busy = [0] * len(rollouts)
-    dropped_stale, step, seed = 0, 0, cfg.seed * 100_003
+    dropped_stale, step, seed = 0, start, cfg.seed * 100_003 + start * 1_000
     acks = push_weights(learner, rollouts, version, log)
     ray.get(acks)
     t_phase = time.time()
@@ -287,7 +297,7 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, inbox: Inbox, t
         if not o.routing_replay:
             batch.pop("routed_experts", None)
         lag = version - batch["policy_version"]
-        metrics = learner.train_step("opd", batch)
+        metrics = learner.train_step("opd", batch, {"stage": "opd", "step": step + 1, "version": version + int((step + 1) % o.sync_every == 0)})
         metrics.update(staleness_mean=float(lag.mean()), staleness_max=int(lag.max()))
         step += 1
         _log_step(log, metrics, step, o.steps)
@@ -349,6 +359,22 @@ def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint:
     return rollouts, TeacherPool(teachers), pg
 
 
+def _resume_point(cfg: RunConfig) -> Path:
+    from learner.checkpoint import latest
+
+    ckpt = latest(cfg.run_dir / "learner")
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no learner checkpoint under {cfg.run_dir / 'learner'}")
+    console.print(f"resuming from {ckpt}")
+    return ckpt
+
+
+def _save(cfg: RunConfig, learner) -> None:
+    """A learner checkpoint at each phase end (and every learner.checkpoint_every steps, by the learner)."""
+    step = learner.state()["step"]
+    learner.save(cfg.run_dir / "learner" / f"step_{step:08d}")
+
+
 def run(cfg: RunConfig, resume: bool = False) -> dict:
     """The whole pipeline; returns the report's numbers."""
     from transformers import AutoTokenizer
@@ -370,15 +396,20 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus if cfg.cluster.address is None else None,
                      include_dashboard=False, log_to_driver=True)
         inbox = Inbox(cfg.cluster.bind_host, log)
-        learner = LearnerGroup.from_run_config(cfg, student_dir)
+        ckpt = _resume_point(cfg) if resume else None
+        learner = LearnerGroup.from_run_config(cfg, student_dir, resume=ckpt)
+        cursor = (learner.state().get("data_cursor") or {}) if ckpt else {}
         rollouts, teachers, _pg = start_actors(cfg, teacher_dir, student_dir, inbox.endpoint, tokenizer.pad_token_id or 0)
         log.log("driver", "actors_alive", len(rollouts) + len(teachers.actors) + learner.world_size)
 
-    version = 0
+    in_opd = cursor.get("stage") == "opd"
     with phases("sft"):
-        sft_phase(cfg, teachers, learner, inbox, tokenizer, log)
+        sft_phase(cfg, teachers, learner, inbox, tokenizer, log, start=cfg.sft.steps if in_opd else cursor.get("step", 0))
+        _save(cfg, learner)
     with phases("opd"):
-        version = opd_phase(cfg, rollouts, teachers, learner, inbox, tokenizer, log, version)
+        version = opd_phase(cfg, rollouts, teachers, learner, inbox, tokenizer, log,
+                            version=cursor.get("version", 0) if in_opd else 0, start=cursor.get("step", 0) if in_opd else 0)
+        _save(cfg, learner)
     with phases("export"):
         final = learner.export_hf(cfg.run_dir / "student")
     with phases("eval"):

@@ -166,7 +166,7 @@ class LearnerGroup:
             self.load(resume)
 
     @classmethod
-    def from_run_config(cls, cfg, checkpoint_dir: str | Path) -> "LearnerGroup":
+    def from_run_config(cls, cfg, checkpoint_dir: str | Path, resume: str | Path | None = None) -> "LearnerGroup":
         """The learner of a `launch.config.RunConfig`: SFT settings first, OPD's applied when it starts."""
         from learner.train import LearnerConfig
 
@@ -198,6 +198,7 @@ class LearnerGroup:
             gpus_per_rank=lc.gpus_per_rank,
             threads_per_rank=max(1, int(lc.cpus_per_rank)),
             stage_overrides={"opd": opd},
+            resume=resume,
         )
         group.bucket_bytes = lc.bucket_bytes
         return group

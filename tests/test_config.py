@@ -1,0 +1,64 @@
+"""Every shipped run config loads and validates; bad configs fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launch.config import ConfigError, RunConfig, load_config
+from launch.train import main as train_main
+
+CONFIGS = sorted(Path("launch/configs").glob("*.yaml"))
+
+
+def test_there_are_configs_for_cpu_and_both_h200_families():
+    names = {p.stem for p in CONFIGS}
+    assert {"tiny-cpu", "qwen3-30b-a3b-h200", "glm-4.7-flash-h200"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.opd.max_staleness >= 0 and cfg.opd.sync_every >= 1
+    if "h200" in path.stem:
+        # ZEDA.md section 5: alpha 0.1, w 2, SFT lr 2e-5 cosine, OPD lr 5e-6 (Qwen) or 1e-6 (GLM) constant
+        assert cfg.learner.alpha == 0.1 and cfg.learner.w == 2.0
+        assert cfg.sft.lr == 2e-5 and cfg.sft.schedule == "cosine" and cfg.opd.lr == (1e-6 if "glm" in path.stem else 5e-6)
+        assert cfg.rollout.backend == cfg.teacher.backend == "sglang" and cfg.learner.gpus_per_rank >= 1
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nopd: {stepz: 3}\n")
+    with pytest.raises(ConfigError, match=r"opd\.stepz"):
+        load_config(p)
+
+
+def test_bad_value_is_named_with_what_was_given(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("rollout: {backend: vllm}\nlearner: {ep: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert "rollout.backend" in msg and "'vllm'" in msg and "learner.ep" in msg and str(p) in msg
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_overrides_apply_by_dotted_key():
+    cfg = load_config("launch/configs/tiny-cpu.yaml", {"opd.steps": 3, "sampling.temperature": 0.5})
+    assert cfg.opd.steps == 3 and cfg.sampling.temperature == 0.5
+
+
+def test_driver_exits_2_with_the_key_on_a_bad_override(capsys):
+    assert train_main(["--config", "launch/configs/tiny-cpu.yaml", "--set", "opd.max_staleness=-1"]) == 2
+    assert "opd.max_staleness" in capsys.readouterr().err
