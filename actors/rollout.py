@@ -51,6 +51,10 @@ class EngineActor:
     def version(self) -> int:
         return self.engine.version
 
+    def score(self, seqs: list[list[int]], temperature: float = 1.0) -> list:
+        """Prefill logprobs of given tokens under the weights this engine serves now."""
+        return self.engine.score(seqs, temperature=temperature)
+
 
 @ray.remote(max_restarts=3, max_task_retries=0)
 class RolloutActor(EngineActor):

@@ -58,9 +58,6 @@ class TeacherActor(EngineActor):
         n_tokens = sum(len(s["output_ids"]) for s in samples)
         return {"samples": len(samples), "tokens": n_tokens, "seconds": time.time() - t0, "sent": bool(sent)}
 
-    def score(self, seqs: list[list[int]], temperature: float = 1.0) -> list:
-        return self.engine.score(seqs, temperature=temperature)
-
 
 class TeacherPool:
     """Least-loaded dispatch over TeacherActors (driver side); actors restart on failure."""

@@ -107,6 +107,11 @@ class RunConfig(_Strict):
     def _check(self):
         if self.model.teacher != "embedded" and not self.model.teacher:
             raise ValueError("model.teacher: expected 'embedded' or a checkpoint directory")
+        if self.opd.rollout_batch > self.opd.prompts_per_step:
+            raise ValueError(
+                f"opd.rollout_batch ({self.opd.rollout_batch}) must be <= opd.prompts_per_step ({self.opd.prompts_per_step}): "
+                "admission control could never start a generation call"
+            )
         return self
 
     @property

@@ -147,8 +147,8 @@ def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, tokenizer, log: M
         data = _read_sft_jsonl(Path(cfg.sft.data), tokenizer)
     else:
         refs, chunk = [], 64
-        for start in range(0, cfg.sft.prompts, chunk):
-            prompts, ids = stream.take(min(chunk, cfg.sft.prompts - start))
+        for first in range(0, cfg.sft.prompts, chunk):
+            prompts, ids = stream.take(min(chunk, cfg.sft.prompts - first))
             refs.append(teachers.submit("generate_and_push", prompts, params, ids))
         t0 = time.time()
         for r in ray.get(refs):
@@ -222,6 +222,14 @@ def push_weights(learner, rollouts: list, version: int, log: MetricsLog) -> list
     return acks
 
 
+def probe_rollouts(rollouts: list, probe: list[list[int]], log: MetricsLog, version: int) -> None:
+    """Log the version each engine serves and its logprobs of the probe sequences."""
+    versions = ray.get([a.version.remote() for a in rollouts])
+    lps = ray.get(rollouts[0].score.remote(probe))
+    log.log("rollout", "served_versions", [int(v) for v in versions], version)
+    log.log("rollout", "probe_logprobs", [float(x) for lp in lps for x in lp], version)
+
+
 def opd_phase(
     cfg: RunConfig, rollouts: list, teachers, learner, inbox: Inbox, tokenizer, log: MetricsLog, version: int = 0, start: int = 0
 ) -> int:
@@ -244,6 +252,8 @@ def opd_phase(
     dropped_stale, step, seed = 0, start, cfg.seed * 100_003 + start * 1_000
     acks = push_weights(learner, rollouts, version, log)
     ray.get(acks)
+    probe = stream.ids[:4]  # fixed sequences whose logprobs show which weights the engines serve
+    probe_rollouts(rollouts, probe, log, version)
     t_phase = time.time()
     log.log("driver", "progress_started", t_phase)
 
@@ -276,6 +286,10 @@ def opd_phase(
             except ray.exceptions.RayError as err:  # a dead actor: Ray restarts it; its samples are lost
                 log.log("driver", "actor_restart", str(err)[:200])
                 console.print(f"[yellow]rollout/teacher failure, actor restarting: {err}")
+        if acks:  # weight pushes the engines have applied (between their generation calls)
+            applied, acks = ray.wait(acks, num_returns=len(acks), timeout=0)
+            for v in ray.get(applied):
+                log.log("rollout", "served_version", v, step)
         inbox.drain(timeout_s=0.0 if len(inbox.rows) else 0.05)
         log.log("driver", "queue_depth", inbox.size(), step)
         log.log("driver", "inflight_samples", sum(n for _, n in inflight.values()), step)
@@ -304,15 +318,20 @@ def opd_phase(
         log.log("driver", "dropped_malformed", inbox.dropped(), step)
         if step % o.sync_every == 0:
             version += 1
-            acks = push_weights(learner, rollouts, version, log)
+            acks += push_weights(learner, rollouts, version, log)
             if not o.asynchronous:
                 ray.get(acks)
-    # let the last rollouts finish so no actor is left mid-call
+    # let the last rollouts finish so no actor is left mid-call, then make sure every engine serves the final weights
     for ref in list(inflight):
         try:
             ray.get(ref)
         except ray.exceptions.RayError:
             pass
+    if step % o.sync_every:
+        version += 1
+        acks += push_weights(learner, rollouts, version, log)
+    ray.get(acks)
+    probe_rollouts(rollouts, probe, log, version)
     inbox.drain(timeout_s=0.5)
     inbox.take_all()
     log.log("driver", "dropped_stale", dropped_stale, step)

@@ -6,7 +6,6 @@ Every number comes from this run's evaluation results and metrics JSONL.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib

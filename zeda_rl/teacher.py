@@ -1,0 +1,140 @@
+"""The embedded teacher: a tiny Qwen3-MoE trained from scratch on the built-in tasks.
+
+ZEDA starts from a *competent* post-trained MoE; on a CPU with no model hub the project
+makes its own. The build is deterministic (fixed seeds, one data order), offline, a few
+minutes on 2 cores, and cached under a hash of its recipe, so every later run reuses it.
+It is written with transformers' own Qwen3MoeForCausalLM in standard HF format, so the
+converter and everything downstream treat it exactly like a downloaded checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from zeda_rl import tasks
+from zeda_rl.tiny import tiny_qwen3_moe_config
+from zeda_rl.tokenizer import VOCAB_SIZE, build_tokenizer
+
+MODEL = dict(
+    vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, moe_intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+    max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None, router_aux_loss_coef=0.01,
+)
+RECIPE = dict(steps=2000, batch_size=128, lr=3e-3, warmup=60, weight_decay=0.01, threads=2)
+
+
+def recipe_hash(seed: int, steps: int) -> str:
+    key = json.dumps({"model": MODEL, "recipe": {**RECIPE, "steps": steps}, "seed": seed, "tasks": tasks.VERSION}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ZEDA_CACHE") or Path.home() / ".cache" / "zeda-rl")
+
+
+def _complete(d: Path, digest: str) -> bool:
+    meta = d / "teacher.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("recipe_hash") == digest and (d / "model.safetensors").is_file()
+
+
+def build_teacher(
+    out: str | Path | None = None, *, steps: int | None = None, seed: int = 0, force: bool = False, progress: bool = True,
+    min_accuracy: float = 0.9,
+) -> Path:
+    """Build (or reuse) the teacher; returns its directory. Raises if held-out accuracy < min_accuracy."""
+    steps = RECIPE["steps"] if steps is None else steps
+    digest = recipe_hash(seed, steps)
+    out = Path(out) if out is not None else cache_root() / f"teacher-{digest}"
+    if not force and _complete(out, digest):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model, tok, report = _train(steps, seed, progress)
+        if report["heldout_accuracy"]["mean"] < min_accuracy:
+            raise RuntimeError(
+                f"teacher build: held-out accuracy {report['heldout_accuracy']} is below {min_accuracy:.0%} "
+                f"after {steps} steps (seed {seed}); not cached"
+            )
+        model.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "teacher.json").write_text(json.dumps({"recipe_hash": digest, "seed": seed, **report}, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _batch(examples: list[tasks.Example], tok) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+answer+EOS rows; the loss covers the answer and the EOS only."""
+    rows, labels = [], []
+    for e in examples:
+        p = tok(e.prompt).input_ids
+        a = tok(e.answer).input_ids + [tok.eos_token_id]
+        rows.append(p + a)
+        labels.append([-100] * len(p) + a)
+    n = max(map(len, rows))
+    ids = torch.full((len(rows), n), tok.pad_token_id)
+    lab = torch.full((len(rows), n), -100)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)], lab[i, : len(l)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(l), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def _train(steps: int, seed: int, progress: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from transformers import Qwen3MoeForCausalLM
+
+    from zeda_rl.generate import accuracy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RECIPE["threads"])
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = build_tokenizer()
+    model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config(**MODEL, output_router_logits=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"], betas=(0.9, 0.98), weight_decay=RECIPE["weight_decay"])
+    warm = min(RECIPE["warmup"], max(steps // 10, 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s / max(steps, 1), 1.0))).item())
+    )
+    per_fam = RECIPE["batch_size"] // len(tasks.FAMILIES)
+    t0 = time.time()
+    model.train()
+    with Progress(
+        TextColumn("teacher build"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(), disable=not progress,
+    ) as bar:
+        task = bar.add_task("train", total=steps, loss=float("nan"))
+        for _ in range(steps):
+            batch = _batch([tasks.sample(f, rng) for f in tasks.FAMILIES for _ in range(per_fam)], tok)
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update(task, advance=1, loss=loss.item())
+    train_s = time.time() - t0
+    model.config.output_router_logits = False
+    model.eval()
+    acc = accuracy(model, tok, tasks.make_split("heldout", 100))
+    torch.set_num_threads(threads)
+    if progress:
+        print(f"teacher: held-out exact match {', '.join(f'{k} {100 * v:.1f}%' for k, v in acc.items())} "
+              f"({steps} steps, {train_s:.0f}s)")
+    report = {"steps": steps, "train_seconds": round(train_s, 1), "heldout_accuracy": acc, "n_heldout_per_family": 100}
+    return model, tok, report
