@@ -86,7 +86,8 @@ class EvalSection(_Strict):
 class ClusterSection(_Strict):
     address: str | None = Field(None, description="Ray address; None starts a local Ray")
     num_cpus: int | None = None
-    bind_host: str = Field("127.0.0.1", description="host the learner's ZMQ inbox binds to")
+    bind_host: str = Field("127.0.0.1", description="host the learner's ZMQ inbox binds to; 'auto': this node's cluster address")
+    inbox_port: int = Field(0, ge=0, le=65535, description="port of the learner's ZMQ inbox (0: any free port)")
 
 
 class RunConfig(_Strict):

@@ -1,16 +1,18 @@
-"""`zeda monitor`: a live view of a run, built from its metrics JSONL.
+"""`zeda monitor`: a live view of a run: throughput, queues, staleness, KL, zero share, health.
 
-The driver appends every event to runs/<name>/metrics.jsonl; the monitor tails that
-file (attach to a running job, locally or on the head node through `ray attach` or an
-SSH tunnel's shared filesystem) or reads it whole (replay a finished run). Throughput
-is a rate over a sliding window of the events' own timestamps, so a replay shows the
-numbers the run had.
+It folds the run's metric events into one screen, from either source:
+- the run's metrics JSONL (`zeda monitor runs/<name>`): tail it while the run writes, or
+  `--replay` a finished run; throughput is a rate over a sliding window of the events'
+  own timestamps, so a replay shows the numbers the run had;
+- the run's hub actor inside Ray (`zeda monitor --ray [ADDRESS]`): attach to a running
+  job on a local head or a cluster, with no shared filesystem (see launch/metrics_hub.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import uuid
 from collections import defaultdict, deque
 from pathlib import Path
 
@@ -33,7 +35,7 @@ class MonitorState:
         self.phase = "-"
         self.now = 0.0
         self.started = None
-        self.restarts = 0
+        self.failed_calls = 0  # rollout/teacher calls lost to a dying actor
 
     def update(self, ev: Event) -> None:
         self.now = max(self.now, ev.time)
@@ -50,7 +52,7 @@ class MonitorState:
         if rate_of:
             self.counters[rate_of].append((ev.time, float(ev.value)))
         if ev.component == "driver" and ev.name == "actor_restart":
-            self.restarts += 1
+            self.failed_calls += 1
 
     def rate(self, key: str) -> float:
         q = self.counters[key]
@@ -60,6 +62,19 @@ class MonitorState:
             return 0.0
         span = max(self.now - q[0][0], 1.0)
         return sum(v for _, v in q) / span
+
+    @property
+    def ended(self) -> bool:
+        return self.phase in ("finished", "stopped", "failed")
+
+    def health(self) -> list[tuple[str, str]]:
+        """(group, "alive/total, N restarts") for every actor group the driver watches."""
+        groups = sorted(n.removeprefix("total/") for c, n in self.last if c == "driver" and n.startswith("total/"))
+        return [
+            (g, f"{self.value('driver', 'alive/' + g, 0):.0f}/{self.value('driver', 'total/' + g, 0):.0f} up, "
+                f"{self.value('driver', 'restarts/' + g, 0):.0f} restarts")
+            for g in groups
+        ]
 
     def value(self, component: str, name: str, default=None):
         ev = self.last.get((component, name))
@@ -95,11 +110,12 @@ def render(s: MonitorState):
         ("reverse KL", "learner", "reverse_kl", "{:.4f}"),
         ("loss", "learner", "loss", "{:.4f}"),
         ("weight sync (s)", "driver", "weight_sync_s", "{:.3f}"),
-        ("actors alive", "driver", "actors_alive", "{:.0f}"),
     ):
         v = s.value(comp, name)
         q.add_row(label, "-" if v is None else fmt.format(v))
-    q.add_row("actor restarts", str(s.restarts))
+    q.add_row("failed calls", str(s.failed_calls))
+    for group, text in s.health():
+        q.add_row(f"{group} actors", text)
     z = Table(show_header=True, header_style="bold")
     z.add_column("zero-expert ratio")
     z.add_column("value", justify="right")
@@ -121,21 +137,71 @@ def _eta(s: MonitorState) -> str:
     return f"{(total - done) / rate:.0f}s ({done}/{total})" if rate > 0 else "-"
 
 
-def follow(path: Path, state: MonitorState, live: Live | None, refresh_s: float, stop_after_s: float | None):
-    """Tail the JSONL, updating at least every `refresh_s`; stop at the run's end event."""
-    pos, t0, buf = 0, time.time(), ""
+class FileSource:
+    """New events of a metrics JSONL since the last poll (a torn last line waits for its end)."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.pos, self.buf = Path(path), 0, ""
+
+    def poll(self) -> list[Event]:
+        if not self.path.exists():
+            return []
+        with self.path.open() as f:
+            f.seek(self.pos)
+            self.buf += f.read()
+            self.pos = f.tell()
+        *lines, self.buf = self.buf.split("\n")
+        return list(_parse(lines))
+
+
+class HubSource:
+    """New events from a run's hub actor; `gone` once the hub (the job's driver) has ended.
+
+    A busy or still-starting hub only delays the screen: a poll waits at most `wait_s`
+    and the same request is picked up on the next one.
+    """
+
+    def __init__(self, hub, wait_s: float = 0.5):
+        self.hub, self.cursor, self.gone, self.wait_s = hub, 0, False, wait_s
+        self._pending = None
+        self.error = ""
+        self.reader = uuid.uuid4().hex  # lets the driver wait, at the end, until this monitor has read it
+
+    def poll(self) -> list[Event]:
+        import ray
+
+        if self.gone:
+            return []
+        if self._pending is None:
+            self._pending = self.hub.since.remote(self.cursor, self.reader)
+        ready, _ = ray.wait([self._pending], timeout=self.wait_s)
+        if not ready:
+            return []
+        ref, self._pending = self._pending, None
+        try:
+            self.cursor, events = ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            self.gone, self.error = True, f"{type(err).__name__}: {err}"
+            return []
+        return [Event(**e) for e in events]
+
+
+def follow(source, state: MonitorState, live: Live | None, refresh_s: float, stop_after_s: float | None):
+    """Poll `source` (a FileSource, a HubSource, or a JSONL path) and redraw every `refresh_s`
+    until the run's end event, the source going away, or `stop_after_s`."""
+    if isinstance(source, (str, Path)):
+        source = FileSource(source)
+    t0 = time.time()
     while True:
-        if path.exists():
-            with path.open() as f:
-                f.seek(pos)
-                buf += f.read()
-                pos = f.tell()
-            *lines, buf = buf.split("\n")
-            for ev in _parse(lines):
-                state.update(ev)
+        for ev in source.poll():
+            state.update(ev)
+        if not state.ended:  # live: rates decay when events stop coming
+            state.now = max(state.now, time.time())
+        if getattr(source, "gone", False) and state.phase not in ("finished", "stopped", "failed"):
+            state.phase = f"{state.phase} (driver gone)"
         if live is not None:
             live.update(render(state))
-        if state.phase == "finished" or (stop_after_s and time.time() - t0 > stop_after_s):
+        if state.ended or getattr(source, "gone", False) or (stop_after_s and time.time() - t0 > stop_after_s):
             return
         time.sleep(refresh_s)
 
@@ -152,23 +218,47 @@ def _parse(lines):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zeda monitor", description=__doc__.splitlines()[0])
-    ap.add_argument("run", help="run directory (runs/<name>) or its metrics.jsonl")
+    ap.add_argument("run_dir", nargs="?", help="run directory (runs/<name>) or its metrics.jsonl")
     ap.add_argument("--replay", action="store_true", help="render a finished run once and exit")
+    ap.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                    help="attach to a live run through Ray (default address: auto, the local or RAY_ADDRESS cluster; "
+                         "ray://HOST:10001 through a tunnel)")
+    ap.add_argument("--run", default=None, help="with --ray: the run's name (needed when several runs are live)")
+    ap.add_argument("--wait", type=float, default=60.0, help="with --ray: seconds to wait for the run to appear")
     ap.add_argument("--refresh", type=float, default=0.5, help="seconds between redraws (<= 1)")
     ap.add_argument("--timeout", type=float, default=None, help="stop following after this many seconds")
     a = ap.parse_args(argv)
-    path = Path(a.run)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    state = MonitorState()
-    console = Console()
-    if a.replay:
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no metrics to replay")
-        for ev in read_events(path):
-            state.update(ev)
-        console.print(render(state))
-        return 0
+    if (a.ray is None) == (a.run_dir is None):
+        ap.error("give a run directory, or --ray to attach to a live run")
+    state, console = MonitorState(), Console()
+    if a.ray is not None:
+        source = _attach(a.ray, a.run, a.wait)
+    else:
+        path = Path(a.run_dir)
+        if path.is_dir():
+            path = path / "metrics.jsonl"
+        if a.replay:
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no metrics to replay")
+            for ev in read_events(path):
+                state.update(ev)
+            console.print(render(state))
+            return 0
+        source = FileSource(path)
     with Live(render(state), console=console, refresh_per_second=max(1.0, 1.0 / a.refresh)) as live:
-        follow(path, state, live, min(a.refresh, 1.0), a.timeout)
+        follow(source, state, live, min(a.refresh, 1.0), a.timeout)
+    if getattr(source, "gone", False) and not state.ended:
+        console.print(f"[yellow]the run's metrics hub went away before the run ended ({source.error[:500]})")
     return 0
+
+
+def _attach(address: str, run: str | None, wait_s: float) -> HubSource:
+    import ray
+
+    from launch.metrics_hub import NAMESPACE, find_hub
+
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="error")
+    try:
+        return HubSource(find_hub(run, wait_s=wait_s))
+    except LookupError as err:
+        raise FileNotFoundError(str(err)) from None

@@ -9,6 +9,7 @@ this process's learner inbox, trained on by the Megatron learner ranks, and ever
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -74,11 +75,11 @@ def _num_experts(checkpoint: Path) -> int:
 class Inbox:
     """The learner's end of the ZMQ data plane: a bound PULL socket plus a row buffer."""
 
-    def __init__(self, bind_host: str, log: MetricsLog):
+    def __init__(self, bind_host: str, log: MetricsLog, port: int = 0):
         from zeda_rl.transport import Puller
 
         host = ray.util.get_node_ip_address() if bind_host == "auto" else bind_host
-        self.puller = Puller(f"tcp://{host}:0")
+        self.puller = Puller(f"tcp://{host}:{port}")
         self.endpoint = self.puller.endpoint
         self.rows: list[dict] = []  # packed batches not yet consumed
         self.log = log
@@ -346,11 +347,9 @@ def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint:
     from actors.rollout import RolloutActor
     from actors.teacher_pool import TeacherActor, TeacherPool
 
-    def bundle(e):
-        return {"CPU": e.cpus, **({"GPU": e.gpus} if e.gpus else {})}
+    from launch.placement import engine_bundles
 
-    bundles = [bundle(cfg.rollout)] * cfg.rollout.replicas + [bundle(cfg.teacher)] * cfg.teacher.replicas
-    pg = placement_group(bundles, strategy="PACK")
+    pg = placement_group(engine_bundles(cfg), strategy="PACK")
     ray.get(pg.ready(), timeout=600)
 
     def opts(e, i):
@@ -394,10 +393,28 @@ def _save(cfg: RunConfig, learner) -> None:
     learner.save(cfg.run_dir / "learner" / f"step_{step:08d}")
 
 
+def connect_ray(cfg: RunConfig) -> None:
+    """Join the job's cluster (under `ray job submit`, RAY_ADDRESS names it), the configured
+    one, or start a private local Ray sized by cluster.num_cpus."""
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # "local": never attach to some other Ray that happens to run on this machine
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
 def run(cfg: RunConfig, resume: bool = False) -> dict:
-    """The whole pipeline; returns the report's numbers."""
+    """The whole pipeline; returns the report's numbers.
+
+    Whatever ends it (an error, Ctrl-C, `ray job stop`'s SIGTERM), the learner ranks and
+    sockets are closed and the run's last phase event says how it ended.
+    """
     from transformers import AutoTokenizer
 
+    from launch.health import Health
+    from launch.metrics_hub import start_hub
     from launch.report import write_report
     from learner.group import LearnerGroup
     from zeda_rl.evaluate import evaluate
@@ -407,40 +424,55 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     log = MetricsLog(cfg.run_dir / "metrics.jsonl")
     phases = Phases(log)
     t_start = time.time()
-    teacher_dir, student_dir = prepare_checkpoints(cfg, phases)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    console.print(f"run directory: {cfg.run_dir.resolve()}")
+    learner = inbox = hub = health = None
+    ending = "failed"
+    try:
+        teacher_dir, student_dir = prepare_checkpoints(cfg, phases)
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
 
-    with phases("start"):
-        if not ray.is_initialized():
-            ray.init(address=cfg.cluster.address, num_cpus=cfg.cluster.num_cpus if cfg.cluster.address is None else None,
-                     include_dashboard=False, log_to_driver=True)
-        inbox = Inbox(cfg.cluster.bind_host, log)
-        ckpt = _resume_point(cfg) if resume else None
-        learner = LearnerGroup.from_run_config(cfg, student_dir, resume=ckpt)
-        cursor = (learner.state().get("data_cursor") or {}) if ckpt else {}
-        rollouts, teachers, _pg = start_actors(cfg, teacher_dir, student_dir, inbox.endpoint, tokenizer.pad_token_id or 0)
-        log.log("driver", "actors_alive", len(rollouts) + len(teachers.actors) + learner.world_size)
+        with phases("start"):
+            connect_ray(cfg)
+            hub = start_hub(cfg.name, log)
+            inbox = Inbox(cfg.cluster.bind_host, log, cfg.cluster.inbox_port)
+            ckpt = _resume_point(cfg) if resume else None
+            learner = LearnerGroup.from_run_config(cfg, student_dir, resume=ckpt)
+            cursor = (learner.state().get("data_cursor") or {}) if ckpt else {}
+            rollouts, teachers, _pg = start_actors(cfg, teacher_dir, student_dir, inbox.endpoint, tokenizer.pad_token_id or 0)
+            health = Health({"rollout": rollouts, "teacher": teachers.actors, "learner": learner.actors}, log).start()
 
-    in_opd = cursor.get("stage") == "opd"
-    with phases("sft"):
-        sft_phase(cfg, teachers, learner, inbox, tokenizer, log, start=cfg.sft.steps if in_opd else cursor.get("step", 0))
-        _save(cfg, learner)
-    with phases("opd"):
-        version = opd_phase(cfg, rollouts, teachers, learner, inbox, tokenizer, log,
-                            version=cursor.get("version", 0) if in_opd else 0, start=cursor.get("step", 0) if in_opd else 0)
-        _save(cfg, learner)
-    with phases("export"):
-        final = learner.export_hf(cfg.run_dir / "student")
-    with phases("eval"):
-        teacher_eval = evaluate(teacher_dir, n_per_family=cfg.eval.n_per_family)
-        student_eval = evaluate(final, n_per_family=cfg.eval.n_per_family)
-        log.log("eval", "teacher_accuracy", teacher_eval["accuracy"]["mean"])
-        log.log("eval", "student_accuracy", student_eval["accuracy"]["mean"])
-        log.log("eval", "student_zero_ratio", student_eval["zero_ratio"]["overall"])
-    learner.shutdown()
-    inbox.puller.close()
-    log.log("driver", "phase", "finished")
-    phases.times["total"] = time.time() - t_start
-    result = write_report(cfg, teacher_eval, student_eval, phases.times, cfg.run_dir / "metrics.jsonl", final_version=version)
-    log.close()
-    return result
+        in_opd = cursor.get("stage") == "opd"
+        with phases("sft"):
+            sft_phase(cfg, teachers, learner, inbox, tokenizer, log, start=cfg.sft.steps if in_opd else cursor.get("step", 0))
+            _save(cfg, learner)
+        with phases("opd"):
+            version = opd_phase(cfg, rollouts, teachers, learner, inbox, tokenizer, log,
+                                version=cursor.get("version", 0) if in_opd else 0, start=cursor.get("step", 0) if in_opd else 0)
+            _save(cfg, learner)
+        with phases("export"):
+            final = learner.export_hf(cfg.run_dir / "student")
+        with phases("eval"):
+            teacher_eval = evaluate(teacher_dir, n_per_family=cfg.eval.n_per_family)
+            student_eval = evaluate(final, n_per_family=cfg.eval.n_per_family)
+            log.log("eval", "teacher_accuracy", teacher_eval["accuracy"]["mean"])
+            log.log("eval", "student_accuracy", student_eval["accuracy"]["mean"])
+            log.log("eval", "student_zero_ratio", student_eval["zero_ratio"]["overall"])
+        phases.times["total"] = time.time() - t_start
+        result = write_report(cfg, teacher_eval, student_eval, phases.times, cfg.run_dir / "metrics.jsonl", final_version=version)
+        ending = "finished"
+        return result
+    except (KeyboardInterrupt, SystemExit):
+        ending = "stopped"
+        console.print("[yellow]stopped: shutting the learner and actors down")
+        raise
+    finally:  # the ending first: `ray job stop` allows a few seconds before SIGKILL
+        log.log("driver", "phase", ending)
+        if hub is not None:
+            hub.close(timeout_s=1.0 if ending == "stopped" else 5.0)
+        if health is not None:
+            health.stop()
+        if learner is not None:
+            learner.shutdown()
+        if inbox is not None:
+            inbox.puller.close()
+        log.close()

@@ -1,9 +1,26 @@
-"""`python -m launch.train --config FILE`: the driver that `ray job submit` runs (and `make run`)."""
+"""`python -m launch.train --config FILE`: the driver that `ray job submit` runs (and `make run`).
+
+Where a run writes: `output_dir` as the config gives it when absolute; a relative one is
+taken under $ZEDA_RUNS_DIR when set, else under the current directory, except in a Ray
+job, whose current directory is a temporary copy of the uploaded working dir: there it
+goes under ~/zeda-runs on the head node, and the driver prints where.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+
+def runs_base() -> Path | None:
+    """Base for a relative output_dir, or None for the current directory."""
+    if os.environ.get("ZEDA_RUNS_DIR"):
+        return Path(os.environ["ZEDA_RUNS_DIR"]).expanduser()
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray for a submitted job's entrypoint
+        return Path.home() / "zeda-runs"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    base = runs_base()
+    if base is not None and not Path(cfg.output_dir).is_absolute():
+        cfg = cfg.model_copy(update={"output_dir": str(base / cfg.output_dir)})
     from launch.pipeline import console, run
 
     result = run(cfg, resume=a.resume)

@@ -54,6 +54,9 @@ class LearnerActor:
 
         torch.set_num_threads(max(1, int(threads)))
 
+    def health(self) -> dict:
+        return {"pid": os.getpid(), "rank": self.rank}
+
     def rendezvous(self) -> tuple[str, int]:
         """(address, free port) of this actor's node, for rank 0 to host the process group."""
         from learner.parallel import free_port

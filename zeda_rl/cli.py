@@ -38,13 +38,7 @@ def _eval(a):
 def _train(a):
     from launch.train import main as train_main
 
-    train_main(["--config", a.config] + (["--resume"] if a.resume else []))
-
-
-def _monitor(a):
-    from launch.monitor import main as monitor_main
-
-    monitor_main(a.rest)
+    return train_main(["--config", a.config] + [f"--set={kv}" for kv in a.set] + (["--resume"] if a.resume else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,23 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="run the ZEDA pipeline from a typed YAML config")
     tr.add_argument("--config", required=True)
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. opd.steps=5")
     tr.add_argument("--resume", action="store_true")
     tr.set_defaults(fn=_train)
 
-    m = sub.add_parser("monitor", help="live rollout/teacher/learner throughput view")
-    m.add_argument("rest", nargs=argparse.REMAINDER)
-    m.set_defaults(fn=_monitor)
+    # listed for --help; its arguments are launch.monitor's own (see main)
+    sub.add_parser("monitor", help="live rollout/teacher/learner throughput view of a run (zeda monitor -h)", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["monitor"]:
+        from launch.monitor import main as monitor_main
+
+        try:
+            return monitor_main(argv[1:])
+        except FileNotFoundError as err:
+            print(f"zeda monitor: error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        return args.fn(args) or 0
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"zeda {args.cmd}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

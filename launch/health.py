@@ -1,0 +1,75 @@
+"""Actor health as the driver sees it: which actors answer, and which came back restarted.
+
+Every actor has a cheap `health()` that returns its pid. The driver pings each actor
+every `every_s` without waiting (a ping queues behind the actor's current call, so a
+busy actor answers late but answers); an actor is alive while its last answer is
+younger than `grace_s` or its pending ping is. A new pid behind the same handle means
+Ray restarted the actor (max_restarts), which is counted. The figures go to the
+metrics log as `driver/alive/<group>`, `driver/total/<group>`, `driver/restarts/<group>`.
+It runs in a thread of the driver, beside the loop, so no phase has to remember to ask.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import ray
+
+
+class Health:
+    def __init__(self, groups: dict[str, list], log, every_s: float = 2.0, grace_s: float = 60.0):
+        self.groups, self.log, self.every_s, self.grace_s = groups, log, every_s, grace_s
+        now = time.time()
+        self.last_ok = {(g, i): now for g, actors in groups.items() for i in range(len(actors))}
+        self.pids: dict[tuple[str, int], int] = {}
+        self.restarts = {g: 0 for g in groups}
+        self.pending: dict = {}  # ref -> (group, index, sent at)
+        self.last_report = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="actor-health", daemon=True)
+
+    def start(self) -> "Health":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - Ray shutting down under us
+                return
+
+    def poll(self) -> None:
+        now = time.time()
+        if self.pending:
+            done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+            for ref in done:
+                key = self.pending.pop(ref)[:2]
+                try:
+                    pid = ray.get(ref)["pid"]
+                except ray.exceptions.RayError:
+                    continue  # dead (or restarting): no answer, last_ok ages
+                if key in self.pids and self.pids[key] != pid:
+                    self.restarts[key[0]] += 1
+                self.pids[key], self.last_ok[key] = pid, now
+        if now - self.last_report < self.every_s:
+            return
+        self.last_report = now
+        waiting = {(g, i): sent for g, i, sent in self.pending.values()}
+        for g, actors in self.groups.items():
+            for i, actor in enumerate(actors):
+                if (g, i) not in waiting:
+                    self.pending[actor.health.remote()] = (g, i, now)
+            alive = sum(
+                1 for i in range(len(actors))
+                if now - self.last_ok[(g, i)] < self.grace_s or now - waiting.get((g, i), -1e18) < self.grace_s
+            )
+            self.log.log("driver", f"alive/{g}", alive)
+            self.log.log("driver", f"total/{g}", len(actors))
+            self.log.log("driver", f"restarts/{g}", self.restarts[g])
