@@ -138,3 +138,5 @@ def test_monitor_showed_live_throughput(run):
     assert "zero-expert ratio" in screen.frames[-1] and "staleness" in screen.frames[-1]
     for label in ("rollout tokens/s", "teacher tokens/s", "learner tokens/s", "learner steps/s"):
         assert screen.peak(label) > 0, label
+    for group, n in (("rollout", 1), ("teacher", 1), ("learner", 2)):  # actor health, from the driver's pings
+        assert re.search(rf"{group} actors\s*│\s*{n}/{n} up, 0 restarts", screen.frames[-1]), screen.frames[-1]
