@@ -211,3 +211,9 @@ def test_ray_job_stop_stops_the_run_cleanly(head):
             break
         time.sleep(1)
     assert not alive, alive
+
+
+def test_job_server_listens_on_loopback_only(head):
+    listening = [c.laddr.ip for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == head.ports["dashboard"]]
+    assert listening and set(listening) <= {"127.0.0.1", "::1"}, listening
