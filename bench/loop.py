@@ -12,8 +12,12 @@ for the weight push. The modes alternate for `--rounds` so machine noise hits bo
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
+
+# the repository before bench/: bench/learner.py would otherwise shadow the learner package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray
 import yaml
