@@ -162,6 +162,7 @@ def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, tokenizer, log: M
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(num_rows(data))
     cursor = 0
+    log.log("driver", "progress_started", time.time())  # the monitor's ETA counts from here
     for step in range(cfg.sft.steps):
         if cursor + cfg.sft.batch_size > len(order):
             order, cursor = rng.permutation(num_rows(data)), 0

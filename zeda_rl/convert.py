@@ -80,6 +80,9 @@ def convert_checkpoint(
     cfg, spec = _read_config(src)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"output directory {dst} is the input directory; choose another one")
+    if src.resolve() in dst.resolve().parents or dst.resolve() in src.resolve().parents:
+        raise ValueError(f"output directory {dst} and input directory {src} contain one another; replacing the output "
+                         "would move or delete the input. Choose an output outside the input")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise FileExistsError(f"output directory {dst} already exists and is not empty; pass --overwrite to replace it")
     shards, index = _shards(src)

@@ -31,9 +31,11 @@ def load(checkpoint: str | Path, dtype=torch.float32):
 def routed_zero_ratio(model, tokenizer, texts: list[str], batch_size: int = 64) -> dict:
     """Zero-expert share over every non-pad token of `texts`, overall and per MoE layer."""
     blocks = moe_blocks(model)
-    if not blocks:
-        layers = getattr(model.config, "num_hidden_layers", 0)
-        return {"overall": 0.0, "per_layer": [], "tokens": 0, "note": f"static model ({layers} layers, no zero experts)"}
+    if not blocks:  # a static checkpoint (the teacher): every routed slot is a real expert
+        moe = [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+        count = sum(int(tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt").attention_mask.sum())
+                    for i in range(0, len(texts), batch_size))
+        return {"overall": 0.0, "per_layer": [0.0] * len(moe), "tokens": count, "note": "static model: no zero experts"}
     n = blocks[0].spec.num_experts
     zero = torch.zeros(len(blocks))
     count = 0

@@ -122,7 +122,8 @@ class _ZeroExpertBlockMixin:
         # would leave a non-persistent buffer uninitialised.
         n = self.spec.num_experts
         self.copy_slots = [n + i for i, t in enumerate(config.zce_slots()) if t == "copy"]
-        # The fused paths (grouped_mm, batched_mm) skip sentinel ids >= N and, with this flag, zero their rows.
+        # The eager and grouped_mm paths skip sentinel ids >= N and, with this flag, zero their rows
+        # (batched_mm clamps them onto a real expert instead: refused in _routed_experts).
         self.experts._is_expert_parallel = True
         self.record: list[torch.Tensor] | None = None
         self.replay: torch.Tensor | None = None  # [B, S_total, K], consumed call by call (KV-cache friendly)
@@ -146,6 +147,9 @@ class _ZeroExpertBlockMixin:
         if self.record is not None:
             self.record.append(ids.detach().reshape(batch, seq, -1))
         n = self.spec.num_experts
+        impl = getattr(self.experts.config, "_experts_implementation", None)
+        if impl == "batched_mm":  # it clamps the skip id onto a real expert and multiplies by 0: nothing skipped
+            raise ValueError("experts_implementation 'batched_mm' computes zero-expert slots; use 'grouped_mm' or 'eager'")
         zero = ids >= n
         out = self.experts(x, ids.masked_fill(zero, n), weights.masked_fill(zero, 0.0).to(x.dtype))
         if self.copy_slots:
@@ -186,6 +190,9 @@ def _swap_blocks(model: nn.Module, stock: type, zero_block: type, config) -> Non
 
 class Qwen3MoePlusPlusForCausalLM(Qwen3MoeForCausalLM):
     config_class = Qwen3MoePlusPlusConfig
+    # transformers decides this by grepping the class's module source for its experts decorator;
+    # our experts are the stock (decorated) ones, so say it, or the kernel would depend on import order
+    _can_set_experts_implementation_cached_value = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -195,6 +202,7 @@ class Qwen3MoePlusPlusForCausalLM(Qwen3MoeForCausalLM):
 
 class Glm4MoeLitePlusPlusForCausalLM(Glm4MoeLiteForCausalLM):
     config_class = Glm4MoeLitePlusPlusConfig
+    _can_set_experts_implementation_cached_value = True  # see Qwen3MoePlusPlusForCausalLM
 
     def __init__(self, config):
         super().__init__(config)

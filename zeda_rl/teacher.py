@@ -55,6 +55,8 @@ def build_teacher(
     out = Path(out) if out is not None else cache_root() / f"teacher-{digest}"
     if not force and _complete(out, digest):
         return out
+    if out.exists() and not (out / "teacher.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and does not hold a teacher build; refusing to replace it (choose another --out)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
