@@ -58,5 +58,24 @@ class EngineActor:
 
 @ray.remote(max_restarts=3, max_task_retries=0)
 class RolloutActor(EngineActor):
-    """A student engine: samples responses with behaviour logprobs and routed experts."""
+    """A student engine: samples responses with behaviour logprobs and routed experts.
+
+    Until the learner's weights reach it, an engine serves the checkpoint it loaded, which
+    after a restart is not the policy of any version: its samples carry version -1 so the
+    learner never trains on them (the driver re-pushes the current weights on a failure).
+    """
+
+    synced = False
+
+    def update_weights(self, frames: list[bytes]) -> int:
+        version = super().update_weights(frames)
+        self.synced = True
+        return version
+
+    def generate(self, prompts: list[list[int]], params: dict, sample_ids: list[int]) -> list[dict]:
+        out = super().generate(prompts, params, sample_ids)
+        if not self.synced:
+            for d in out:
+                d["policy_version"] = -1
+        return out
 

@@ -35,7 +35,7 @@ class EngineSection(_Strict):
 
 
 class SamplingSection(_Strict):
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0, description="OPD sampling temperature (teacher and learner score at it too)")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(16, ge=1)
 

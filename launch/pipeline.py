@@ -147,15 +147,26 @@ def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, tokenizer, log: M
     if cfg.sft.data:
         data = _read_sft_jsonl(Path(cfg.sft.data), tokenizer)
     else:
-        refs, chunk = [], 64
+        chunks, chunk = {}, 64  # ref -> (prompts, ids, attempt)
         for first in range(0, cfg.sft.prompts, chunk):
             prompts, ids = stream.take(min(chunk, cfg.sft.prompts - first))
-            refs.append(teachers.submit("generate_and_push", prompts, params, ids))
-        t0 = time.time()
-        for r in ray.get(refs):
-            log.log("teacher", "tokens", r["tokens"])
-        while inbox.size() < cfg.sft.prompts:
-            if inbox.drain(timeout_s=5.0) == 0 and time.time() - t0 > 300:
+            chunks[teachers.submit("generate_and_push", prompts, params, ids)] = (prompts, ids, 1)
+        t0 = last = time.time()
+        # drain the socket while the teachers answer: their pushes block once its buffers are full
+        while chunks or inbox.size() < cfg.sft.prompts:
+            done, _ = ray.wait(list(chunks), num_returns=len(chunks), timeout=0) if chunks else ([], [])
+            for ref in done:
+                prompts, ids, attempt = chunks.pop(ref)
+                r = ray.get(ref)
+                log.log("teacher", "tokens", r["tokens"])
+                if not r["sent"]:  # the push timed out under backpressure: answer that chunk again
+                    log.log("driver", "dropped_backpressure", r["samples"])
+                    if attempt >= 3:
+                        raise RuntimeError(f"SFT data: a chunk of {len(ids)} teacher rollouts could not reach the learner in 3 tries")
+                    chunks[teachers.submit("generate_and_push", prompts, params, ids)] = (prompts, ids, attempt + 1)
+            if inbox.drain(timeout_s=0.2):
+                last = time.time()
+            elif not chunks and time.time() - last > 300:
                 raise RuntimeError(f"SFT data: only {inbox.size()} of {cfg.sft.prompts} teacher rollouts reached the learner")
         data = inbox.take_all()
         console.print(f"teacher answered {num_rows(data)} prompts in {time.time() - t0:.1f}s")
@@ -221,13 +232,28 @@ def push_weights(learner, rollouts: list, version: int, log: MetricsLog) -> list
     acks = [a.update_weights.remote(ref) for a in rollouts]
     log.log("driver", "weight_sync_s", time.time() - t0, version)
     log.log("driver", "policy_version", version, version)
-    return acks
+    return acks, ref
+
+
+def settle(acks: list, log: MetricsLog, timeout_s: float | None = None) -> list:
+    """Wait for weight-push acks; a failed one (its actor died; Ray restarts it) is logged, not raised."""
+    served = []
+    for ack in acks:
+        try:
+            served.append(ray.get(ack, timeout=timeout_s))
+        except ray.exceptions.RayError as err:
+            log.log("driver", "actor_restart", f"weight push: {str(err)[:200]}")
+    return served
 
 
 def probe_rollouts(rollouts: list, probe: list[list[int]], log: MetricsLog, version: int) -> None:
     """Log the version each engine serves and its logprobs of the probe sequences."""
-    versions = ray.get([a.version.remote() for a in rollouts])
-    lps = ray.get(rollouts[0].score.remote(probe))
+    try:
+        versions = ray.get([a.version.remote() for a in rollouts])
+        lps = ray.get(rollouts[0].score.remote(probe))
+    except ray.exceptions.RayError as err:  # an engine restarting: skip this probe
+        log.log("driver", "actor_restart", f"probe: {str(err)[:200]}")
+        return
     log.log("rollout", "served_versions", [int(v) for v in versions], version)
     log.log("rollout", "probe_logprobs", [float(x) for lp in lps for x in lp], version)
 
@@ -245,15 +271,21 @@ def opd_phase(
     o = cfg.opd
     per_step = o.prompts_per_step * o.samples_per_prompt
     per_call = o.rollout_batch * o.samples_per_prompt
-    capacity = per_step * (o.max_staleness + 1) * o.sync_every if o.asynchronous else per_step
+    # a sample admitted now is trained within capacity/per_step steps, which hold at most
+    # max_staleness version bumps when that is max_staleness * sync_every + 1 steps
+    capacity = per_step * (o.max_staleness * o.sync_every + 1) if o.asynchronous else per_step
     stream = PromptStream(tokenizer, 10**9 if cfg.sft.prompts < 1 else max(cfg.sft.prompts, 64), cfg.seed + 1)
     params = {"temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
               "max_new_tokens": cfg.sampling.max_new_tokens, "stop_token_ids": (tokenizer.eos_token_id,)}
     inflight: dict = {}  # score ref -> (actor index, samples)
+    needs_sync: set[int] = set()  # rollout actors to give the current weights (failed or restarted)
+    resync: dict = {}  # ack ref of such a push -> actor index (one outstanding per actor)
+    last_resync: dict[int, float] = {}
     busy = [0] * len(rollouts)
-    dropped_stale, step, seed = 0, start, cfg.seed * 100_003 + start * 1_000
-    acks = push_weights(learner, rollouts, version, log)
-    ray.get(acks)
+    dropped_stale, dropped_backpressure, step, seed = 0, 0, start, cfg.seed * 100_003 + start * 1_000
+    acks, frames = push_weights(learner, rollouts, version, log)
+    settle(acks, log)
+    acks = []
     probe = stream.ids[:4]  # fixed sequences whose logprobs show which weights the engines serve
     probe_rollouts(rollouts, probe, log, version)
     t_phase = time.time()
@@ -285,12 +317,27 @@ def opd_phase(
                 r = ray.get(ref)
                 log.log("teacher", "tokens", r["tokens"])
                 log.log("rollout", "tokens", r.get("output_tokens", r["tokens"]))
+                if not r["sent"]:  # the learner's inbox stayed full past the push timeout
+                    dropped_backpressure += r["samples"]
+                    log.log("driver", "dropped_backpressure", dropped_backpressure, step)
             except ray.exceptions.RayError as err:  # a dead actor: Ray restarts it; its samples are lost
                 log.log("driver", "actor_restart", str(err)[:200])
-                console.print(f"[yellow]rollout/teacher failure, actor restarting: {err}")
+                console.print(f"[yellow]rollout/teacher failure, actor restarting: {str(err)[:300]}")
+                # a restarted engine serves the weights it loaded at start (its samples carry
+                # version -1 and are never trained on) until it is given the current ones
+                needs_sync.add(i)
+        for j in needs_sync - set(resync.values()):
+            if time.time() - last_resync.get(j, 0.0) >= 1.0:  # while Ray restarts it, retry once a second
+                resync[rollouts[j].update_weights.remote(frames)], last_resync[j] = j, time.time()
+        if resync:  # a push that reached the restarted engine ends its resync; one that hit the dead one is retried
+            done, _ = ray.wait(list(resync), num_returns=len(resync), timeout=0)
+            for ref in done:
+                j = resync.pop(ref)
+                if settle([ref], log):
+                    needs_sync.discard(j)
         if acks:  # weight pushes the engines have applied (between their generation calls)
             applied, acks = ray.wait(acks, num_returns=len(acks), timeout=0)
-            for v in ray.get(applied):
+            for v in settle(applied, log):
                 log.log("rollout", "served_version", v, step)
         inbox.drain(timeout_s=0.0 if len(inbox.rows) else 0.05)
         log.log("driver", "queue_depth", inbox.size(), step)
@@ -298,7 +345,11 @@ def opd_phase(
         if inbox.size() < per_step:
             continue
         data = inbox.take_all()
-        stale = version - data["policy_version"] > o.max_staleness
+        # too old, or sampled by an engine that has not been given the learner's weights since it (re)started
+        unsynced = data["policy_version"] < 0
+        stale = (version - data["policy_version"] > o.max_staleness) | unsynced
+        if unsynced.any():  # some engine restarted unseen: which one the rows do not say, so resync them all
+            needs_sync.update(range(len(rollouts)))
         if stale.any():
             dropped_stale += int(stale.sum())
             log.log("driver", "dropped_stale", dropped_stale, step)
@@ -320,9 +371,12 @@ def opd_phase(
         log.log("driver", "dropped_malformed", inbox.dropped(), step)
         if step % o.sync_every == 0:
             version += 1
-            acks += push_weights(learner, rollouts, version, log)
+            new_acks, frames = push_weights(learner, rollouts, version, log)
+            acks += new_acks
             if not o.asynchronous:
-                ray.get(acks)
+                for v in settle(acks, log):
+                    log.log("rollout", "served_version", v, step)
+                acks = []
     # let the last rollouts finish so no actor is left mid-call, then make sure every engine serves the final weights
     for ref in list(inflight):
         try:
@@ -331,8 +385,10 @@ def opd_phase(
             pass
     if step % o.sync_every:
         version += 1
-        acks += push_weights(learner, rollouts, version, log)
-    ray.get(acks)
+        new_acks, frames = push_weights(learner, rollouts, version, log)
+        acks += new_acks
+    for v in settle(acks, log):
+        log.log("rollout", "served_version", v, step)
     probe_rollouts(rollouts, probe, log, version)
     inbox.drain(timeout_s=0.5)
     inbox.take_all()
@@ -422,6 +478,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    if not resume:  # a fresh run of the same name: its report must not count the last one's events
+        (cfg.run_dir / "metrics.jsonl").unlink(missing_ok=True)
     log = MetricsLog(cfg.run_dir / "metrics.jsonl")
     phases = Phases(log)
     t_start = time.time()

@@ -192,7 +192,8 @@ class LearnerGroup:
             checkpoint_dir=str(cfg.run_dir / "learner") if lc.checkpoint_every else None,
             seed=cfg.seed,
         )
-        opd = {"lr": cfg.opd.lr, "schedule": "constant", "warmup_steps": 0, "total_steps": max(1, cfg.opd.steps)}
+        opd = {"lr": cfg.opd.lr, "schedule": "constant", "warmup_steps": 0, "total_steps": max(1, cfg.opd.steps),
+               "temperature": cfg.sampling.temperature}
         group = cls(
             checkpoint_dir,
             base,

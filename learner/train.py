@@ -67,6 +67,8 @@ class LearnerConfig(BaseModel):
     w: float = Field(2.0, gt=0, description="zero-expert weight in L_GA")
     aux_reduce: Literal["sum", "mean"] = "sum"
     clip_eps: float = Field(0.2, gt=0, description="OPD ratio clip")
+    temperature: float = Field(1.0, gt=0, description="OPD: the rollouts' sampling temperature; student logprobs are "
+                               "taken at it, as the behaviour and teacher logprobs are")
     ep_size: int = Field(1, ge=1)
     dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"
     checkpoint_interval: int = Field(0, ge=0, description="save every K steps (0: never)")
@@ -313,6 +315,8 @@ class Learner:
             padding = ~mb["attention_mask"]
             with mdl.replay_routing(self.model, mb.get("routed_experts")):
                 logits = mdl.forward_logits(self.model, mb["tokens"], padding)
+            if c.stage == "opd" and c.temperature != 1.0:
+                logits = logits / c.temperature
             logp = token_logprobs(logits, mb["tokens"])  # [B, S-1]
             mask = mb["loss_mask"][:, 1:].float()
             n_resp = float(mask.sum())

@@ -105,6 +105,8 @@ def test_staleness_is_bounded_and_versions_advance(run):
     cfg, _, events, _, _ = run
     stale_max = [e.value for e in _values(events, "learner", "staleness_max")]
     assert len(stale_max) == cfg.opd.steps and max(stale_max) <= cfg.opd.max_staleness
+    # admission control keeps it there, not dropping samples after generating them
+    assert _values(events, "driver", "dropped_stale")[-1].value == 0
     acked = [e.value for e in _values(events, "rollout", "served_version")]
     assert acked == sorted(acked) and len(set(acked)) >= 2  # engines applied successive versions in order
 
