@@ -128,20 +128,47 @@ def normalise_batch(batch: dict, stage: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def micro_batches(batch: dict[str, torch.Tensor], token_budget: int) -> list[list[int]]:
-    """Consecutive row groups whose rows x max length stays within the budget (one row at least)."""
-    lengths = batch["attention_mask"].sum(1).clamp_min(1).tolist()
-    groups, cur, cur_max = [], [], 0
-    for i, n in enumerate(lengths):
-        m = max(cur_max, n)
-        if cur and (len(cur) + 1) * m > token_budget:
-            groups.append(cur)
-            cur, m = [], n
-        cur.append(i)
-        cur_max = m
-    if cur:
-        groups.append(cur)
-    return groups
+def plan_micro_batches(lengths: list[list[int]], rank: int, token_budget: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """One micro-batch plan for the whole world, from every rank's row lengths.
+
+    Every rank runs the same sequence of forward shapes (EP collectives need it), so the
+    budget must hold for the padded common shape, not per rank: micro-batch i takes the
+    next `rows` consecutive rows of every rank, with `rows` the most for which rows x (the
+    longest of those rows on any rank) stays within the budget (one row at least). Returns
+    this rank's row groups and the common (rows, length) of every micro-batch; a rank that
+    runs out early pads the remaining ones.
+    """
+    pos = [0] * len(lengths)
+    groups, common = [], []
+    while any(p < len(rows) for p, rows in zip(pos, lengths)):
+        take, longest = 0, 0
+        while True:
+            nxt = [rows[p + take] for p, rows in zip(pos, lengths) if p + take < len(rows)]
+            if not nxt:
+                break
+            m = max(longest, *nxt)
+            if take and (take + 1) * m > token_budget:
+                break
+            take, longest = take + 1, m
+        mine = list(range(pos[rank], min(pos[rank] + take, len(lengths[rank]))))
+        if mine:
+            groups.append(mine)
+        common.append((take, max(longest, 1)))
+        pos = [p + take for p in pos]
+    return groups, common
+
+
+def world_lengths(batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], int]:
+    """Every rank's row lengths (one all-reduce of a world x rows table) and this rank's index."""
+    mine = batch["attention_mask"].sum(1).clamp_min(1).tolist()
+    if not dist.is_initialized():
+        return [mine], 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = parallel.all_reduce_max([len(mine)])[0]
+    table = [0] * (world * n)
+    table[rank * n : rank * n + len(mine)] = mine
+    table = parallel.all_reduce_max(table)
+    return [[x for x in table[r * n : (r + 1) * n] if x > 0] for r in range(world)], rank
 
 
 def _take(batch: dict[str, torch.Tensor], rows: list[int], b: int, s: int) -> dict[str, torch.Tensor]:
@@ -279,18 +306,10 @@ class Learner:
         c = self.config
         self.model.train()
         b = normalise_batch(batch, c.stage)
-        groups = micro_batches(b, c.token_budget)
-        shapes = [(len(g), int(b["attention_mask"][g].sum(1).max())) for g in groups]
-
-        # Agree on micro-batch count and shapes over the whole world (EP collectives + equal shapes).
-        n_mb = parallel.all_reduce_max([len(groups)])[0]
+        groups, common = plan_micro_batches(*world_lengths(b), token_budget=c.token_budget)
+        n_mb = len(common)
         if n_mb == 0:
             raise ValueError("train_step: the global batch has no rows")
-        flat = [0] * (2 * n_mb)
-        for i, (rows, s) in enumerate(shapes):
-            flat[2 * i], flat[2 * i + 1] = rows, s
-        flat = parallel.all_reduce_max(flat)
-        common = [(max(1, flat[2 * i]), max(1, flat[2 * i + 1])) for i in range(n_mb)]
         resp_local = float(b["loss_mask"].sum())
         valid_local = float(b["attention_mask"].sum())
         resp_total, real_mb_total, valid_total = parallel.all_reduce_sum([resp_local, float(len(groups)), valid_local])

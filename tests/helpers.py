@@ -27,3 +27,26 @@ def save_static(family: str, out: Path, seed: int = 0, **overrides) -> torch.nn.
                     layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
     model.save_pretrained(out)
     return model
+
+
+def short_run_config(tmp: Path, overrides: dict):
+    """The embedded default's config, shortened by `overrides`, over a 40-step teacher built under `tmp`."""
+    from launch.config import load_config
+    from zeda_rl.teacher import build_teacher
+
+    teacher = build_teacher(tmp / "teacher", steps=40, progress=False, min_accuracy=0.0)
+    return load_config("launch/configs/tiny-cpu.yaml", {**overrides, "output_dir": str(tmp / "runs"), "model.teacher": str(teacher)})
+
+
+def run_on_fresh_ray(cfg) -> dict:
+    """The whole pipeline on a Ray of its own, shut down afterwards whatever happens."""
+    import ray
+
+    from launch.pipeline import run
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        return run(cfg)
+    finally:
+        ray.shutdown()

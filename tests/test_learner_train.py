@@ -186,3 +186,17 @@ def test_batch_errors_name_the_field(ckpts):
     with pytest.raises(ValueError, match="loss_mask"):
         Learner(ckpts["qwen3_moe"], cfg()).train_step(bad)
     assert mdl.routers(learner.model)  # the model is still usable
+
+
+def test_micro_batch_plan_keeps_the_budget_across_ranks():
+    from learner.train import plan_micro_batches
+
+    # rank 0: one long row; rank 1: many short rows. Separate maxima would pad to 64 x 4096.
+    lengths = [[4096], [64] * 64]
+    for rank in (0, 1):
+        groups, common = plan_micro_batches(lengths, rank, token_budget=4096)
+        assert all(rows * length <= 4096 or rows == 1 for rows, length in common), common
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths[rank])))
+    # one rank: the greedy consecutive grouping, each group within the budget
+    groups, common = plan_micro_batches([[10, 10, 30, 5, 5, 5]], 0, token_budget=60)
+    assert groups == [[0, 1], [2, 3], [4, 5]] and common == [(2, 10), (2, 30), (2, 5)]

@@ -80,3 +80,24 @@ def test_hub_replays_the_backlog_then_streams_and_names_metrics(local_ray, tmp_p
         sink.close(timeout_s=1.0)
         log.close()
     assert metric_name("driver", "phase_seconds/sft") == "zeda_driver_phase_seconds_sft"
+
+
+@ray.remote(num_cpus=0)
+class Slow:
+    def work(self, seconds: float) -> int:
+        time.sleep(seconds)
+        return os.getpid()
+
+
+def test_teacher_pool_sends_each_request_to_the_least_loaded_actor(local_ray):
+    from actors.teacher_pool import TeacherPool
+
+    pool = TeacherPool([Slow.remote(), Slow.remote()])
+    long_ref = pool.submit("work", 3.0)  # actor 0 busy for a while
+    assert pool.load() == [1, 0]
+    quick = [pool.submit("work", 0.0)]  # -> actor 1
+    assert pool.load() == [1, 1]
+    ray.get(quick)
+    assert pool.load() == [1, 0]  # finished requests are forgotten
+    second = pool.submit("work", 0.0)  # -> actor 1 again, not the busy one
+    assert ray.get(second) == ray.get(quick[0]) != ray.get(long_ref)

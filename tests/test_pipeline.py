@@ -15,10 +15,9 @@ import threading
 
 import numpy as np
 import pytest
-import ray
 from rich.console import Console
 
-from launch.config import load_config
+from tests.helpers import run_on_fresh_ray, short_run_config
 from launch.monitor import MonitorState, follow
 from zeda_rl.metrics import read_events
 
@@ -56,21 +55,11 @@ class _Screen:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from launch.pipeline import run as run_pipeline
-    from zeda_rl.teacher import build_teacher
-
-    tmp = tmp_path_factory.mktemp("e2e")
-    teacher = build_teacher(tmp / "teacher", steps=40, progress=False, min_accuracy=0.0)
-    cfg = load_config("launch/configs/tiny-cpu.yaml", {**SHORT, "output_dir": str(tmp / "runs"), "model.teacher": str(teacher)})
+    cfg = short_run_config(tmp_path_factory.mktemp("e2e"), SHORT)
     screen, state = _Screen(), MonitorState()
     monitor = threading.Thread(target=follow, args=(cfg.run_dir / "metrics.jsonl", state, screen, 0.2, 900), daemon=True)
     monitor.start()
-    if ray.is_initialized():
-        ray.shutdown()
-    try:
-        result = run_pipeline(cfg)
-    finally:
-        ray.shutdown()
+    result = run_on_fresh_ray(cfg)
     monitor.join(timeout=10)
     events = read_events(cfg.run_dir / "metrics.jsonl")
     return cfg, result, events, screen, state
