@@ -81,7 +81,7 @@ class LearnerActor:
 
     def export_buckets(self, version: int, bucket_bytes: int, layout: str = "fused") -> tuple[int, list] | None:
         """Rank 0: (version, [[(hf_name, array, dtype), ...], ...]); other ranks None (they help gather)."""
-        update = self.learner.export_buckets(version, bucket_bytes, layout)
+        update = self.learner.export_buckets(version, bucket_bytes, layout, keep=self.rank == 0)
         if self.rank != 0:
             return None
         return update.version, [[(n, *_to_numpy(t)) for n, t in b] for b in update.buckets]
@@ -90,7 +90,7 @@ class LearnerActor:
         """Rank 0: the encoded weight-update frames (zeda_rl.weights wire format); others None."""
         from zeda_rl.weights import encode_update
 
-        update = self.learner.export_buckets(version, bucket_bytes, layout)
+        update = self.learner.export_buckets(version, bucket_bytes, layout, keep=self.rank == 0)
         if self.rank != 0:
             return None
         return [bytes(f) for f in encode_update(update)]

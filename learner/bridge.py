@@ -394,7 +394,8 @@ LAYOUTS = ("fused", "checkpoint")
 
 
 def export_buckets(
-    model: torch.nn.Module, version: int, bucket_bytes: int = 256 << 20, cast: bool = True, layout: str = "fused"
+    model: torch.nn.Module, version: int, bucket_bytes: int = 256 << 20, cast: bool = True, layout: str = "fused",
+    keep: bool = True,
 ) -> WeightUpdate:
     """Weights v`version` as ordered buckets of (name, tensor), experts gathered from the EP ranks.
 
@@ -402,11 +403,17 @@ def export_buckets(
     state dict (experts as `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj`
     [E, H, I]) - what `zeda_rl.weights.apply_update` and the rollout engines take.
     layout "checkpoint": the per-expert safetensors names of the checkpoint on disk.
-    Collective over the EP group (every rank must call it); every rank gets the full update.
+    Collective over the EP group (every rank must call it). A rank with keep=False takes
+    part in the gathers tensor by tensor and holds none of them (an empty update): at
+    scale the full model must not be materialised on every rank.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: expected one of {LAYOUTS}")
     named = full_hf_state(model, cast)
+    if not keep:
+        for _ in named:
+            pass
+        return WeightUpdate(version=int(version), buckets=[])
     if layout == "fused":
         named = fuse_experts(named, model.zeda_info.num_experts)
     return WeightUpdate(version=int(version), buckets=make_buckets(named, bucket_bytes))

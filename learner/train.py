@@ -428,12 +428,13 @@ class Learner:
 
     # -- weights out --
 
-    def export_buckets(self, version: int, bucket_bytes: int = 256 << 20, layout: str = "fused"):
+    def export_buckets(self, version: int, bucket_bytes: int = 256 << 20, layout: str = "fused", keep: bool = True):
         """WeightUpdate(version, buckets of (HF name, tensor)) gathered from the EP ranks (collective).
 
         layout "fused": the transformers model's names (what engines apply); "checkpoint": per-expert names.
+        keep=False: take part in the gathers only (an empty update, nothing held).
         """
-        return bridge.export_buckets(self.model, version, bucket_bytes, layout=layout)
+        return bridge.export_buckets(self.model, version, bucket_bytes, layout=layout, keep=keep)
 
     def export_hf(self, out_dir: str | Path) -> Path | None:
         """The student as an HF checkpoint in the converted format (collective; rank 0 writes)."""
