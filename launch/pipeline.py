@@ -246,6 +246,33 @@ def settle(acks: list, log: MetricsLog, timeout_s: float | None = None) -> list:
     return served
 
 
+class Resync:
+    """Rollout engines owed the current weights: their calls failed (Ray restarts them) or unsynced
+    samples arrived. Each gets one push at a time, retried once a second until one reaches the
+    restarted process; the regular pushes of later versions reach it as well."""
+
+    def __init__(self, rollouts: list, log: MetricsLog):
+        self.rollouts, self.log = rollouts, log
+        self.owed: set[int] = set()
+        self.pending: dict = {}  # ack ref -> engine index
+        self.last_try: dict[int, float] = {}
+
+    def mark(self, indices) -> None:
+        self.owed.update(indices)
+
+    def poll(self, frames) -> None:
+        now = time.time()
+        for j in self.owed - set(self.pending.values()):
+            if now - self.last_try.get(j, 0.0) >= 1.0:
+                self.pending[self.rollouts[j].update_weights.remote(frames)], self.last_try[j] = j, now
+        if self.pending:
+            done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+            for ref in done:
+                j = self.pending.pop(ref)
+                if settle([ref], self.log):
+                    self.owed.discard(j)
+
+
 def probe_rollouts(rollouts: list, probe: list[list[int]], log: MetricsLog, version: int) -> None:
     """Log the version each engine serves and its logprobs of the probe sequences."""
     try:
@@ -278,9 +305,7 @@ def opd_phase(
     params = {"temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
               "max_new_tokens": cfg.sampling.max_new_tokens, "stop_token_ids": (tokenizer.eos_token_id,)}
     inflight: dict = {}  # score ref -> (actor index, samples)
-    needs_sync: set[int] = set()  # rollout actors to give the current weights (failed or restarted)
-    resync: dict = {}  # ack ref of such a push -> actor index (one outstanding per actor)
-    last_resync: dict[int, float] = {}
+    resync = Resync(rollouts, log)
     busy = [0] * len(rollouts)
     dropped_stale, dropped_backpressure, step, seed = 0, 0, start, cfg.seed * 100_003 + start * 1_000
     acks, frames = push_weights(learner, rollouts, version, log)
@@ -325,16 +350,8 @@ def opd_phase(
                 console.print(f"[yellow]rollout/teacher failure, actor restarting: {str(err)[:300]}")
                 # a restarted engine serves the weights it loaded at start (its samples carry
                 # version -1 and are never trained on) until it is given the current ones
-                needs_sync.add(i)
-        for j in needs_sync - set(resync.values()):
-            if time.time() - last_resync.get(j, 0.0) >= 1.0:  # while Ray restarts it, retry once a second
-                resync[rollouts[j].update_weights.remote(frames)], last_resync[j] = j, time.time()
-        if resync:  # a push that reached the restarted engine ends its resync; one that hit the dead one is retried
-            done, _ = ray.wait(list(resync), num_returns=len(resync), timeout=0)
-            for ref in done:
-                j = resync.pop(ref)
-                if settle([ref], log):
-                    needs_sync.discard(j)
+                resync.mark([i])
+        resync.poll(frames)
         if acks:  # weight pushes the engines have applied (between their generation calls)
             applied, acks = ray.wait(acks, num_returns=len(acks), timeout=0)
             for v in settle(applied, log):
@@ -349,7 +366,7 @@ def opd_phase(
         unsynced = data["policy_version"] < 0
         stale = (version - data["policy_version"] > o.max_staleness) | unsynced
         if unsynced.any():  # some engine restarted unseen: which one the rows do not say, so resync them all
-            needs_sync.update(range(len(rollouts)))
+            resync.mark(range(len(rollouts)))
         if stale.any():
             dropped_stale += int(stale.sum())
             log.log("driver", "dropped_stale", dropped_stale, step)
