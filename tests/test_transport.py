@@ -117,12 +117,17 @@ def test_send_times_out_under_backpressure_then_recovers():
 
 
 def test_send_without_a_learner_times_out_instead_of_queueing():
-    with Puller() as p:
-        endpoint = p.endpoint  # a port that nobody listens on once closed
-    with Pusher(endpoint, hwm=2) as pusher:
-        t0 = time.monotonic()
-        assert pusher.send(make_batch(), timeout_s=0.2) is False
-        assert 0.15 < time.monotonic() - t0 < 2.0
+    import socket
+
+    # a port held, bound but not listening, for the whole test: connections to it are refused, and
+    # neither another process nor the kernel (a TCP self-connect from that same port) can take it
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+        with Pusher(endpoint, hwm=2) as pusher:
+            t0 = time.monotonic()
+            assert pusher.send(make_batch(), timeout_s=0.2) is False
+            assert 0.15 < time.monotonic() - t0 < 2.0
 
 
 def test_recv_timeout_returns_none(puller):
