@@ -227,6 +227,8 @@ class Learner:
     ):
         self.config = config or LearnerConfig()
         c = self.config
+        if world_size > 1 and not master_port:  # each rank would pick its own free port and wait forever
+            raise ValueError("Learner: world_size > 1 needs the master_port every rank rendezvous on (LearnerGroup passes it)")
         parallel.setup(rank, world_size, c.ep_size, master_addr, master_port, backend, seed=c.seed)
         self.rank, self.world_size = rank, world_size
         self.source = Path(checkpoint_dir)

@@ -200,3 +200,18 @@ def test_micro_batch_plan_keeps_the_budget_across_ranks():
     # one rank: the greedy consecutive grouping, each group within the budget
     groups, common = plan_micro_batches([[10, 10, 30, 5, 5, 5]], 0, token_budget=60)
     assert groups == [[0, 1], [2, 3], [4, 5]] and common == [(2, 10), (2, 30), (2, 5)]
+
+
+def test_gradients_are_clipped_to_the_global_norm(ckpts):
+    from learner import parallel
+
+    learner = Learner(ckpts["qwen3_moe"], cfg(clip_grad=1e-3))
+    learner.accumulate(sft_batch())
+    before = parallel.grad_norm(learner.model)
+    assert before > 1e-3
+    assert parallel.clip_grads(learner.model, 1e-3) == pytest.approx(before)  # reports the norm before
+    assert parallel.grad_norm(learner.model) == pytest.approx(1e-3, rel=1e-3)
+    assert parallel.clip_grads(learner.model, 0.0) == pytest.approx(1e-3, rel=1e-3)  # 0: disabled, untouched
+    assert parallel.grad_norm(learner.model) == pytest.approx(1e-3, rel=1e-3)
+    m = Learner(ckpts["qwen3_moe"], cfg(clip_grad=1e-3)).train_step(sft_batch())
+    assert m["grad_norm"] == pytest.approx(before, rel=1e-4)  # the metric is the norm before clipping
