@@ -197,7 +197,7 @@ def follow(source, state: MonitorState, live: Live | None, refresh_s: float, sto
             state.update(ev)
         if not state.ended:  # live: rates decay when events stop coming
             state.now = max(state.now, time.time())
-        if getattr(source, "gone", False) and state.phase not in ("finished", "stopped", "failed"):
+        if getattr(source, "gone", False) and not state.ended:
             state.phase = f"{state.phase} (driver gone)"
         if live is not None:
             live.update(render(state))

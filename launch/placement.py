@@ -9,11 +9,6 @@ cluster can be checked against each other before anything is launched.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import yaml
-
-
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:
     return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
@@ -31,14 +26,6 @@ def learner_bundles(cfg) -> list[dict[str, float]]:
 
 def plan(cfg) -> dict[str, list[dict[str, float]]]:
     return {"learner": learner_bundles(cfg), "engines": engine_bundles(cfg)}
-
-
-def load_cluster(path: str | Path) -> dict:
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a Ray cluster config (a mapping)")
-    return raw
 
 
 def cluster_nodes(cluster: dict, scale: str = "min") -> list[tuple[str, dict[str, float]]]:
