@@ -9,6 +9,7 @@ cluster can be checked against each other before anything is launched.
 
 from __future__ import annotations
 
+
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:
     return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
