@@ -16,9 +16,14 @@ import numpy as np
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = -1  # keep the k most likely tokens; -1 or 0 = off
     max_new_tokens: int = 32
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be -1 or 0 (off) or a positive count, got {self.top_k!r}")
 
 
 @dataclass

@@ -10,6 +10,7 @@ What it copies from SGLang 0.5.x (and what a change there would have to be copie
   (temperature 1, as SGLang computes them) led by a None entry for token 0, and
   routed_experts as base64 int32 [P+O-1, num_hidden_layers, K] with every decoder layer
   present (dense layers hold zeros, as SGLang's zero-initialised host buffer does);
+- top_k is -1 (off) or >= 1 (SGLang refuses 0), applied with the torch engine's sampler;
 - ignore_eos disables stop_token_ids too; without it the config's eos ids also stop;
 - update_weights_from_tensor takes checkpoint names only (per-expert, like SGLang's loaders)
   and answers (success, message); unknown names fail rather than raise;
@@ -95,6 +96,9 @@ class FakeSGLangEngine:
             raise TypeError(f"unexpected sampling params {sorted(unknown)}")
         max_new = int(sp.get("max_new_tokens", 128))
         temperature = float(sp.get("temperature", 1.0))
+        top_k = int(sp.get("top_k", -1))
+        if top_k == 0 or top_k < -1:  # as SGLang's SamplingParams.verify
+            raise ValueError(f"top_k must be -1 (disable), or at least 1, got {top_k}")
         stops = set() if sp.get("ignore_eos") else set(sp.get("stop_token_ids") or []) | self.eos_ids
         gen = torch.Generator().manual_seed(int(sp["sampling_seed"])) if sp.get("sampling_seed") is not None else None
         meta: dict = {"prompt_tokens": len(ids)}
@@ -105,7 +109,9 @@ class FakeSGLangEngine:
             if return_logprob and logprob_start_len == 0:
                 self._input_logprobs(meta, ids, logits, top_n)
             for step in range(max_new):
-                tok, lp = _sample(logits[-1:], temperature if temperature >= 1e-6 else 0.0, float(sp.get("top_p", 1.0)), gen)
+                tok, lp = _sample(
+                    logits[-1:], temperature if temperature >= 1e-6 else 0.0, float(sp.get("top_p", 1.0)), gen, top_k
+                )
                 out_ids.append(int(tok))
                 out_lps.append(float(lp))
                 if int(tok) in stops:

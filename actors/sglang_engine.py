@@ -281,6 +281,8 @@ class SGLangEngine:
             "temperature": max(float(params.temperature), 0.0),  # SGLang: T < 1e-6 is greedy
             "top_p": float(params.top_p),
         }
+        if params.top_k > 0:  # SGLang's "off" is -1 (its default) and it refuses 0, so only a real cut is sent
+            sp["top_k"] = int(params.top_k)
         if params.stop_token_ids:  # SGLang also stops at the model's own EOS ids in this mode
             sp["stop_token_ids"] = [int(t) for t in params.stop_token_ids]
         else:  # ignore_eos disables every stop id, which is what an empty stop set means here

@@ -1,7 +1,7 @@
 """The `torch` engine: batched KV-cache generation over the zeda_rl model, on CPU.
 
 It is the embedded default and the reference for the SGLang backend: same sampling
-(temperature, top-p, stop tokens), behaviour logprobs at the sampling temperature,
+(temperature, top-p, top-k, stop tokens), behaviour logprobs at the sampling temperature,
 and the expert ids each token was routed to (for routing replay in the learner).
 """
 
@@ -54,7 +54,7 @@ class TorchEngine:
                 logits = self.model(
                     input_ids=step_ids, attention_mask=step_mask, position_ids=pos, cache=cache, use_cache=True
                 ).logits[:, -1].float()
-                tok, lp = _sample(logits, params.temperature, params.top_p, gen)
+                tok, lp = _sample(logits, params.temperature, params.top_p, gen, params.top_k)
                 tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
                 out_ids.append(tok)
                 out_lp.append(lp)
@@ -118,16 +118,27 @@ class TorchEngine:
         return self.version
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token and its logprob under the temperature-scaled distribution (greedy at T=0)."""
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen, top_k: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token and its logprob under the temperature-scaled distribution (greedy at T=0).
+
+    Truncation follows SGLang's sampler, which this engine is the reference for: the top-p
+    nucleus is measured on the untruncated sorted probabilities, the top-k cut is applied to
+    the same sorted order, and the token is drawn from what both keep. The logprob returned
+    is that of the untruncated temperature-scaled distribution (as SGLang returns it), not
+    of the renormalised truncated one: the learner's importance ratio compares it with its
+    own untruncated log-softmax, so the two must be of the same distribution.
+    """
     if temperature <= 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
     logp = torch.log_softmax(logits / temperature, -1)
     probs = logp.exp()
-    if top_p < 1.0:
+    k_on = 0 < top_k < probs.shape[-1]
+    if top_p < 1.0 or k_on:
         sorted_p, order = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p if top_p < 1.0 else torch.ones_like(sorted_p, dtype=torch.bool)
+        if k_on:
+            keep[:, top_k:] = False  # the top token is always kept by both cuts
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
     tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
