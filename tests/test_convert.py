@@ -98,9 +98,13 @@ def test_routers_widened_everything_else_copied(tmp_path, family, dtype):
 
     cfg, src_cfg = (json.loads((d / "config.json").read_text()) for d in (out, tmp_path / "static"))
     target = {"qwen3_moe": "Qwen3MoePlusPlusForCausalLM", "glm4_moe_lite": "Glm4MoeLitePlusPlusForCausalLM"}[family]
-    assert cfg["architectures"] == [target] and cfg["model_type"] == f"{family}_plus_plus"
+    # the released layout: stock model_type, the *PlusPlus class, the three zce keys, v4 field names
+    assert cfg["architectures"] == [target] and cfg["model_type"] == family
     assert cfg["zce_nums"] == [3] and cfg["zce_types"] == ["zero"] and cfg["use_zce_mask"] is False
-    changed = {"architectures", "model_type", "zce_nums", "zce_types", "use_zce_mask"}
+    assert cfg["rope_theta"] == src_cfg["rope_parameters"]["rope_theta"]
+    n_key = {"qwen3_moe": "num_experts", "glm4_moe_lite": "n_routed_experts"}[family]
+    assert cfg[n_key] == 8 and "num_local_experts" not in cfg
+    changed = {"architectures", "zce_nums", "zce_types", "use_zce_mask", "rope_theta", "num_experts", "num_local_experts"}
     assert {k: v for k, v in cfg.items() if k not in changed} == {k: v for k, v in src_cfg.items() if k not in changed}
     for name in [*EXTRA_FILES, "generation_config.json"]:
         assert (out / name).read_bytes() == (tmp_path / "static" / name).read_bytes()

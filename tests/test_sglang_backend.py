@@ -87,7 +87,10 @@ def test_router_spec_from_config_matches_the_model(student):
 
     expected = router_spec(AutoConfig.from_pretrained(student))
     assert router_spec_from_config(cfg) == expected  # a raw dict, as in the SGLang view
-    assert router_spec_from_config({**cfg, "zce_nums": None}) is None
+    static = {k: v for k, v in cfg.items() if not k.startswith("zce_") and k != "use_zce_mask"}
+    assert router_spec_from_config({**static, "architectures": [cfg["architectures"][0].replace("PlusPlus", "")]}) is None
+    with pytest.raises(ValueError, match="zce_nums"):  # a *PlusPlus config never falls back to a default
+        router_spec_from_config({**cfg, "zce_nums": None})
     with pytest.raises(ValueError, match="zero"):
         router_spec_from_config({**cfg, "zce_types": ["copy"]})
 

@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from zeda_rl.arch import ArchSpec, spec_for
+from zeda_rl.release import release_config
 
 ZERO_TYPES = ("zero", "copy")
 INDEX = "model.safetensors.index.json"
@@ -269,11 +270,7 @@ def _write_shards(src: Path, tmp: Path, plan, nz: int, seed: int, progress: bool
 
 def _write_metadata(src, tmp, cfg, spec: ArchSpec, plan, index, nz: int, zero_type: str) -> None:
     """config.json, the index (sharded inputs only) and every other top-level non-weight file."""
-    out_cfg = dict(cfg)
-    out_cfg.update(
-        architectures=[spec.target], model_type=spec.target_model_type,
-        zce_nums=[nz], zce_types=[zero_type], use_zce_mask=False,
-    )
+    out_cfg = release_config(cfg, spec, zce_nums=[nz], zce_types=[zero_type], use_zce_mask=False)
     (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2, sort_keys=True) + "\n")
     if index is not None:
         entries = [(shard, e) for shard, (_, es) in plan.items() for e in es]

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     Glm4MoeLiteConfig,
@@ -26,17 +27,21 @@ from transformers import (
 from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteMoE, Glm4MoeLiteTopkRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock, Qwen3MoeTopKRouter
 
+from zeda_rl.arch import TARGETS
+from zeda_rl.release import ZCE_KEYS, converted_spec, release_config
 from zeda_rl.routing import RouterSpec, route
 
 SUPPORTED_ZCE_TYPES = ("zero", "copy")
 
 
 class _ZceConfigMixin:
-    """zce_nums[i] slots of type zce_types[i]; the released class defaults to mask on, type copy."""
+    """zce_nums[i] slots of type zce_types[i]; written back in the released layout (`zeda_rl.release`)."""
 
     def zce_slots(self) -> list[str]:
-        nums = list(self.zce_nums or [])
-        types = list(self.zce_types or ["zero"] * len(nums))
+        for key in ZCE_KEYS:
+            if getattr(self, key, None) is None:
+                raise ValueError(f"config: {type(self).__name__} needs {key!r}; expected all of {list(ZCE_KEYS)}")
+        nums, types = list(self.zce_nums), list(self.zce_types)
         if len(nums) != len(types):
             raise ValueError(f"config: zce_nums {nums} and zce_types {types} must have the same length")
         for t in types:
@@ -44,19 +49,45 @@ class _ZceConfigMixin:
                 raise ValueError(f"config: zce_types entry {t!r} is not supported; expected one of {SUPPORTED_ZCE_TYPES}")
         return [t for n, t in zip(nums, types) for _ in range(int(n))]
 
+    def to_dict(self) -> dict:
+        # stock model_type, v4 field names: what the official stack reads (see zeda_rl.release)
+        return release_config(super().to_dict(), TARGETS[self._zce_target])
+
 
 class Qwen3MoePlusPlusConfig(_ZceConfigMixin, Qwen3MoeConfig):
     model_type = "qwen3_moe_plus_plus"
+    _zce_target = "Qwen3MoePlusPlusForCausalLM"
     zce_nums: list[int] | None = None
     zce_types: list[str] | None = None
-    use_zce_mask: bool = True
+    use_zce_mask: bool | None = None
 
 
 class Glm4MoeLitePlusPlusConfig(_ZceConfigMixin, Glm4MoeLiteConfig):
     model_type = "glm4_moe_lite_plus_plus"
+    _zce_target = "Glm4MoeLitePlusPlusForCausalLM"
     zce_nums: list[int] | None = None
     zce_types: list[str] | None = None
-    use_zce_mask: bool = True
+    use_zce_mask: bool | None = None
+
+
+def _dispatching(stock: type, zce: type) -> type:
+    """A stand-in for the stock config class in AutoConfig's table: a config.json that names a
+    zero-expert architecture (checked by `converted_spec`) gets the zero-expert config class,
+    anything else the stock one, so `AutoModelForCausalLM` then picks the model from `architectures`."""
+
+    class Dispatch(stock):
+        model_type = stock.model_type
+
+        def __new__(cls, *args, **kwargs):  # direct construction (AutoConfig.for_model): the stock class
+            return stock(*args, **kwargs)
+
+        @classmethod
+        def from_dict(cls, config_dict, **kwargs):
+            spec = converted_spec(config_dict)
+            return (zce if spec is not None else stock).from_dict(config_dict, **kwargs)
+
+    Dispatch.__name__ = Dispatch.__qualname__ = f"{stock.__name__}OrZeroExpert"
+    return Dispatch
 
 
 def router_spec(config) -> RouterSpec:
@@ -213,18 +244,25 @@ class Glm4MoeLitePlusPlusForCausalLM(Glm4MoeLiteForCausalLM):
 def register() -> None:
     """Make AutoConfig / AutoModelForCausalLM load converted checkpoints (idempotent).
 
-    The checkpoint-conversion mapping is registered too: transformers fuses the per-expert
-    HF tensors into its grouped expert parameters by model_type, and our model types must
-    inherit the stock families' rules or the expert weights would silently not load.
+    Both layouts load: the released one (stock model_type, `*PlusPlus` architecture, zce_*
+    keys), through a dispatching entry for the stock model_type, and our earlier one (its own
+    model_type). The checkpoint-conversion mapping is registered too: transformers fuses the
+    per-expert HF tensors into its grouped expert parameters by model_type, and our model
+    types must inherit the stock families' rules or the expert weights would silently not load.
     """
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-    for cfg, model, stock in (
-        (Qwen3MoePlusPlusConfig, Qwen3MoePlusPlusForCausalLM, "qwen3_moe"),
-        (Glm4MoeLitePlusPlusConfig, Glm4MoeLitePlusPlusForCausalLM, "glm4_moe_lite"),
+    for cfg, model, stock_cfg in (
+        (Qwen3MoePlusPlusConfig, Qwen3MoePlusPlusForCausalLM, Qwen3MoeConfig),
+        (Glm4MoeLitePlusPlusConfig, Glm4MoeLitePlusPlusForCausalLM, Glm4MoeLiteConfig),
     ):
+        stock = stock_cfg.model_type
         AutoConfig.register(cfg.model_type, cfg, exist_ok=True)
         AutoModelForCausalLM.register(cfg, model, exist_ok=True)
+        if not getattr(CONFIG_MAPPING[stock], "_zeda_dispatch", False):
+            dispatch = _dispatching(stock_cfg, cfg)
+            dispatch._zeda_dispatch = True
+            AutoConfig.register(stock, dispatch, exist_ok=True)
         if get_checkpoint_conversion_mapping(cfg.model_type) is None:
             mapping = get_checkpoint_conversion_mapping(stock)
             if mapping is not None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from zeda_rl.arch import TARGETS
+from zeda_rl.release import ZCE_KEYS
 from zeda_rl.routing import RouterSpec, route
 
 SKIP_ID = -1  # the only expert id SGLang's Triton fused MoE kernel skips
@@ -24,7 +26,8 @@ SKIP_ID = -1  # the only expert id SGLang's Triton fused MoE kernel skips
 def router_spec_from_config(config) -> RouterSpec | None:
     """The routing rule of a converted checkpoint's config (an HF config object or a dict).
 
-    Reads the same fields, with the same defaults, as `zeda_rl.modeling.router_spec`, but
+    Reads the same fields as `zeda_rl.modeling.router_spec` (a `*PlusPlus` config must name all
+    three zce keys, as there), but
     works on the stock config classes SGLang loads (the zce_* fields ride along as extra
     attributes). Returns None for a static checkpoint (no zero experts).
     """
@@ -32,6 +35,11 @@ def router_spec_from_config(config) -> RouterSpec | None:
         value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
         return default if value is None else value
 
+    archs = list(get("architectures", []))
+    if archs and archs[0] in TARGETS:  # a released-layout config: no key may fall back to a default
+        for key in ZCE_KEYS:
+            if get(key) is None:
+                raise ValueError(f"config: architecture {archs[0]!r} needs {key!r}; expected all of {list(ZCE_KEYS)}")
     nums = [int(n) for n in get("zce_nums", [])]
     if not sum(nums):
         return None
