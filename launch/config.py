@@ -61,8 +61,7 @@ class SFTSection(_Strict):
     lr: float = 2e-5
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_frac: float = Field(0.1, ge=0, lt=1)
-    prompts: int = Field(2000, ge=1, description="training prompts the teacher answers")
-    data: str | None = Field(None, description="JSONL of {prompt, response}: skip teacher rollouts")
+    prompts: int | None = Field(2000, ge=1, description="training prompts the teacher answers (None: every prompt of data.sft_prompts once)")
     teacher_temperature: float = Field(0.0, ge=0)
 
 
@@ -79,8 +78,29 @@ class OPDSection(_Strict):
     rollout_batch: int = Field(8, ge=1, description="prompts per generation call")
 
 
+class FieldsSection(_Strict):
+    """Keys of a data row (post-training sets name them differently)."""
+
+    prompt: str = "prompt"
+    messages: str = "messages"
+    response: str = "response"
+    id: str = "id"
+
+
+class DataSection(_Strict):
+    sft_prompts: str = Field("embedded", description="'embedded' (the built-in tasks) or a .jsonl/.parquet file, shard dir or saved dataset: the prompts the teacher answers for SFT")
+    sft_rollouts: str | None = Field(None, description="file/dir of teacher answers (prompt/response or messages ending with the assistant turn): SFT trains on them, no generation")
+    opd_prompts: str = Field("embedded", description="'embedded' or a file/dir: the OPD prompts")
+    fields: FieldsSection = Field(default_factory=FieldsSection)
+    enable_thinking: bool = Field(True, description="passed to the chat template (ZEDA ran with thinking on)")
+    max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are dropped and counted, never cut")
+    max_response_tokens: int = Field(32768, ge=1, description="longer SFT answers are dropped and counted, never cut")
+
+
 class EvalSection(_Strict):
     n_per_family: int = Field(100, ge=1)
+    suite: str | None = Field(None, description="benchmark suite to evaluate on (zeda_rl.suites); None: the built-in tasks, "
+                              "run only when the tokenizer is the embedded one")
 
 
 class ClusterSection(_Strict):
@@ -101,6 +121,7 @@ class RunConfig(_Strict):
     learner: LearnerSection = Field(default_factory=LearnerSection)
     sft: SFTSection = Field(default_factory=SFTSection)
     opd: OPDSection = Field(default_factory=OPDSection)
+    data: DataSection = Field(default_factory=DataSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
 
@@ -113,6 +134,15 @@ class RunConfig(_Strict):
                 f"opd.rollout_batch ({self.opd.rollout_batch}) must be <= opd.prompts_per_step ({self.opd.prompts_per_step}): "
                 "admission control could never start a generation call"
             )
+        if self.sft.prompts is None and self.data.sft_prompts == "embedded" and not self.data.sft_rollouts:
+            raise ValueError("sft.prompts: a number is needed with data.sft_prompts: embedded (the built-in tasks are generated)")
+        if self.sampling.max_new_tokens > self.data.max_response_tokens:
+            raise ValueError(
+                f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must be <= data.max_response_tokens "
+                f"({self.data.max_response_tokens}): rollouts longer than the response cap could not be trained on"
+            )
+        if self.eval.suite is not None:  # the hook for zeda_rl.suites: accepted once the pipeline's eval phase runs suites
+            raise ValueError(f"eval.suite ({self.eval.suite!r}): suite-based evaluation is not wired into the pipeline yet")
         return self
 
     @property

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,9 @@ import numpy as np
 import ray
 from rich.console import Console
 
+from launch import streams
 from launch.config import RunConfig
+from launch.streams import RunData
 from zeda_rl.metrics import MetricsLog
 from zeda_rl.trajectory import concat_batches, num_rows, take_rows
 
@@ -109,100 +110,60 @@ class Inbox:
         return int(self.puller.dropped)
 
 
-class PromptStream:
-    """Training prompts, cycled in a seeded random order, as token ids."""
-
-    def __init__(self, tokenizer, n: int, seed: int):
-        from zeda_rl.tasks import FAMILIES, make_split
-
-        self.examples = make_split("train", max(1, n // len(FAMILIES)), seed=seed)
-        self.ids = [tokenizer(e.prompt).input_ids for e in self.examples]
-        self.rng = random.Random(seed)
-        self.order: list[int] = []
-        self.next_id = 0
-
-    def take(self, n: int) -> tuple[list[list[int]], list[int]]:
-        prompts, ids = [], []
-        for _ in range(n):
-            if not self.order:
-                self.order = list(range(len(self.ids)))
-                self.rng.shuffle(self.order)
-            prompts.append(self.ids[self.order.pop()])
-            ids.append(self.next_id)
-            self.next_id += 1
-        return prompts, ids
-
-
-def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, tokenizer, log: MetricsLog, start: int = 0) -> None:
-    """Stage 1: the teacher answers the training prompts; the student learns them (NLL + L_GA).
+def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, data: RunData, log: MetricsLog, start: int = 0) -> None:
+    """Stage 1: the teacher answers the training prompts (or data.sft_rollouts holds its answers); the
+    student learns them (NLL + L_GA, loss on the answer tokens only).
 
     The teacher decodes greedily by default, so a resumed run regenerates the same data and
     replays the same shuffled order up to step `start`.
     """
     if start >= cfg.sft.steps:
         return
-    stream = PromptStream(tokenizer, cfg.sft.prompts, cfg.seed)
-    params = {"temperature": cfg.sft.teacher_temperature, "top_p": 1.0, "max_new_tokens": cfg.sampling.max_new_tokens,
-              "stop_token_ids": (tokenizer.eos_token_id,), "seed": cfg.seed}
-    if cfg.sft.data:
-        data = _read_sft_jsonl(Path(cfg.sft.data), tokenizer)
-    else:
-        chunks, chunk = {}, 64  # ref -> (prompts, ids, attempt)
-        for first in range(0, cfg.sft.prompts, chunk):
-            prompts, ids = stream.take(min(chunk, cfg.sft.prompts - first))
-            chunks[teachers.submit("generate_and_push", prompts, params, ids)] = (prompts, ids, 1)
-        t0 = last = time.time()
-        # drain the socket while the teachers answer: their pushes block once its buffers are full
-        while chunks or inbox.size() < cfg.sft.prompts:
-            done, _ = ray.wait(list(chunks), num_returns=len(chunks), timeout=0) if chunks else ([], [])
-            for ref in done:
-                prompts, ids, attempt = chunks.pop(ref)
-                r = ray.get(ref)
-                log.log("teacher", "tokens", r["tokens"])
-                if not r["sent"]:  # the push timed out under backpressure: answer that chunk again
-                    log.log("driver", "dropped_backpressure", r["samples"])
-                    if attempt >= 3:
-                        raise RuntimeError(f"SFT data: a chunk of {len(ids)} teacher rollouts could not reach the learner in 3 tries")
-                    chunks[teachers.submit("generate_and_push", prompts, params, ids)] = (prompts, ids, attempt + 1)
-            if inbox.drain(timeout_s=0.2):
-                last = time.time()
-            elif not chunks and time.time() - last > 300:
-                raise RuntimeError(f"SFT data: only {inbox.size()} of {cfg.sft.prompts} teacher rollouts reached the learner")
-        data = inbox.take_all()
-        console.print(f"teacher answered {num_rows(data)} prompts in {time.time() - t0:.1f}s")
+    answers = data.sft_records if data.sft_records is not None else teacher_answers(cfg, teachers, inbox, data, log)
     rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(num_rows(data))
+    order = rng.permutation(num_rows(answers))
     cursor = 0
     log.log("driver", "progress_started", time.time())  # the monitor's ETA counts from here
     for step in range(cfg.sft.steps):
         if cursor + cfg.sft.batch_size > len(order):
-            order, cursor = rng.permutation(num_rows(data)), 0
+            order, cursor = rng.permutation(num_rows(answers)), 0
         rows = order[cursor : cursor + cfg.sft.batch_size]
         cursor += cfg.sft.batch_size
         if step < start:  # resumed: this step is already in the learner's state
             continue
-        metrics = learner.train_step("sft", take_rows(data, rows), {"stage": "sft", "step": step + 1})
+        metrics = learner.train_step("sft", take_rows(answers, rows), {"stage": "sft", "step": step + 1})
         _log_step(log, metrics, step + 1, cfg.sft.steps)
 
 
-def _read_sft_jsonl(path: Path, tokenizer) -> dict[str, np.ndarray]:
-    """Teacher rollouts given as JSONL lines {"prompt": ..., "response": ...}."""
-    from zeda_rl.trajectory import pack_samples
-
-    samples = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            prompt, response = rec["prompt"], rec["response"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{i + 1}: expected a JSON object with 'prompt' and 'response' ({err})") from None
-        out = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        samples.append({"prompt_ids": tokenizer(prompt).input_ids, "output_ids": out, "logprobs": np.zeros(len(out)), "sample_id": i})
-    if not samples:
-        raise ValueError(f"{path}: no prompt/response pairs")
-    return pack_samples(samples, None, pad_id=tokenizer.pad_token_id or 0)
+def teacher_answers(cfg: RunConfig, teachers, inbox: Inbox, data: RunData, log: MetricsLog) -> dict[str, np.ndarray]:
+    """The teacher engines answer data.sft_count prompts; the packed answers arrive on the learner's inbox."""
+    stream, n_prompts = data.sft, data.sft_count
+    params = {"temperature": cfg.sft.teacher_temperature, "top_p": 1.0, "max_new_tokens": cfg.sampling.max_new_tokens,
+              "stop_token_ids": (data.format.eos_id,), "seed": cfg.seed}
+    chunks, chunk = {}, 64  # ref -> (prompts, ids, attempt)
+    for first in range(0, n_prompts, chunk):
+        prompts, ids = stream.take(min(chunk, n_prompts - first))
+        chunks[teachers.submit("generate_and_push", prompts, params, ids)] = (prompts, ids, 1)
+    t0 = last = time.time()
+    # drain the socket while the teachers answer: their pushes block once its buffers are full
+    while chunks or inbox.size() < n_prompts:
+        done, _ = ray.wait(list(chunks), num_returns=len(chunks), timeout=0) if chunks else ([], [])
+        for ref in done:
+            prompts, ids, attempt = chunks.pop(ref)
+            r = ray.get(ref)
+            log.log("teacher", "tokens", r["tokens"])
+            if not r["sent"]:  # the push timed out under backpressure: answer that chunk again
+                log.log("driver", "dropped_backpressure", r["samples"])
+                if attempt >= 3:
+                    raise RuntimeError(f"SFT data: a chunk of {len(ids)} teacher rollouts could not reach the learner in 3 tries")
+                chunks[teachers.submit("generate_and_push", prompts, params, ids)] = (prompts, ids, attempt + 1)
+        if inbox.drain(timeout_s=0.2):
+            last = time.time()
+        elif not chunks and time.time() - last > 300:
+            raise RuntimeError(f"SFT data: only {inbox.size()} of {n_prompts} teacher rollouts reached the learner")
+    answers = inbox.take_all()
+    console.print(f"teacher answered {num_rows(answers)} prompts in {time.time() - t0:.1f}s")
+    return answers
 
 
 def _log_step(log: MetricsLog, metrics: dict, step: int, total: int) -> None:
@@ -286,9 +247,14 @@ def probe_rollouts(rollouts: list, probe: list[list[int]], log: MetricsLog, vers
 
 
 def opd_phase(
-    cfg: RunConfig, rollouts: list, teachers, learner, inbox: Inbox, tokenizer, log: MetricsLog, version: int = 0, start: int = 0
+    cfg: RunConfig, rollouts: list, teachers, learner, inbox: Inbox, data: RunData, log: MetricsLog,
+    version: int = 0, start: int = 0, prompts_at: int = 0,
 ) -> int:
     """Stage 2: on-policy distillation, asynchronous (or synchronous for comparison).
+
+    The prompt stream's position goes into every step's data cursor (so into the learner's
+    checkpoints); a run resumed at `prompts_at` takes the prompts after it. Prompts that were
+    in flight when the checkpoint was written are skipped, not repeated.
 
     Admission control keeps at most `capacity` samples generated-but-untrained, so no
     sample can lag more than `max_staleness` policy versions in steady state (generating
@@ -301,9 +267,10 @@ def opd_phase(
     # a sample admitted now is trained within capacity/per_step steps, which hold at most
     # max_staleness version bumps when that is max_staleness * sync_every + 1 steps
     capacity = per_step * (o.max_staleness * o.sync_every + 1) if o.asynchronous else per_step
-    stream = PromptStream(tokenizer, 10**9 if cfg.sft.prompts < 1 else max(cfg.sft.prompts, 64), cfg.seed + 1)
+    stream = data.opd
+    stream.seek(prompts_at)
     params = {"temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
-              "max_new_tokens": cfg.sampling.max_new_tokens, "stop_token_ids": (tokenizer.eos_token_id,)}
+              "max_new_tokens": cfg.sampling.max_new_tokens, "stop_token_ids": (data.format.eos_id,)}
     inflight: dict = {}  # score ref -> (actor index, samples)
     resync = Resync(rollouts, log)
     busy = [0] * len(rollouts)
@@ -381,9 +348,11 @@ def opd_phase(
         if not o.routing_replay:
             batch.pop("routed_experts", None)
         lag = version - batch["policy_version"]
-        metrics = learner.train_step("opd", batch, {"stage": "opd", "step": step + 1, "version": version + int((step + 1) % o.sync_every == 0)})
+        cursor = {"stage": "opd", "step": step + 1, "version": version + int((step + 1) % o.sync_every == 0), "prompts": stream.position}
+        metrics = learner.train_step("opd", batch, cursor)
         metrics.update(staleness_mean=float(lag.mean()), staleness_max=int(lag.max()))
         step += 1
+        log.log("driver", "trained_prompts", sorted({int(i) // o.samples_per_prompt for i in batch["sample_ids"]}), step)
         _log_step(log, metrics, step, o.steps)
         log.log("driver", "dropped_malformed", inbox.dropped(), step)
         if step % o.sync_every == 0:
@@ -411,6 +380,36 @@ def opd_phase(
     inbox.take_all()
     log.log("driver", "dropped_stale", dropped_stale, step)
     return version
+
+
+def evaluate_phase(cfg: RunConfig, teacher_dir: Path, student_dir: Path, data: RunData, log: MetricsLog) -> tuple[dict, dict]:
+    """Teacher and student on the built-in tasks, which only mean something with the embedded tokenizer.
+
+    With a real tokenizer the accuracy eval is skipped (said in the report) until a benchmark suite
+    runs here (the hook: `eval.suite`, zeda_rl.suites); the student's zero-expert share is still
+    measured, teacher-forced over the first OPD prompts as the chat template renders them.
+    """
+    from zeda_rl.evaluate import evaluate, load, routed_zero_ratio
+
+    if not data.format.templated:
+        teacher_eval = evaluate(teacher_dir, n_per_family=cfg.eval.n_per_family)
+        student_eval = evaluate(student_dir, n_per_family=cfg.eval.n_per_family)
+        log.log("eval", "teacher_accuracy", teacher_eval["accuracy"]["mean"])
+        log.log("eval", "student_accuracy", student_eval["accuracy"]["mean"])
+    else:
+        reason = ("the teacher's tokenizer has a chat template, so the built-in tasks (the embedded tokenizer's plain "
+                  "prompts) would not measure it; set eval.suite for benchmark accuracy")
+        console.print(f"[yellow]accuracy eval skipped: {reason}")
+        log.log("eval", "skipped", reason)
+        model, tok = load(student_dir)
+        texts = [data.format.prompt_text(r) for r in data.opd.records[: cfg.eval.n_per_family]]
+        zr = routed_zero_ratio(model, tok, texts)
+        zr["note"] = f"teacher-forced over {len(texts)} OPD prompts (no completions)"
+        teacher_eval = {"checkpoint": str(teacher_dir), "accuracy": {}, "skipped": reason,
+                        "zero_ratio": {"overall": 0.0, "per_layer": [0.0] * len(zr["per_layer"]), "note": "static model"}}
+        student_eval = {"checkpoint": str(student_dir), "accuracy": {}, "skipped": reason, "zero_ratio": zr}
+    log.log("eval", "student_zero_ratio", student_eval["zero_ratio"]["overall"])
+    return teacher_eval, student_eval
 
 
 def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint: str, pad_id: int):
@@ -491,7 +490,6 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     from launch.metrics_hub import start_hub
     from launch.report import write_report
     from learner.group import LearnerGroup
-    from zeda_rl.evaluate import evaluate
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
@@ -506,6 +504,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     try:
         teacher_dir, student_dir = prepare_checkpoints(cfg, phases)
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+        data = streams.build(cfg, tokenizer, log)  # before anything starts: bad data fails in seconds
+        console.print(f"data: {len(data.opd.ids)} OPD prompts, SFT "
+                      + (f"{num_rows(data.sft_records)} given answers" if data.sft_records is not None else f"{data.sft_count} prompts")
+                      + f", chat template {'on' if data.format.templated else 'off'}; dropped as too long: {data.dropped}")
 
         with phases("start"):
             connect_ray(cfg)
@@ -519,20 +521,16 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
         in_opd = cursor.get("stage") == "opd"
         with phases("sft"):
-            sft_phase(cfg, teachers, learner, inbox, tokenizer, log, start=cfg.sft.steps if in_opd else cursor.get("step", 0))
+            sft_phase(cfg, teachers, learner, inbox, data, log, start=cfg.sft.steps if in_opd else cursor.get("step", 0))
             _save(cfg, learner)
         with phases("opd"):
-            version = opd_phase(cfg, rollouts, teachers, learner, inbox, tokenizer, log,
-                                version=cursor.get("version", 0) if in_opd else 0, start=cursor.get("step", 0) if in_opd else 0)
+            version = opd_phase(cfg, rollouts, teachers, learner, inbox, data, log, version=cursor.get("version", 0) if in_opd else 0,
+                                start=cursor.get("step", 0) if in_opd else 0, prompts_at=cursor.get("prompts", 0) if in_opd else 0)
             _save(cfg, learner)
         with phases("export"):
             final = learner.export_hf(cfg.run_dir / "student")
         with phases("eval"):
-            teacher_eval = evaluate(teacher_dir, n_per_family=cfg.eval.n_per_family)
-            student_eval = evaluate(final, n_per_family=cfg.eval.n_per_family)
-            log.log("eval", "teacher_accuracy", teacher_eval["accuracy"]["mean"])
-            log.log("eval", "student_accuracy", student_eval["accuracy"]["mean"])
-            log.log("eval", "student_zero_ratio", student_eval["zero_ratio"]["overall"])
+            teacher_eval, student_eval = evaluate_phase(cfg, teacher_dir, final, data, log)
         phases.times["total"] = time.time() - t_start
         result = write_report(cfg, teacher_eval, student_eval, phases.times, cfg.run_dir / "metrics.jsonl", final_version=version)
         ending = "finished"

@@ -41,9 +41,13 @@ def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict,
     rkl = _series(events, "learner", "reverse_kl")
     zero_steps = _series(events, "learner", "zero_ratio")
     stale = _series(events, "driver", "dropped_stale")
+    too_long = {e.name.split("/", 1)[1]: e.value for e in events if e.component == "data" and e.name.startswith("dropped_too_long/")}
+    scored = "mean" in t_acc and "mean" in s_acc
     result = {
         "name": cfg.name,
-        "accuracy": {"teacher": t_acc, "student": s_acc, "delta_points": 100 * (s_acc["mean"] - t_acc["mean"])},
+        "accuracy": {"teacher": t_acc, "student": s_acc, "delta_points": 100 * (s_acc["mean"] - t_acc["mean"]) if scored else None},
+        "eval_skipped": student_eval.get("skipped"),
+        "dropped_too_long": too_long,
         "zero_expert_ratio": {"overall": zr["overall"], "per_layer": zr["per_layer"]},
         "expert_flops_eliminated": zr["overall"],
         "reverse_kl": [{"step": s, "value": v} for s, v, _ in rkl],
@@ -56,7 +60,7 @@ def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict,
             "zero_ratio_at_least": 0.45,
             "accuracy_within_points": 2.0,
             "met_zero": zr["overall"] >= 0.45,
-            "met_accuracy": 100 * (t_acc["mean"] - s_acc["mean"]) <= 2.0,
+            "met_accuracy": scored and 100 * (t_acc["mean"] - s_acc["mean"]) <= 2.0,
         },
     }
     tmp = run / "report.json.tmp"
@@ -71,6 +75,12 @@ def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict,
 
 
 def _plots(run: Path, r: dict) -> None:
+    if not r["eval_skipped"]:
+        _accuracy_plot(run, r)
+    _other_plots(run, r)
+
+
+def _accuracy_plot(run: Path, r: dict) -> None:
     fams = [f for f in r["accuracy"]["teacher"] if f != "mean"] + ["mean"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = range(len(fams))
@@ -82,6 +92,8 @@ def _plots(run: Path, r: dict) -> None:
     ax.legend()
     _save(fig, run / "accuracy.png")
 
+
+def _other_plots(run: Path, r: dict) -> None:
     per = r["zero_expert_ratio"]["per_layer"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([f"L{i}" for i in range(len(per))] + ["all"], [100 * v for v in per] + [100 * r["zero_expert_ratio"]["overall"]])
@@ -124,16 +136,18 @@ def _markdown(r: dict) -> str:
     ph = "\n".join(f"| {k} | {v:.1f} |" for k, v in r["phase_seconds"].items())
     tg = r["targets"]
     rkl = r["reverse_kl"]
-    return f"""# ZEDA run report: {r['name']}
-
-## Accuracy (held-out exact match, %)
-| task family | teacher | student |
+    accuracy = f"""| task family | teacher | student |
 |---|---|---|
 {rows}
 
 Student minus teacher: {r['accuracy']['delta_points']:+.1f} points.
 
-![accuracy](accuracy.png)
+![accuracy](accuracy.png)""" if not r["eval_skipped"] else f"Evaluation skipped: {r['eval_skipped']}."
+    dropped = r["dropped_too_long"]
+    return f"""# ZEDA run report: {r['name']}
+
+## Accuracy (held-out exact match, %)
+{accuracy}
 
 ## Zero experts
 - Routed slots on zero experts: **{100 * r['zero_expert_ratio']['overall']:.1f}%** (per MoE layer: {per})
@@ -144,6 +158,7 @@ Student minus teacher: {r['accuracy']['delta_points']:+.1f} points.
 ## Training
 - OPD reverse KL: {f"{rkl[0]['value']:.4f} -> {rkl[-1]['value']:.4f}" if rkl else "n/a"} over {len(rkl)} steps
 - Final policy version: {r['final_policy_version']}; samples dropped as too stale: {r['dropped_stale']}
+- Records dropped as longer than data.max_prompt_tokens / data.max_response_tokens: {sum(dropped.values())}{f" ({', '.join(f'{k}: {v}' for k, v in dropped.items())})" if dropped else ""}
 
 ![training](training.png)
 

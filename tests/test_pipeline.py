@@ -81,11 +81,11 @@ def test_weights_reach_the_rollout_engines(run):
     assert np.abs(after - before).max() > 1e-3  # the engines' outputs changed with the pushed weights
     # ... and they are exactly the learner's final weights: score the probe with the exported student
     from actors.torch_engine import TorchEngine
-    from launch.pipeline import PromptStream
+    from launch.streams import chat_format, opd_prompts
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.run_dir / "student")
-    probe = PromptStream(tok, max(cfg.sft.prompts, 64), cfg.seed + 1).ids[:4]
+    probe = opd_prompts(cfg, chat_format(cfg, tok)).ids[:4]
     exported = np.concatenate(TorchEngine(cfg.run_dir / "student").score(probe))
     np.testing.assert_allclose(after, exported, atol=2e-4)
 

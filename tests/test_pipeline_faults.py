@@ -70,7 +70,7 @@ def test_synchronous_loop_without_replay_from_a_jsonl_of_teacher_answers(tmp_pat
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.answer}) + "\n" for e in make_split("train", 16)))
     cfg = short_run_config(tmp_path, {**SHORT, "name": "sync", "opd.steps": 4, "opd.asynchronous": False,
-                                      "opd.routing_replay": False, "sft.data": str(data)})
+                                      "opd.routing_replay": False, "data.sft_rollouts": str(data)})
     result = run_on_fresh_ray(cfg)
     events = read_events(cfg.run_dir / "metrics.jsonl")
     stale = [e.value for e in events if e.component == "learner" and e.name == "staleness_max"]

@@ -1,0 +1,157 @@
+"""A run's training data, built from its config and tokenizer alone (no Ray, no actors).
+
+The pipeline builds its SFT prompts (or SFT records) and its OPD prompt stream here before
+it starts anything, so bad data fails in seconds, not after the cluster is up, and tests
+build exactly what a run would train on. Records too long for `data.max_prompt_tokens` /
+`data.max_response_tokens` are dropped and counted (metrics event
+`data/dropped_too_long/<source>`), never cut mid-answer.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from zeda_rl.chat import ChatFormat
+from zeda_rl.data import EMBEDDED, DataError, Fields, Record, embedded_records, read_records
+
+
+class PromptStream:
+    """Prompts as token ids, cycled in a seeded random order.
+
+    Its whole position is `position` (prompts taken so far): `seek(position)` on a stream
+    built the same way continues where another one stopped, so a resumed run takes the
+    next prompts instead of the first ones again.
+    """
+
+    def __init__(self, records: list[Record], ids: list[list[int]], seed: int):
+        self.records, self.ids, self.seed = records, ids, seed
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.position = 0  # prompts taken so far; also the next prompt's sample id
+
+    def _draw(self) -> int:
+        if not self.order:
+            self.order = list(range(len(self.ids)))
+            self.rng.shuffle(self.order)
+        self.position += 1
+        return self.order.pop()
+
+    def take(self, n: int) -> tuple[list[list[int]], list[int]]:
+        """n prompts and their positions in the stream (the sample ids of what is generated from them)."""
+        first = self.position
+        return [self.ids[self._draw()] for _ in range(n)], list(range(first, first + n))
+
+    def seek(self, position: int) -> None:
+        """Continue from `position`, as reached by a stream built the same way."""
+        if position < self.position:
+            raise ValueError(f"prompt stream at {self.position} cannot go back to {position}")
+        while self.position < position:
+            self._draw()
+
+    def record_at(self, position: int) -> Record:
+        """The record the stream gives at `position` (replays the order on a copy)."""
+        copy = PromptStream(self.records, self.ids, self.seed)
+        copy.seek(position)
+        return self.records[copy._draw()]
+
+
+@dataclass
+class RunData:
+    """What a run trains on: SFT prompts to answer (or ready SFT records) and the OPD prompt stream."""
+
+    format: ChatFormat
+    opd: PromptStream
+    sft: PromptStream | None = None  # prompts the teacher answers ...
+    sft_count: int = 0  # ... this many of them
+    sft_records: dict[str, np.ndarray] | None = None  # or given teacher answers, packed (data.sft_rollouts)
+    dropped: dict[str, int] | None = None  # too-long records per source
+
+
+def chat_format(cfg, tokenizer) -> ChatFormat:
+    return ChatFormat(tokenizer, enable_thinking=cfg.data.enable_thinking)
+
+
+def _fields(cfg) -> Fields:
+    return Fields(**cfg.data.fields.model_dump())
+
+
+def _prompt_stream(cfg, fmt: ChatFormat, source: str, n_embedded: int, seed: int, key: str, dropped: dict) -> PromptStream:
+    if source == EMBEDDED:  # the built-in tasks, balanced over the families (what the embedded teacher learned)
+        from zeda_rl.tasks import FAMILIES
+
+        records = embedded_records("train", max(1, n_embedded // len(FAMILIES)), seed)
+    else:
+        records = read_records(source, _fields(cfg))
+    kept, ids = [], []
+    for rec in records:
+        p = fmt.prompt_ids(rec)
+        if len(p) > cfg.data.max_prompt_tokens:
+            continue
+        kept.append(rec)
+        ids.append(p)
+    dropped[key] = len(records) - len(kept)
+    if not kept:
+        raise DataError(f"data.{key} ({source}): every one of its {len(records)} prompts is longer than "
+                        f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens})")
+    return PromptStream(kept, ids, seed)
+
+
+def sft_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None) -> tuple[PromptStream, int]:
+    """The prompts the teacher answers for SFT, and how many of them (sft.prompts; None: all once)."""
+    dropped = {} if dropped is None else dropped
+    stream = _prompt_stream(cfg, fmt, cfg.data.sft_prompts, cfg.sft.prompts or 0, cfg.seed, "sft_prompts", dropped)
+    if cfg.data.sft_prompts == EMBEDDED:
+        return stream, cfg.sft.prompts
+    n = cfg.sft.prompts if cfg.sft.prompts is not None else len(stream.ids)
+    if n > len(stream.ids):
+        raise DataError(
+            f"sft.prompts is {n} but data.sft_prompts ({cfg.data.sft_prompts}) has {len(stream.ids)} prompts"
+            + (f" within data.max_prompt_tokens ({dropped['sft_prompts']} longer ones dropped)" if dropped["sft_prompts"] else "")
+            + ": lower sft.prompts, or set it to null to answer every prompt once"
+        )
+    return stream, n
+
+
+def opd_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None) -> PromptStream:
+    """The OPD prompt stream (seeded apart from SFT's, so OPD does not replay SFT's order)."""
+    dropped = {} if dropped is None else dropped
+    return _prompt_stream(cfg, fmt, cfg.data.opd_prompts, max(cfg.sft.prompts or 0, 64), cfg.seed + 1, "opd_prompts", dropped)
+
+
+def sft_records(cfg, fmt: ChatFormat, dropped: dict | None = None) -> dict[str, np.ndarray]:
+    """Given teacher answers (data.sft_rollouts) as a packed batch: loss only on the answer tokens."""
+    from zeda_rl.trajectory import pack_samples
+
+    dropped = {} if dropped is None else dropped
+    source = cfg.data.sft_rollouts
+    records = read_records(source, _fields(cfg), need_response=True)
+    samples = []
+    for rec in records:
+        p, a = fmt.sft_ids(rec)
+        if len(p) > cfg.data.max_prompt_tokens or len(a) > cfg.data.max_response_tokens:
+            continue
+        samples.append({"prompt_ids": p, "output_ids": a, "logprobs": np.zeros(len(a)), "sample_id": len(samples)})
+    dropped["sft_rollouts"] = len(records) - len(samples)
+    if not samples:
+        raise DataError(f"data.sft_rollouts ({source}): every one of its {len(records)} records is longer than "
+                        f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) or data.max_response_tokens "
+                        f"({cfg.data.max_response_tokens})")
+    return pack_samples(samples, None, pad_id=fmt.tokenizer.pad_token_id or 0)
+
+
+def build(cfg, tokenizer, log=None) -> RunData:
+    """Everything the run's config asks to train on, checked and tokenized; drops logged to `log`."""
+    fmt = chat_format(cfg, tokenizer)
+    dropped: dict[str, int] = {}
+    data = RunData(format=fmt, opd=opd_prompts(cfg, fmt, dropped), dropped=dropped)
+    if cfg.data.sft_rollouts:
+        data.sft_records = sft_records(cfg, fmt, dropped)
+    elif cfg.sft.steps:
+        data.sft, data.sft_count = sft_prompts(cfg, fmt, dropped)
+    if log is not None:
+        for key, n in dropped.items():
+            log.log("data", f"dropped_too_long/{key}", n)
+    return data
