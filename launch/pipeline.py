@@ -131,7 +131,10 @@ def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, data: RunData, lo
         cursor += cfg.sft.batch_size
         if step < start:  # resumed: this step is already in the learner's state
             continue
-        metrics = learner.train_step("sft", take_rows(answers, rows), {"stage": "sft", "step": step + 1})
+        batch = take_rows(answers, rows)
+        if step == start:
+            _log_first_row(log, "sft", batch)
+        metrics = learner.train_step("sft", batch, {"stage": "sft", "step": step + 1})
         _log_step(log, metrics, step + 1, cfg.sft.steps)
 
 
@@ -164,6 +167,13 @@ def teacher_answers(cfg: RunConfig, teachers, inbox: Inbox, data: RunData, log: 
     answers = inbox.take_all()
     console.print(f"teacher answered {num_rows(answers)} prompts in {time.time() - t0:.1f}s")
     return answers
+
+
+def _log_first_row(log: MetricsLog, stage: str, batch: dict) -> None:
+    """The first row a stage trains on, tokens and loss mask (up to 4096 tokens): shows the template and mask at work."""
+    n = min(int(batch["attention_mask"][0].sum()), 4096)
+    log.log("driver", f"first_row/{stage}/tokens", [int(t) for t in batch["tokens"][0, :n]])
+    log.log("driver", f"first_row/{stage}/loss_mask", [int(m) for m in batch["loss_mask"][0, :n]])
 
 
 def _log_step(log: MetricsLog, metrics: dict, step: int, total: int) -> None:
@@ -348,6 +358,8 @@ def opd_phase(
         if not o.routing_replay:
             batch.pop("routed_experts", None)
         lag = version - batch["policy_version"]
+        if step == start:
+            _log_first_row(log, "opd", batch)
         cursor = {"stage": "opd", "step": step + 1, "version": version + int((step + 1) % o.sync_every == 0), "prompts": stream.position}
         metrics = learner.train_step("opd", batch, cursor)
         metrics.update(staleness_mean=float(lag.mean()), staleness_max=int(lag.max()))
