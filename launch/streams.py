@@ -39,6 +39,10 @@ class PromptStream:
         self.position += 1
         return self.order.pop()
 
+    def next_index(self) -> int:
+        """Index into `records` / `ids` of the next prompt (for jobs that need the record, not just its ids)."""
+        return self._draw()
+
     def take(self, n: int) -> tuple[list[list[int]], list[int]]:
         """n prompts and their positions in the stream (the sample ids of what is generated from them)."""
         first = self.position
@@ -82,7 +86,11 @@ def _prompt_stream(cfg, fmt: ChatFormat, source: str, n_embedded: int, seed: int
     if source == EMBEDDED:  # the built-in tasks, balanced over the families (what the embedded teacher learned)
         from zeda_rl.tasks import FAMILIES
 
-        records = embedded_records("train", max(1, n_embedded // len(FAMILIES)), seed)
+        try:
+            records = embedded_records("train", max(1, n_embedded // len(FAMILIES)), seed)
+        except ValueError as err:
+            raise DataError(f"data.{key}: embedded: {n_embedded} prompts asked of the built-in tasks ({err}); "
+                            "lower sft.prompts or point the source at a prompt file") from None
     else:
         records = read_records(source, _fields(cfg))
     kept, ids = [], []
