@@ -84,3 +84,69 @@ def render(result: dict):
     for i, r in enumerate(z["per_layer"]):
         t.add_row(f"zero-expert ratio / MoE layer {i}", f"{100 * r:.1f}%")
     return t
+
+
+# ---- benchmark suites (zeda_rl.suites): r_ZE from the routing the engines return ----------------
+
+
+def moe_shape(checkpoint: str | Path) -> tuple[int, int]:
+    """(N real experts, number of MoE layers) from a checkpoint's config.json, static or converted."""
+    import json
+
+    from zeda_rl.arch import ARCHS, TARGETS
+
+    path = Path(checkpoint) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{Path(checkpoint)}: not a checkpoint directory (no config.json)")
+    cfg = json.loads(path.read_text())
+    name = (cfg.get("architectures") or [None])[0]
+    spec = TARGETS.get(name) or ARCHS.get(name)
+    if spec is None:
+        raise ValueError(f"{path}: architecture {name!r} unknown; expected one of {sorted(ARCHS) + sorted(TARGETS)}")
+    return spec.num_experts(cfg), len(spec.moe_layers(cfg))
+
+
+def request_zero_shares(routed, num_experts: int, n_layers: int):
+    """Per-layer zero-slot share of one request over every token it routed (prompt and output).
+
+    `routed` is a Sample's int [L_moe, P+O, K] expert ids, -1 where nothing was recorded;
+    a zero slot is an id >= N. None (a static model, which records no routing) is 0 everywhere.
+    """
+    import numpy as np
+
+    if routed is None:
+        return np.zeros(n_layers)
+    routed = np.asarray(routed)
+    if routed.ndim != 3 or routed.shape[0] != n_layers:
+        raise ValueError(f"routed experts of shape {list(routed.shape)}; expected [{n_layers} MoE layers, tokens, K]")
+    seen = (routed >= 0).sum(axis=(1, 2))
+    return (routed >= num_experts).sum(axis=(1, 2)) / np.maximum(seen, 1)
+
+
+def mean_zero_ratio(per_request: list) -> dict:
+    """r_ZE as the official ZEDA evaluation reports it: each request's share, averaged over requests."""
+    import numpy as np
+
+    if not per_request:
+        return {"overall": 0.0, "per_layer": [], "requests": 0}
+    per_layer = np.mean(np.stack(per_request), axis=0)
+    return {"overall": float(per_layer.mean()) if per_layer.size else 0.0, "per_layer": per_layer.tolist(), "requests": len(per_request)}
+
+
+def builtin_report(result: dict) -> dict:
+    """An `evaluate()` result in the suite report's shape, so the built-in tasks compare side by side too.
+
+    Its r_ZE is the token-weighted share over all prompts and completions (what `evaluate`
+    measures), not the per-request mean a suite reports.
+    """
+    z = result["zero_ratio"]
+    rze = {"overall": z["overall"], "per_layer": z["per_layer"]}
+    rows = [
+        {"name": fam, "grader": "builtin exact match", "problems": result["n_per_family"], "samples": 1,
+         "accuracy": acc, "r_ze": rze}
+        for fam, acc in result["accuracy"].items() if fam != "mean"
+    ]
+    return {
+        "suite": "builtin", "checkpoint": result["checkpoint"], "decoding": {"temperature": 0.0, "samples": 1},
+        "benchmarks": rows, "average": {"accuracy": result["accuracy"]["mean"], "r_ze": z["overall"]},
+    }

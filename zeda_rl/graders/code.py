@@ -80,7 +80,7 @@ class CodeGrader:
         return [
             Grade(float(r.status == "passed"), {
                 "status": r.status, "seconds": round(r.seconds, 3), "network_isolated": r.network_isolated,
-                **({"error": r.stderr.strip().splitlines()[-1][:300]} if r.status != "passed" and r.stderr.strip() else {}),
+                **({"stderr": r.stderr.strip().splitlines()[-1][:300]} if r.status != "passed" and r.stderr.strip() else {}),
             })
             for r in runs
         ]

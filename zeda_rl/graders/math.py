@@ -15,7 +15,7 @@ from zeda_rl.graders.base import Grade, Problem, check_fields, pick, read_jsonl
 ROLES = ("id", "prompt", "answer")
 PROMPT_NAMES = ("problem", "question", "prompt")
 ANSWER_NAMES = ("answer", "solution")
-TEMPLATE = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+TEMPLATE = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
 def gold_text(answer: str) -> str:

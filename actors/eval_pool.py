@@ -1,0 +1,78 @@
+"""Benchmark generation over N engine actors, each taking a share of the requests.
+
+`zeda_rl.suites` asks for samples through one callable; this is it. Requests are cut into
+chunks of `batch_size` and handed to whichever actor is free next, so a slow chunk (long
+answers) does not hold the others back; results come back in request order. `engines=0`
+runs one engine in this process instead (torch only: SGLang's scheduler SIGKILLs the
+process that created its Engine when it dies, so it always gets an actor of its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from actors.engine import Sample, SamplingParams, make_engine
+from actors.rollout import EngineActor
+
+
+class EvalEngines:
+    def __init__(self, backend: str, checkpoint: str, engines: int = 1, batch_size: int = 32, threads: int = 1,
+                 engine_kwargs: dict | None = None):
+        if engines < 0:
+            raise ValueError(f"engines must be >= 0, got {engines}")
+        if engines == 0 and backend != "torch":
+            raise ValueError(f"engines=0 (in process) is for the torch backend only, not {backend!r}")
+        self.batch_size = int(batch_size)
+        self.local = make_engine(backend, str(checkpoint), **(engine_kwargs or {})) if engines == 0 else None
+        self.actors = []
+        if engines:
+            import ray
+
+            opts = {"num_cpus": threads, "num_gpus": 0} if backend == "torch" else {"num_cpus": 1, "num_gpus": 1}
+            cls = ray.remote(max_restarts=0)(EngineActor).options(**opts)
+            self.actors = [cls.remote(backend, str(checkpoint), threads, engine_kwargs) for _ in range(engines)]
+
+    def __call__(self, prompts: list[list[int]], params: dict) -> list[Sample]:
+        seed = params.get("seed")
+        chunks = [
+            (start, prompts[start : start + self.batch_size],
+             dict(params, seed=None if seed is None else seed + start))  # distinct draws per chunk, reproducible
+            for start in range(0, len(prompts), self.batch_size)
+        ]
+        if self.local is not None:
+            return [s for _, ps, p in chunks for s in self.local.generate(ps, SamplingParams(**p))]
+        import ray
+
+        out: dict[int, list[Sample]] = {}
+        pending, free, queue = {}, list(self.actors), list(chunks)
+        while queue or pending:
+            while queue and free:
+                start, ps, p = queue.pop(0)
+                actor = free.pop(0)
+                pending[actor.generate.remote(ps, p, list(range(start, start + len(ps))))] = (start, actor)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            start, actor = pending.pop(done[0])
+            out[start] = [_sample(d) for d in ray.get(done[0])]
+            free.append(actor)
+        return [s for start in sorted(out) for s in out[start]]
+
+    def close(self) -> None:
+        if not self.actors:
+            return
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _sample(d: dict) -> Sample:
+    names = {f.name for f in dataclasses.fields(Sample)}
+    return Sample(**{k: v for k, v in d.items() if k in names})
