@@ -27,6 +27,7 @@ class EngineActor:
 
             torch.set_num_threads(threads)
         self.engine = make_engine(backend, checkpoint, **(engine_kwargs or {}))
+        self.checkpoint = checkpoint
         self.started = time.time()
         self.tokens_out = 0
 

@@ -59,6 +59,51 @@ class TeacherActor(EngineActor):
         return {"samples": len(samples), "tokens": n_tokens, "seconds": time.time() - t0, "sent": bool(sent)}
 
 
+    def answer_to_shard(self, items: list[dict], params: dict, path: str) -> dict:
+        """Rollouts job: answer `items` ({id, messages, prompt_ids}) and write them as one JSONL shard.
+
+        The shard appears under its name only once complete (temporary name, fsync, rename), so
+        a job killed mid-write leaves no partial shard. The answer text is decoded with special
+        tokens kept (a thinking block stays visible) and without the end-of-turn token, which
+        the chat template adds back when SFT renders the conversation.
+        """
+        import json
+        import os
+        from pathlib import Path
+
+        samples = self.generate([it["prompt_ids"] for it in items], params, list(range(len(items))))
+        tok = self._tokenizer()
+        recorded = {k: v for k, v in params.items() if k != "stop_token_ids"}
+        lines, tokens, truncated = [], 0, 0
+        for it, s in zip(items, samples):
+            out = list(s["output_ids"])
+            if s["finish_reason"] == "stop":
+                out = out[:-1]
+            truncated += s["finish_reason"] != "stop"
+            tokens += len(s["output_ids"])
+            lines.append(json.dumps({
+                "id": it["id"],
+                "messages": [*it["messages"], {"role": "assistant", "content": tok.decode(out, skip_special_tokens=False)}],
+                "finish_reason": s["finish_reason"], "prompt_tokens": len(it["prompt_ids"]),
+                "response_tokens": len(s["output_ids"]), "sampling": recorded,
+            }, ensure_ascii=False))
+        final = Path(path)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(final)
+        return {"records": len(lines), "tokens": tokens, "truncated": truncated, "shard": final.name, "pid": os.getpid()}
+
+    def _tokenizer(self):
+        if getattr(self, "tokenizer", None) is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
+        return self.tokenizer
+
+
 class TeacherPool:
     """Least-loaded dispatch over TeacherActors (driver side); actors restart on failure."""
 

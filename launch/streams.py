@@ -138,6 +138,8 @@ def sft_records(cfg, fmt: ChatFormat, dropped: dict | None = None) -> dict[str, 
     records = read_records(source, _fields(cfg), need_response=True)
     samples = []
     for rec in records:
+        if rec.extra.get("finish_reason") == "length":  # the teacher was cut off mid-answer (zeda rollouts)
+            continue
         p, a = fmt.sft_ids(rec)
         if len(p) > cfg.data.max_prompt_tokens or len(a) > cfg.data.max_response_tokens:
             continue

@@ -23,6 +23,26 @@ def runs_base() -> Path | None:
     return None
 
 
+def load_run_config(path: str, sets: list[str]):
+    """The run config from its YAML and `KEY=VALUE` overrides (values parsed as YAML), with the
+    relative output_dir placed as the module docstring says. Raises ConfigError."""
+    import yaml
+
+    from launch.config import ConfigError, load_config
+
+    overrides = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    cfg = load_config(path, overrides)
+    base = runs_base()
+    if base is not None and not Path(cfg.output_dir).is_absolute():
+        cfg = cfg.model_copy(update={"output_dir": str(base / cfg.output_dir)})
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="launch.train", description="run the ZEDA pipeline from a typed YAML config")
     ap.add_argument("--config", required=True, help="run config YAML (see launch/configs/)")
@@ -31,25 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="resume from the run's learner checkpoint")
     a = ap.parse_args(argv)
 
-    import yaml
+    from launch.config import ConfigError
 
-    from launch.config import ConfigError, load_config
-
-    overrides = {}
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"--set {item!r}: expected KEY=VALUE", file=sys.stderr)
-            return 2
-        overrides[key] = yaml.safe_load(value)
     try:
-        cfg = load_config(a.config, overrides)
+        cfg = load_run_config(a.config, a.set)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    base = runs_base()
-    if base is not None and not Path(cfg.output_dir).is_absolute():
-        cfg = cfg.model_copy(update={"output_dir": str(base / cfg.output_dir)})
     from launch.pipeline import console, run
 
     result = run(cfg, resume=a.resume)
