@@ -82,35 +82,49 @@ def _fields(cfg) -> Fields:
     return Fields(**cfg.data.fields.model_dump())
 
 
-def _prompt_stream(cfg, fmt: ChatFormat, source: str, n_embedded: int, seed: int, key: str, dropped: dict) -> PromptStream:
+def _prompt_stream(cfg, fmt: ChatFormat, source: str, n_embedded: int, seed: int, key: str, dropped: dict,
+                   cache: dict | None = None) -> PromptStream:
+    """`cache`: one read and tokenization per file when SFT and OPD share it (60k templated prompts take seconds)."""
     if source == EMBEDDED:  # the built-in tasks, balanced over the families (what the embedded teacher learned)
-        from zeda_rl.tasks import FAMILIES
-
-        try:
-            records = embedded_records("train", max(1, n_embedded // len(FAMILIES)), seed)
-        except ValueError as err:
-            raise DataError(f"data.{key}: embedded: {n_embedded} prompts asked of the built-in tasks ({err}); "
-                            "lower sft.prompts or point the source at a prompt file") from None
+        kept, ids, n_dropped = _encode(cfg, fmt, _embedded(n_embedded, seed, key))
+    elif cache is not None and source in cache:
+        kept, ids, n_dropped = cache[source]
     else:
-        records = read_records(source, _fields(cfg))
-    kept, ids = [], []
-    for rec in records:
-        p = fmt.prompt_ids(rec)
-        if len(p) > cfg.data.max_prompt_tokens:
-            continue
-        kept.append(rec)
-        ids.append(p)
-    dropped[key] = len(records) - len(kept)
+        kept, ids, n_dropped = _encode(cfg, fmt, read_records(source, _fields(cfg)))
+        if cache is not None:
+            cache[source] = kept, ids, n_dropped
+    dropped[key] = n_dropped
     if not kept:
-        raise DataError(f"data.{key} ({source}): every one of its {len(records)} prompts is longer than "
+        raise DataError(f"data.{key} ({source}): every one of its {n_dropped} prompts is longer than "
                         f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens})")
     return PromptStream(kept, ids, seed)
 
 
-def sft_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None) -> tuple[PromptStream, int]:
+def _embedded(n: int, seed: int, key: str) -> list[Record]:
+    from zeda_rl.tasks import FAMILIES
+
+    try:
+        return embedded_records("train", max(1, n // len(FAMILIES)), seed)
+    except ValueError as err:
+        raise DataError(f"data.{key}: embedded: {n} prompts asked of the built-in tasks ({err}); "
+                        "lower sft.prompts or point the source at a prompt file") from None
+
+
+def _encode(cfg, fmt: ChatFormat, records: list[Record]) -> tuple[list[Record], list[list[int]], int]:
+    """(records within data.max_prompt_tokens, their prompt ids, how many were dropped)."""
+    kept, ids = [], []
+    for rec in records:
+        p = fmt.prompt_ids(rec)
+        if len(p) <= cfg.data.max_prompt_tokens:
+            kept.append(rec)
+            ids.append(p)
+    return kept, ids, len(records) - len(kept)
+
+
+def sft_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None, cache: dict | None = None) -> tuple[PromptStream, int]:
     """The prompts the teacher answers for SFT, and how many of them (sft.prompts; None: all once)."""
     dropped = {} if dropped is None else dropped
-    stream = _prompt_stream(cfg, fmt, cfg.data.sft_prompts, cfg.sft.prompts or 0, cfg.seed, "sft_prompts", dropped)
+    stream = _prompt_stream(cfg, fmt, cfg.data.sft_prompts, cfg.sft.prompts or 0, cfg.seed, "sft_prompts", dropped, cache)
     if cfg.data.sft_prompts == EMBEDDED:
         return stream, cfg.sft.prompts
     n = cfg.sft.prompts if cfg.sft.prompts is not None else len(stream.ids)
@@ -123,10 +137,10 @@ def sft_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None) -> tuple[Prom
     return stream, n
 
 
-def opd_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None) -> PromptStream:
+def opd_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None, cache: dict | None = None) -> PromptStream:
     """The OPD prompt stream (seeded apart from SFT's, so OPD does not replay SFT's order)."""
     dropped = {} if dropped is None else dropped
-    return _prompt_stream(cfg, fmt, cfg.data.opd_prompts, max(cfg.sft.prompts or 0, 64), cfg.seed + 1, "opd_prompts", dropped)
+    return _prompt_stream(cfg, fmt, cfg.data.opd_prompts, max(cfg.sft.prompts or 0, 64), cfg.seed + 1, "opd_prompts", dropped, cache)
 
 
 def sft_records(cfg, fmt: ChatFormat, dropped: dict | None = None) -> dict[str, np.ndarray]:
@@ -156,11 +170,12 @@ def build(cfg, tokenizer, log=None) -> RunData:
     """Everything the run's config asks to train on, checked and tokenized; drops logged to `log`."""
     fmt = chat_format(cfg, tokenizer)
     dropped: dict[str, int] = {}
-    data = RunData(format=fmt, opd=opd_prompts(cfg, fmt, dropped), dropped=dropped)
+    cache: dict = {}
+    data = RunData(format=fmt, opd=opd_prompts(cfg, fmt, dropped, cache), dropped=dropped)
     if cfg.data.sft_rollouts:
         data.sft_records = sft_records(cfg, fmt, dropped)
     elif cfg.sft.steps:
-        data.sft, data.sft_count = sft_prompts(cfg, fmt, dropped)
+        data.sft, data.sft_count = sft_prompts(cfg, fmt, dropped, cache)
     if log is not None:
         for key, n in dropped.items():
             log.log("data", f"dropped_too_long/{key}", n)
