@@ -217,3 +217,16 @@ def test_cli_suite_side_by_side(ckpts, tmp_path):
     (tmp_path / "bad.yaml").write_text("name: x\nbenchmarks: [{name: a, path: a.jsonl, grader: math, extra: 1}]\n")
     bad = subprocess.run([zeda, "eval", str(student_ckpt), "--suite", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "benchmarks.0.extra" in bad.stderr
+
+
+def test_builtin_tasks_side_by_side(ckpts):
+    from zeda_rl.evaluate import builtin_report, evaluate
+    from zeda_rl.suites import render_markdown, table
+
+    teacher_ckpt, student_ckpt = ckpts
+    t = builtin_report(evaluate(teacher_ckpt, n_per_family=2, batch_size=8))
+    s = builtin_report(evaluate(student_ckpt, n_per_family=2, batch_size=8))
+    rows = table(s, t)
+    assert [r["benchmark"] for r in rows] == ["add", "reverse", "sort", "pattern", "Average"]
+    assert t["average"]["r_ze"] == 0.0 and 0 < s["average"]["r_ze"] < 1
+    assert "| **Average** |" in render_markdown(s, t)
