@@ -2,8 +2,9 @@
 
 The teacher scores each sampled token with a prefill (no new tokens) at the rollout's
 sampling temperature, tokens aligned one to one, then the trajectory goes straight to
-the learner over ZMQ (msgpack header + raw frames): the driver never touches it. The
-pool sends each request to the least-loaded actor.
+the learner over ZMQ (msgpack header + raw frames): the driver never touches it. For SFT
+the same engines answer prompts into rollout shards (`launch.rollouts`). The pool sends
+each request to the least-loaded actor.
 """
 
 from __future__ import annotations
@@ -42,22 +43,6 @@ class TeacherActor(EngineActor):
         self.scored_tokens += n_tokens
         out_tokens = sum(len(s["output_ids"]) for s in samples)
         return {"samples": len(samples), "tokens": n_tokens, "output_tokens": out_tokens, "seconds": time.time() - t0, "sent": bool(sent)}
-
-    def generate_and_push(self, prompts: list[list[int]], params: dict, sample_ids: list[int], push_timeout_s: float = 60.0) -> dict:
-        """SFT warmup data: the teacher answers prompts; its responses go to the learner as targets."""
-        from zeda_rl.transport import Pusher
-        from zeda_rl.wire import TrajectoryBatch
-
-        t0 = time.time()
-        samples = self.generate(prompts, params, sample_ids)
-        arrays = pack_samples(samples, None, pad_id=self.pad_id)
-        arrays.pop("routed_experts", None)  # the teacher's routing means nothing to the student
-        if self.pusher is None:
-            self.pusher = Pusher(self.endpoint)
-        sent = self.pusher.send(TrajectoryBatch.from_arrays(arrays, meta={"stage": "sft"}), timeout_s=push_timeout_s)
-        n_tokens = sum(len(s["output_ids"]) for s in samples)
-        return {"samples": len(samples), "tokens": n_tokens, "seconds": time.time() - t0, "sent": bool(sent)}
-
 
     def answer_to_shard(self, items: list[dict], params: dict, path: str) -> dict:
         """Rollouts job: answer `items` ({id, messages, prompt_ids}) and write them as one JSONL shard.

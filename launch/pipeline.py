@@ -48,12 +48,9 @@ def prepare_checkpoints(cfg: RunConfig, phases: Phases) -> tuple[Path, Path]:
     from zeda_rl.convert import convert_checkpoint
 
     with phases("teacher"):
-        if cfg.model.teacher == "embedded":
-            from zeda_rl.teacher import build_teacher
+        from launch.rollouts import teacher_dir
 
-            teacher = Path(build_teacher(seed=cfg.seed))
-        else:
-            teacher = Path(cfg.model.teacher)
+        teacher = teacher_dir(cfg)
         console.print(f"teacher: {teacher}")
     with phases("convert"):
         n = _num_experts(teacher)
@@ -110,16 +107,16 @@ class Inbox:
         return int(self.puller.dropped)
 
 
-def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, data: RunData, log: MetricsLog, start: int = 0) -> None:
+def sft_phase(cfg: RunConfig, teachers, learner, teacher: Path, data: RunData, log: MetricsLog, start: int = 0) -> None:
     """Stage 1: the teacher answers the training prompts (or data.sft_rollouts holds its answers); the
     student learns them (NLL + L_GA, loss on the answer tokens only).
 
-    The teacher decodes greedily by default, so a resumed run regenerates the same data and
-    replays the same shuffled order up to step `start`.
+    The teacher's answers stay in RUN_DIR/rollouts (reused while the teacher, prompts and sampling
+    are the same), so a resumed run trains on the same data in the same shuffled order up to `start`.
     """
     if start >= cfg.sft.steps:
         return
-    answers = data.sft_records if data.sft_records is not None else teacher_answers(cfg, teachers, inbox, data, log)
+    answers = data.sft_records if data.sft_records is not None else teacher_answers(cfg, teachers, data, teacher, log)
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(num_rows(answers))
     cursor = 0
@@ -138,34 +135,20 @@ def sft_phase(cfg: RunConfig, teachers, learner, inbox: Inbox, data: RunData, lo
         _log_step(log, metrics, step + 1, cfg.sft.steps)
 
 
-def teacher_answers(cfg: RunConfig, teachers, inbox: Inbox, data: RunData, log: MetricsLog) -> dict[str, np.ndarray]:
-    """The teacher engines answer data.sft_count prompts; the packed answers arrive on the learner's inbox."""
-    stream, n_prompts = data.sft, data.sft_count
-    params = {"temperature": cfg.sft.teacher_temperature, "top_p": 1.0, "max_new_tokens": cfg.sampling.max_new_tokens,
-              "stop_token_ids": (data.format.eos_id,), "seed": cfg.seed}
-    chunks, chunk = {}, 64  # ref -> (prompts, ids, attempt)
-    for first in range(0, n_prompts, chunk):
-        prompts, ids = stream.take(min(chunk, n_prompts - first))
-        chunks[teachers.submit("generate_and_push", prompts, params, ids)] = (prompts, ids, 1)
-    t0 = last = time.time()
-    # drain the socket while the teachers answer: their pushes block once its buffers are full
-    while chunks or inbox.size() < n_prompts:
-        done, _ = ray.wait(list(chunks), num_returns=len(chunks), timeout=0) if chunks else ([], [])
-        for ref in done:
-            prompts, ids, attempt = chunks.pop(ref)
-            r = ray.get(ref)
-            log.log("teacher", "tokens", r["tokens"])
-            if not r["sent"]:  # the push timed out under backpressure: answer that chunk again
-                log.log("driver", "dropped_backpressure", r["samples"])
-                if attempt >= 3:
-                    raise RuntimeError(f"SFT data: a chunk of {len(ids)} teacher rollouts could not reach the learner in 3 tries")
-                chunks[teachers.submit("generate_and_push", prompts, params, ids)] = (prompts, ids, attempt + 1)
-        if inbox.drain(timeout_s=0.2):
-            last = time.time()
-        elif not chunks and time.time() - last > 300:
-            raise RuntimeError(f"SFT data: only {inbox.size()} of {n_prompts} teacher rollouts reached the learner")
-    answers = inbox.take_all()
-    console.print(f"teacher answered {num_rows(answers)} prompts in {time.time() - t0:.1f}s")
+def teacher_answers(cfg: RunConfig, teachers, data: RunData, teacher: Path, log: MetricsLog) -> dict[str, np.ndarray]:
+    """The teacher engines answer data.sft_count prompts through the rollouts job (`zeda rollouts`'s
+    code: RUN_DIR/rollouts, resumable), then SFT reads them back like released rollouts."""
+    from launch import rollouts, streams
+
+    out = cfg.run_dir / "rollouts"
+    items = rollouts.plan(data.sft, data.sft_count)
+    r = rollouts.write_rollouts(cfg, teachers, items, rollouts.sampling_params(cfg, data.format.eos_id), teacher, out, log)
+    console.print(f"teacher answered {r['answered']} prompts in {r['seconds']:.1f}s ({r['already_done']} already in {out}, "
+                  f"{r['truncated']} cut at max_new_tokens)")
+    answers = streams.sft_records(cfg, data.format, data.dropped, source=str(out))
+    for key in ("sft_rollouts", "sft_rollouts_cut_at_max_new_tokens"):
+        if key in data.dropped:
+            log.log("data", f"dropped_too_long/{key}", data.dropped[key])
     return answers
 
 
@@ -533,7 +516,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
         in_opd = cursor.get("stage") == "opd"
         with phases("sft"):
-            sft_phase(cfg, teachers, learner, inbox, data, log, start=cfg.sft.steps if in_opd else cursor.get("step", 0))
+            sft_phase(cfg, teachers, learner, teacher_dir, data, log, start=cfg.sft.steps if in_opd else cursor.get("step", 0))
             _save(cfg, learner)
         with phases("opd"):
             version = opd_phase(cfg, rollouts, teachers, learner, inbox, data, log, version=cursor.get("version", 0) if in_opd else 0,

@@ -31,30 +31,26 @@ def shard_name(attempt: int, index: int) -> str:
     return f"rollouts-{attempt:03d}-{index:05d}.jsonl"
 
 
-def sampling_params(cfg, tokenizer) -> dict:
+def sampling_params(cfg, eos_id: int) -> dict:
     """What the teacher samples with for SFT data (recorded in every record and the manifest)."""
     return {"temperature": cfg.sft.teacher_temperature, "top_p": cfg.sampling.top_p,
-            "max_new_tokens": cfg.sampling.max_new_tokens, "stop_token_ids": [int(tokenizer.eos_token_id)]}
+            "max_new_tokens": cfg.sampling.max_new_tokens, "stop_token_ids": [int(eos_id)]}
 
 
-def plan(cfg, tokenizer) -> list[dict]:
-    """The prompts to answer, in stream order: id, the prompt conversation, its token ids.
+def plan(stream, n: int) -> list[dict]:
+    """The first `n` prompts of the SFT stream (`launch.streams.sft_prompts`): id, conversation, token ids.
 
-    The same prompts and order as the SFT phase draws. A prompt drawn a second time (the
+    The same prompts, in the same order, as SFT trains on. A prompt drawn a second time (the
     built-in tasks cycle) gets its occurrence in its id, so every answer has its own id.
     """
-    from launch import streams
-
-    fmt = streams.chat_format(cfg, tokenizer)
-    stream, n = streams.sft_prompts(cfg, fmt)
-    ids, seen = [], {}
+    items, seen = [], {}
     for _ in range(n):
         i = stream.next_index()
-        rec, prompt = stream.records[i], stream.ids[i]
+        rec = stream.records[i]
         k = seen.get(rec.id, 0)
         seen[rec.id] = k + 1
-        ids.append({"id": rec.id if k == 0 else f"{rec.id}#{k}", "messages": list(rec.messages), "prompt_ids": prompt})
-    return ids
+        items.append({"id": rec.id if k == 0 else f"{rec.id}#{k}", "messages": list(rec.messages), "prompt_ids": stream.ids[i]})
+    return items
 
 
 def _shard_ids(shard: Path) -> list[str]:
@@ -96,9 +92,21 @@ def dedupe(out: Path) -> int:
     return removed
 
 
+def fingerprint(teacher: Path) -> str:
+    """The teacher checkpoint's identity without reading its weights: config, names, sizes, mtimes.
+    Answers of a teacher rebuilt in the same place must not be reused."""
+    import hashlib
+
+    h = hashlib.sha256((teacher / "config.json").read_bytes())
+    for p in sorted(teacher.glob("*.safetensors")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def _manifest(cfg, teacher: Path, params: dict, total: int) -> dict:
-    return {"teacher": str(teacher), "sft_prompts": cfg.data.sft_prompts, "prompts": total,
-            "enable_thinking": cfg.data.enable_thinking, "sampling": params, "seed": cfg.seed}
+    return {"teacher": str(teacher), "teacher_fingerprint": fingerprint(teacher), "sft_prompts": cfg.data.sft_prompts,
+            "prompts": total, "enable_thinking": cfg.data.enable_thinking, "sampling": params, "seed": cfg.seed}
 
 
 def _check_manifest(out: Path, want: dict) -> int:
@@ -121,15 +129,14 @@ def _check_manifest(out: Path, want: dict) -> int:
     return have["attempts"]
 
 
-def write_rollouts(cfg, teachers, tokenizer, teacher: Path, out: Path, log=None, chunk: int = CHUNK, progress=None) -> dict:
-    """Answer every planned prompt not yet in `out`; returns counts. `teachers`: a TeacherPool."""
+def write_rollouts(cfg, teachers, items: list[dict], params: dict, teacher: Path, out: Path, log=None, chunk: int = CHUNK,
+                   progress=None) -> dict:
+    """Answer every item of `plan` not yet in `out`; returns counts. `teachers`: a TeacherPool."""
     import ray
 
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(".rollouts-*.tmp*"):  # a shard a killed job was writing: its prompts are redone
         leftover.unlink()
-    params = sampling_params(cfg, tokenizer)
-    items = plan(cfg, tokenizer)
     attempt = _check_manifest(out, _manifest(cfg, teacher, params, len(items)))
     dedupe(out)
     done = done_ids(out)
@@ -246,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                 last[0] = time.time()
                 console.print(f"rollouts {done}/{total} prompts, {rate:.0f} tokens/s")
 
-        r = write_rollouts(cfg, pool, tokenizer, teacher, out, chunk=a.chunk, progress=progress)
+        from launch import streams
+
+        stream, n = streams.sft_prompts(cfg, streams.chat_format(cfg, tokenizer))
+        params = sampling_params(cfg, tokenizer.eos_token_id)
+        r = write_rollouts(cfg, pool, plan(stream, n), params, teacher, out, chunk=a.chunk, progress=progress)
     finally:
         ray.shutdown()
     console.print(f"rollouts: {r['answered']} answered now, {r['already_done']} already done, "

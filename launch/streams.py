@@ -143,26 +143,33 @@ def opd_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None, cache: dict |
     return _prompt_stream(cfg, fmt, cfg.data.opd_prompts, max(cfg.sft.prompts or 0, 64), cfg.seed + 1, "opd_prompts", dropped, cache)
 
 
-def sft_records(cfg, fmt: ChatFormat, dropped: dict | None = None) -> dict[str, np.ndarray]:
-    """Given teacher answers (data.sft_rollouts) as a packed batch: loss only on the answer tokens."""
+def sft_records(cfg, fmt: ChatFormat, dropped: dict | None = None, source: str | None = None) -> dict[str, np.ndarray]:
+    """Teacher answers (data.sft_rollouts, or `source`) as a packed batch: loss only on the answer tokens.
+
+    Answers the teacher was cut off in (`finish_reason: length`, as `zeda rollouts` marks them)
+    and records over the length caps are dropped and counted apart, never trained on half.
+    """
     from zeda_rl.trajectory import pack_samples
 
     dropped = {} if dropped is None else dropped
-    source = cfg.data.sft_rollouts
+    source = source or cfg.data.sft_rollouts
     records = read_records(source, _fields(cfg), need_response=True)
-    samples = []
+    samples, cut = [], 0
     for rec in records:
-        if rec.extra.get("finish_reason") == "length":  # the teacher was cut off mid-answer (zeda rollouts)
+        if rec.extra.get("finish_reason") == "length":
+            cut += 1
             continue
         p, a = fmt.sft_ids(rec)
         if len(p) > cfg.data.max_prompt_tokens or len(a) > cfg.data.max_response_tokens:
             continue
         samples.append({"prompt_ids": p, "output_ids": a, "logprobs": np.zeros(len(a)), "sample_id": len(samples)})
-    dropped["sft_rollouts"] = len(records) - len(samples)
+    dropped["sft_rollouts"] = len(records) - len(samples) - cut
+    if cut:
+        dropped["sft_rollouts_cut_at_max_new_tokens"] = cut
     if not samples:
-        raise DataError(f"data.sft_rollouts ({source}): every one of its {len(records)} records is longer than "
-                        f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) or data.max_response_tokens "
-                        f"({cfg.data.max_response_tokens})")
+        raise DataError(f"data.sft_rollouts ({source}): none of its {len(records)} records is usable: {cut} were cut at "
+                        f"the token cap, the rest are longer than data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) "
+                        f"or data.max_response_tokens ({cfg.data.max_response_tokens})")
     return pack_samples(samples, None, pad_id=fmt.tokenizer.pad_token_id or 0)
 
 

@@ -30,7 +30,7 @@ SHORT = {
 
 
 def _config(tmp: Path, family: str, overrides: dict):
-    teacher = save_tiny_chat_checkpoint(tmp / f"teacher-{family}", family)
+    teacher = save_tiny_chat_checkpoint(tmp / f"teacher-{family}", family, stop_logit=5.0)  # answers that end: SFT drops cut ones
     return load_config("launch/configs/tiny-cpu.yaml", {**SHORT, **overrides, "output_dir": str(tmp / "runs"), "model.teacher": str(teacher)})
 
 
@@ -82,7 +82,9 @@ def test_prompt_file_run_is_templated_and_resume_continues_the_prompt_stream(tmp
         # loss on the sampled answer only (1..max_new_tokens tokens after the prompt), never on the prompt
         assert mask == [0] * len(p) + [1] * (len(row) - len(p)) and 1 <= len(row) - len(p) <= cfg.sampling.max_new_tokens, stage
     assert result["eval_skipped"] and "chat template" in result["eval_skipped"]
-    assert result["dropped_too_long"] == {"opd_prompts": 0, "sft_prompts": 0}
+    dropped = result["dropped_too_long"]  # the teacher's answers that ran to the token cap are dropped, and counted
+    assert {k: dropped[k] for k in ("opd_prompts", "sft_prompts", "sft_rollouts")} == dict.fromkeys(("opd_prompts", "sft_prompts", "sft_rollouts"), 0)
+    assert set(dropped) <= {"opd_prompts", "sft_prompts", "sft_rollouts", "sft_rollouts_cut_at_max_new_tokens"}
     md = (cfg.run_dir / "report.md").read_text()
     assert "Evaluation skipped:" in md and "Records dropped as longer than data.max_prompt_tokens" in md
     assert 0.0 <= result["zero_expert_ratio"]["overall"] <= 1.0 and len(result["zero_expert_ratio"]["per_layer"]) == 2

@@ -27,7 +27,7 @@ N_PROMPTS, CHUNK = 160, 4
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("rollouts")
-    teacher = save_tiny_chat_checkpoint(root / "teacher", "qwen3_moe")
+    teacher = save_tiny_chat_checkpoint(root / "teacher", "qwen3_moe", stop_logit=5.0)
     prompts = root / "prompts.jsonl"
     with prompts.open("w") as f:
         for i in range(N_PROMPTS):
@@ -55,7 +55,8 @@ def _config_file(root, overrides):
 
 @pytest.mark.timeout(600)
 def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
-    from launch.rollouts import plan, start_teachers, write_rollouts
+    from launch import streams
+    from launch.rollouts import plan, sampling_params, start_teachers, write_rollouts
     from launch.train import load_run_config
     from transformers import AutoTokenizer
 
@@ -82,7 +83,8 @@ def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         pool, _pg = start_teachers(cfg, teacher, tok.pad_token_id)
-        r = write_rollouts(cfg, pool, tok, teacher, out, chunk=CHUNK)
+        items = plan(*streams.sft_prompts(cfg, streams.chat_format(cfg, tok)))
+        r = write_rollouts(cfg, pool, items, sampling_params(cfg, tok.eos_token_id), teacher, out, chunk=CHUNK)
     finally:
         ray.shutdown()
     # engines of the killed job may finish a chunk after it died: at least what was there is kept
@@ -90,7 +92,7 @@ def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
     assert len(r["per_engine"]) == 2 and min(r["per_engine"]) > 0  # both teacher engines answered
     records = [json.loads(line) for p in sorted(out.glob("rollouts-*.jsonl")) for line in p.read_text().splitlines()]
     ids = [rec["id"] for rec in records]
-    assert sorted(ids) == sorted(it["id"] for it in plan(cfg, tok))  # every prompt once: none lost, none twice
+    assert sorted(ids) == sorted(it["id"] for it in items)  # every prompt once: none lost, none twice
     assert len(set(ids)) == N_PROMPTS
     assert not list(out.glob(".*tmp*"))
     rec = records[0]
@@ -101,8 +103,6 @@ def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
     assert manifest["teacher"] == str(teacher) and manifest["prompts"] == N_PROMPTS
 
     # SFT reads the directory as released rollouts: templated prompt, loss on the answer tokens only
-    from launch import streams
-
     sft_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sft_rollouts": str(out)})})
     fmt = streams.chat_format(sft_cfg, tok)
     batch = streams.sft_records(sft_cfg, fmt)

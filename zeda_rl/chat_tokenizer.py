@@ -78,8 +78,17 @@ def save_chat_tokenizer(out: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
-def save_tiny_chat_checkpoint(out: str | Path, family: str = "qwen3_moe", seed: int = 0, **overrides) -> Path:
-    """A random tiny static MoE of `family` with this tokenizer, in HF format (a stand-in for a hub download)."""
+def save_tiny_chat_checkpoint(
+    out: str | Path, family: str = "qwen3_moe", seed: int = 0, stop_logit: float | None = None, **overrides
+) -> Path:
+    """A random tiny static MoE of `family` with this tokenizer, in HF format (a stand-in for a hub download).
+
+    A random model almost never samples its end-of-turn token, so every answer would run to the
+    token cap (and SFT rightly drops those). `stop_logit` makes it stop like a chat model: hidden
+    dimension 0 of every embedding is set to a constant, so after the final norm it is about
+    sqrt(hidden_size) for every token, and the eos row of the output head reads only that
+    dimension, scaled to give eos a logit of about `stop_logit` (5: stops after ~3 tokens at T=1).
+    """
     import torch
     from transformers import Glm4MoeLiteForCausalLM, Qwen3MoeForCausalLM
 
@@ -101,6 +110,12 @@ def save_tiny_chat_checkpoint(out: str | Path, family: str = "qwen3_moe", seed: 
                 bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
                 if bias is not None:
                     bias.normal_(0, 0.1)
+            if stop_logit is not None:
+                h = model.config.hidden_size
+                model.model.embed_tokens.weight[:, 0] = 1.0
+                head = model.lm_head.weight
+                head[tok.eos_token_id] = 0.0
+                head[tok.eos_token_id, 0] = stop_logit / h**0.5
         model.save_pretrained(out)
     finally:
         torch.random.set_rng_state(g)
