@@ -22,7 +22,7 @@ class EvalEngines:
             raise ValueError(f"engines must be >= 0, got {engines}")
         if engines == 0 and backend != "torch":
             raise ValueError(f"engines=0 (in process) is for the torch backend only, not {backend!r}")
-        self.batch_size = int(batch_size)
+        self.batch_size, self.owned = int(batch_size), True
         self.local = make_engine(backend, str(checkpoint), **(engine_kwargs or {})) if engines == 0 else None
         self.actors = []
         if engines:
@@ -31,6 +31,13 @@ class EvalEngines:
             opts = {"num_cpus": threads, "num_gpus": 0} if backend == "torch" else {"num_cpus": 1, "num_gpus": 1}
             cls = ray.remote(max_restarts=0)(EngineActor).options(**opts)
             self.actors = [cls.remote(backend, str(checkpoint), threads, engine_kwargs) for _ in range(engines)]
+
+    @classmethod
+    def over(cls, actors: list, batch_size: int = 32) -> "EvalEngines":
+        """Generation over engine actors that already exist (a run's own): used, never killed."""
+        pool = cls.__new__(cls)
+        pool.batch_size, pool.local, pool.actors, pool.owned = int(batch_size), None, list(actors), False
+        return pool
 
     def __call__(self, prompts: list[list[int]], params: dict) -> list[Sample]:
         seed = params.get("seed")
@@ -57,7 +64,7 @@ class EvalEngines:
         return [s for start in sorted(out) for s in out[start]]
 
     def close(self) -> None:
-        if not self.actors:
+        if not self.actors or not self.owned:
             return
         import ray
 

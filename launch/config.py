@@ -141,8 +141,6 @@ class RunConfig(_Strict):
                 f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must be <= data.max_response_tokens "
                 f"({self.data.max_response_tokens}): rollouts longer than the response cap could not be trained on"
             )
-        if self.eval.suite is not None:  # the hook for zeda_rl.suites: accepted once the pipeline's eval phase runs suites
-            raise ValueError(f"eval.suite ({self.eval.suite!r}): suite-based evaluation is not wired into the pipeline yet")
         return self
 
     @property

@@ -377,15 +377,21 @@ def opd_phase(
     return version
 
 
-def evaluate_phase(cfg: RunConfig, teacher_dir: Path, student_dir: Path, data: RunData, log: MetricsLog) -> tuple[dict, dict]:
-    """Teacher and student on the built-in tasks, which only mean something with the embedded tokenizer.
+def evaluate_phase(cfg: RunConfig, teacher_dir: Path, student_dir: Path, data: RunData, log: MetricsLog,
+                   engines: dict | None = None) -> tuple[dict, dict]:
+    """Teacher and student on the benchmark suite (eval.suite), else on the built-in tasks, which only
+    mean something with the embedded tokenizer.
 
-    With a real tokenizer the accuracy eval is skipped (said in the report) until a benchmark suite
-    runs here (the hook: `eval.suite`, zeda_rl.suites); the student's zero-expert share is still
-    measured, teacher-forced over the first OPD prompts as the chat template renders them.
+    A suite runs on the run's own engines (`engines`: the teacher actors for the teacher, the rollout
+    actors, which serve the final weights, for the student), so it costs no new GPUs; its Table-1
+    report goes to RUN_DIR/eval. With a real tokenizer and no suite the accuracy eval is skipped
+    (said in the report); the student's zero-expert share is still measured, teacher-forced over
+    the first OPD prompts as the chat template renders them.
     """
     from zeda_rl.evaluate import evaluate, load, routed_zero_ratio
 
+    if cfg.eval.suite:
+        return _suite_eval(cfg, teacher_dir, student_dir, log, engines or {})
     if not data.format.templated:
         teacher_eval = evaluate(teacher_dir, n_per_family=cfg.eval.n_per_family)
         student_eval = evaluate(student_dir, n_per_family=cfg.eval.n_per_family)
@@ -405,6 +411,31 @@ def evaluate_phase(cfg: RunConfig, teacher_dir: Path, student_dir: Path, data: R
         student_eval = {"checkpoint": str(student_dir), "accuracy": {}, "skipped": reason, "zero_ratio": zr}
     log.log("eval", "student_zero_ratio", student_eval["zero_ratio"]["overall"])
     return teacher_eval, student_eval
+
+
+def _suite_eval(cfg: RunConfig, teacher_dir: Path, student_dir: Path, log: MetricsLog, engines: dict) -> tuple[dict, dict]:
+    """eval.suite on the run's engines; returned in the report's shape (accuracy per benchmark, mean, r_ZE)."""
+    from actors.eval_pool import EvalEngines
+    from zeda_rl.suites import load_suite, run_suite, write_outputs
+
+    suite = load_suite(cfg.eval.suite)
+    runs = {}
+    for who, ckpt in (("teacher", teacher_dir), ("student", student_dir)):
+        with EvalEngines.over(engines[who], batch_size=suite.batch_size) as gen:
+            runs[who] = run_suite(ckpt, suite, gen, progress=lambda m, who=who: console.print(f"eval {who}: {m}"))
+    files = write_outputs(cfg.run_dir / "eval", runs["student"], runs["teacher"])
+    console.print(f"benchmark report: {files['markdown']}")
+    out = []
+    for who in ("teacher", "student"):
+        r = runs[who]
+        per_layer = [sum(b["r_ze"]["per_layer"][i] for b in r["benchmarks"]) / len(r["benchmarks"])
+                     for i in range(len(r["benchmarks"][0]["r_ze"]["per_layer"]))]
+        acc = {b["name"]: b["accuracy"] for b in r["benchmarks"]} | {"mean": r["average"]["accuracy"]}
+        log.log("eval", f"{who}_accuracy", acc["mean"])
+        out.append({"checkpoint": str(r["checkpoint"]), "accuracy": acc, "suite": suite.name,
+                    "zero_ratio": {"overall": r["average"]["r_ze"], "per_layer": per_layer, "note": "per request, over the suite"}})
+    log.log("eval", "student_zero_ratio", out[1]["zero_ratio"]["overall"])
+    return out[0], out[1]
 
 
 def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint: str, pad_id: int):
@@ -500,6 +531,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         teacher_dir, student_dir = prepare_checkpoints(cfg, phases)
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         data = streams.build(cfg, tokenizer, log)  # before anything starts: bad data fails in seconds
+        if cfg.eval.suite:  # and a bad benchmark suite too
+            from zeda_rl.suites import load_suite
+
+            load_suite(cfg.eval.suite)
         console.print(f"data: {len(data.opd.ids)} OPD prompts, SFT "
                       + (f"{num_rows(data.sft_records)} given answers" if data.sft_records is not None else f"{data.sft_count} prompts")
                       + f", chat template {'on' if data.format.templated else 'off'}; dropped as too long: {data.dropped}")
@@ -525,7 +560,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         with phases("export"):
             final = learner.export_hf(cfg.run_dir / "student")
         with phases("eval"):
-            teacher_eval, student_eval = evaluate_phase(cfg, teacher_dir, final, data, log)
+            teacher_eval, student_eval = evaluate_phase(cfg, teacher_dir, final, data, log,
+                                                        engines={"teacher": teachers.actors, "student": rollouts})
         phases.times["total"] = time.time() - t_start
         result = write_report(cfg, teacher_eval, student_eval, phases.times, cfg.run_dir / "metrics.jsonl", final_version=version)
         ending = "finished"

@@ -47,6 +47,7 @@ def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict,
         "name": cfg.name,
         "accuracy": {"teacher": t_acc, "student": s_acc, "delta_points": 100 * (s_acc["mean"] - t_acc["mean"]) if scored else None},
         "eval_skipped": student_eval.get("skipped"),
+        "suite": student_eval.get("suite"),
         "dropped_too_long": too_long,
         "zero_expert_ratio": {"overall": zr["overall"], "per_layer": zr["per_layer"]},
         "expert_flops_eliminated": zr["overall"],
@@ -136,7 +137,7 @@ def _markdown(r: dict) -> str:
     ph = "\n".join(f"| {k} | {v:.1f} |" for k, v in r["phase_seconds"].items())
     tg = r["targets"]
     rkl = r["reverse_kl"]
-    accuracy = f"""| task family | teacher | student |
+    accuracy = f"""| {'benchmark' if r.get('suite') else 'task family'} | teacher | student |
 |---|---|---|
 {rows}
 
@@ -146,7 +147,7 @@ Student minus teacher: {r['accuracy']['delta_points']:+.1f} points.
     dropped = r["dropped_too_long"]
     return f"""# ZEDA run report: {r['name']}
 
-## Accuracy (held-out exact match, %)
+## Accuracy ({f"benchmark suite {r['suite']}, avg@k, %; per-benchmark r_ZE in [eval/eval.md](eval/eval.md)" if r.get('suite') else "held-out exact match, %"})
 {accuracy}
 
 ## Zero experts

@@ -10,6 +10,7 @@ stage's first trained row: templated prompt ids, loss only on the assistant's to
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -107,8 +108,15 @@ def test_sft_from_a_rollout_directory_trains_exactly_the_templated_answer(tmp_pa
     cfg = _config(tmp_path, "glm4_moe_lite", {
         "name": "chat-rollouts", "data.sft_rollouts": str(FIX / "rollouts"), "data.opd_prompts": str(FIX / "chat_prompts.jsonl"),
         "data.fields.id": "uuid", "opd.steps": 1, "learner.ep": 1, "sft.batch_size": 4,
+        "eval.suite": str(Path(__file__).parent / "fixtures" / "eval" / "suite.yaml"),
     })
-    run_on_fresh_ray(cfg)
+    result = run_on_fresh_ray(cfg)
+    # the benchmark suite ran on the run's own engines: Table 1 in RUN_DIR/eval, its numbers in the report
+    table = json.loads((cfg.run_dir / "eval" / "eval.json").read_text())["table"]
+    assert [r["benchmark"] for r in table] == ["gsm8k", "math500", "humaneval", "ifeval", "Average"]
+    assert result["suite"] == "fixture-suite" and set(result["accuracy"]["student"]) == {"gsm8k", "math500", "humaneval", "ifeval", "mean"}
+    assert result["zero_expert_ratio"]["overall"] == table[-1]["student_r_ze"] > 0
+    assert "benchmark suite fixture-suite" in (cfg.run_dir / "report.md").read_text()
     events = read_events(cfg.run_dir / "metrics.jsonl")
     tok = build_chat_tokenizer()
     fmt = streams.chat_format(cfg, tok)

@@ -85,9 +85,9 @@ def save_tiny_chat_checkpoint(
 
     A random model almost never samples its end-of-turn token, so every answer would run to the
     token cap (and SFT rightly drops those). `stop_logit` makes it stop like a chat model: hidden
-    dimension 0 of every embedding is set to a constant, so after the final norm it is about
-    sqrt(hidden_size) for every token, and the eos row of the output head reads only that
-    dimension, scaled to give eos a logit of about `stop_logit` (5: stops after ~3 tokens at T=1).
+    dimension 0 of every embedding is set to a positive constant (about as large as the other
+    dimensions together, so routing still differs from token to token), and the eos row of the
+    output head reads only that dimension, scaled to give eos a logit of about `stop_logit`.
     """
     import torch
     from transformers import Glm4MoeLiteForCausalLM, Qwen3MoeForCausalLM
@@ -111,11 +111,12 @@ def save_tiny_chat_checkpoint(
                 if bias is not None:
                     bias.normal_(0, 0.1)
             if stop_logit is not None:
-                h = model.config.hidden_size
-                model.model.embed_tokens.weight[:, 0] = 1.0
+                h, sigma = model.config.hidden_size, model.config.initializer_range
+                c = 5 * sigma  # about as large as the rest of the embedding together: routing still varies by token
+                model.model.embed_tokens.weight[:, 0] = c
                 head = model.lm_head.weight
                 head[tok.eos_token_id] = 0.0
-                head[tok.eos_token_id, 0] = stop_logit / h**0.5
+                head[tok.eos_token_id, 0] = stop_logit / (c / ((c * c + (h - 1) * sigma * sigma) / h) ** 0.5)
         model.save_pretrained(out)
     finally:
         torch.random.set_rng_state(g)

@@ -8,8 +8,8 @@ requests over engine actors). The report follows the ZEDA paper's Table 1: per b
 avg@k accuracy and r_ZE (each request's share of routed slots on zero experts over all
 its tokens, prompt and output, averaged over requests), overall and per MoE layer.
 
-Prompts go through the checkpoint tokenizer's chat template here (`render_prompt`); the
-training data path has its own renderer in `zeda_rl.chat`, to be unified later.
+Prompts go through the checkpoint tokenizer's chat template the same way training data does
+(`zeda_rl.chat.ChatFormat`), so a benchmark prompt is rendered exactly like a training prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from zeda_rl.chat import ChatFormat
+from zeda_rl.data import Record
 from zeda_rl.evaluate import mean_zero_ratio, moe_shape, request_zero_shares
 from zeda_rl.graders import make_grader, strip_thinking
 
@@ -94,13 +96,8 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def render_prompt(tokenizer, text: str, enable_thinking: bool) -> list[int]:
-    """Token ids of one user turn through the chat template; a tokenizer without one gets the plain text."""
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, enable_thinking=enable_thinking, tokenize=False,
-        )
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(text)["input_ids"])
+    """Token ids of one user turn, exactly as training renders a prompt (`zeda_rl.chat.ChatFormat`)."""
+    return ChatFormat(tokenizer, enable_thinking).prompt_ids(Record(id="", where="", messages=({"role": "user", "content": text},)))
 
 
 def stop_ids(tokenizer, checkpoint: str | Path) -> tuple[int, ...]:
