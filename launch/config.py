@@ -136,6 +136,9 @@ class RunConfig(_Strict):
             )
         if self.sft.prompts is None and self.data.sft_prompts == "embedded" and not self.data.sft_rollouts:
             raise ValueError("sft.prompts: a number is needed with data.sft_prompts: embedded (the built-in tasks are generated)")
+        if self.eval.suite is not None and not Path(self.eval.suite).is_file():
+            raise ValueError(f"eval.suite ({self.eval.suite!r}): no such suite file (a YAML naming benchmark files and graders, "
+                             "e.g. launch/suites/paper.yaml)")
         if self.sampling.max_new_tokens > self.data.max_response_tokens:
             raise ValueError(
                 f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must be <= data.max_response_tokens "

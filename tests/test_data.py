@@ -219,7 +219,7 @@ def test_sft_records_train_only_on_the_answer(chat_tok):
     ({"sft.data": "x.jsonl"}, r"sft\.data: Extra inputs"),
     ({"data.sft_prompts": "embedded", "sft.prompts": None}, r"sft\.prompts: a number is needed"),
     ({"sampling.max_new_tokens": 100, "data.max_response_tokens": 50}, r"sampling\.max_new_tokens \(100\) must be <= data\.max_response_tokens"),
-    ({"eval.suite": "zeda-11"}, r"eval\.suite .* not wired"),
+    ({"eval.suite": "no-such-suite.yaml"}, r"eval\.suite \('no-such-suite\.yaml'\): no such suite file"),
     ({"data.fields": {"prompt": "q", "answer": "a"}}, r"data\.fields\.answer"),
 ])
 def test_data_config_errors_name_the_key(over, msg):
