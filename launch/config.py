@@ -71,11 +71,26 @@ class OPDSection(_Strict):
     samples_per_prompt: int = Field(2, ge=1)
     lr: float = 5e-6
     clip_eps: float = Field(0.2, gt=0)
+    ratio: Literal["recomputed", "behaviour"] = Field(
+        "recomputed", description="importance ratio against the learner's own logprobs before its update (official: "
+        "1 for one update per rollout, the clip never acts) or the rollout engine's (a bf16 engine then clips fp32 "
+        "gradients)")
+    tis_cap: float | None = Field(None, gt=0, description="truncated importance weight min(exp(learner - engine "
+                                  "logprob), cap) on each token's loss, for stale samples; null: off (official)")
+    loss_agg: Literal["sample_mean", "token_mean"] = Field(
+        "sample_mean", description="per-sample token mean averaged over samples (official OPD) or per-token mean")
     sync_every: int = Field(1, ge=1, description="learner steps between weight pushes")
     max_staleness: int = Field(1, ge=0, description="max policy versions a sample may lag")
     asynchronous: bool = True
     routing_replay: bool = True
     rollout_batch: int = Field(8, ge=1, description="prompts per generation call")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.tis_cap is not None and self.ratio == "behaviour":
+            raise ValueError("opd.tis_cap needs opd.ratio: recomputed (with the engine's ratio the weight would "
+                             "correct for the engine twice)")
+        return self
 
 
 class FieldsSection(_Strict):

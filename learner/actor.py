@@ -171,29 +171,10 @@ class LearnerGroup:
     @classmethod
     def from_run_config(cls, cfg, checkpoint_dir: str | Path, resume: str | Path | None = None) -> "LearnerGroup":
         """The learner of a `launch.config.RunConfig`: SFT settings first, OPD's applied when it starts."""
-        from learner.train import LearnerConfig
+        from learner.train import run_learner_config
 
         lc = cfg.learner
-        base = LearnerConfig(
-            stage="sft",
-            lr=cfg.sft.lr,
-            schedule=cfg.sft.schedule,
-            warmup_ratio=cfg.sft.warmup_frac,
-            total_steps=max(1, cfg.sft.steps),
-            weight_decay=lc.weight_decay,
-            betas=tuple(lc.betas),
-            clip_grad=lc.grad_clip,
-            token_budget=lc.micro_batch_tokens,
-            alpha=lc.alpha,
-            w=lc.w,
-            clip_eps=cfg.opd.clip_eps,
-            ep_size=lc.ep,
-            checkpoint_interval=lc.checkpoint_every,
-            checkpoint_dir=str(cfg.run_dir / "learner") if lc.checkpoint_every else None,
-            seed=cfg.seed,
-        )
-        opd = {"lr": cfg.opd.lr, "schedule": "constant", "warmup_steps": 0, "total_steps": max(1, cfg.opd.steps),
-               "temperature": cfg.sampling.temperature}
+        base, opd = run_learner_config(cfg)
         group = cls(
             checkpoint_dir,
             base,

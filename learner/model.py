@@ -14,7 +14,8 @@ choice of slots is `zeda_rl.routing.route` (the same definition the transformers
 and the rollout engines use). Zero slots are then removed before the token dispatcher:
 the (probs, routing_map) pair handed to Megatron covers only the N real experts, so a
 zero slot is dispatched nowhere and costs nothing, and a token uses 0..K real experts.
-The group auxiliary loss (`zeda_rl.losses.group_aux_loss`) is attached to the router
+The group auxiliary loss (`zeda_rl.losses.group_aux_loss`, counts from a fresh top-K of
+the probabilities: neither the correction bias nor replayed ids) is attached to the router
 output with Megatron's `MoEAuxLossAutoScaler`, as Megatron attaches its own aux losses;
 `MoEAuxLossAutoScaler.set_loss_scale` therefore sets its weight in the backward pass.
 Routing replay and recording go through the routers (`replay_routing`, `record_routing`).
@@ -89,6 +90,14 @@ def model_info(hf_config) -> ModelInfo:
         raise ValueError(
             f"config architectures {archs} is not a converted zero-expert checkpoint; expected one of "
             f"{sorted(FAMILIES)} (convert it first with zeda_rl.convert)"
+        )
+    if "copy" in hf_config.zce_slots():
+        # A copy slot adds weight x input to the MoE output; Megatron's MoE layer has no place for
+        # it, and training copy slots as zero slots would silently train another model.
+        raise ValueError(
+            f"config zce_types {list(hf_config.zce_types)}: the learner trains zero experts only; copy experts "
+            "(model.zero_type: copy, zeda convert --zero-type copy) are not supported by the Megatron learner "
+            "(ZEDA uses zero experts: copy experts broke accuracy)"
         )
     raw = hf_config.to_dict()
     moe_layers = tuple(TARGETS[archs[0]].moe_layers(raw))
@@ -252,7 +261,8 @@ class ZeroExpertRouter(TopKRouter):
         self.last_aux_loss = None
         if self.training and torch.is_grad_enabled() and self.spec.num_zero > 0 and self.alpha > 0:
             token_mask = None if padding_mask is None else ~padding_mask.reshape(-1)
-            aux = group_aux_loss(r.probs, ids, n, self.spec.num_zero, alpha=self.alpha, w=self.w, token_mask=token_mask)
+            aux = group_aux_loss(r.probs, n, self.spec.num_zero, self.spec.top_k, alpha=self.alpha, w=self.w,
+                                 token_mask=token_mask)
             self.last_aux_loss = aux.detach()
             probs = MoEAuxLossAutoScaler.apply(probs, aux)
         return probs.contiguous(), routing_map.contiguous()

@@ -13,11 +13,25 @@ of the global batch (plain dict of numpy/torch arrays, see `Batch fields` below)
 4. gradient sync (learner.parallel), clipping by the global norm, AdamW with the
    learning rate of the schedule, and metrics.
 
-Loss definitions (global batch over all DP ranks):
-- SFT:  sum_t NLL_t / T_resp  +  mean over micro-batches of sum over MoE layers of L_GA
-- OPD:  per-token clipped policy loss with A_t = log p_teacher - log p_student(fresh),
-        averaged over response tokens the same way, plus the same L_GA term.
-(`aux_reduce="mean"` averages L_GA over layers instead of summing, as Megatron sums.)
+Loss definitions (global batch over all DP ranks; a `loss_weight` per token, see
+zeda_rl.losses.token_weights):
+- SFT:  per-token mean NLL over the response tokens (the official SFT), plus L_GA.
+- OPD:  clipped policy loss with A_t = log p_teacher - log p_student(fresh, detached); each
+        sample's token mean, then the mean over samples (`loss_agg: sample_mean`, the
+        official OPD scripts), or the per-token mean (`token_mean`); plus the same L_GA.
+        The ratio exp(logp - logp_old) is taken against the policy before this update
+        (`ratio: recomputed`, official). A step is one optimiser update on its batch, so
+        that policy is the very weights of this forward (replayed experts included), and
+        logp_old, recomputed without grad, is logp.detach(): no second forward is needed,
+        the ratio is 1 and the clip never acts, whatever precision the engine sampled in.
+        (A learner that took several updates per batch would have to compute logp_old once,
+        before the first.) `ratio: behaviour` takes it against the engine's logprobs.
+        Stale samples may get a truncated importance weight min(exp(logp_old -
+        logp_behaviour), tis_cap) on their loss (`tis_cap`; off by default, as officially);
+        otherwise the behaviour logprobs only feed the staleness statistics
+        (behaviour_ratio_mean, behaviour_clip_frac).
+- L_GA: mean over micro-batches of the sum over MoE layers (`aux_reduce="mean"` averages
+        over layers instead, as Megatron sums); counts from a fresh top-K, no correction bias.
 
 Batch fields, all [B, S] unless said (column t describes token t, predicted from t-1;
 column 0 is never trained): `tokens` int, `loss_mask` 0/1, optional `attention_mask`
@@ -35,7 +49,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from learner import cpu_shims
 
@@ -43,7 +57,7 @@ cpu_shims.apply()
 
 from learner import bridge, parallel  # noqa: E402
 from learner import model as mdl  # noqa: E402
-from zeda_rl.losses import opd_policy_loss, token_logprobs  # noqa: E402
+from zeda_rl.losses import opd_token_loss, token_logprobs, token_weights  # noqa: E402
 
 
 class LearnerConfig(BaseModel):
@@ -67,6 +81,13 @@ class LearnerConfig(BaseModel):
     w: float = Field(2.0, gt=0, description="zero-expert weight in L_GA")
     aux_reduce: Literal["sum", "mean"] = "sum"
     clip_eps: float = Field(0.2, gt=0, description="OPD ratio clip")
+    ratio: Literal["recomputed", "behaviour"] = Field(
+        "recomputed", description="OPD ratio against the learner's own logprobs before the update (official) or the engine's")
+    tis_cap: float | None = Field(None, gt=0, description="OPD: truncated importance weight min(exp(old - behaviour), cap) "
+                                  "on each token's loss, for stale samples; None: off (official)")
+    loss_agg: Literal["sample_mean", "token_mean"] = Field(
+        "sample_mean", description="OPD loss aggregation: per-sample mean averaged over samples (official) or per-token "
+        "mean; SFT is always the per-token mean")
     temperature: float = Field(1.0, gt=0, description="OPD: the rollouts' sampling temperature; student logprobs are "
                                "taken at it, as the behaviour and teacher logprobs are")
     ep_size: int = Field(1, ge=1)
@@ -74,6 +95,13 @@ class LearnerConfig(BaseModel):
     checkpoint_interval: int = Field(0, ge=0, description="save every K steps (0: never)")
     checkpoint_dir: str | None = None
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.tis_cap is not None and self.ratio == "behaviour":
+            raise ValueError("tis_cap (opd.tis_cap) needs ratio: recomputed (opd.ratio): with the behaviour ratio the "
+                             "importance weight would correct for the engine twice")
+        return self
 
     @property
     def warmup(self) -> int:
@@ -88,6 +116,22 @@ class LearnerConfig(BaseModel):
         span = max(1, self.total_steps - self.warmup)
         progress = min(1.0, (step - self.warmup) / span)
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def run_learner_config(cfg) -> tuple[LearnerConfig, dict]:
+    """The learner settings of a `launch.config.RunConfig`: the SFT stage's config and the
+    overrides applied when OPD starts (LearnerGroup.from_run_config)."""
+    lc, o = cfg.learner, cfg.opd
+    base = LearnerConfig(
+        stage="sft", lr=cfg.sft.lr, schedule=cfg.sft.schedule, warmup_ratio=cfg.sft.warmup_frac,
+        total_steps=max(1, cfg.sft.steps), weight_decay=lc.weight_decay, betas=tuple(lc.betas), clip_grad=lc.grad_clip,
+        token_budget=lc.micro_batch_tokens, alpha=lc.alpha, w=lc.w, clip_eps=o.clip_eps, ratio=o.ratio,
+        tis_cap=o.tis_cap, loss_agg=o.loss_agg, ep_size=lc.ep, checkpoint_interval=lc.checkpoint_every,
+        checkpoint_dir=str(cfg.run_dir / "learner") if lc.checkpoint_every else None, seed=cfg.seed,
+    )
+    opd = {"lr": o.lr, "schedule": "constant", "warmup_steps": 0, "total_steps": max(1, o.steps),
+           "temperature": cfg.sampling.temperature}
+    return base, opd
 
 
 # ---- batches --------------------------------------------------------------------------------------
@@ -202,6 +246,7 @@ def _padding_batch(rows: int, seq: int, stage: str) -> dict[str, torch.Tensor]:
         "tokens": torch.zeros(rows, seq, dtype=torch.long),
         "loss_mask": torch.zeros(rows, seq, dtype=torch.bool),
         "attention_mask": torch.zeros(rows, seq, dtype=torch.bool),
+        "loss_weight": torch.zeros(rows, seq),
     }
     if stage == "opd":
         out["behaviour_logprobs"] = torch.zeros(rows, seq)
@@ -312,14 +357,16 @@ class Learner:
         n_mb = len(common)
         if n_mb == 0:
             raise ValueError("train_step: the global batch has no rows")
-        resp_local = float(b["loss_mask"].sum())
-        valid_local = float(b["attention_mask"].sum())
-        resp_total, real_mb_total, valid_total = parallel.all_reduce_sum([resp_local, float(len(groups)), valid_local])
+        mask = b["loss_mask"]
+        local = [float(mask.sum()), float(mask.any(1).sum()), float(len(groups)), float(b["attention_mask"].sum())]
+        resp_total, samples_total, real_mb_total, valid_total = parallel.all_reduce_sum(local)
         resp_total = max(resp_total, 1.0)
+        agg = c.loss_agg if c.stage == "opd" else "token_mean"  # the official SFT is a per-token mean
+        b["loss_weight"] = token_weights(mask, agg, n_tokens=resp_total, n_samples=samples_total)
         n_layers = len(self.info.moe_layers)
         aux_layer_div = n_layers if c.aux_reduce == "mean" else 1
 
-        sums = {"main": 0.0, "nll": 0.0, "reverse_kl": 0.0, "clip_frac": 0.0, "ratio_sum": 0.0}
+        sums = dict.fromkeys(("main", "nll", "reverse_kl", "clip_frac", "ratio_sum", "beh_ratio_sum", "beh_clip"), 0.0)
         aux = torch.zeros(n_layers, dtype=torch.float64)
         zero_slots = torch.zeros(n_layers, dtype=torch.float64)
         routed_slots = 0.0
@@ -327,33 +374,21 @@ class Learner:
         for i in range(n_mb):
             rows_n, s = common[i]
             real = i < len(groups)
-            if real:
-                mb = _take(b, groups[i], rows_n, s)
-            else:  # a dummy micro-batch (this rank has fewer): same collectives, no loss, no aux
-                mb = _padding_batch(rows_n, s, c.stage)
+            # a dummy micro-batch (this rank has fewer): same collectives, no loss, no aux
+            mb = _take(b, groups[i], rows_n, s) if real else _padding_batch(rows_n, s, c.stage)
             mb = {k: v.to(self.device) for k, v in mb.items()}
             mdl.set_aux_loss_scale((1.0 / real_mb_total / aux_layer_div) if real else 0.0)
-            padding = ~mb["attention_mask"]
             with mdl.replay_routing(self.model, mb.get("routed_experts")):
-                logits = mdl.forward_logits(self.model, mb["tokens"], padding)
+                logits = mdl.forward_logits(self.model, mb["tokens"], ~mb["attention_mask"])
             if c.stage == "opd" and c.temperature != 1.0:
                 logits = logits / c.temperature
             logp = token_logprobs(logits, mb["tokens"])  # [B, S-1]
-            mask = mb["loss_mask"][:, 1:].float()
-            n_resp = float(mask.sum())
+            m, wt = mb["loss_mask"][:, 1:], mb["loss_weight"][:, 1:]
+            sums["nll"] += float(-logp.detach()[m].sum())
             if c.stage == "sft":
-                nll_sum = -(logp * mask).sum()
-                loss = nll_sum / resp_total
-                sums["nll"] += float(nll_sum.detach())
+                loss = -(logp * wt).sum()
             else:
-                pl, stats = opd_policy_loss(
-                    logp, mb["behaviour_logprobs"][:, 1:], mb["teacher_logprobs"][:, 1:], mask, clip_eps=c.clip_eps
-                )
-                loss = pl * (n_resp / resp_total)
-                sums["reverse_kl"] += stats["reverse_kl"] * n_resp
-                sums["clip_frac"] += stats["clip_frac"] * n_resp
-                sums["ratio_sum"] += stats["ratio_mean"] * n_resp
-                sums["nll"] += float(-(logp.detach() * mask).sum())
+                loss = (self._opd_token_loss(logp, mb, sums, m) * wt).sum()
             if not real:
                 loss = loss * 0.0
             loss.backward()
@@ -369,6 +404,22 @@ class Learner:
         return dict(sums=sums, aux=aux, zero_slots=zero_slots, routed_slots=routed_slots, n_mb=n_mb,
                     real_mb_total=real_mb_total, resp_total=resp_total, valid_total=valid_total,
                     aux_layer_div=aux_layer_div)
+
+    def _opd_token_loss(self, logp: torch.Tensor, mb: dict, sums: dict, m: torch.Tensor) -> torch.Tensor:
+        """OPD per-token loss of one micro-batch (see the module docstring); adds its token sums to `sums`."""
+        c = self.config
+        behaviour, teacher = mb["behaviour_logprobs"][:, 1:], mb["teacher_logprobs"][:, 1:]
+        old = logp.detach() if c.ratio == "recomputed" else behaviour
+        with torch.no_grad():
+            beh_ratio = torch.exp(logp - behaviour)  # the engine-vs-learner mismatch: staleness and precision
+        is_weight = beh_ratio.clamp(max=c.tis_cap) if c.tis_cap is not None else None
+        loss_t, ratio, adv = opd_token_loss(logp, old, teacher, c.clip_eps, is_weight)
+        sums["reverse_kl"] += float(-adv[m].sum())
+        sums["clip_frac"] += float(((ratio - 1.0).abs() > c.clip_eps)[m].sum())
+        sums["ratio_sum"] += float(ratio[m].sum())
+        sums["beh_ratio_sum"] += float(beh_ratio[m].sum())
+        sums["beh_clip"] += float(((beh_ratio - 1.0).abs() > c.clip_eps)[m].sum())
+        return loss_t
 
     def update(self) -> tuple[float, float]:
         """Clip by the global norm, AdamW step at the schedule's lr; returns (grad norm before clip, lr)."""
@@ -387,14 +438,12 @@ class Learner:
         sums, aux, zero_slots, routed_slots = st["sums"], st["aux"], st["zero_slots"], st["routed_slots"]
         real_mb_total, resp_total, valid_total = st["real_mb_total"], st["resp_total"], st["valid_total"]
         n_layers = len(self.info.moe_layers)
-        red = parallel.all_reduce_sum(
-            [sums["main"], sums["nll"], sums["reverse_kl"], sums["clip_frac"], sums["ratio_sum"], routed_slots]
-            + aux.tolist()
-            + zero_slots.tolist()
-        )
-        main, nll, rkl, cfrac, rsum, slots = red[:6]
-        aux_l = [a / max(real_mb_total, 1.0) for a in red[6 : 6 + n_layers]]
-        zr = [z / max(slots, 1.0) for z in red[6 + n_layers :]]
+        keys = ("main", "nll", "reverse_kl", "clip_frac", "ratio_sum", "beh_ratio_sum", "beh_clip")
+        red = parallel.all_reduce_sum([sums[k] for k in keys] + [routed_slots] + aux.tolist() + zero_slots.tolist())
+        tot = dict(zip(keys, red))
+        main, slots, red = tot["main"], red[len(keys)], red[len(keys) + 1 :]
+        aux_l = [a / max(real_mb_total, 1.0) for a in red[:n_layers]]
+        zr = [z / max(slots, 1.0) for z in red[n_layers:]]
         aux_total = sum(aux_l) / st["aux_layer_div"]
         m = {
             "step": self.step,
@@ -410,12 +459,14 @@ class Learner:
             "tokens_per_s": valid_total / dt if dt > 0 else 0.0,
             "step_time_s": dt,
             "micro_batches": st["n_mb"],
-            "nll": nll / resp_total,
+            "nll": tot["nll"] / resp_total,
         }
         if c.stage == "sft":
             m["sft_loss"] = main
-        else:
-            m.update(policy_loss=main, reverse_kl=rkl / resp_total, clip_frac=cfrac / resp_total, ratio_mean=rsum / resp_total)
+        else:  # per-token means over the response tokens
+            m.update(policy_loss=main, **{k: tot[src] / resp_total for k, src in (
+                ("reverse_kl", "reverse_kl"), ("clip_frac", "clip_frac"), ("ratio_mean", "ratio_sum"),
+                ("behaviour_ratio_mean", "beh_ratio_sum"), ("behaviour_clip_frac", "beh_clip"))})
         return m
 
     # -- evaluation helpers --

@@ -90,7 +90,9 @@ def test_opd_steps_move_the_student_towards_the_teacher(ckpts, family):
     assert m0["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and m0["clip_frac"] == 0.0
     assert m0["loss"] == pytest.approx(m0["policy_loss"] + m0["aux_loss"])
     assert all(m["aux_loss"] > 0 and 0 <= m["zero_ratio"] <= 1 for m in ms)
-    assert ms[-1]["clip_frac"] > 0  # the student moved away from the behaviour policy
+    # the student moved away from the behaviour policy; the official ratio (vs the learner's own old logprobs) never clips
+    assert ms[-1]["behaviour_clip_frac"] > 0 and ms[-1]["behaviour_ratio_mean"] != 1.0
+    assert all(m["clip_frac"] == 0.0 and m["ratio_mean"] == 1.0 for m in ms)
 
 
 def test_opd_with_routing_replay_uses_the_given_experts(ckpts):

@@ -6,14 +6,18 @@ maths lives in one place and is tested on its own.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+LossAgg = Literal["sample_mean", "token_mean"]
 
 
 def group_aux_loss(
     probs: torch.Tensor,
-    ids: torch.Tensor,
     num_experts: int,
     num_zero: int,
+    top_k: int,
     alpha: float = 0.1,
     w: float = 2.0,
     token_mask: torch.Tensor | None = None,
@@ -21,13 +25,17 @@ def group_aux_loss(
     """L_GA for one MoE layer (ZEDA.md section 3).
 
     probs: [T, N+N_Z] routing distribution over all slots (softmax, or sigmoid scores
-    normalised over all experts); ids: [T, K] chosen slots. It balances only the two
-    groups, real vs zero, so the routing among real experts is left as learned; its
-    equilibrium zero share is r* = w N_Z / (N + w N_Z).
+    normalised over all experts, no correction bias). The counts f_E/f_Z come from a
+    fresh top-K of these same probabilities, as the official Megatron code takes them:
+    not from the slots the model ran (steered by the correction bias, or replayed from
+    the rollout engine), so the loss sees the router's own preference. It balances only
+    the two groups, real vs zero, so the routing among real experts is left as learned;
+    its equilibrium zero share is r* = w N_Z / (N + w N_Z).
     """
     if num_zero <= 0:
         return probs.new_zeros(())
-    real_slot = (ids < num_experts).float()
+    fresh = torch.topk(probs.detach(), top_k, dim=-1).indices
+    real_slot = (fresh < num_experts).to(probs.dtype)
     p_real = probs[:, :num_experts].sum(dim=-1)
     if token_mask is not None:
         m = token_mask.reshape(-1).to(probs.dtype)
@@ -37,8 +45,7 @@ def group_aux_loss(
     else:
         f_e = real_slot.mean()
         p_e = p_real.mean()
-    f_e = f_e.detach()  # counts carry no gradient; the router learns through P
-    f_z, p_z = 1.0 - f_e, 1.0 - p_e
+    f_z, p_z = 1.0 - f_e, 1.0 - p_e  # f carries no gradient (top-K ids); the router learns through P
     return alpha * (num_experts + w * num_zero) * (f_e * p_e / num_experts + f_z * p_z / (w * num_zero))
 
 
@@ -53,37 +60,72 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+def token_weights(loss_mask: torch.Tensor, agg: LossAgg, n_tokens: float | None = None,
+                  n_samples: float | None = None) -> torch.Tensor:
+    """Per-token weights w [B, S] such that sum(w * loss_t) is the aggregated loss.
+
+    "token_mean": every response token of the global batch counts the same (1 / tokens);
+    "sample_mean": each sample's token mean, then the mean over samples (1 / (len_i x
+    samples)), as the official OPD scripts aggregate (slime's default), so a long answer
+    weighs no more than a short one. The global counts (`n_tokens`, `n_samples`: over all
+    micro-batches and data-parallel ranks) default to those of `loss_mask` itself.
+    """
+    m = loss_mask.float()
+    if agg == "token_mean":
+        return m / max(float(m.sum()) if n_tokens is None else n_tokens, 1.0)
+    if agg == "sample_mean":
+        per_row = m.sum(dim=-1, keepdim=True)
+        rows = float((per_row > 0).sum()) if n_samples is None else n_samples
+        return m / per_row.clamp_min(1.0) / max(rows, 1.0)
+    raise ValueError(f"loss aggregation {agg!r}: expected 'sample_mean' or 'token_mean'")
 
 
 def sft_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Token NLL, per-token mean over the loss mask (response tokens)."""
-    return -_masked_mean(logprobs, loss_mask)
+    """Token NLL, per-token mean over the loss mask (response tokens): the official SFT's aggregation."""
+    return -(logprobs * token_weights(loss_mask, "token_mean")).sum()
+
+
+def opd_token_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    clip_eps: float = 0.2,
+    is_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token clipped policy loss with A_t = log p_teacher - log p_student: (loss_t, ratio, A).
+
+    The advantage uses the learner's fresh student logprobs (AsyncOPD: recomputing the
+    reverse-KL signal under the current student is what survives staleness). The ratio is
+    taken against `old_logprobs`, the policy before this update as the learner computes it
+    (official: then ratio = 1 for one update per rollout and only its gradient acts), or
+    the rollout engine's logprobs when the caller chooses so. `is_weight` (detached, e.g.
+    a truncated importance weight for stale samples) multiplies each token's loss.
+    """
+    adv = (teacher_logprobs - logprobs).detach()
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = -torch.minimum(ratio * adv, clipped * adv)
+    if is_weight is not None:
+        loss = loss * is_weight.detach()
+    return loss, ratio.detach(), adv
 
 
 def opd_policy_loss(
     logprobs: torch.Tensor,
-    behaviour_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     loss_mask: torch.Tensor,
     clip_eps: float = 0.2,
+    agg: LossAgg = "sample_mean",
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped policy loss with per-token advantage A_t = log p_teacher - log p_student.
-
-    The advantage uses the learner's fresh student logprobs (AsyncOPD: recomputing the
-    reverse-KL signal under the current student is what survives staleness); the
-    behaviour logprobs of the rollout engine feed only the importance ratio.
-    """
-    adv = (teacher_logprobs - logprobs).detach()
-    ratio = torch.exp(logprobs - behaviour_logprobs)
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = -_masked_mean(torch.minimum(ratio * adv, clipped * adv), loss_mask)
+    """`opd_token_loss` aggregated over one batch (`token_weights`), with per-token-mean stats."""
+    loss_t, ratio, adv = opd_token_loss(logprobs, old_logprobs, teacher_logprobs, clip_eps, is_weight)
+    loss = (loss_t * token_weights(loss_mask, agg)).sum()
+    m = loss_mask.bool()
     with torch.no_grad():
-        m = loss_mask.bool()
         stats = {
-            "reverse_kl": float(_masked_mean(-adv, loss_mask)),
+            "reverse_kl": float(-adv[m].mean()) if m.any() else 0.0,
             "clip_frac": float(((ratio - 1.0).abs() > clip_eps)[m].float().mean()) if m.any() else 0.0,
             "ratio_mean": float(ratio[m].mean()) if m.any() else 1.0,
         }
