@@ -1,4 +1,11 @@
-"""`zeda`: the command line. Each subcommand is a thin wrapper over a library function."""
+"""`zeda`: the command line. Each subcommand is a thin wrapper over a library function.
+
+Parsing imports nothing heavy: torch, transformers and Ray load only inside a subcommand, so
+`zeda --help` and argument errors answer at once (bench/cli_start.py measures it). Whatever a
+subcommand hits (its own refusal, a file system error, Ctrl-C) ends in one line on stderr that
+names the path and the cause, and a non-zero exit: 2 for a refused input, 1 for the operating
+system's error, 130 for Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import sys
 def _convert(a):
     from zeda_rl.convert import convert_checkpoint
 
+    a.target = a.output_dir
     out = convert_checkpoint(
         a.input_dir, a.output_dir, zero_experts=a.zero_experts, zero_type=a.zero_type, seed=a.seed,
         overwrite=a.overwrite, progress=True,
@@ -20,12 +28,14 @@ def _convert(a):
 def _teacher_build(a):
     from zeda_rl.teacher import build_teacher
 
+    a.target = a.out
     print(build_teacher(a.out, force=a.force, seed=a.seed))
 
 
 def _eval(a):
     from zeda_rl.evaluate import builtin_report, evaluate, render
 
+    a.target = a.out or a.checkpoint
     if a.suite is None and a.teacher is None and a.out is None:  # the built-in tasks, as ever
         result = evaluate(a.checkpoint, n_per_family=a.n)
         if a.json:
@@ -60,13 +70,26 @@ def _run_suite(a, checkpoint, suite):
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
     with EvalEngines(a.backend, checkpoint, engines=a.engines, batch_size=suite.batch_size, threads=a.threads) as gen:
-        return run_suite(checkpoint, suite, gen, progress=lambda m: print(f"{checkpoint}: {m}", file=sys.stderr))
+        return run_suite(checkpoint, suite, gen, label=f"eval {checkpoint}")
 
 
 def _train(a):
-    from launch.train import main as train_main
+    from launch.config import ConfigError
+    from launch.train import load_run_config, main as train_main
 
+    try:  # where the run writes, for an error that names no path (a full disk)
+        a.target = load_run_config(a.config, a.set).run_dir
+    except (ConfigError, OSError):
+        pass  # train_main reports it
     return train_main(["--config", a.config] + [f"--set={kv}" for kv in a.set] + (["--resume"] if a.resume else []))
+
+
+def _own_parser(argv: list[str]) -> int:
+    if argv[0] == "monitor":
+        from launch.monitor import main
+    else:
+        from launch.rollouts import main
+    return main(argv[1:])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,30 +138,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def describe(err: BaseException, target=None) -> str:
+    """One line for an error: an OSError as `path: cause` (the command's output path when the
+    error names none, as a failed write to a full disk does), anything else as its message."""
+    if isinstance(err, OSError) and err.errno is not None:
+        paths = [str(f) for f in (err.filename, err.filename2) if f is not None]
+        where = " -> ".join(paths) if paths else f"writing under {target}" if target else ""
+        cause = err.strerror or str(err)
+        return f"{where}: {cause}" if where else cause
+    return str(err)
+
+
+def run(cmd: str, fn, arg) -> int:
+    """Run one subcommand (`fn(arg)`): its result code, or one error line and a non-zero code."""
+    try:
+        return fn(arg) or 0
+    except KeyboardInterrupt:
+        print(f"zeda {cmd}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:
+        print(f"zeda {cmd}: error: {describe(err, getattr(arg, 'target', None))}", file=sys.stderr)
+        return 1 if err.errno is not None else 2
+    except (ValueError, RuntimeError) as err:
+        print(f"zeda {cmd}: error: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["monitor"]:
-        from launch.monitor import main as monitor_main
-
-        try:
-            return monitor_main(argv[1:])
-        except FileNotFoundError as err:
-            print(f"zeda monitor: error: {err}", file=sys.stderr)
-            return 2
-    if argv[:1] == ["rollouts"]:
-        from launch.rollouts import main as rollouts_main
-
-        try:
-            return rollouts_main(argv[1:])
-        except (ValueError, FileNotFoundError) as err:
-            print(f"zeda rollouts: error: {err}", file=sys.stderr)
-            return 2
+    if argv[:1] in (["monitor"], ["rollouts"]):  # they parse their own arguments
+        return run(argv[0], _own_parser, argv)
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"zeda {args.cmd}: error: {err}", file=sys.stderr)
-        return 2
+    return run(args.cmd, args.fn, args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ It folds the run's metric events into one screen, from either source:
   own timestamps, so a replay shows the numbers the run had;
 - the run's hub actor inside Ray (`zeda monitor --ray [ADDRESS]`): attach to a running
   job on a local head or a cluster, with no shared filesystem (see launch/metrics_hub.py).
+
+Once a run has ended (and always with `--replay`) the throughput table shows each phase's
+average instead: a 10 s window at the end of a run would only see its evaluation.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ from rich.text import Text
 from zeda_rl.metrics import Event, read_events
 
 WINDOW_S = 10.0
+RATES = {  # (component, event) -> (rate key, row label)
+    ("rollout", "tokens"): ("rollout_tokens", "rollout tokens/s"),
+    ("teacher", "tokens"): ("teacher_tokens", "teacher tokens/s"),
+    ("learner", "tokens"): ("learner_tokens", "learner tokens/s"),
+    ("learner", "step_done"): ("learner_steps", "learner steps/s"),
+}
 
 
 class MonitorState:
@@ -36,23 +45,43 @@ class MonitorState:
         self.now = 0.0
         self.started = None
         self.failed_calls = 0  # rollout/teacher calls lost to a dying actor
+        self.phases: list[list] = []  # [name, start time, {rate key: amount}] in order
 
     def update(self, ev: Event) -> None:
         self.now = max(self.now, ev.time)
         self.started = ev.time if self.started is None else min(self.started, ev.time)
-        self.last[(ev.component, ev.name)] = ev
         if ev.component == "driver" and ev.name == "phase":
             self.phase = str(ev.value)
-        rate_of = {
-            ("rollout", "tokens"): "rollout_tokens",
-            ("teacher", "tokens"): "teacher_tokens",
-            ("learner", "tokens"): "learner_tokens",
-            ("learner", "step_done"): "learner_steps",
-        }.get((ev.component, ev.name))
+            self.phases.append([self.phase, ev.time, defaultdict(float)])
+            for key in [k for k in self.last if k[0] == "driver" and k[1].startswith("progress_")]:
+                del self.last[key]  # the last phase's progress is not this one's
+        self.last[(ev.component, ev.name)] = ev
+        rate_of = RATES.get((ev.component, ev.name), (None,))[0]
         if rate_of:
             self.counters[rate_of].append((ev.time, float(ev.value)))
+            if self.phases:
+                self.phases[-1][2][rate_of] += float(ev.value)
         if ev.component == "driver" and ev.name == "actor_restart":
             self.failed_calls += 1
+
+    def phase_rates(self) -> list[tuple[str, float, dict]]:
+        """(phase, seconds, {rate key: average per second}) for every phase that ran."""
+        out = []
+        for i, (name, start, amounts) in enumerate(self.phases):
+            if name in ("finished", "stopped", "failed"):
+                continue
+            end = self.phases[i + 1][1] if i + 1 < len(self.phases) else self.now
+            span = end - start
+            out.append((name, span, {k: v / max(span, 1e-9) for k, v in amounts.items()}))
+        return out
+
+    def progress(self) -> str:
+        """The current phase's progress line, from the `progress_*` events (zeda_rl.progress)."""
+        done, total = self.value("driver", "progress_done"), self.value("driver", "progress_total")
+        if done is None or not total:
+            return ""
+        label = self.value("driver", "progress_label", self.phase)
+        return f"{label}: {done:.0f}/{total:.0f} ({100 * done / total:.0f}%)"
 
     def rate(self, key: str) -> float:
         q = self.counters[key]
@@ -88,13 +117,8 @@ def render(s: MonitorState):
         (f"elapsed: {(s.now - s.started) if s.started else 0:.0f}s   ", ""),
         (f"ETA: {_eta(s)}", "magenta"),
     )
-    t = Table(show_header=True, header_style="bold", expand=False)
-    t.add_column("throughput")
-    t.add_column("value", justify="right")
-    t.add_row("rollout tokens/s", f"{s.rate('rollout_tokens'):.1f}")
-    t.add_row("teacher tokens/s", f"{s.rate('teacher_tokens'):.1f}")
-    t.add_row("learner tokens/s", f"{s.rate('learner_tokens'):.1f}")
-    t.add_row("learner steps/s", f"{s.rate('learner_steps'):.3f}")
+    if s.progress() and not s.ended:
+        head.append(f"\n{s.progress()}", "green")
     q = Table(show_header=True, header_style="bold")
     q.add_column("pipeline")
     q.add_column("value", justify="right")
@@ -124,8 +148,36 @@ def render(s: MonitorState):
     for i, r in enumerate(s.value("learner", "zero_ratio_per_layer", []) or []):
         z.add_row(f"layer {i}", f"{100 * r:.1f}%")
     grid = Table.grid(padding=(0, 2))
-    grid.add_row(t, q, z)
+    if s.ended:
+        grid.add_row(q, z)
+        return Group(head, _phase_table(s), grid)
+    grid.add_row(_live_table(s), q, z)
     return Group(head, grid)
+
+
+def _fmt(key: str, v: float) -> str:
+    return f"{v:.3f}" if key == "learner_steps" else f"{v:.1f}"
+
+
+def _live_table(s: MonitorState) -> Table:
+    t = Table(show_header=True, header_style="bold", expand=False)
+    t.add_column(f"throughput (last {WINDOW_S:.0f}s)")
+    t.add_column("value", justify="right")
+    for key, label in RATES.values():
+        t.add_row(label, _fmt(key, s.rate(key)))
+    return t
+
+
+def _phase_table(s: MonitorState) -> Table:
+    """Each phase's length and average throughput, for a run that has ended."""
+    t = Table(show_header=True, header_style="bold", expand=False, title="throughput: average per phase")
+    t.add_column("phase")
+    t.add_column("s", justify="right")
+    for _, label in RATES.values():
+        t.add_column(label, justify="right")
+    for name, span, rates in s.phase_rates():
+        t.add_row(name, f"{span:.0f}", *(_fmt(key, rates[key]) if key in rates else "-" for key, _ in RATES.values()))
+    return t
 
 
 def _eta(s: MonitorState) -> str:

@@ -246,18 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     connect_ray(cfg)
     try:
         pool, _pg = start_teachers(cfg, teacher, tokenizer.pad_token_id or 0)
-        last = [0.0]
-
-        def progress(done, total, rate):
-            if time.time() - last[0] > 5 or done == total:
-                last[0] = time.time()
-                console.print(f"rollouts {done}/{total} prompts, {rate:.0f} tokens/s")
-
         from launch import streams
+        from zeda_rl.progress import Progress
 
         stream, n = streams.sft_prompts(cfg, streams.chat_format(cfg, tokenizer))
         params = sampling_params(cfg, tokenizer.eos_token_id)
-        r = write_rollouts(cfg, pool, plan(stream, n), params, teacher, out, chunk=a.chunk, progress=progress)
+        items = plan(stream, n)
+        ids = {it["id"] for it in items}
+        before = len(ids & done_ids(out)) if out.is_dir() else 0  # a resumed job: its rate counts only new answers
+        with Progress("rollouts", len(items), "prompts", done=before) as bar:
+            r = write_rollouts(cfg, pool, items, params, teacher, out, chunk=a.chunk,
+                               progress=lambda done, total, rate: bar.update(done, note=f"{rate:.0f} tokens/s"))
     finally:
         ray.shutdown()
     console.print(f"rollouts: {r['answered']} answered now, {r['already_done']} already done, "

@@ -64,7 +64,7 @@ def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
     out = root / "out"
     cfg_file = _config_file(root, overrides)
     # a real job, killed (SIGKILL, the whole process group: driver and its local Ray) once shards appear
-    job = subprocess.Popen([sys.executable, "-m", "zeda_rl.cli", "rollouts", "--config", str(cfg_file), "--out", str(out),
+    job = subprocess.Popen([sys.executable, "-m", "launch.cli", "rollouts", "--config", str(cfg_file), "--out", str(out),
                             "--chunk", str(CHUNK)], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and job.poll() is None and len(list(out.glob("rollouts-*.jsonl"))) < 3:

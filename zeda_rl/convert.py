@@ -66,8 +66,12 @@ def convert_checkpoint(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
+    log=None,
 ) -> Path:
     """Write a ZEDA checkpoint with `zero_experts` zero experts per MoE layer; returns output_dir.
+
+    `progress` shows tensors and GB written (`zeda_rl.progress`); `log`, a MetricsLog, gets the
+    monitor's progress events (a 60 GB checkpoint takes minutes).
 
     Deterministic for a seed: each widened tensor draws from its own generator seeded from
     (seed, tensor name), so the result does not depend on shard order or layout.
@@ -94,7 +98,7 @@ def convert_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_shards(src, tmp, plan, zero_experts, seed, progress)
+        _write_shards(src, tmp, plan, zero_experts, seed, progress, log)
         _write_metadata(src, tmp, cfg, spec, plan, index, zero_experts, zero_type)
         _replace(tmp, dst)
     except BaseException:
@@ -243,13 +247,14 @@ def _header(metadata: dict | None, entries: list[_Entry]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _write_shards(src: Path, tmp: Path, plan, nz: int, seed: int, progress: bool) -> None:
+def _write_shards(src: Path, tmp: Path, plan, nz: int, seed: int, progress: bool, log=None) -> None:
     """Write each output shard: header first (all sizes are known), then tensors one by one."""
-    from rich.progress import Progress
+    from zeda_rl.progress import Progress
 
-    total = sum(len(entries) for _, entries in plan.values())
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task("converting tensors", total=total)
+    entries_all = [e for _, entries in plan.values() for e in entries]
+    gb = sum(e.nbytes for e in entries_all) / 1e9
+    with Progress("convert", len(entries_all), "tensors", log=log, enabled=progress) as bar:
+        written = 0
         for shard, (metadata, entries) in plan.items():
             path = src / shard
             try:
@@ -263,7 +268,8 @@ def _write_shards(src: Path, tmp: Path, plan, nz: int, seed: int, progress: bool
                         assert data.nbytes == e.nbytes, (e.name, data.nbytes, e.nbytes)
                         out.write(memoryview(data))
                         del t, data
-                        bar.advance(task)
+                        written += e.nbytes
+                        bar.advance(1, note=f"{written / 1e9:.2f}/{gb:.2f} GB")
             except SafetensorError as err:
                 raise ValueError(f"{path}: not a valid safetensors file ({err})") from None
 

@@ -27,6 +27,7 @@ from zeda_rl.chat import ChatFormat
 from zeda_rl.data import Record
 from zeda_rl.evaluate import mean_zero_ratio, moe_shape, request_zero_shares
 from zeda_rl.graders import make_grader, strip_thinking
+from zeda_rl.progress import Progress
 
 
 class _Strict(BaseModel):
@@ -119,48 +120,35 @@ def response_text(tokenizer, output_ids: list[int], stops: tuple[int, ...]) -> s
 Generate = Callable[[list[list[int]], dict], list]  # (prompt ids, SamplingParams fields) -> Samples
 
 
-def run_suite(checkpoint: str | Path, suite: Suite, generate: Generate, tokenizer=None, progress=None) -> dict:
-    """Every benchmark of `suite` on one checkpoint: the report dict (with every sample under "samples")."""
+def run_suite(checkpoint: str | Path, suite: Suite, generate: Generate, tokenizer=None, progress: bool = True, log=None,
+              label: str | None = None) -> dict:
+    """Every benchmark of `suite` on one checkpoint: the report dict (with every sample under "samples").
+
+    Progress (`zeda_rl.progress`) counts samples, one benchmark's worth at a time (`generate` answers a
+    whole benchmark in one call, so its engines stay busy to the end); `log` gets the monitor's events.
+    """
     if tokenizer is None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     n_experts, n_layers = moe_shape(checkpoint)
     stops = stop_ids(tokenizer, checkpoint)
-    rows, samples_out = [], []
+    loaded = []
     for bench in suite.benchmarks:
         grader = make_grader(bench.grader, **bench.options)
         problems = grader.load(bench.path, bench.fields)[: bench.limit]
         if not problems:
             raise ValueError(f"{bench.path}: benchmark {bench.name!r} has no records")
-        k = bench.samples or suite.decoding.samples
-        template = bench.prompt_template or grader.template
-        prompts = [render_prompt(tokenizer, template.replace("{prompt}", p.prompt), suite.enable_thinking) for p in problems]
-        params = {
-            "temperature": suite.decoding.temperature, "top_p": suite.decoding.top_p, "top_k": suite.decoding.top_k,
-            "max_new_tokens": bench.max_new_tokens or suite.decoding.max_new_tokens,
-            "stop_token_ids": stops, "seed": suite.decoding.seed,
-        }
-        if progress:
-            progress(f"{bench.name}: {len(problems)} problems x {k} samples")
-        outs = generate([p for p in prompts for _ in range(k)], params)
-        texts = [response_text(tokenizer, s.output_ids, stops) for s in outs]
-        grades = grader.grade([p for p in problems for _ in range(k)], [strip_thinking(t) for t in texts])
-        shares = [request_zero_shares(s.routed_experts, n_experts, n_layers) for s in outs]
-        scores = [g.score for g in grades]
-        rows.append({
-            "name": bench.name, "grader": bench.grader, "path": str(bench.path), "problems": len(problems), "samples": k,
-            "accuracy": sum(scores) / len(scores),
-            "r_ze": {key: v for key, v in mean_zero_ratio(shares).items() if key != "requests"},
-            "finish": {r: sum(s.finish_reason == r for s in outs) for r in ("stop", "length")},
-            "grading_errors": sum("error" in g.detail for g in grades),  # a checker that raised, not a wrong answer
-            "per_problem": [{"id": p.id, "scores": scores[i * k : (i + 1) * k]} for i, p in enumerate(problems)],
-        })
-        for i, (s, text, g, z) in enumerate(zip(outs, texts, grades, shares)):
-            samples_out.append({
-                "benchmark": bench.name, "problem": problems[i // k].id, "sample": i % k, "response": text,
-                "score": g.score, "detail": g.detail, "finish": s.finish_reason, "r_ze": float(z.mean()) if z.size else 0.0,
-            })
+        loaded.append((bench, grader, problems, bench.samples or suite.decoding.samples))
+    rows, samples_out = [], []
+    bar = Progress(label or f"eval {Path(checkpoint).name}", sum(len(p) * k for _, _, p, k in loaded), "samples",
+                   log=log, enabled=bool(progress))
+    with bar:
+        for bench, grader, problems, k in loaded:
+            bar.update(bar.done, note=f"{bench.name}: {len(problems)} problems x {k}")
+            rows.append(_run_benchmark(bench, grader, problems, k, suite, generate, tokenizer, stops, n_experts, n_layers,
+                                       samples_out))
+            bar.advance(len(problems) * k)
     return {
         "suite": suite.name, "checkpoint": str(checkpoint), "decoding": suite.decoding.model_dump(),
         "enable_thinking": suite.enable_thinking, "num_experts": n_experts, "moe_layers": n_layers,
@@ -170,6 +158,35 @@ def run_suite(checkpoint: str | Path, suite: Suite, generate: Generate, tokenize
             "r_ze": sum(r["r_ze"]["overall"] for r in rows) / len(rows),
         },
         "samples": samples_out,
+    }
+
+
+def _run_benchmark(bench, grader, problems, k, suite, generate, tokenizer, stops, n_experts, n_layers, samples_out) -> dict:
+    """One benchmark: generate k samples per problem, grade them; its row (its samples appended to samples_out)."""
+    template = bench.prompt_template or grader.template
+    prompts = [render_prompt(tokenizer, template.replace("{prompt}", p.prompt), suite.enable_thinking) for p in problems]
+    params = {
+        "temperature": suite.decoding.temperature, "top_p": suite.decoding.top_p, "top_k": suite.decoding.top_k,
+        "max_new_tokens": bench.max_new_tokens or suite.decoding.max_new_tokens,
+        "stop_token_ids": stops, "seed": suite.decoding.seed,
+    }
+    outs = generate([p for p in prompts for _ in range(k)], params)
+    texts = [response_text(tokenizer, s.output_ids, stops) for s in outs]
+    grades = grader.grade([p for p in problems for _ in range(k)], [strip_thinking(t) for t in texts])
+    shares = [request_zero_shares(s.routed_experts, n_experts, n_layers) for s in outs]
+    scores = [g.score for g in grades]
+    for i, (s, text, g, z) in enumerate(zip(outs, texts, grades, shares)):
+        samples_out.append({
+            "benchmark": bench.name, "problem": problems[i // k].id, "sample": i % k, "response": text,
+            "score": g.score, "detail": g.detail, "finish": s.finish_reason, "r_ze": float(z.mean()) if z.size else 0.0,
+        })
+    return {
+        "name": bench.name, "grader": bench.grader, "path": str(bench.path), "problems": len(problems), "samples": k,
+        "accuracy": sum(scores) / len(scores),
+        "r_ze": {key: v for key, v in mean_zero_ratio(shares).items() if key != "requests"},
+        "finish": {r: sum(s.finish_reason == r for s in outs) for r in ("stop", "length")},
+        "grading_errors": sum("error" in g.detail for g in grades),  # a checker that raised, not a wrong answer
+        "per_problem": [{"id": p.id, "scores": scores[i * k : (i + 1) * k]} for i, p in enumerate(problems)],
     }
 
 

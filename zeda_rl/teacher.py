@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from zeda_rl import tasks
+from zeda_rl.progress import Progress
 from zeda_rl.tiny import tiny_qwen3_moe_config
 from zeda_rl.tokenizer import VOCAB_SIZE, build_tokenizer
 
@@ -47,9 +48,13 @@ def _complete(d: Path, digest: str) -> bool:
 
 def build_teacher(
     out: str | Path | None = None, *, steps: int | None = None, seed: int = 0, force: bool = False, progress: bool = True,
-    min_accuracy: float = 0.9,
+    min_accuracy: float = 0.9, log=None,
 ) -> Path:
-    """Build (or reuse) the teacher; returns its directory. Raises if held-out accuracy < min_accuracy."""
+    """Build (or reuse) the teacher; returns its directory. Raises if held-out accuracy < min_accuracy.
+
+    `progress` shows the build (a bar on a terminal, plain lines elsewhere: `zeda_rl.progress`);
+    `log`, a MetricsLog, also gets its progress events for the monitor.
+    """
     steps = RECIPE["steps"] if steps is None else steps
     digest = recipe_hash(seed, steps)
     out = Path(out) if out is not None else cache_root() / f"teacher-{digest}"
@@ -61,7 +66,7 @@ def build_teacher(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model, tok, report = _train(steps, seed, progress)
+        model, tok, report = _train(steps, seed, progress, log)
         if report["heldout_accuracy"]["mean"] < min_accuracy:
             raise RuntimeError(
                 f"teacher build: held-out accuracy {report['heldout_accuracy']} is below {min_accuracy:.0%} "
@@ -96,8 +101,7 @@ def _batch(examples: list[tasks.Example], tok) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
-def _train(steps: int, seed: int, progress: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _train(steps: int, seed: int, progress: bool, log=None):
     from transformers import Qwen3MoeForCausalLM
 
     from zeda_rl.generate import accuracy
@@ -116,11 +120,7 @@ def _train(steps: int, seed: int, progress: bool):
     per_fam = RECIPE["batch_size"] // len(tasks.FAMILIES)
     t0 = time.time()
     model.train()
-    with Progress(
-        TextColumn("teacher build"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeRemainingColumn(), disable=not progress,
-    ) as bar:
-        task = bar.add_task("train", total=steps, loss=float("nan"))
+    with Progress("teacher build", steps, "steps", log=log, enabled=progress) as bar:
         for _ in range(steps):
             batch = _batch([tasks.sample(f, rng) for f in tasks.FAMILIES for _ in range(per_fam)], tok)
             loss = model(**batch).loss
@@ -129,7 +129,7 @@ def _train(steps: int, seed: int, progress: bool):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            bar.update(task, advance=1, loss=loss.item())
+            bar.advance(1, note=f"loss {loss.item():.3f}")
     train_s = time.time() - t0
     model.config.output_router_logits = False
     model.eval()
