@@ -12,28 +12,25 @@ for the weight push. The modes alternate for `--rounds` so machine noise hits bo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-# the repository before bench/: bench/learner.py would otherwise shadow the learner package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray
 import yaml
 
 
-def run_mode(cfg, teacher_dir: Path, student_dir: Path, tokenizer, asynchronous: bool, log) -> dict:
-    from launch.pipeline import Inbox, opd_phase, start_actors
+def run_mode(cfg, teacher_dir: Path, student_dir: Path, data, asynchronous: bool, log) -> dict:
+    from launch.fleet import start_actors
+    from launch.opd import opd_phase
     from learner.group import LearnerGroup
 
     cfg = cfg.model_copy(update={"opd": cfg.opd.model_copy(update={"asynchronous": asynchronous})})
-    inbox = Inbox(cfg.cluster.bind_host, log)
     learner = LearnerGroup.from_run_config(cfg, student_dir)
-    rollouts, teachers, pg = start_actors(cfg, teacher_dir, student_dir, inbox.endpoint, tokenizer.pad_token_id or 0)
+    endpoint = learner.open_inbox(cfg.cluster.bind_host)
+    rollouts, teachers, pg = start_actors(cfg, teacher_dir, student_dir, endpoint, data.format.tokenizer.pad_token_id or 0)
     try:
         t0 = time.perf_counter()
-        opd_phase(cfg, rollouts, teachers, learner, inbox, tokenizer, log)
+        opd_phase(cfg, rollouts, teachers, learner, data, log)
         wall = time.perf_counter() - t0
     finally:
         from ray.util.placement_group import remove_placement_group
@@ -42,7 +39,6 @@ def run_mode(cfg, teacher_dir: Path, student_dir: Path, tokenizer, asynchronous:
         for a in rollouts + teachers.actors:
             ray.kill(a)
         remove_placement_group(pg)
-        inbox.puller.close()
     samples = cfg.opd.steps * cfg.opd.prompts_per_step * cfg.opd.samples_per_prompt
     return {"wall_s": wall, "steps_per_s": cfg.opd.steps / wall, "samples_per_s": samples / wall}
 
@@ -55,22 +51,21 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = ap.parse_args()
 
-    from transformers import AutoTokenizer
-
     from launch.config import load_config
-    from launch.pipeline import Phases, prepare_checkpoints
+    from launch.pipeline import prepare_checkpoints, prepare_data
+    from launch.runlog import Phases
     from zeda_rl.metrics import MetricsLog
 
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in a.set)}
     cfg = load_config(a.config, {"name": "bench-loop", "opd.steps": a.steps, **overrides})
     log = MetricsLog(cfg.run_dir / "metrics.jsonl")
     teacher_dir, student_dir = prepare_checkpoints(cfg, Phases(log))
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    data = prepare_data(cfg, teacher_dir, log)
     ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
     results: dict[str, list[dict]] = {"async": [], "sync": []}
     for _ in range(a.rounds):
         for name, asynchronous in (("async", True), ("sync", False)):
-            results[name].append(run_mode(cfg, teacher_dir, student_dir, tokenizer, asynchronous, log))
+            results[name].append(run_mode(cfg, teacher_dir, student_dir, data, asynchronous, log))
     ray.shutdown()
     o = cfg.opd
     print(f"config {a.config}: {o.steps} OPD steps x {o.prompts_per_step} prompts x {o.samples_per_prompt} samples, "

@@ -57,6 +57,7 @@ def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict,
         "phase_seconds": phase_times,
         "final_policy_version": final_version,
         "dropped_stale": stale[-1][1] if stale else 0,
+        "opd_admission": next((e.value for e in reversed(events) if e.component == "driver" and e.name == "admission"), None),
         "targets": {
             "zero_ratio_at_least": 0.45,
             "accuracy_within_points": 2.0,
@@ -129,6 +130,15 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _admission_line(a: dict | None) -> str:
+    if not a:
+        return "- OPD admission: no OPD samples"
+    util = ", ".join(f"{100 * u:.0f}%" for u in a["engine_utilisation"])
+    return (f"- OPD samples: {a['admitted']} admitted, {a['trained']} trained, {100 * a['drop_share']:.1f}% dropped "
+            f"({', '.join(f'{k}: {v}' for k, v in a['dropped'].items()) or 'none'}); rollout engines busy {util} of the phase, "
+            f"calls per engine {a['engine_calls']}")
+
+
 def _markdown(r: dict) -> str:
     t, s = r["accuracy"]["teacher"], r["accuracy"]["student"]
     rows = "\n".join(f"| {f} | {100 * t[f]:.1f} | {100 * s[f]:.1f} |" for f in t)
@@ -159,6 +169,7 @@ Student minus teacher: {r['accuracy']['delta_points']:+.1f} points.
 ## Training
 - OPD reverse KL: {f"{rkl[0]['value']:.4f} -> {rkl[-1]['value']:.4f}" if rkl else "n/a"} over {len(rkl)} steps
 - Final policy version: {r['final_policy_version']}; samples dropped as too stale: {r['dropped_stale']}
+{_admission_line(r['opd_admission'])}
 - Records dropped as longer than data.max_prompt_tokens / data.max_response_tokens: {sum(dropped.values())}{f" ({', '.join(f'{k}: {v}' for k, v in dropped.items())})" if dropped else ""}
 
 ![training](training.png)

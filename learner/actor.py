@@ -42,6 +42,13 @@ def _to_torch(a: np.ndarray, dtype: str):
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
+def shard_rows(batch: dict, world_size: int) -> list[dict]:
+    """Contiguous row shards of a batch, one per rank (learner fields only; every rank gets one, maybe empty)."""
+    b = {k: np.asarray(batch[k]) for k in _BATCH_KEYS if batch.get(k) is not None}
+    rows = np.array_split(np.arange(b["tokens"].shape[0]), world_size)
+    return [{k: (v[:, r] if k == "routed_experts" else v[r]) for k, v in b.items()} for r in rows]
+
+
 @ray.remote
 class LearnerActor:
     """One learner rank. Methods are collective: call them on every rank of the group together."""
@@ -79,6 +86,35 @@ class LearnerActor:
     def logits(self, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         return self.learner.logits(tokens, attention_mask).numpy()
 
+    # -- the inbox (rank 0 only; learner.inbox) --
+
+    def open_inbox(self, bind_host: str, port: int) -> str:
+        from learner.inbox import LearnerInbox
+
+        host = ray.util.get_node_ip_address() if bind_host == "auto" else bind_host
+        self.inbox = LearnerInbox(f"tcp://{host}:{port}")
+        return self.inbox.endpoint
+
+    def inbox_take(self, ids: list[int], version: int, max_staleness: int, replay: bool = True,
+                   first_row: bool = False) -> tuple[dict, list]:
+        """A step's batch from the inbox, cut into one shard per rank, each put in the object store
+        here: the driver gets the report and references, never the trajectories."""
+        batch, report = self.inbox.take(ids, version, max_staleness)
+        if batch is None:
+            return report, []
+        if not replay:
+            batch.pop("routed_experts", None)
+        if first_row:
+            n = int(batch["attention_mask"][0].sum()) if "attention_mask" in batch else batch["tokens"].shape[1]
+            report["first_row"] = {k: batch[k][0][:n][:4096].tolist() for k in ("tokens", "loss_mask")}
+        return report, [ray.put(s) for s in shard_rows(batch, self.world_size)]
+
+    def inbox_discard(self, ids: list[int]) -> int:
+        return self.inbox.discard(ids)
+
+    def inbox_stats(self) -> dict:
+        return self.inbox.stats()
+
     def export_buckets(self, version: int, bucket_bytes: int, layout: str = "fused") -> tuple[int, list] | None:
         """Rank 0: (version, [[(hf_name, array, dtype), ...], ...]); other ranks None (they help gather)."""
         update = self.learner.export_buckets(version, bucket_bytes, layout, keep=self.rank == 0)
@@ -110,6 +146,9 @@ class LearnerActor:
         return {"step": self.learner.step, "stage": self.learner.config.stage, "data_cursor": self.learner.data_cursor}
 
     def close(self) -> None:
+        if getattr(self, "inbox", None) is not None:
+            self.inbox.close()
+            self.inbox = None
         if self.learner is not None:
             self.learner.close()
             self.learner = None
@@ -200,10 +239,7 @@ class LearnerGroup:
         return cfgs[0]
 
     def split(self, batch: dict) -> list[dict]:
-        """Contiguous row shards of the batch, one per rank (learner fields only)."""
-        b = {k: np.asarray(batch[k]) for k in _BATCH_KEYS if batch.get(k) is not None}
-        rows = np.array_split(np.arange(b["tokens"].shape[0]), self.world_size)
-        return [{k: (v[:, r] if k == "routed_experts" else v[r]) for k, v in b.items()} for r in rows]
+        return shard_rows(batch, self.world_size)
 
     def train_step(self, batch_or_stage, batch: dict | None = None, data_cursor=None) -> dict:
         """One step on the global batch: `train_step(batch)` or `train_step("sft" | "opd", batch)`."""
@@ -215,6 +251,29 @@ class LearnerGroup:
         shards = self.split(batch)
         out = ray.get([a.train_step.remote(s, data_cursor) for a, s in zip(self.actors, shards)])
         return out[0]
+
+    # -- the inbox: OPD batches that never pass through the driver --
+
+    def open_inbox(self, bind_host: str = "127.0.0.1", port: int = 0) -> str:
+        """Bind the learner's ZMQ inbox on rank 0 ('auto': its node's cluster address); returns the endpoint."""
+        return ray.get(self.actors[0].open_inbox.remote(bind_host, port))
+
+    def train_from_inbox(self, stage: str, ids: list[int], version: int, max_staleness: int, data_cursor=None,
+                         replay: bool = True, first_row: bool = False) -> tuple[dict | None, dict]:
+        """One step on the samples `ids` from rank 0's inbox: (metrics or None if none was trainable, inbox report)."""
+        if stage != self.stage:
+            self.set_stage(stage)
+        report, refs = ray.get(self.actors[0].inbox_take.remote(ids, version, max_staleness, replay, first_row))
+        if not refs:
+            return None, report
+        out = ray.get([a.train_step.remote(r, data_cursor) for a, r in zip(self.actors, refs)])
+        return out[0], report
+
+    def inbox_discard(self, ids: list[int]) -> int:
+        return ray.get(self.actors[0].inbox_discard.remote(ids))
+
+    def inbox_stats(self) -> dict:
+        return ray.get(self.actors[0].inbox_stats.remote())
 
     def logits(self, tokens, attention_mask=None) -> np.ndarray:
         """Eval logits of the same tokens on every rank (they must agree); rank 0's are returned."""

@@ -1,0 +1,71 @@
+"""The eval phase: teacher and student on a benchmark suite, or on the built-in tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launch.config import RunConfig
+from launch.runlog import console
+from launch.streams import RunData
+from zeda_rl.metrics import MetricsLog
+
+
+def evaluate_phase(cfg: RunConfig, teacher_dir: Path, student_dir: Path, data: RunData, log: MetricsLog,
+                   engines: dict | None = None) -> tuple[dict, dict]:
+    """Teacher and student on the benchmark suite (eval.suite), else on the built-in tasks, which only
+    mean something with the embedded tokenizer.
+
+    A suite runs on the run's own engines (`engines`: the teacher actors for the teacher, the rollout
+    actors, which serve the final weights, for the student), so it costs no new GPUs; its Table-1
+    report goes to RUN_DIR/eval. With a real tokenizer and no suite the accuracy eval is skipped
+    (said in the report); the student's zero-expert share is still measured, teacher-forced over
+    the first OPD prompts as the chat template renders them.
+    """
+    from zeda_rl.evaluate import evaluate, load, routed_zero_ratio
+
+    if cfg.eval.suite:
+        return _suite_eval(cfg, teacher_dir, student_dir, log, engines or {})
+    if not data.format.templated:
+        teacher_eval = evaluate(teacher_dir, n_per_family=cfg.eval.n_per_family)
+        student_eval = evaluate(student_dir, n_per_family=cfg.eval.n_per_family)
+        log.log("eval", "teacher_accuracy", teacher_eval["accuracy"]["mean"])
+        log.log("eval", "student_accuracy", student_eval["accuracy"]["mean"])
+    else:
+        reason = ("the teacher's tokenizer has a chat template, so the built-in tasks (the embedded tokenizer's plain "
+                  "prompts) would not measure it; set eval.suite for benchmark accuracy")
+        console.print(f"[yellow]accuracy eval skipped: {reason}")
+        log.log("eval", "skipped", reason)
+        model, tok = load(student_dir)
+        texts = [data.format.prompt_text(r) for r in data.opd.records[: cfg.eval.n_per_family]]
+        zr = routed_zero_ratio(model, tok, texts)
+        zr["note"] = f"teacher-forced over {len(texts)} OPD prompts (no completions)"
+        teacher_eval = {"checkpoint": str(teacher_dir), "accuracy": {}, "skipped": reason,
+                        "zero_ratio": {"overall": 0.0, "per_layer": [0.0] * len(zr["per_layer"]), "note": "static model"}}
+        student_eval = {"checkpoint": str(student_dir), "accuracy": {}, "skipped": reason, "zero_ratio": zr}
+    log.log("eval", "student_zero_ratio", student_eval["zero_ratio"]["overall"])
+    return teacher_eval, student_eval
+
+
+def _suite_eval(cfg: RunConfig, teacher_dir: Path, student_dir: Path, log: MetricsLog, engines: dict) -> tuple[dict, dict]:
+    """eval.suite on the run's engines; returned in the report's shape (accuracy per benchmark, mean, r_ZE)."""
+    from actors.eval_pool import EvalEngines
+    from zeda_rl.suites import load_suite, run_suite, write_outputs
+
+    suite = load_suite(cfg.eval.suite)
+    runs = {}
+    for who, ckpt in (("teacher", teacher_dir), ("student", student_dir)):
+        with EvalEngines.over(engines[who], batch_size=suite.batch_size) as gen:
+            runs[who] = run_suite(ckpt, suite, gen, progress=lambda m, who=who: console.print(f"eval {who}: {m}"))
+    files = write_outputs(cfg.run_dir / "eval", runs["student"], runs["teacher"])
+    console.print(f"benchmark report: {files['markdown']}")
+    out = []
+    for who in ("teacher", "student"):
+        r = runs[who]
+        per_layer = [sum(b["r_ze"]["per_layer"][i] for b in r["benchmarks"]) / len(r["benchmarks"])
+                     for i in range(len(r["benchmarks"][0]["r_ze"]["per_layer"]))]
+        acc = {b["name"]: b["accuracy"] for b in r["benchmarks"]} | {"mean": r["average"]["accuracy"]}
+        log.log("eval", f"{who}_accuracy", acc["mean"])
+        out.append({"checkpoint": str(r["checkpoint"]), "accuracy": acc, "suite": suite.name,
+                    "zero_ratio": {"overall": r["average"]["r_ze"], "per_layer": per_layer, "note": "per request, over the suite"}})
+    log.log("eval", "student_zero_ratio", out[1]["zero_ratio"]["overall"])
+    return out[0], out[1]

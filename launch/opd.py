@@ -1,0 +1,154 @@
+"""Stage 2, on-policy distillation: the student samples, the teacher scores, the learner trains.
+
+A sample's path: `launch.admission` picks the prompts and the engine; the rollout actor samples
+(behaviour logprobs, routed expert ids, the policy version it served); a teacher actor scores
+the sampled tokens and PUSHes the packed batch straight to the learner's inbox on rank 0
+(`learner.inbox`); when every sample of a step is back, the driver names their ids and the
+learner trains on them, the advantage recomputed under the current student (AsyncOPD). Every
+`sync_every` steps the new weights go to the engines (`launch.fleet`), which apply them
+between generation calls. The driver handles ids, versions and references, never trajectories.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from launch.admission import Admission
+from launch.config import RunConfig
+from launch.fleet import Resync, probe_rollouts, push_weights, settle
+from launch.runlog import console, log_first_row, log_step
+from launch.streams import RunData
+from zeda_rl.metrics import MetricsLog
+
+
+def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, log: MetricsLog,
+              version: int = 0, start: int = 0, prompts_at: int = 0) -> int:
+    """Train opd.steps steps from step `start` (prompt stream at `prompts_at`); returns the final policy version.
+
+    Prompts in flight when a checkpoint was written are skipped on resume, not repeated.
+    """
+    o = cfg.opd
+    window = o.max_staleness * o.sync_every + 1 if o.asynchronous else 1
+    adm = Admission(o.prompts_per_step, o.samples_per_prompt, window, len(rollouts), o.rollout_batch, start, o.steps)
+    data.opd.seek(prompts_at)
+    params = {"temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
+              "max_new_tokens": cfg.sampling.max_new_tokens, "stop_token_ids": (data.format.eos_id,)}
+    resync = Resync(rollouts, log)
+    acks, frames = push_weights(learner, rollouts, version, log)
+    settle(acks, log)
+    acks, probe = [], data.opd.ids[:4]  # fixed sequences whose logprobs show which weights the engines serve
+    probe_rollouts(rollouts, probe, log, version)
+    log.log("driver", "progress_started", time.time())
+    step, seed = start, cfg.seed * 100_003 + start * 1_000
+    while step < o.steps:
+        seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync, cfg.sampling.temperature)
+        _collect(adm, log, resync)
+        resync.poll(frames)
+        acks = _applied(acks, log, step)
+        log.log("driver", "queue_depth", adm.waiting(), step)
+        log.log("driver", "inflight_samples", len(adm.pending), step)
+        ids = adm.ready(step)
+        if ids is None:
+            continue
+        bump = int((step + 1) % o.sync_every == 0)
+        cursor = {"stage": "opd", "step": step + 1, "version": version + bump, "prompts": data.opd.position}
+        metrics, report = learner.train_from_inbox("opd", ids, version, o.max_staleness, cursor,
+                                                   replay=o.routing_replay, first_row=step == start)
+        adm.trained_step(step, report)
+        _log_inbox(log, adm, report, step, resync, len(rollouts))
+        if metrics is None:  # none of the step's samples could be trained: admit the step again
+            adm.refill(step)
+            continue
+        metrics.update(staleness_mean=report["staleness_mean"], staleness_max=report["staleness_max"])
+        step += 1
+        log.log("driver", "trained_prompts", sorted({i // o.samples_per_prompt for i in report["trained"]}), step)
+        log_step(log, metrics, step, o.steps)
+        if bump:
+            version += 1
+            new_acks, frames = push_weights(learner, rollouts, version, log)
+            acks += new_acks
+            if not o.asynchronous:
+                acks = _applied(acks, log, step, wait=True)
+    return _finish(cfg, adm, learner, rollouts, acks, probe, log, version, step)
+
+
+def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync, temperature) -> int:
+    """Start every generation call the window and the engines have room for; returns the last seed used."""
+    while (nxt := adm.next_call(step, usable=lambda i: i not in resync.owed)) is not None:
+        engine, n = nxt
+        prompts, positions = data.opd.take(n)
+        seed += 1
+        ids = adm.sample_ids(positions)
+        gen = rollouts[engine].generate.remote([p for p in prompts for _ in range(adm.spp)], {**params, "seed": seed}, ids)
+        adm.submitted(teachers.submit("score_and_push", gen, temperature), engine, step, positions)
+    return seed
+
+
+def _collect(adm: Admission, log: MetricsLog, resync: Resync, timeout_s: float = 0.05) -> None:
+    """Account for the calls that returned: their samples are on the learner's socket, or lost."""
+    calls = list(adm.calls)
+    ready, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout_s) if calls else ([], [])
+    for ref in ready:
+        try:
+            r = ray.get(ref)
+        except ray.exceptions.RayError as err:  # a dead engine: Ray restarts it, it is owed the current weights
+            call = adm.failed(ref, "engine_failure")
+            resync.mark([call.engine])
+            log.log("driver", "actor_restart", str(err)[:200])
+            console.print(f"[yellow]rollout/teacher failure, actor restarting: {str(err)[:300]}")
+            continue
+        if not r["sent"]:  # the learner's inbox stayed full past the push timeout
+            adm.failed(ref, "backpressure")
+            log.log("driver", "dropped_backpressure", adm.dropped["backpressure"])
+            continue
+        adm.finished(ref)
+        log.log("teacher", "tokens", r["tokens"])
+        log.log("rollout", "tokens", r.get("output_tokens", r["tokens"]))
+
+
+def _applied(acks: list, log: MetricsLog, step: int, wait: bool = False) -> list:
+    """Log the weight pushes the engines have applied; returns those still pending."""
+    if not acks:
+        return acks
+    done, acks = (acks, []) if wait else ray.wait(acks, num_returns=len(acks), timeout=0)
+    for v in settle(done, log):
+        log.log("rollout", "served_version", v, step)
+    return acks
+
+
+def _log_inbox(log: MetricsLog, adm: Admission, report: dict, step: int, resync: Resync, engines: int) -> None:
+    if report["unsynced"]:  # an engine restarted unseen: the rows do not say which, so resync them all
+        resync.mark(range(engines))
+    if report["stale"]:
+        log.log("driver", "dropped_stale", adm.dropped["stale"], step)
+    if "first_row" in report:
+        log_first_row(log, "opd", report["first_row"]["tokens"], report["first_row"]["loss_mask"])
+
+
+def _finish(cfg, adm: Admission, learner, rollouts, acks, probe, log: MetricsLog, version: int, step: int) -> int:
+    """Let the last calls finish (no actor left mid-call), give every engine the final weights, account for every sample."""
+    for ref in list(adm.calls):
+        try:
+            ray.get(ref)
+            adm.finished(ref)
+        except ray.exceptions.RayError:
+            adm.failed(ref, "engine_failure")
+    if step % cfg.opd.sync_every:
+        version += 1
+        new_acks, _frames = push_weights(learner, rollouts, version, log)
+        acks += new_acks
+    _applied(acks, log, step, wait=True)
+    probe_rollouts(rollouts, probe, log, version)
+    left = adm.outstanding()  # only if the phase ended early: admitted, never trained
+    if left:
+        learner.inbox_discard(left)
+        adm.dropped["phase_ended"] += len(left)
+    summary = adm.summary()
+    log.log("driver", "dropped_stale", adm.dropped["stale"], step)
+    log.log("driver", "dropped_malformed", learner.inbox_stats()["dropped_malformed"], step)
+    log.log("driver", "admission", summary, step)
+    console.print(f"OPD samples: {summary['admitted']} admitted, {summary['trained']} trained, dropped {summary['dropped']}; "
+                  f"engine utilisation {', '.join(f'{100 * u:.0f}%' for u in summary['engine_utilisation'])}")
+    return version

@@ -1,0 +1,60 @@
+"""Stage 1, SFT: the student learns the teacher's answers (NLL on the answer tokens + L_GA)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from launch.config import RunConfig
+from launch.runlog import console, log_first_row, log_step
+from launch.streams import RunData
+from zeda_rl.metrics import MetricsLog
+from zeda_rl.trajectory import num_rows, take_rows
+
+
+def sft_phase(cfg: RunConfig, teachers, learner, teacher: Path, data: RunData, log: MetricsLog, start: int = 0) -> None:
+    """Stage 1: the teacher answers the training prompts (or data.sft_rollouts holds its answers); the
+    student learns them (NLL + L_GA, loss on the answer tokens only).
+
+    The teacher's answers stay in RUN_DIR/rollouts (reused while the teacher, prompts and sampling
+    are the same), so a resumed run trains on the same data in the same shuffled order up to `start`.
+    """
+    if start >= cfg.sft.steps:
+        return
+    answers = data.sft_records if data.sft_records is not None else teacher_answers(cfg, teachers, data, teacher, log)
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(num_rows(answers))
+    cursor = 0
+    log.log("driver", "progress_started", time.time())  # the monitor's ETA counts from here
+    for step in range(cfg.sft.steps):
+        if cursor + cfg.sft.batch_size > len(order):
+            order, cursor = rng.permutation(num_rows(answers)), 0
+        rows = order[cursor : cursor + cfg.sft.batch_size]
+        cursor += cfg.sft.batch_size
+        if step < start:  # resumed: this step is already in the learner's state
+            continue
+        batch = take_rows(answers, rows)
+        if step == start:
+            n = int(batch["attention_mask"][0].sum())
+            log_first_row(log, "sft", batch["tokens"][0, :n], batch["loss_mask"][0, :n])
+        metrics = learner.train_step("sft", batch, {"stage": "sft", "step": step + 1})
+        log_step(log, metrics, step + 1, cfg.sft.steps)
+
+
+def teacher_answers(cfg: RunConfig, teachers, data: RunData, teacher: Path, log: MetricsLog) -> dict[str, np.ndarray]:
+    """The teacher engines answer data.sft_count prompts through the rollouts job (`zeda rollouts`'s
+    code: RUN_DIR/rollouts, resumable), then SFT reads them back like released rollouts."""
+    from launch import rollouts, streams
+
+    out = cfg.run_dir / "rollouts"
+    items = rollouts.plan(data.sft, data.sft_count)
+    r = rollouts.write_rollouts(cfg, teachers, items, rollouts.sampling_params(cfg, data.format.eos_id), teacher, out, log)
+    console.print(f"teacher answered {r['answered']} prompts in {r['seconds']:.1f}s ({r['already_done']} already in {out}, "
+                  f"{r['truncated']} cut at max_new_tokens)")
+    answers = streams.sft_records(cfg, data.format, data.dropped, source=str(out))
+    for key in ("sft_rollouts", "sft_rollouts_cut_at_max_new_tokens"):
+        if key in data.dropped:
+            log.log("data", f"dropped_too_long/{key}", data.dropped[key])
+    return answers

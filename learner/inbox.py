@@ -1,0 +1,87 @@
+"""The learner's inbox: where scored trajectories land, on learner rank 0, and how a step's batch is made.
+
+The teacher actors PUSH packed, scored samples straight here over ZMQ (msgpack header + raw
+frames); the driver only says which samples make a step (their ids) and at which policy
+version, so no trajectory ever passes through the driver. A thread drains the socket the
+whole time, also while a long training step runs, so the teachers' pushes never block on a
+busy learner. The staleness check lives here too: a sample sampled more than `max_staleness`
+versions before the step, or by an engine that had not yet been given the learner's weights
+(version -1), is not trained, and the reason is counted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from zeda_rl.trajectory import concat_batches, take_rows
+
+
+class LearnerInbox:
+    def __init__(self, bind_endpoint: str):
+        from zeda_rl.transport import Puller
+
+        self.puller = Puller(bind_endpoint)
+        self.endpoint = self.puller.endpoint
+        self.rows: dict[int, tuple[dict, int]] = {}  # sample id -> (its packed batch, row in it)
+        self.cond = threading.Condition()
+        self.closed = False
+        self.received = 0
+        self.thread = threading.Thread(target=self._drain, name="learner-inbox", daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while not self.closed:
+            batch = self.puller.recv(timeout_s=0.2)
+            if batch is None:
+                continue
+            arrays = {k: np.array(v) for k, v in batch.arrays.items()}
+            with self.cond:
+                for row, sid in enumerate(arrays["sample_ids"].tolist()):
+                    self.rows[int(sid)] = (arrays, row)
+                self.received += len(arrays["sample_ids"])
+                self.cond.notify_all()
+
+    def take(self, ids: list[int], version: int, max_staleness: int, timeout_s: float = 120.0) -> tuple[dict | None, dict]:
+        """The batch of samples `ids` (in that order) for a step at `version`, and what happened to each id.
+
+        Waits up to `timeout_s` for ids not yet here (the driver asks only once their calls returned,
+        so they are at most in flight on the socket); ids still missing then are reported, not waited for.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while any(i not in self.rows for i in ids) and time.monotonic() < deadline:
+                self.cond.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            found = [(i, self.rows.pop(i)) for i in ids if i in self.rows]
+        missing = sorted(set(ids) - {i for i, _ in found})
+        kept, stale, unsynced, lags = [], [], [], []
+        for sid, (arrays, row) in found:
+            v = int(arrays["policy_version"][row])
+            if v < 0:
+                unsynced.append(sid)
+            elif version - v > max_staleness:
+                stale.append(sid)
+            else:
+                kept.append(take_rows(arrays, [row]))
+                lags.append(version - v)
+        dropped = set(stale) | set(unsynced)
+        report = {"trained": [sid for sid, _ in found if sid not in dropped],
+                  "stale": stale, "unsynced": unsynced, "missing": missing,
+                  "staleness_mean": float(np.mean(lags)) if lags else 0.0, "staleness_max": int(max(lags, default=0))}
+        return (concat_batches(kept) if kept else None), report
+
+    def discard(self, ids) -> int:
+        """Forget samples that will never be trained (e.g. the last in-flight ones when a phase ends)."""
+        with self.cond:
+            return sum(self.rows.pop(int(i), None) is not None for i in ids)
+
+    def stats(self) -> dict:
+        with self.cond:
+            return {"received": self.received, "waiting": len(self.rows), "dropped_malformed": int(self.puller.dropped)}
+
+    def close(self) -> None:
+        self.closed = True
+        self.thread.join(timeout=2.0)
+        self.puller.close()
