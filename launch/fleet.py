@@ -77,6 +77,11 @@ def probe_rollouts(rollouts: list, probe: list[list[int]], log: MetricsLog, vers
     log.log("rollout", "probe_logprobs", [float(x) for lp in lps for x in lp], version)
 
 
+def engine_kwargs(section) -> dict:
+    """An engine section's backend arguments; its dtype reaches every backend (SGLang's server arg has the same name)."""
+    return {**section.engine_kwargs, "dtype": section.dtype}
+
+
 def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint: str, pad_id: int):
     """Rollout and teacher actors in one placement group (PACK: one node when it fits)."""
     from ray.util.placement_group import placement_group
@@ -94,20 +99,14 @@ def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint:
         return dict(num_cpus=e.cpus, num_gpus=e.gpus,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
 
-    def kwargs(e):
-        kw = dict(e.engine_kwargs)
-        if e.backend == "torch":
-            kw["dtype"] = e.dtype
-        return kw
-
     rollouts = [
-        RolloutActor.options(**opts(cfg.rollout, i)).remote(cfg.rollout.backend, str(student_dir), cfg.rollout.threads, kwargs(cfg.rollout))
+        RolloutActor.options(**opts(cfg.rollout, i)).remote(cfg.rollout.backend, str(student_dir), cfg.rollout.threads, engine_kwargs(cfg.rollout))
         for i in range(cfg.rollout.replicas)
     ]
     base = cfg.rollout.replicas
     teachers = [
         TeacherActor.options(**opts(cfg.teacher, base + i)).remote(
-            cfg.teacher.backend, str(teacher_dir), cfg.teacher.threads, kwargs(cfg.teacher), learner_endpoint=endpoint, pad_id=pad_id
+            cfg.teacher.backend, str(teacher_dir), cfg.teacher.threads, engine_kwargs(cfg.teacher), learner_endpoint=endpoint, pad_id=pad_id
         )
         for i in range(cfg.teacher.replicas)
     ]

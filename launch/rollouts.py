@@ -202,9 +202,9 @@ def start_teachers(cfg, teacher: Path, pad_id: int):
     t = cfg.teacher
     pg = placement_group([{"CPU": t.cpus, **({"GPU": t.gpus} if t.gpus else {})}] * t.replicas, strategy="PACK")
     ray.get(pg.ready(), timeout=600)
-    kw = dict(t.engine_kwargs)
-    if t.backend == "torch":
-        kw["dtype"] = t.dtype
+    from launch.fleet import engine_kwargs
+
+    kw = engine_kwargs(t)
     actors = [
         TeacherActor.options(num_cpus=t.cpus, num_gpus=t.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
             pg, placement_group_bundle_index=i)).remote(t.backend, str(teacher), t.threads, kw, pad_id=pad_id)

@@ -442,3 +442,14 @@ def test_plugin_patches_glm_blocks(plugin, tmp_path):
     assert blk.topk.scaling_in_weights is False  # the stock model scales after the experts
     with pytest.raises(ValueError, match="disable_shared_experts_fusion"):
         models.Glm4MoeLitePlusPlusForCausalLM(config=Glm4MoeLiteConfig(**raw, fused_shared=1))
+
+
+def test_an_engine_sections_dtype_reaches_the_sglang_server(student):
+    """`rollout.dtype: bfloat16` in a run config must reach SGLang's server args (it used to be dropped)."""
+    from launch.config import EngineSection
+    from launch.fleet import engine_kwargs
+
+    kw = engine_kwargs(EngineSection(backend="sglang", dtype="bfloat16", engine_kwargs={"tp_size": 1}))
+    eng = make_engine("sglang", str(student), _engine_factory=FakeSGLangEngine, **kw)
+    assert eng.server_options["dtype"] == "bfloat16" and eng._engine.server_args.dtype == "bfloat16"
+    eng.shutdown()
