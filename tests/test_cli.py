@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +48,82 @@ def test_errors_name_the_problem_and_keep_the_data(teacher, tmp_path):
     out = zeda("teacher", "build", "--out", tmp_path / "taken")
     assert out.returncode == 2 and "does not hold a teacher build" in out.stderr
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine" and (teacher / "config.json").is_file()
+
+
+def test_parsing_imports_neither_torch_nor_transformers():
+    code = ("import sys, launch.cli; launch.cli.build_parser().parse_args(['eval', 'x', '--n', '3']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'ray', 'zeda_rl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    bad = zeda("eval", "--n", "x")
+    assert bad.returncode == 2 and "invalid int value" in bad.stderr
+
+
+def _one_error_line(out: subprocess.CompletedProcess, cmd: str) -> str:
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"zeda {cmd}: "), out.stderr
+    return last
+
+
+def test_file_system_errors_are_one_line_naming_path_and_cause(teacher, tmp_path):
+    readonly = Path("/sys/zeda-test-out")  # sysfs: no directory can be made there, not even by root
+    out = zeda("convert", teacher, readonly / "student", "--zero-experts", 4)
+    assert out.returncode == 1 and str(readonly) in _one_error_line(out, "convert")
+    (tmp_path / "a-file").write_text("")
+    out = zeda("eval", teacher, "--n", 1, "--out", tmp_path / "a-file" / "eval")
+    line = _one_error_line(out, "eval")
+    assert out.returncode == 1 and str(tmp_path / "a-file") in line and "Not a directory" in line
+
+
+def test_disk_full_during_convert(teacher, tmp_path, monkeypatch, capsys):
+    """ENOSPC from a write names no file: the line names the output being written, and nothing half-written stays."""
+    import builtins
+
+    from launch import cli
+    from zeda_rl import convert
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(convert, "open", lambda *a, **k: Full(builtins.open(*a, **k)), raising=False)
+    assert cli.main(["convert", str(teacher), str(tmp_path / "student"), "--zero-experts", "4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"zeda convert: error: writing under {tmp_path / 'student'}: No space left on device"
+    assert list(tmp_path.iterdir()) == []
+    assert cli.describe(OSError(errno.EBUSY, "Device or resource busy", "/mnt/runs")) == "/mnt/runs: Device or resource busy"
+
+
+def _interrupt(args, ready: str, on: str = "stderr", env=None) -> subprocess.CompletedProcess:
+    """Start `zeda args`, send Ctrl-C (SIGINT) once its stderr (or stdout) shows `ready`, collect what it printed."""
+    p = subprocess.Popen([ZEDA, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "ZEDA_PROGRESS_EVERY": "0", **(env or {})})
+    seen = []
+    for text in getattr(p, on):
+        seen.append(text)
+        if ready in text:
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    if on == "stdout":
+        return subprocess.CompletedProcess(args, p.returncode, "".join(seen) + out, err)
+    return subprocess.CompletedProcess(args, p.returncode, out, "".join(seen) + err)
+
+
+def test_ctrl_c_in_eval_and_train_is_one_line(teacher, tmp_path):
+    out = _interrupt(["eval", teacher, "--n", 400], ready="prompts (")  # a progress line: generation under way
+    assert out.returncode == 130 and _one_error_line(out, "eval") == "zeda eval: interrupted"
+    cfg = Path(__file__).parents[1] / "launch" / "configs" / "tiny-cpu.yaml"
+    out = _interrupt(["train", "--config", cfg, "--set", f"output_dir={tmp_path}", "--set", "model.teacher=" + str(teacher)],
+                     ready="run directory:", on="stdout")
+    assert out.returncode == 130 and _one_error_line(out, "train") == "zeda train: interrupted"

@@ -101,3 +101,51 @@ def test_teacher_pool_sends_each_request_to_the_least_loaded_actor(local_ray):
     assert pool.load() == [1, 0]  # finished requests are forgotten
     second = pool.submit("work", 0.0)  # -> actor 1 again, not the busy one
     assert ray.get(second) == ray.get(quick[0]) != ray.get(long_ref)
+
+
+def test_replay_of_a_finished_run_shows_each_phases_average(tmp_path):
+    """The live rate window (the last 10 s) of a finished run is its evaluation: replay shows per-phase averages."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from launch.monitor import main as monitor_main
+    from launch.monitor import render
+    from zeda_rl.metrics import Event
+
+    events = [Event("driver", "phase", "sft", 0, 100.0)]
+    events += [Event("learner", "tokens", 500, i, 100.0 + i) for i in range(1, 11)]  # 5000 tokens in the 20 s of sft
+    events += [Event("learner", "step_done", 1, i, 100.0 + i) for i in range(1, 11)]
+    events += [Event("driver", "phase", "eval", 0, 120.0), Event("driver", "phase", "finished", 0, 150.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e.__dict__) + "\n" for e in events))
+    state = MonitorState()
+    for ev in events:
+        state.update(ev)
+    assert state.rate("learner_tokens") == 0.0  # what the screen used to show
+    phases = {name: (round(span), rates) for name, span, rates in state.phase_rates()}
+    assert phases["sft"] == (20, {"learner_tokens": 250.0, "learner_steps": 0.5}) and phases["eval"] == (30, {})
+    console = Console(file=io.StringIO(), width=120)
+    console.print(render(state))
+    text = console.file.getvalue()
+    assert "average per phase" in text and "250.0" in text and "0.500" in text
+    assert monitor_main([str(tmp_path), "--replay"]) == 0
+
+
+def test_learner_import_prints_none_of_megatrons_known_warnings():
+    """A learner rank imports these modules (Ray actors too: their class lives in learner.actor); the known,
+    harmless Megatron fallbacks are filtered by message, and any other Megatron warning still shows."""
+    import subprocess
+    import sys
+
+    code = (
+        "import learner.actor, learner.model, learner.train, learner.checkpoint, warnings\n"
+        "from megatron.core.transformer import TransformerConfig\n"
+        "TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1)\n"
+        "warnings.warn_explicit('Apex is slow today', UserWarning, 'megatron/core/x.py', 1, module='megatron.core.x')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for known in ("Transformer Engine and Apex are not installed", "Apex is not installed", "full scope is deprecated"):
+        assert known not in out.stderr, out.stderr
+    assert "Apex is slow today" in out.stderr
