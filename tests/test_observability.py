@@ -149,3 +149,28 @@ def test_learner_import_prints_none_of_megatrons_known_warnings():
     for known in ("Transformer Engine and Apex are not installed", "Apex is not installed", "full scope is deprecated"):
         assert known not in out.stderr, out.stderr
     assert "Apex is slow today" in out.stderr
+
+
+def test_report_plots_mark_where_opd_starts(tmp_path):
+    """The report finds the SFT/OPD boundary in the learner's steps (the training plot's marker) and draws every plot."""
+    import json
+    from types import SimpleNamespace
+
+    from launch.report import write_report
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for stage, steps in (("sft", 12), ("opd", 8)):
+        log.log("driver", "phase", stage)
+        for i in range(1, steps + 1):
+            log.log("learner", "zero_ratio", 0.3 + 0.01 * i, i)
+            if stage == "opd":
+                log.log("learner", "reverse_kl", 0.1 / i, i)
+    log.close()
+    acc = {"add": 0.99, "sort": 0.97, "mean": 0.98}
+    zr = {"overall": 0.5, "per_layer": [0.48, 0.52]}
+    r = write_report(SimpleNamespace(run_dir=tmp_path, name="t"), {"accuracy": acc, "zero_ratio": zr},
+                     {"accuracy": {**acc, "sort": 0.95, "mean": 0.97}, "zero_ratio": zr},
+                     {"sft": 3.0, "opd": 2.0, "total": 6.0}, tmp_path / "metrics.jsonl")
+    assert r["opd_starts_at"] == 12 and json.loads((tmp_path / "report.json").read_text())["opd_starts_at"] == 12
+    for png in ("accuracy", "zero_ratio", "training", "throughput_time"):
+        assert (tmp_path / f"{png}.png").stat().st_size > 10_000
