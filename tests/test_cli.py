@@ -31,6 +31,7 @@ def test_convert_then_eval_json(teacher, tmp_path):
     assert out.returncode == 0, out.stderr
     ev = zeda("eval", tmp_path / "student", "--n", 3, "--json")
     assert ev.returncode == 0, ev.stderr
+    assert "eval student: 12/12 prompts (" in ev.stderr  # not a terminal: plain progress lines, on stderr only
     result = json.loads(ev.stdout)
     assert set(result["accuracy"]) >= {"add", "reverse", "sort", "pattern", "mean"}
     assert len(result["zero_ratio"]["per_layer"]) == 2 and 0 < result["zero_ratio"]["overall"] < 1
