@@ -60,11 +60,11 @@ def main() -> None:
     cfg = load_config(a.config, {"name": "bench-loop", "opd.steps": a.steps, **overrides})
     log = MetricsLog(cfg.run_dir / "metrics.jsonl")
     teacher_dir, student_dir = prepare_checkpoints(cfg, Phases(log))
-    data = prepare_data(cfg, teacher_dir, log)
     ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
     results: dict[str, list[dict]] = {"async": [], "sync": []}
     for _ in range(a.rounds):
         for name, asynchronous in (("async", True), ("sync", False)):
+            data = prepare_data(cfg, teacher_dir, log)  # a fresh prompt stream: both modes see the same prompts
             results[name].append(run_mode(cfg, teacher_dir, student_dir, data, asynchronous, log))
     ray.shutdown()
     o = cfg.opd
