@@ -182,12 +182,13 @@ def write_rollouts(cfg, teachers, items: list[dict], params: dict, teacher: Path
     return result
 
 
-def teacher_dir(cfg) -> Path:
-    """The static teacher checkpoint: the configured one, or the embedded build (cached)."""
+def teacher_dir(cfg, log=None) -> Path:
+    """The static teacher checkpoint: the configured one, or the embedded build (cached; `log`, a
+    MetricsLog, gets the build's progress events for the monitor)."""
     if cfg.model.teacher == "embedded":
         from zeda_rl.teacher import build_teacher
 
-        return Path(build_teacher(seed=cfg.seed))
+        return Path(build_teacher(seed=cfg.seed, log=log))
     return Path(cfg.model.teacher)
 
 
