@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from zeda_rl.metrics import Event, read_events
+from zeda_rl.progress import clock
 
 WINDOW_S = 10.0
 RATES = {  # (component, event) -> (rate key, row label)
@@ -161,7 +162,7 @@ def _fmt(key: str, v: float) -> str:
 
 def _live_table(s: MonitorState) -> Table:
     t = Table(show_header=True, header_style="bold", expand=False)
-    t.add_column(f"throughput (last {WINDOW_S:.0f}s)")
+    t.add_column("throughput")
     t.add_column("value", justify="right")
     for key, label in RATES.values():
         t.add_row(label, _fmt(key, s.rate(key)))
@@ -186,7 +187,7 @@ def _eta(s: MonitorState) -> str:
         return "-"
     phase_start = s.value("driver", "progress_started", s.started)
     rate = done / max(s.now - phase_start, 1e-6)
-    return f"{(total - done) / rate:.0f}s ({done}/{total})" if rate > 0 else "-"
+    return clock((total - done) / rate) if rate > 0 else "-"  # the counts are on the progress line
 
 
 class FileSource:
