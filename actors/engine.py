@@ -10,20 +10,26 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # keep the k most likely tokens; -1 or 0 = off
-    max_new_tokens: int = 32
+class SamplingParams(BaseModel):
+    """How an engine samples: the run config's `sampling:` section, what the engines take, and the
+    temperature the teacher and the learner score at. Stop ids and the seed are per call, set on a
+    copy: `params.model_copy(update={"seed": ...})`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(1.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="keep the k most likely tokens; -1 or 0: off")
+    max_new_tokens: int = Field(16, ge=1)
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
 
-    def __post_init__(self):
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"SamplingParams.top_k must be -1 or 0 (off) or a positive count, got {self.top_k!r}")
+    def recorded(self) -> dict:
+        """What a rollout record keeps: every setting but the per-call seed (top_k only when on)."""
+        return self.model_dump(mode="json", exclude={"seed"} | ({"top_k"} if self.top_k in (-1, 0) else set()))
 
 
 @dataclass

@@ -39,15 +39,15 @@ class EvalEngines:
         pool.batch_size, pool.local, pool.actors, pool.owned = int(batch_size), None, list(actors), False
         return pool
 
-    def __call__(self, prompts: list[list[int]], params: dict) -> list[Sample]:
-        seed = params.get("seed")
+    def __call__(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        seed = params.seed
         chunks = [
             (start, prompts[start : start + self.batch_size],
-             dict(params, seed=None if seed is None else seed + start))  # distinct draws per chunk, reproducible
+             params.model_copy(update={"seed": None if seed is None else seed + start}))  # distinct draws per chunk
             for start in range(0, len(prompts), self.batch_size)
         ]
         if self.local is not None:
-            return [s for _, ps, p in chunks for s in self.local.generate(ps, SamplingParams(**p))]
+            return [s for _, ps, p in chunks for s in self.local.generate(ps, p)]
         import ray
 
         out: dict[int, list[Sample]] = {}

@@ -34,8 +34,8 @@ class EngineActor:
     def health(self) -> dict:
         return {"pid": os.getpid(), "version": self.engine.version, "uptime_s": time.time() - self.started, "tokens": self.tokens_out}
 
-    def generate(self, prompts: list[list[int]], params: dict, sample_ids: list[int]) -> list[dict]:
-        samples = self.engine.generate(prompts, SamplingParams(**params))
+    def generate(self, prompts: list[list[int]], params: SamplingParams, sample_ids: list[int]) -> list[dict]:
+        samples = self.engine.generate(prompts, params)
         out = []
         for sid, s in zip(sample_ids, samples):
             d = dataclasses.asdict(s)
@@ -73,7 +73,7 @@ class RolloutActor(EngineActor):
         self.synced = True
         return version
 
-    def generate(self, prompts: list[list[int]], params: dict, sample_ids: list[int]) -> list[dict]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, sample_ids: list[int]) -> list[dict]:
         out = super().generate(prompts, params, sample_ids)
         if not self.synced:
             for d in out:

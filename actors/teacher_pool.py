@@ -44,7 +44,7 @@ class TeacherActor(EngineActor):
         out_tokens = sum(len(s["output_ids"]) for s in samples)
         return {"samples": len(samples), "tokens": n_tokens, "output_tokens": out_tokens, "seconds": time.time() - t0, "sent": bool(sent)}
 
-    def answer_to_shard(self, items: list[dict], params: dict, path: str) -> dict:
+    def answer_to_shard(self, items: list[dict], params, path: str) -> dict:
         """Rollouts job: answer `items` ({id, messages, prompt_ids}) and write them as one JSONL shard.
 
         The shard appears under its name only once complete (temporary name, fsync, rename), so
@@ -58,7 +58,7 @@ class TeacherActor(EngineActor):
 
         samples = self.generate([it["prompt_ids"] for it in items], params, list(range(len(items))))
         tok = self._tokenizer()
-        recorded = {k: v for k, v in params.items() if k != "stop_token_ids"}
+        recorded = {k: v for k, v in params.recorded().items() if k != "stop_token_ids"}
         lines, tokens, truncated = [], 0, 0
         for it, s in zip(items, samples):
             out = list(s["output_ids"])

@@ -77,12 +77,13 @@ def active_flops_per_token(model, info, zero_share: float, seq: int) -> float:
 
 
 def _rank(rank, world, ep, port, ckpt, args, out):
-    from learner.train import Learner, LearnerConfig
+    from learner.config import LearnerSection, SFTStage
+    from learner.train import Learner
 
     threads = max(1, args.threads)
     torch.set_num_threads(threads)
-    learner = Learner(ckpt, LearnerConfig(lr=1e-4, schedule="constant", warmup_steps=0, ep_size=ep, token_budget=args.token_budget),
-                      rank=rank, world_size=world, master_port=port)
+    learner = Learner(ckpt, LearnerSection(ep=ep, micro_batch_tokens=args.token_budget),
+                      SFTStage(lr=1e-4, schedule="constant", warmup_frac=0.0), rank=rank, world_size=world, master_port=port)
     vocab = learner.info.vocab_size
     rng = np.random.default_rng(rank)
     rows = args.batch_size // world

@@ -1,5 +1,9 @@
 """One typed config describes a run; a YAML file is a serialized `RunConfig`.
 
+Each component owns its section: the learner `learner:` and the optimisation part of `sft:` and
+`opd:` (`learner.config`), the engines `sampling:` (`actors.engine.SamplingParams`, the one sampling
+type from the YAML to the engines, the teacher and the learner); this module composes them.
+
 Unknown keys are errors (a typo must not silently fall back to a default), and every
 validation error names the key path and what was expected.
 """
@@ -11,6 +15,9 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from actors.engine import SamplingParams
+from learner.config import LearnerSection, OPDStage, SFTStage
 
 
 class _Strict(BaseModel):
@@ -34,63 +41,24 @@ class EngineSection(_Strict):
     engine_kwargs: dict = Field(default_factory=dict)
 
 
-class SamplingSection(_Strict):
-    temperature: float = Field(1.0, gt=0, description="OPD sampling temperature (teacher and learner score at it too)")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(16, ge=1)
+class SFTSection(SFTStage):
+    """The learner's SFT stage (steps, lr, schedule, warmup_frac) plus what the driver feeds it."""
 
-
-class LearnerSection(_Strict):
-    ep: int = Field(1, ge=1, description="expert-parallel size")
-    dp: int = Field(1, ge=1, description="data-parallel size")
-    cpus_per_rank: float = Field(0.5, gt=0)
-    gpus_per_rank: float = Field(0, ge=0)
-    micro_batch_tokens: int = Field(4096, ge=16)
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
-    alpha: float = Field(0.1, ge=0, description="group auxiliary loss weight")
-    w: float = Field(2.0, gt=0, description="zero-expert group weight: r* = wN_Z/(N+wN_Z)")
-    checkpoint_every: int = Field(0, ge=0, description="steps between learner checkpoints (0: only at phase ends)")
-    bucket_bytes: int = Field(32 << 20, ge=1024)
-
-
-class SFTSection(_Strict):
-    steps: int = Field(50, ge=0)
     batch_size: int = Field(32, ge=1)
-    lr: float = 2e-5
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_frac: float = Field(0.1, ge=0, lt=1)
     prompts: int | None = Field(2000, ge=1, description="training prompts the teacher answers (None: every prompt of data.sft_prompts once)")
     teacher_temperature: float = Field(0.0, ge=0)
 
 
-class OPDSection(_Strict):
-    steps: int = Field(20, ge=0)
+class OPDSection(OPDStage):
+    """The learner's OPD stage (steps, lr, clip_eps, ratio, tis_cap, loss_agg) plus the rollout loop's settings."""
+
     prompts_per_step: int = Field(16, ge=1)
     samples_per_prompt: int = Field(2, ge=1)
-    lr: float = 5e-6
-    clip_eps: float = Field(0.2, gt=0)
-    ratio: Literal["recomputed", "behaviour"] = Field(
-        "recomputed", description="importance ratio against the learner's own logprobs before its update (official: "
-        "1 for one update per rollout, the clip never acts) or the rollout engine's (a bf16 engine then clips fp32 "
-        "gradients)")
-    tis_cap: float | None = Field(None, gt=0, description="truncated importance weight min(exp(learner - engine "
-                                  "logprob), cap) on each token's loss, for stale samples; null: off (official)")
-    loss_agg: Literal["sample_mean", "token_mean"] = Field(
-        "sample_mean", description="per-sample token mean averaged over samples (official OPD) or per-token mean")
     sync_every: int = Field(1, ge=1, description="learner steps between weight pushes")
     max_staleness: int = Field(1, ge=0, description="max policy versions a sample may lag")
     asynchronous: bool = True
     routing_replay: bool = True
     rollout_batch: int = Field(8, ge=1, description="prompts per generation call")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.tis_cap is not None and self.ratio == "behaviour":
-            raise ValueError("opd.tis_cap needs opd.ratio: recomputed (with the engine's ratio the weight would "
-                             "correct for the engine twice)")
-        return self
 
 
 class FieldsSection(_Strict):
@@ -132,7 +100,8 @@ class RunConfig(_Strict):
     model: ModelSection = Field(default_factory=ModelSection)
     rollout: EngineSection = Field(default_factory=EngineSection)
     teacher: EngineSection = Field(default_factory=EngineSection)
-    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    sampling: SamplingParams = Field(default_factory=SamplingParams, description="OPD sampling (the teacher and "
+                                     "learner score at its temperature); stop ids and seeds are set per call")
     learner: LearnerSection = Field(default_factory=LearnerSection)
     sft: SFTSection = Field(default_factory=SFTSection)
     opd: OPDSection = Field(default_factory=OPDSection)
@@ -154,6 +123,9 @@ class RunConfig(_Strict):
         if self.eval.suite is not None and not Path(self.eval.suite).is_file():
             raise ValueError(f"eval.suite ({self.eval.suite!r}): no such suite file (a YAML naming benchmark files and graders, "
                              "e.g. launch/suites/paper.yaml)")
+        if self.sampling.temperature <= 0:
+            raise ValueError(f"sampling.temperature ({self.sampling.temperature}) must be > 0: the teacher and the "
+                             "learner score the rollouts at it")
         if self.sampling.max_new_tokens > self.data.max_response_tokens:
             raise ValueError(
                 f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must be <= data.max_response_tokens "

@@ -33,8 +33,7 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
     window = o.max_staleness * o.sync_every + 1 if o.asynchronous else 1
     adm = Admission(o.prompts_per_step, o.samples_per_prompt, window, len(rollouts), o.rollout_batch, start, o.steps)
     data.opd.seek(prompts_at)
-    params = {"temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
-              "max_new_tokens": cfg.sampling.max_new_tokens, "stop_token_ids": (data.format.eos_id,)}
+    params = cfg.sampling.model_copy(update={"stop_token_ids": (data.format.eos_id,)})
     resync = Resync(rollouts, log)
     acks, frames = push_weights(learner, rollouts, version, log)
     settle(acks, log)
@@ -43,7 +42,7 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
     log.log("driver", "progress_started", time.time())
     step, seed = start, cfg.seed * 100_003 + start * 1_000
     while step < o.steps:
-        seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync, cfg.sampling.temperature)
+        seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync)
         _collect(adm, log, resync)
         resync.poll(frames)
         acks = _applied(acks, log, step)
@@ -54,7 +53,7 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
             continue
         bump = int((step + 1) % o.sync_every == 0)
         cursor = {"stage": "opd", "step": step + 1, "version": version + bump, "prompts": data.opd.position}
-        metrics, report = learner.train_from_inbox("opd", ids, version, o.max_staleness, cursor,
+        metrics, report = learner.train_from_inbox(o, ids, version, o.max_staleness, cursor,
                                                    replay=o.routing_replay, first_row=step == start)
         adm.trained_step(step, report)
         _log_inbox(log, adm, report, step, resync, len(rollouts))
@@ -74,15 +73,16 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
     return _finish(cfg, adm, learner, rollouts, acks, probe, log, version, step)
 
 
-def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync, temperature) -> int:
+def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync) -> int:
     """Start every generation call the window and the engines have room for; returns the last seed used."""
     while (nxt := adm.next_call(step, usable=lambda i: i not in resync.owed)) is not None:
         engine, n = nxt
         prompts, positions = data.opd.take(n)
         seed += 1
         ids = adm.sample_ids(positions)
-        gen = rollouts[engine].generate.remote([p for p in prompts for _ in range(adm.spp)], {**params, "seed": seed}, ids)
-        adm.submitted(teachers.submit("score_and_push", gen, temperature), engine, step, positions)
+        gen = rollouts[engine].generate.remote([p for p in prompts for _ in range(adm.spp)],
+                                               params.model_copy(update={"seed": seed}), ids)
+        adm.submitted(teachers.submit("score_and_push", gen, params.temperature), engine, step, positions)
     return seed
 
 

@@ -31,10 +31,10 @@ def shard_name(attempt: int, index: int) -> str:
     return f"rollouts-{attempt:03d}-{index:05d}.jsonl"
 
 
-def sampling_params(cfg, eos_id: int) -> dict:
-    """What the teacher samples with for SFT data (recorded in every record and the manifest)."""
-    return {"temperature": cfg.sft.teacher_temperature, "top_p": cfg.sampling.top_p,
-            "max_new_tokens": cfg.sampling.max_new_tokens, "stop_token_ids": [int(eos_id)]}
+def sampling_params(cfg, eos_id: int):
+    """What the teacher samples with for SFT data (recorded in every record and the manifest): the
+    run's sampling at sft.teacher_temperature, stopping at the end of turn."""
+    return cfg.sampling.model_copy(update={"temperature": cfg.sft.teacher_temperature, "stop_token_ids": (int(eos_id),)})
 
 
 def plan(stream, n: int) -> list[dict]:
@@ -104,9 +104,9 @@ def fingerprint(teacher: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _manifest(cfg, teacher: Path, params: dict, total: int) -> dict:
+def _manifest(cfg, teacher: Path, params, total: int) -> dict:
     return {"teacher": str(teacher), "teacher_fingerprint": fingerprint(teacher), "sft_prompts": cfg.data.sft_prompts,
-            "prompts": total, "enable_thinking": cfg.data.enable_thinking, "sampling": params, "seed": cfg.seed}
+            "prompts": total, "enable_thinking": cfg.data.enable_thinking, "sampling": params.recorded(), "seed": cfg.seed}
 
 
 def _check_manifest(out: Path, want: dict) -> int:
@@ -129,7 +129,7 @@ def _check_manifest(out: Path, want: dict) -> int:
     return have["attempts"]
 
 
-def write_rollouts(cfg, teachers, items: list[dict], params: dict, teacher: Path, out: Path, log=None, chunk: int = CHUNK,
+def write_rollouts(cfg, teachers, items: list[dict], params, teacher: Path, out: Path, log=None, chunk: int = CHUNK,
                    progress=None) -> dict:
     """Answer every item of `plan` not yet in `out`; returns counts. `teachers`: a TeacherPool."""
     import ray
@@ -151,7 +151,7 @@ def write_rollouts(cfg, teachers, items: list[dict], params: dict, teacher: Path
             part = chunks.pop(0)
             seed = cfg.seed * 1_000_003 + attempt * 100_003 + next_shard
             path = out / shard_name(attempt, next_shard)
-            ref = teachers.submit("answer_to_shard", part, {**params, "seed": seed}, str(path))
+            ref = teachers.submit("answer_to_shard", part, params.model_copy(update={"seed": seed}), str(path))
             inflight[ref] = (part, path)
             next_shard += 1
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
@@ -170,8 +170,6 @@ def write_rollouts(cfg, teachers, items: list[dict], params: dict, teacher: Path
             engines[r["pid"]] = engines.get(r["pid"], 0) + r["records"]
             if log is not None:
                 log.log("teacher", "tokens", r["tokens"])
-                log.log("driver", "progress_done", answered + len(done))
-                log.log("driver", "progress_total", len(items))
             if progress is not None:
                 progress(answered + len(done), len(items), tokens / max(time.time() - t0, 1e-9))
     duplicates = dedupe(out)  # what engines of a killed attempt wrote after this one had started

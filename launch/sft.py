@@ -39,7 +39,7 @@ def sft_phase(cfg: RunConfig, teachers, learner, teacher: Path, data: RunData, l
         if step == start:
             n = int(batch["attention_mask"][0].sum())
             log_first_row(log, "sft", batch["tokens"][0, :n], batch["loss_mask"][0, :n])
-        metrics = learner.train_step("sft", batch, {"stage": "sft", "step": step + 1})
+        metrics = learner.train_step(cfg.sft, batch, {"stage": "sft", "step": step + 1})
         log_step(log, metrics, step + 1, cfg.sft.steps)
 
 
@@ -49,8 +49,12 @@ def teacher_answers(cfg: RunConfig, teachers, data: RunData, teacher: Path, log:
     from launch import rollouts, streams
 
     out = cfg.run_dir / "rollouts"
+    from zeda_rl.progress import Progress
+
     items = rollouts.plan(data.sft, data.sft_count)
-    r = rollouts.write_rollouts(cfg, teachers, items, rollouts.sampling_params(cfg, data.format.eos_id), teacher, out, log)
+    with Progress("teacher rollouts", len(items), "prompts", log=log) as bar:
+        r = rollouts.write_rollouts(cfg, teachers, items, rollouts.sampling_params(cfg, data.format.eos_id), teacher, out, log,
+                                    progress=lambda done, total, rate: bar.update(done))
     console.print(f"teacher answered {r['answered']} prompts in {r['seconds']:.1f}s ({r['already_done']} already in {out}, "
                   f"{r['truncated']} cut at max_new_tokens)")
     answers = streams.sft_records(cfg, data.format, data.dropped, source=str(out))

@@ -5,7 +5,8 @@ Modules (one idea each):
 - `model`       GPTModel built from a converted HF config, with the zero-expert router.
 - `parallel`    process groups (EP inside DP, Megatron's layout) and gradient synchronisation.
 - `bridge`      HF safetensors <-> Megatron state, experts sharded over EP ranks; weight export.
-- `train`       `LearnerConfig` and the SFT / OPD training step.
+- `config`      the `learner:` section and the stages' optimisation sections of the run config.
+- `train`       `Learner`: the SFT / OPD training step.
 - `checkpoint`  full learner state saved atomically, exact resume.
 - `actor`       one Ray actor per rank and the `LearnerGroup` driving them (`group` re-exports it).
 - `sft`         `python -m learner.sft`: a few SFT steps on a tiny checkpoint, for users.

@@ -70,15 +70,16 @@ class LearnerActor:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def init(self, checkpoint_dir: str, config: dict, master_addr: str, master_port: int) -> dict:
-        from learner.train import Learner, LearnerConfig
+    def init(self, checkpoint_dir: str, config, stage, options: dict, master_addr: str, master_port: int) -> dict:
+        from learner.train import Learner
 
-        self.learner = Learner(checkpoint_dir, LearnerConfig(**config), self.rank, self.world_size, master_addr, master_port)
+        self.learner = Learner(checkpoint_dir, config, stage, **options, rank=self.rank, world_size=self.world_size,
+                               master_addr=master_addr, master_port=master_port)
         info = self.learner.info
         return {"rank": self.rank, "family": info.family, "moe_layers": len(info.moe_layers), "num_experts": info.num_experts}
 
-    def set_stage(self, stage: str, reset_optimizer: bool, overrides: dict) -> dict:
-        return self.learner.set_stage(stage, reset_optimizer, **overrides).model_dump(mode="json")
+    def set_stage(self, stage, reset_optimizer: bool) -> dict:
+        return self.learner.set_stage(stage, reset_optimizer).model_dump(mode="json")
 
     def train_step(self, batch: dict, data_cursor=None) -> dict:
         return self.learner.train_step(batch, data_cursor)
@@ -142,8 +143,11 @@ class LearnerActor:
         meta = self.learner.load(path)
         return {"step": meta["step"], "data_cursor": meta.get("data_cursor")}
 
+    def settings(self) -> dict:
+        return self.learner.settings()
+
     def state(self) -> dict:
-        return {"step": self.learner.step, "stage": self.learner.config.stage, "data_cursor": self.learner.data_cursor}
+        return {"step": self.learner.step, "stage": self.learner.stage.name, "data_cursor": self.learner.data_cursor}
 
     def close(self) -> None:
         if getattr(self, "inbox", None) is not None:
@@ -155,99 +159,79 @@ class LearnerActor:
 
 
 class LearnerGroup:
-    """Drives `world_size` LearnerActors (EP x DP) in one placement group.
+    """Drives ep x dp LearnerActors (the `learner:` section's layout) in one placement group.
 
-    world_size defaults to ep_size (pure expert parallelism); data parallelism is
-    world_size / ep_size. `train_step(batch)` splits the rows of the global batch over
-    the ranks; every rank gets at least an empty share, so collectives always match.
+    Built from the `learner:` section and the first stage's section (`learner.config`); a call
+    with another stage's section switches every rank to it. `train_step(batch)` splits the rows
+    of the global batch over the ranks; every rank gets at least an empty share, so collectives
+    always match.
     """
 
     def __init__(
         self,
         checkpoint_dir: str | Path,
         config=None,
-        world_size: int | None = None,
-        cpus_per_rank: float = 1,
-        gpus_per_rank: float | None = None,
-        threads_per_rank: int | None = None,
-        stage_overrides: dict[str, dict] | None = None,
+        stage=None,
+        *,
+        temperature: float = 1.0,
+        seed: int = 0,
+        save_dir: str | Path | None = None,
         resume: str | Path | None = None,
     ):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from learner.train import LearnerConfig
+        from learner.config import LearnerSection, SFTStage, learner_part
 
-        self.config = config if isinstance(config, LearnerConfig) else LearnerConfig(**(config or {}))
-        self.world_size = int(world_size or self.config.ep_size)
-        if self.world_size % self.config.ep_size:
-            raise ValueError(f"world size {self.world_size} is not a multiple of EP={self.config.ep_size}")
-        if gpus_per_rank is None:
-            gpus_per_rank = 1 if ray.cluster_resources().get("GPU", 0) >= self.world_size else 0
-        self.stage = self.config.stage
-        self.stage_overrides = stage_overrides or {}
-        bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+        self.config = c = config or LearnerSection()
+        stage = learner_part(stage or SFTStage())
+        self.world_size, self.stage, self.bucket_bytes = c.ep * c.dp, stage.name, c.bucket_bytes
+        bundle = {"CPU": c.cpus_per_rank, **({"GPU": c.gpus_per_rank} if c.gpus_per_rank else {})}
         self.pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
         ray.get(self.pg.ready(), timeout=600)
-        threads = threads_per_rank or max(1, int(cpus_per_rank))
         self.actors = [
             LearnerActor.options(
-                num_cpus=cpus_per_rank,
-                num_gpus=gpus_per_rank,
+                num_cpus=c.cpus_per_rank,
+                num_gpus=c.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(i, self.world_size, threads)
+            ).remote(i, self.world_size, max(1, int(c.cpus_per_rank)))
             for i in range(self.world_size)
         ]
         addr, port = ray.get(self.actors[0].rendezvous.remote())
         # paths are resolved here: the actors' working directory need not be the driver's
-        if self.config.checkpoint_dir:
-            self.config = self.config.model_copy(update={"checkpoint_dir": str(Path(self.config.checkpoint_dir).resolve())})
-        cfg = self.config.model_dump(mode="json")
-        self.info = ray.get([a.init.remote(str(Path(checkpoint_dir).resolve()), cfg, addr, port) for a in self.actors])[0]
+        options = {"temperature": temperature, "seed": seed, "save_dir": str(Path(save_dir).resolve()) if save_dir else None}
+        ckpt = str(Path(checkpoint_dir).resolve())
+        self.info = ray.get([a.init.remote(ckpt, c, stage, options, addr, port) for a in self.actors])[0]
         if resume is not None:
             self.load(resume)
 
     @classmethod
     def from_run_config(cls, cfg, checkpoint_dir: str | Path, resume: str | Path | None = None) -> "LearnerGroup":
-        """The learner of a `launch.config.RunConfig`: SFT settings first, OPD's applied when it starts."""
-        from learner.train import run_learner_config
-
-        lc = cfg.learner
-        base, opd = run_learner_config(cfg)
-        group = cls(
-            checkpoint_dir,
-            base,
-            world_size=lc.ep * lc.dp,
-            cpus_per_rank=lc.cpus_per_rank,
-            gpus_per_rank=lc.gpus_per_rank,
-            threads_per_rank=max(1, int(lc.cpus_per_rank)),
-            stage_overrides={"opd": opd},
-            resume=resume,
-        )
-        group.bucket_bytes = lc.bucket_bytes
-        return group
-
-    bucket_bytes: int = 256 << 20
+        """The learner of a `launch.config.RunConfig`: its `learner:` section, SFT first, at the sampling temperature."""
+        return cls(checkpoint_dir, cfg.learner, cfg.sft, temperature=cfg.sampling.temperature, seed=cfg.seed,
+                   save_dir=cfg.run_dir / "learner", resume=resume)
 
     # -- training --
 
-    def set_stage(self, stage: str, reset_optimizer: bool = True, **overrides) -> dict:
-        """Switch every rank to `stage` (with the group's preset overrides for it, then these)."""
-        ov = {**self.stage_overrides.get(stage, {}), **overrides}
-        cfgs = ray.get([a.set_stage.remote(stage, reset_optimizer, ov) for a in self.actors])
-        self.stage = stage
+    def set_stage(self, stage, reset_optimizer: bool = True) -> dict:
+        """Switch every rank to the next stage's section (`learner.config.SFTStage` / `OPDStage` or a subclass)."""
+        from learner.config import learner_part
+
+        part = learner_part(stage)
+        cfgs = ray.get([a.set_stage.remote(part, reset_optimizer) for a in self.actors])
+        self.stage = part.name
         return cfgs[0]
 
     def split(self, batch: dict) -> list[dict]:
         return shard_rows(batch, self.world_size)
 
     def train_step(self, batch_or_stage, batch: dict | None = None, data_cursor=None) -> dict:
-        """One step on the global batch: `train_step(batch)` or `train_step("sft" | "opd", batch)`."""
-        if isinstance(batch_or_stage, str):
-            if batch_or_stage != self.stage:
-                self.set_stage(batch_or_stage)
-        else:
+        """One step on the global batch: `train_step(batch)` or `train_step(stage_section, batch)`
+        (switching to that stage first if it is not the current one)."""
+        if isinstance(batch_or_stage, dict):
             batch = batch_or_stage
+        elif batch_or_stage.name != self.stage:
+            self.set_stage(batch_or_stage)
         shards = self.split(batch)
         out = ray.get([a.train_step.remote(s, data_cursor) for a, s in zip(self.actors, shards)])
         return out[0]
@@ -258,10 +242,11 @@ class LearnerGroup:
         """Bind the learner's ZMQ inbox on rank 0 ('auto': its node's cluster address); returns the endpoint."""
         return ray.get(self.actors[0].open_inbox.remote(bind_host, port))
 
-    def train_from_inbox(self, stage: str, ids: list[int], version: int, max_staleness: int, data_cursor=None,
+    def train_from_inbox(self, stage, ids: list[int], version: int, max_staleness: int, data_cursor=None,
                          replay: bool = True, first_row: bool = False) -> tuple[dict | None, dict]:
-        """One step on the samples `ids` from rank 0's inbox: (metrics or None if none was trainable, inbox report)."""
-        if stage != self.stage:
+        """One step of `stage` (its section) on the samples `ids` from rank 0's inbox: (metrics or None if
+        none was trainable, inbox report)."""
+        if stage.name != self.stage:
             self.set_stage(stage)
         report, refs = ray.get(self.actors[0].inbox_take.remote(ids, version, max_staleness, replay, first_row))
         if not refs:
@@ -311,6 +296,13 @@ class LearnerGroup:
 
     def state(self) -> dict:
         return ray.get(self.actors[0].state.remote())
+
+    def settings(self) -> dict:
+        """Every rank's learner section, stage section, temperature and seed (they must agree); rank 0's."""
+        out = ray.get([a.settings.remote() for a in self.actors])
+        if any(s != out[0] for s in out):
+            raise RuntimeError(f"learner ranks run with different settings: {out}")
+        return out[0]
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -1,14 +1,14 @@
 """Full learner state, saved atomically and resumed exactly.
 
 A learner checkpoint is a directory:
-    meta.json        format, step, world/EP layout, data cursor (JSON), LearnerConfig, source model
+    meta.json        format, step, world/EP layout, data cursor (JSON), learner and stage sections, source model
     rank00000.pt     that rank's tensors: model (its own experts), AdamW state, RNG state
     ...
 Every rank writes its own file into a temporary directory beside the target (all ranks
 need the same filesystem), and global rank 0 renames it into place only after all ranks
 have finished, so a crash never leaves a half-written checkpoint under the final name.
 Resuming restores the parameters, the optimiser moments and step counts, the
-LearnerConfig of the run (stage, schedule: the lr is a pure function of the step) and
+learner section, the stage's section (the lr is a pure function of the step), the temperature and
 the data cursor, so the next step is bit-identical to
 the one the uninterrupted run would have taken. The layout (world size, EP size) must be
 the same; to change it, go through an HF export (`Learner.export_hf`), which keeps the
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-FORMAT = "zeda-learner-checkpoint/1"
+FORMAT = "zeda-learner-checkpoint/2"
 
 
 def _rank_file(rank: int) -> str:
@@ -64,9 +64,9 @@ def save(learner, path: str | Path) -> Path:
             "step": learner.step,
             "stage_start": learner.stage_start,
             "world_size": learner.world_size,
-            "ep_size": learner.config.ep_size,
+            "ep_size": learner.config.ep,
             "data_cursor": learner.data_cursor,
-            "config": learner.config.model_dump(mode="json"),
+            **learner.settings(),
             "source": str(learner.source),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -96,23 +96,24 @@ def load(learner, path: str | Path) -> dict:
     """Restore a learner (built from the same source model and layout) from `path`; returns meta."""
     path = Path(path)
     meta = read_meta(path)
-    if meta["world_size"] != learner.world_size or meta["ep_size"] != learner.config.ep_size:
+    if meta["world_size"] != learner.world_size or meta["ep_size"] != learner.config.ep:
         raise ValueError(
             f"{path}: saved with world={meta['world_size']} EP={meta['ep_size']}, this learner has "
-            f"world={learner.world_size} EP={learner.config.ep_size}; resume with the same layout "
+            f"world={learner.world_size} EP={learner.config.ep}; resume with the same layout "
             "(or start a new run from an HF export)"
         )
     rank = dist.get_rank() if dist.is_initialized() else 0
-    from learner.train import LearnerConfig
+    from learner.config import STAGES, LearnerSection
 
-    # The run's settings at save time (stage, schedule...) come back too; where checkpoints go follows this learner.
-    saved_cfg = LearnerConfig(**meta["config"])
+    # The run's settings at save time (stage, schedule...) come back too; how often checkpoints go follows this learner.
+    saved_cfg = LearnerSection(**meta["config"])
     for k in ("dispatcher", "alpha", "w"):
         if getattr(saved_cfg, k) != getattr(learner.config, k):
             raise ValueError(f"{path}: saved with {k}={getattr(saved_cfg, k)!r}, this learner has {getattr(learner.config, k)!r}")
-    learner.config = saved_cfg.model_copy(
-        update={"checkpoint_dir": learner.config.checkpoint_dir, "checkpoint_interval": learner.config.checkpoint_interval}
-    )
+    learner.config = saved_cfg.model_copy(update={"checkpoint_every": learner.config.checkpoint_every})
+    stage = dict(meta["stage"])
+    learner.stage = STAGES[stage.pop("name")](**stage)
+    learner.temperature = float(meta["temperature"])
     state = torch.load(path / _rank_file(rank), map_location="cpu", weights_only=False)
     targets = {k: v for k, v in learner.model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     missing = sorted(set(targets) - set(state["model"]))

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     from learner.actor import LearnerGroup
     from learner.model import load_hf_config
-    from learner.train import LearnerConfig
+    from learner.config import LearnerSection, SFTStage
 
     ckpt = Path(a.checkpoint)
     if a.make_tiny:
@@ -73,10 +73,13 @@ def main(argv=None) -> int:
         return 2
     vocab = int(load_hf_config(ckpt).vocab_size)
     world = a.world or a.ep
-    cfg = LearnerConfig(
-        stage="sft", lr=a.lr, schedule="cosine", warmup_steps=1, total_steps=max(2, a.steps), token_budget=a.token_budget,
-        alpha=a.alpha, w=a.w, ep_size=a.ep,
-    )
+    if world % a.ep:
+        print(f"error: --world {world} is not a multiple of --ep {a.ep}", file=sys.stderr)
+        return 2
+    cfg = LearnerSection(ep=a.ep, dp=world // a.ep, cpus_per_rank=a.cpus_per_rank, micro_batch_tokens=a.token_budget,
+                         alpha=a.alpha, w=a.w)
+    steps = max(2, a.steps)
+    stage = SFTStage(steps=steps, lr=a.lr, schedule="cosine", warmup_frac=1 / steps)  # one warmup step
     started = False
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
                      log_to_driver=False)
         started = True
     t0 = time.time()
-    group = LearnerGroup(ckpt, cfg, world_size=world, cpus_per_rank=a.cpus_per_rank)
+    group = LearnerGroup(ckpt, cfg, stage)
     print(f"{group.info['family']}: {world} ranks, EP={a.ep} ({group.info['num_experts'] // a.ep} of "
           f"{group.info['num_experts']} experts per rank), {world} data-parallel shards, {group.info['moe_layers']} MoE layers; "
           f"ready in {time.time() - t0:.1f}s")

@@ -1,4 +1,7 @@
-"""The training step of both ZEDA stages on the Megatron model: `LearnerConfig` and `Learner`.
+"""The training step of both ZEDA stages on the Megatron model: `Learner`.
+
+A learner is built from its `learner:` section and the current stage's section
+(`learner.config`: the run config's own types, no renaming) plus the OPD sampling temperature.
 
 One `Learner` lives in each rank's process. `train_step(batch)` takes this rank's share
 of the global batch (plain dict of numpy/torch arrays, see `Batch fields` below) and:
@@ -41,15 +44,12 @@ optional `routed_experts` [L_moe, B, S, K] (-1 = not recorded) for routing repla
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from learner import cpu_shims
 
@@ -57,81 +57,8 @@ cpu_shims.apply()
 
 from learner import bridge, parallel  # noqa: E402
 from learner import model as mdl  # noqa: E402
+from learner.config import LearnerSection, SFTStage, Stage, learner_part  # noqa: E402
 from zeda_rl.losses import opd_token_loss, token_logprobs, token_weights  # noqa: E402
-
-
-class LearnerConfig(BaseModel):
-    """Everything the learner's optimisation depends on (defaults: the paper's SFT stage)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    stage: Literal["sft", "opd"] = "sft"
-    lr: float = Field(2e-5, ge=0)
-    min_lr: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio when set")
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    total_steps: int = Field(1000, ge=1, description="length of the cosine schedule")
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = Field(1e-8, gt=0)
-    clip_grad: float = Field(1.0, ge=0, description="0 disables clipping")
-    token_budget: int = Field(8192, ge=1, description="max rows x padded length per micro-batch")
-    alpha: float = Field(0.1, ge=0, description="L_GA weight")
-    w: float = Field(2.0, gt=0, description="zero-expert weight in L_GA")
-    aux_reduce: Literal["sum", "mean"] = "sum"
-    clip_eps: float = Field(0.2, gt=0, description="OPD ratio clip")
-    ratio: Literal["recomputed", "behaviour"] = Field(
-        "recomputed", description="OPD ratio against the learner's own logprobs before the update (official) or the engine's")
-    tis_cap: float | None = Field(None, gt=0, description="OPD: truncated importance weight min(exp(old - behaviour), cap) "
-                                  "on each token's loss, for stale samples; None: off (official)")
-    loss_agg: Literal["sample_mean", "token_mean"] = Field(
-        "sample_mean", description="OPD loss aggregation: per-sample mean averaged over samples (official) or per-token "
-        "mean; SFT is always the per-token mean")
-    temperature: float = Field(1.0, gt=0, description="OPD: the rollouts' sampling temperature; student logprobs are "
-                               "taken at it, as the behaviour and teacher logprobs are")
-    ep_size: int = Field(1, ge=1)
-    dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"
-    checkpoint_interval: int = Field(0, ge=0, description="save every K steps (0: never)")
-    checkpoint_dir: str | None = None
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.tis_cap is not None and self.ratio == "behaviour":
-            raise ValueError("tis_cap (opd.tis_cap) needs ratio: recomputed (opd.ratio): with the behaviour ratio the "
-                             "importance weight would correct for the engine twice")
-        return self
-
-    @property
-    def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else int(round(self.warmup_ratio * self.total_steps))
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of update number `step` (0-based): linear warmup, then cosine to min_lr or constant."""
-        if self.warmup and step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        if self.schedule == "constant":
-            return self.lr
-        span = max(1, self.total_steps - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
-        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def run_learner_config(cfg) -> tuple[LearnerConfig, dict]:
-    """The learner settings of a `launch.config.RunConfig`: the SFT stage's config and the
-    overrides applied when OPD starts (LearnerGroup.from_run_config)."""
-    lc, o = cfg.learner, cfg.opd
-    base = LearnerConfig(
-        stage="sft", lr=cfg.sft.lr, schedule=cfg.sft.schedule, warmup_ratio=cfg.sft.warmup_frac,
-        total_steps=max(1, cfg.sft.steps), weight_decay=lc.weight_decay, betas=tuple(lc.betas), clip_grad=lc.grad_clip,
-        token_budget=lc.micro_batch_tokens, alpha=lc.alpha, w=lc.w, clip_eps=o.clip_eps, ratio=o.ratio,
-        tis_cap=o.tis_cap, loss_agg=o.loss_agg, ep_size=lc.ep, checkpoint_interval=lc.checkpoint_every,
-        checkpoint_dir=str(cfg.run_dir / "learner") if lc.checkpoint_every else None, seed=cfg.seed,
-    )
-    opd = {"lr": o.lr, "schedule": "constant", "warmup_steps": 0, "total_steps": max(1, o.steps),
-           "temperature": cfg.sampling.temperature}
-    return base, opd
 
 
 # ---- batches --------------------------------------------------------------------------------------
@@ -263,26 +190,34 @@ class Learner:
     def __init__(
         self,
         checkpoint_dir: str | Path,
-        config: LearnerConfig | None = None,
+        config: LearnerSection | None = None,
+        stage: Stage | None = None,
+        *,
+        temperature: float = 1.0,
+        seed: int = 0,
+        save_dir: str | Path | None = None,
         rank: int = 0,
         world_size: int = 1,
         master_addr: str = "127.0.0.1",
         master_port: int | None = None,
         backend: str | None = None,
     ):
-        self.config = config or LearnerConfig()
-        c = self.config
+        """`temperature`: the rollouts' sampling temperature (OPD takes the student's logprobs at it, as the
+        behaviour and teacher logprobs are); `save_dir`: where `checkpoint_every` checkpoints go."""
+        self.config = c = config or LearnerSection()
+        self.stage = learner_part(stage or SFTStage())
+        self.temperature, self.seed, self.save_dir = float(temperature), int(seed), save_dir
         if world_size > 1 and not master_port:  # each rank would pick its own free port and wait forever
             raise ValueError("Learner: world_size > 1 needs the master_port every rank rendezvous on (LearnerGroup passes it)")
-        parallel.setup(rank, world_size, c.ep_size, master_addr, master_port, backend, seed=c.seed)
+        parallel.setup(rank, world_size, c.ep, master_addr, master_port, backend, seed=self.seed)
         self.rank, self.world_size = rank, world_size
         self.source = Path(checkpoint_dir)
         self.info = mdl.model_info(mdl.load_hf_config(checkpoint_dir))
-        if self.info.num_experts % c.ep_size:
-            raise ValueError(f"{self.info.num_experts} experts cannot be split over EP={c.ep_size} ranks")
+        if self.info.num_experts % c.ep:
+            raise ValueError(f"{self.info.num_experts} experts cannot be split over EP={c.ep} ranks")
         dispatcher = parallel.default_dispatcher() if c.dispatcher == "auto" else c.dispatcher
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.model = mdl.build_model(self.info, ep_size=c.ep_size, dispatcher=dispatcher, alpha=c.alpha, w=c.w)
+        self.model = mdl.build_model(self.info, ep_size=c.ep, dispatcher=dispatcher, alpha=c.alpha, w=c.w)
         self.model.to(self.device)
         bridge.load_hf(self.model, checkpoint_dir)
         self.optimizer = self._make_optimizer()
@@ -290,20 +225,18 @@ class Learner:
         self.stage_start = 0  # step at which the current stage (and its lr schedule) began
         self.data_cursor: object = None  # opaque JSON-able position of the data stream, saved with the state
 
-    def set_stage(self, stage: str, reset_optimizer: bool = True, **overrides) -> LearnerConfig:
-        """Switch to another stage (e.g. SFT -> OPD) with its own settings; its schedule starts at 0.
-
-        `overrides` are LearnerConfig fields (lr, schedule, warmup_steps, total_steps, clip_eps...);
-        the model-shape fields (ep_size, dispatcher, alpha, w) cannot change here.
-        """
-        fixed = {"ep_size", "dispatcher", "alpha", "w", "seed"} & set(overrides)
-        if fixed:
-            raise ValueError(f"set_stage cannot change {sorted(fixed)}; build a new learner")
-        self.config = LearnerConfig(**{**self.config.model_dump(), **overrides, "stage": stage})
+    def set_stage(self, stage: Stage, reset_optimizer: bool = True) -> Stage:
+        """Switch to the next stage's section (e.g. SFT -> OPD); its schedule starts at 0."""
+        self.stage = learner_part(stage)
         self.stage_start = self.step
         if reset_optimizer:
             self.optimizer = self._make_optimizer()
-        return self.config
+        return self.stage
+
+    def settings(self) -> dict:
+        """What this learner runs with, as plain data (saved with every checkpoint)."""
+        return {"config": self.config.model_dump(mode="json"), "stage": {"name": self.stage.name, **self.stage.model_dump(mode="json")},
+                "temperature": self.temperature, "seed": self.seed}
 
     def save(self, path: str | Path) -> Path:
         """Full state, atomically (collective); see learner.checkpoint."""
@@ -325,7 +258,7 @@ class Learner:
                 continue
             (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
         groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=c.lr_at(0), betas=tuple(c.betas), eps=c.eps)
+        return torch.optim.AdamW(groups, lr=self.stage.lr_at(0), betas=tuple(c.betas), eps=c.eps)
 
     # -- one step --
 
@@ -340,20 +273,20 @@ class Learner:
         if data_cursor is not None:
             self.data_cursor = data_cursor
         m = self._metrics(stats, grad_norm, lr, time.perf_counter() - t0)
-        c = self.config
-        if c.checkpoint_interval and c.checkpoint_dir and self.step % c.checkpoint_interval == 0:
+        every = self.config.checkpoint_every
+        if every and self.save_dir and self.step % every == 0:
             from learner import checkpoint
 
-            checkpoint.save(self, Path(c.checkpoint_dir) / f"step_{self.step:08d}")
+            checkpoint.save(self, Path(self.save_dir) / f"step_{self.step:08d}")
             m["checkpoint"] = self.step
         return m
 
     def accumulate(self, batch: dict) -> dict:
         """Forward/backward of every micro-batch and gradient sync; grads are left in `param.grad`."""
-        c = self.config
+        c, stage = self.config, self.stage.name
         self.model.train()
-        b = normalise_batch(batch, c.stage)
-        groups, common = plan_micro_batches(*world_lengths(b), token_budget=c.token_budget)
+        b = normalise_batch(batch, stage)
+        groups, common = plan_micro_batches(*world_lengths(b), token_budget=c.micro_batch_tokens)
         n_mb = len(common)
         if n_mb == 0:
             raise ValueError("train_step: the global batch has no rows")
@@ -361,7 +294,7 @@ class Learner:
         local = [float(mask.sum()), float(mask.any(1).sum()), float(len(groups)), float(b["attention_mask"].sum())]
         resp_total, samples_total, real_mb_total, valid_total = parallel.all_reduce_sum(local)
         resp_total = max(resp_total, 1.0)
-        agg = c.loss_agg if c.stage == "opd" else "token_mean"  # the official SFT is a per-token mean
+        agg = self.stage.loss_agg if stage == "opd" else "token_mean"  # the official SFT is a per-token mean
         b["loss_weight"] = token_weights(mask, agg, n_tokens=resp_total, n_samples=samples_total)
         n_layers = len(self.info.moe_layers)
         aux_layer_div = n_layers if c.aux_reduce == "mean" else 1
@@ -375,17 +308,17 @@ class Learner:
             rows_n, s = common[i]
             real = i < len(groups)
             # a dummy micro-batch (this rank has fewer): same collectives, no loss, no aux
-            mb = _take(b, groups[i], rows_n, s) if real else _padding_batch(rows_n, s, c.stage)
+            mb = _take(b, groups[i], rows_n, s) if real else _padding_batch(rows_n, s, stage)
             mb = {k: v.to(self.device) for k, v in mb.items()}
             mdl.set_aux_loss_scale((1.0 / real_mb_total / aux_layer_div) if real else 0.0)
             with mdl.replay_routing(self.model, mb.get("routed_experts")):
                 logits = mdl.forward_logits(self.model, mb["tokens"], ~mb["attention_mask"])
-            if c.stage == "opd" and c.temperature != 1.0:
-                logits = logits / c.temperature
+            if stage == "opd" and self.temperature != 1.0:
+                logits = logits / self.temperature
             logp = token_logprobs(logits, mb["tokens"])  # [B, S-1]
             m, wt = mb["loss_mask"][:, 1:], mb["loss_weight"][:, 1:]
             sums["nll"] += float(-logp.detach()[m].sum())
-            if c.stage == "sft":
+            if stage == "sft":
                 loss = -(logp * wt).sum()
             else:
                 loss = (self._opd_token_loss(logp, mb, sums, m) * wt).sum()
@@ -407,7 +340,7 @@ class Learner:
 
     def _opd_token_loss(self, logp: torch.Tensor, mb: dict, sums: dict, m: torch.Tensor) -> torch.Tensor:
         """OPD per-token loss of one micro-batch (see the module docstring); adds its token sums to `sums`."""
-        c = self.config
+        c = self.stage
         behaviour, teacher = mb["behaviour_logprobs"][:, 1:], mb["teacher_logprobs"][:, 1:]
         old = logp.detach() if c.ratio == "recomputed" else behaviour
         with torch.no_grad():
@@ -423,9 +356,8 @@ class Learner:
 
     def update(self) -> tuple[float, float]:
         """Clip by the global norm, AdamW step at the schedule's lr; returns (grad norm before clip, lr)."""
-        c = self.config
-        grad_norm = parallel.clip_grads(self.model, c.clip_grad)
-        lr = c.lr_at(self.step - self.stage_start)
+        grad_norm = parallel.clip_grads(self.model, self.config.grad_clip)
+        lr = self.stage.lr_at(self.step - self.stage_start)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
@@ -434,7 +366,6 @@ class Learner:
         return grad_norm, lr
 
     def _metrics(self, st: dict, grad_norm: float, lr: float, dt: float) -> dict:
-        c = self.config
         sums, aux, zero_slots, routed_slots = st["sums"], st["aux"], st["zero_slots"], st["routed_slots"]
         real_mb_total, resp_total, valid_total = st["real_mb_total"], st["resp_total"], st["valid_total"]
         n_layers = len(self.info.moe_layers)
@@ -461,7 +392,7 @@ class Learner:
             "micro_batches": st["n_mb"],
             "nll": tot["nll"] / resp_total,
         }
-        if c.stage == "sft":
+        if self.stage.name == "sft":
             m["sft_loss"] = main
         else:  # per-token means over the response tokens
             m.update(policy_loss=main, **{k: tot[src] / resp_total for k, src in (

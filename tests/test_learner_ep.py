@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from learner import bridge
 from learner.parallel import free_port
 from learner.testing import tiny_checkpoint
-from learner.train import Learner, LearnerConfig
+from learner.config import LearnerSection, OPDStage, SFTStage
+from learner.train import Learner
 
 ROWS = 4
 
@@ -36,12 +37,15 @@ def batch():
     return {"tokens": tokens.numpy(), "loss_mask": loss_mask.numpy(), "attention_mask": attn.numpy()}
 
 
-def config(ep: int, dispatcher: str) -> LearnerConfig:
-    return LearnerConfig(lr=1e-2, schedule="constant", warmup_steps=0, token_budget=24, ep_size=ep, dispatcher=dispatcher)
+def config(ep: int, dispatcher: str) -> LearnerSection:
+    return LearnerSection(micro_batch_tokens=24, ep=ep, dispatcher=dispatcher)
+
+
+SFT = SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0)
 
 
 def _worker(rank, world, ep, port, ckpt, dispatcher, out):
-    learner = Learner(ckpt, config(ep, dispatcher), rank=rank, world_size=world, master_port=port)
+    learner = Learner(ckpt, config(ep, dispatcher), SFT, rank=rank, world_size=world, master_port=port)
     result = {}
     if rank == 0:
         on_disk = load_file(ckpt / "model.safetensors")
@@ -70,7 +74,7 @@ def _worker(rank, world, ep, port, ckpt, dispatcher, out):
     # a rank with no rows (batch smaller than the world) still takes part, in both stages
     empty = {k: v[:0] for k, v in shard.items()}
     solo = learner.train_step(shard if rank == 0 else empty)
-    learner.set_stage("opd")
+    learner.set_stage(OPDStage(lr=1e-2))
     zeros = torch.zeros(shard["tokens"].shape).numpy()
     opd_shard = dict(shard, behaviour_logprobs=zeros, teacher_logprobs=zeros)
     solo_opd = learner.train_step(opd_shard if rank == 0 else {k: v[:0] for k, v in opd_shard.items()})
@@ -94,7 +98,7 @@ def reference(ckpts):
     """EP=1, one process, rows 0-1 and 2-3 as two micro-batches (the token budget makes that split)."""
     out = {}
     for family, ckpt in ckpts.items():
-        learner = Learner(ckpt, config(1, "allgather"))
+        learner = Learner(ckpt, config(1, "allgather"), SFT)
         st = learner.accumulate(batch())
         assert st["n_mb"] == 2
         grads = {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False, grads=True)}

@@ -17,10 +17,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_one_gpu_parity_training_and_export(tmp_path):
     from learner import model as mdl
     from learner.testing import load_hf_reference, tiny_checkpoint
-    from learner.train import Learner, LearnerConfig
+    from learner.config import SFTStage
+    from learner.train import Learner
 
     ckpt = tiny_checkpoint("glm4_moe_lite", tmp_path / "ckpt", initializer_range=0.1)
-    learner = Learner(ckpt, LearnerConfig(lr=1e-2, schedule="constant", warmup_steps=0))
+    learner = Learner(ckpt, None, SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0))
     assert learner.model.config.moe_token_dispatcher_type == "alltoall"
     assert next(learner.model.parameters()).is_cuda
     hf = load_hf_reference(ckpt).cuda()

@@ -15,7 +15,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from learner.testing import load_hf_reference, tiny_checkpoint  # noqa: E402
-from learner.train import LearnerConfig  # noqa: E402
+from learner.config import LearnerSection, OPDStage, SFTStage  # noqa: E402
 from zeda_rl.weights import apply_update, decode_update  # noqa: E402
 
 
@@ -34,8 +34,7 @@ def test_learner_group_ep2_trains_and_exports(local_ray, tmp_path):
     from learner.actor import LearnerGroup
 
     ckpt = tiny_checkpoint("qwen3_moe", tmp_path / "ckpt", initializer_range=0.1)
-    cfg = LearnerConfig(lr=1e-2, schedule="constant", warmup_steps=0, ep_size=2)
-    group = LearnerGroup(ckpt, cfg, stage_overrides={"opd": {"lr": 1e-3}})
+    group = LearnerGroup(ckpt, LearnerSection(ep=2, bucket_bytes=256 << 20), SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0))
     try:
         assert group.world_size == 2 and group.info["num_experts"] == 8
         rng = np.random.default_rng(0)
@@ -64,10 +63,45 @@ def test_learner_group_ep2_trains_and_exports(local_ray, tmp_path):
         ck = group.export_buckets(version=6, layout="checkpoint")
         assert sum(1 for n, _ in ck.named_tensors() if ".mlp.experts." in n) == 2 * 8 * 3  # experts of both ranks
 
-        # OPD through the same group: the stage switches with its preset
+        # OPD through the same group: the stage switches to the section given
         b = dict(batch, behaviour_logprobs=np.zeros((4, 12), np.float32), teacher_logprobs=np.zeros((4, 12), np.float32))
-        m = group.train_step("opd", b)
+        m = group.train_step(OPDStage(lr=1e-3), b)
         assert m["lr"] == 1e-3 and "reverse_kl" in m and group.stage == "opd"
+    finally:
+        group.shutdown()
+
+
+def test_tiny_cpu_yaml_reaches_the_learner_unchanged(local_ray, tmp_path):
+    """The embedded default's learner runs with exactly what launch/configs/tiny-cpu.yaml says, in both stages."""
+    from pathlib import Path
+
+    import yaml
+
+    from launch.config import load_config
+    from learner.actor import LearnerGroup
+
+    path = Path(__file__).parents[1] / "launch" / "configs" / "tiny-cpu.yaml"
+    raw, cfg = yaml.safe_load(path.read_text()), load_config(path, {"output_dir": str(tmp_path)})
+    group = LearnerGroup.from_run_config(cfg, tiny_checkpoint("qwen3_moe", tmp_path / "ckpt"))
+    try:
+        assert group.world_size == raw["learner"]["ep"] * raw["learner"]["dp"] == 2
+        s = group.settings()
+        assert s["config"] == cfg.learner.model_dump(mode="json") and raw["learner"].items() <= s["config"].items()
+        assert (s["temperature"], s["seed"]) == (raw["sampling"]["temperature"], raw["seed"])
+        sft = {k: raw["sft"][k] for k in ("steps", "lr", "schedule", "warmup_frac")}
+        assert s["stage"] == {"name": "sft", "min_lr": 0.0, **sft}
+        rng = np.random.default_rng(0)
+        batch = {"tokens": rng.integers(0, 64, (4, 12)), "loss_mask": np.tile(np.r_[[0] * 4 + [1] * 8], (4, 1))}
+        m = group.train_step(cfg.sft, batch)
+        assert m["lr"] == pytest.approx(raw["sft"]["lr"] / round(raw["sft"]["warmup_frac"] * raw["sft"]["steps"]))  # warmup step 1
+
+        b = dict(batch, behaviour_logprobs=np.zeros((4, 12), np.float32), teacher_logprobs=np.zeros((4, 12), np.float32))
+        m = group.train_step(cfg.opd, b)
+        s = group.settings()
+        opd = {k: raw["opd"].get(k, v) for k, v in OPDStage().model_dump().items()}  # the YAML's keys, defaults elsewhere
+        assert s["stage"] == {"name": "opd", **opd} and opd["lr"] == raw["opd"]["lr"] and opd["steps"] == raw["opd"]["steps"]
+        assert m["lr"] == raw["opd"]["lr"] and group.state()["stage"] == "opd"
+        assert s["config"] == cfg.learner.model_dump(mode="json") and s["temperature"] == raw["sampling"]["temperature"]
     finally:
         group.shutdown()
 

@@ -9,7 +9,8 @@ import torch
 from learner import bridge, checkpoint
 from learner import model as mdl
 from learner.testing import tiny_checkpoint
-from learner.train import Learner, LearnerConfig
+from learner.config import LearnerSection, OPDStage, SFTStage
+from learner.train import Learner
 from zeda_rl.losses import token_logprobs
 
 FAMILIES = ["qwen3_moe", "glm4_moe_lite"]
@@ -32,9 +33,12 @@ def sft_batch(b=4, s=12, seed=0, vocab=64):
     return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attn}
 
 
-def cfg(**kw):
-    base = dict(lr=1e-2, schedule="constant", warmup_steps=0, clip_grad=1.0, token_budget=64)
-    return LearnerConfig(**{**base, **kw})
+SFT, OPD = SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0), OPDStage(lr=1e-2)
+
+
+def make(ckpt, stage=SFT, save_dir=None, **kw):
+    """A learner on `ckpt` with the `learner:` section's fields `kw` (over these tests' defaults) in `stage`."""
+    return Learner(ckpt, LearnerSection(**{"grad_clip": 1.0, "micro_batch_tokens": 64, **kw}), stage, save_dir=save_dir)
 
 
 def params(learner):
@@ -43,7 +47,7 @@ def params(learner):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sft_steps_decrease_the_loss_and_report_metrics(ckpts, family):
-    learner = Learner(ckpts[family], cfg())
+    learner = make(ckpts[family])
     batch = sft_batch()
     ms = [learner.train_step(batch) for _ in range(5)]
     assert ms[-1]["sft_loss"] < ms[0]["sft_loss"] - 0.5
@@ -69,7 +73,7 @@ def _student_logprobs(learner, batch):
 def test_opd_steps_move_the_student_towards_the_teacher(ckpts, family):
     """The OPD loss uses fresh advantages, so its value is not a descent objective; what must fall is
     the per-token gap |log p_teacher - log p_student| on the sampled response tokens."""
-    learner = Learner(ckpts[family], cfg(stage="opd", lr=3e-3))
+    learner = make(ckpts[family], OPDStage(lr=3e-3))
     batch = sft_batch(seed=1)
     behaviour = _student_logprobs(learner, batch)
     rng = np.random.default_rng(0)
@@ -96,7 +100,7 @@ def test_opd_steps_move_the_student_towards_the_teacher(ckpts, family):
 
 
 def test_opd_with_routing_replay_uses_the_given_experts(ckpts):
-    learner = Learner(ckpts["qwen3_moe"], cfg(stage="opd"))
+    learner = make(ckpts["qwen3_moe"], OPD)
     batch = sft_batch(seed=2)
     b, s = batch["tokens"].shape
     info = learner.info
@@ -114,7 +118,7 @@ def test_gradient_accumulation_matches_one_micro_batch(ckpts):
     """alpha=0 (L_GA is per micro-batch by definition): 1 micro-batch vs 4 give the same gradient."""
     grads = {}
     for budget in (1000, 12):
-        learner = Learner(ckpts["glm4_moe_lite"], cfg(alpha=0.0, token_budget=budget))
+        learner = make(ckpts["glm4_moe_lite"], alpha=0.0, micro_batch_tokens=budget)
         st = learner.accumulate(sft_batch())
         assert st["n_mb"] == (1 if budget == 1000 else 4)
         grads[budget] = dict(bridge.full_hf_state(learner.model, cast=False, grads=True))
@@ -124,20 +128,22 @@ def test_gradient_accumulation_matches_one_micro_batch(ckpts):
 
 
 def test_lr_schedule():
-    c = LearnerConfig(lr=1.0, min_lr=0.1, schedule="cosine", warmup_steps=2, total_steps=12)
-    assert [c.lr_at(i) for i in (0, 1)] == [0.5, 1.0]
+    c = SFTStage(lr=1.0, min_lr=0.1, schedule="cosine", warmup_frac=2 / 12, steps=12)
+    assert c.warmup == 2 and [c.lr_at(i) for i in (0, 1)] == [0.5, 1.0]
     assert c.lr_at(2) == pytest.approx(1.0) and c.lr_at(7) == pytest.approx(0.55) and c.lr_at(12) == pytest.approx(0.1)
-    assert LearnerConfig(lr=2.0, schedule="constant", warmup_ratio=0.0).lr_at(500) == 2.0
-    assert LearnerConfig(total_steps=50).warmup == 5
-    with pytest.raises(ValueError):
-        LearnerConfig(lr_typo=1.0)
+    assert SFTStage(lr=2.0, schedule="constant", warmup_frac=0.0).lr_at(500) == 2.0
+    assert SFTStage(steps=50).warmup == 5 and OPDStage(lr=3.0).lr_at(0) == OPDStage(lr=3.0).lr_at(99) == 3.0
+    with pytest.raises(ValueError, match="lr_typo"):
+        SFTStage(lr_typo=1.0)
+    with pytest.raises(ValueError, match="token_budget"):
+        LearnerSection(token_budget=1)
 
 
 def test_resume_continues_exactly(ckpts, tmp_path):
     """Train 2 steps, save, train 1 more; vs. resume from the save and train 1: identical params and loss."""
-    c = cfg(schedule="cosine", warmup_steps=1, total_steps=10, checkpoint_interval=2, checkpoint_dir=str(tmp_path / "ck"))
+    stage = SFTStage(lr=1e-2, schedule="cosine", warmup_frac=0.1, steps=10)
     batches = [sft_batch(seed=i) for i in range(3)]
-    a = Learner(ckpts["qwen3_moe"], c)
+    a = make(ckpts["qwen3_moe"], stage, save_dir=tmp_path / "ck", checkpoint_every=2)
     for i in range(2):
         a.train_step(batches[i], data_cursor={"epoch": 0, "row": 4 * (i + 1)})
     saved = checkpoint.latest(tmp_path / "ck")
@@ -146,7 +152,7 @@ def test_resume_continues_exactly(ckpts, tmp_path):
     m3 = a.train_step(batches[2])
     p3 = params(a)
 
-    b = Learner(ckpts["qwen3_moe"], c)
+    b = make(ckpts["qwen3_moe"], stage, save_dir=tmp_path / "ck", checkpoint_every=2)
     meta = b.load(saved)
     assert meta["step"] == 2 and b.step == 2 and b.data_cursor == {"epoch": 0, "row": 8}
     r3 = b.train_step(batches[2])
@@ -158,35 +164,33 @@ def test_resume_continues_exactly(ckpts, tmp_path):
 
 
 def test_resume_refuses_another_layout(ckpts, tmp_path):
-    a = Learner(ckpts["qwen3_moe"], cfg())
+    a = make(ckpts["qwen3_moe"])
     a.train_step(sft_batch())
     a.save(tmp_path / "ck")
-    b = Learner(ckpts["qwen3_moe"], cfg(alpha=0.2))
+    b = make(ckpts["qwen3_moe"], alpha=0.2)
     with pytest.raises(ValueError, match="alpha"):
         b.load(tmp_path / "ck")
 
 
 def test_stage_switch_resets_the_schedule(ckpts):
-    learner = Learner(ckpts["qwen3_moe"], cfg(schedule="cosine", warmup_steps=2, total_steps=4))
+    learner = make(ckpts["qwen3_moe"], SFTStage(lr=1e-2, schedule="cosine", warmup_frac=0.5, steps=4))
     learner.train_step(sft_batch())
-    c = learner.set_stage("opd", lr=5e-3, schedule="constant", warmup_steps=0)
-    assert c.stage == "opd" and learner.stage_start == 1
+    c = learner.set_stage(OPDStage(lr=5e-3))
+    assert c.name == learner.stage.name == "opd" and learner.stage_start == 1
     b = sft_batch()
     b.update(behaviour_logprobs=np.zeros(b["tokens"].shape, np.float32), teacher_logprobs=np.zeros(b["tokens"].shape, np.float32))
     m = learner.train_step(b)
     assert m["lr"] == 5e-3 and "policy_loss" in m
-    with pytest.raises(ValueError, match="ep_size"):
-        learner.set_stage("sft", ep_size=2)
 
 
 def test_batch_errors_name_the_field(ckpts):
-    learner = Learner(ckpts["qwen3_moe"], cfg(stage="opd"))
+    learner = make(ckpts["qwen3_moe"], OPD)
     with pytest.raises(ValueError, match="behaviour_logprobs"):
         learner.train_step(sft_batch())
     bad = sft_batch()
     bad["loss_mask"] = bad["loss_mask"][:, :5]
     with pytest.raises(ValueError, match="loss_mask"):
-        Learner(ckpts["qwen3_moe"], cfg()).train_step(bad)
+        make(ckpts["qwen3_moe"]).train_step(bad)
     assert mdl.routers(learner.model)  # the model is still usable
 
 
@@ -207,7 +211,7 @@ def test_micro_batch_plan_keeps_the_budget_across_ranks():
 def test_gradients_are_clipped_to_the_global_norm(ckpts):
     from learner import parallel
 
-    learner = Learner(ckpts["qwen3_moe"], cfg(clip_grad=1e-3))
+    learner = make(ckpts["qwen3_moe"], grad_clip=1e-3)
     learner.accumulate(sft_batch())
     before = parallel.grad_norm(learner.model)
     assert before > 1e-3
@@ -215,5 +219,5 @@ def test_gradients_are_clipped_to_the_global_norm(ckpts):
     assert parallel.grad_norm(learner.model) == pytest.approx(1e-3, rel=1e-3)
     assert parallel.clip_grads(learner.model, 0.0) == pytest.approx(1e-3, rel=1e-3)  # 0: disabled, untouched
     assert parallel.grad_norm(learner.model) == pytest.approx(1e-3, rel=1e-3)
-    m = Learner(ckpts["qwen3_moe"], cfg(clip_grad=1e-3)).train_step(sft_batch())
+    m = make(ckpts["qwen3_moe"], grad_clip=1e-3).train_step(sft_batch())
     assert m["grad_norm"] == pytest.approx(before, rel=1e-4)  # the metric is the norm before clipping

@@ -18,8 +18,9 @@ import torch
 
 from launch.config import RunConfig
 from learner import model as mdl
+from learner.config import LearnerSection, OPDStage, SFTStage
 from learner.testing import tiny_checkpoint
-from learner.train import Learner, LearnerConfig, run_learner_config
+from learner.train import Learner
 
 FAMILIES = ["qwen3_moe", "glm4_moe_lite"]
 ALPHA, W = 0.1, 2.0
@@ -31,9 +32,10 @@ def ckpts(tmp_path_factory):
     return {f: tiny_checkpoint(f, root / f) for f in FAMILIES}
 
 
-def cfg(**kw) -> LearnerConfig:
-    base = dict(lr=1e-2, schedule="constant", warmup_steps=0, clip_grad=0.0, weight_decay=0.0, token_budget=24)
-    return LearnerConfig(**{**base, **kw})
+def make(ckpt, stage=None, **kw) -> Learner:
+    """A learner without clipping or weight decay, micro-batches of 24 tokens, at a constant lr of 1e-2 (SFT by default)."""
+    section = LearnerSection(**{"grad_clip": 0.0, "weight_decay": 0.0, "micro_batch_tokens": 24, **kw})
+    return Learner(ckpt, section, stage or SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0))
 
 
 def batch(b=4, s=12, seed=0, loss_from=4):
@@ -122,7 +124,7 @@ def test_l_ga_router_gradient_equals_autograd_of_the_formula(ckpts, family):
     """Two micro-batches with padding; GLM's correction bias pushed hard towards the zero slots and
     Qwen's slots replayed from a zero-heavy record, so counting the slots the model ran instead of
     a fresh top-K would change f and with it the gradient."""
-    learner = Learner(ckpts[family], cfg())
+    learner = make(ckpts[family])
     info = learner.info
     b = batch(loss_from=12)  # no token loss: L_GA alone
     rs = mdl.routers(learner.model)
@@ -172,7 +174,7 @@ def test_l_ga_value_and_gradient_pinned_on_a_hand_made_batch(ckpts):
     logits = log q. Six valid tokens: 3 prefer two real experts (p_real 0.88), 2 two zero slots
     (0.24), 1 one of each (0.61); the padding tokens put everything on zero slots and must not
     count. N=8, N_Z=4, K=2, alpha=0.1, w=2: f_E = 3.5/6, P_E = 3.73/6, by hand."""
-    learner = Learner(ckpts["qwen3_moe"], cfg())
+    learner = make(ckpts["qwen3_moe"])
     n, nz, hidden = 8, 4, learner.model.config.hidden_size
     assert (learner.info.num_experts, learner.info.num_zero, learner.info.router.top_k) == (n, nz, 2)
 
@@ -214,14 +216,14 @@ def test_zero_share_follows_alpha(ckpts):
     so a wrong L_GA scale changes the path, which Adam's scale invariance would hide): with alpha
     the zero share climbs towards r* = 50% along the path of our own L_GA; with alpha = 0 it does
     not move at all."""
-    sgd = dict(lr=300.0, eps=1e3, betas=(0.0, 0.0))  # SGD, step 0.3: seen 31% -> 43% in 3 steps
+    sgd = dict(stage=SFTStage(lr=300.0, schedule="constant", warmup_frac=0.0), eps=1e3, betas=(0.0, 0.0))  # SGD, step 0.3: 31% -> 43% in 3 steps
     b = batch(loss_from=12)
-    flat = Learner(ckpts["qwen3_moe"], cfg(alpha=0.0, **sgd))
+    flat = make(ckpts["qwen3_moe"], alpha=0.0, **sgd)
     shares0 = [flat.train_step(b)["zero_ratio"] for _ in range(3)]
     assert shares0[0] == shares0[1] == shares0[2]
 
-    learner = Learner(ckpts["qwen3_moe"], cfg(alpha=ALPHA, **sgd))
-    ref = Learner(ckpts["qwen3_moe"], cfg(alpha=ALPHA, **sgd))
+    learner = make(ckpts["qwen3_moe"], alpha=ALPHA, **sgd)
+    ref = make(ckpts["qwen3_moe"], alpha=ALPHA, **sgd)
     got, want = [], []
     for _ in range(4):
         got.append(learner.train_step(b)["zero_ratio"])
@@ -284,7 +286,7 @@ def reference_opd_grads(learner, b, agg: str, tis_cap=None) -> dict[str, torch.T
 def test_opd_gradient_is_the_official_objective(ckpts, agg, tis_cap):
     """Recomputed ratio (default): over two micro-batches with routing replay, the learner's gradient
     is that of the unclipped -A logp objective, though the engine's logprobs are far off."""
-    learner = Learner(ckpts["qwen3_moe"], cfg(stage="opd", alpha=0.0, loss_agg=agg, tis_cap=tis_cap))
+    learner = make(ckpts["qwen3_moe"], OPDStage(lr=1e-2, loss_agg=agg, tis_cap=tis_cap), alpha=0.0)
     b = opd_batch(learner)
     st = learner.accumulate(b)
     assert st["n_mb"] == 2
@@ -298,7 +300,7 @@ def test_opd_gradient_is_the_official_objective(ckpts, agg, tis_cap):
 
 
 def test_behaviour_ratio_clips_what_the_official_ratio_does_not(ckpts):
-    learner = Learner(ckpts["qwen3_moe"], cfg(stage="opd", alpha=0.0, ratio="behaviour"))
+    learner = make(ckpts["qwen3_moe"], OPDStage(lr=1e-2, ratio="behaviour"), alpha=0.0)
     b = opd_batch(learner)
     st = learner.accumulate(b)
     m = learner._metrics(st, 0.0, 0.0, 1.0)
@@ -311,19 +313,20 @@ def test_behaviour_ratio_clips_what_the_official_ratio_does_not(ckpts):
 # ---- configuration ------------------------------------------------------------------------------
 
 
-def test_run_config_maps_the_switches_with_official_defaults():
-    base, opd = run_learner_config(RunConfig())
-    assert (base.ratio, base.loss_agg, base.tis_cap) == ("recomputed", "sample_mean", None)
+def test_run_config_carries_the_switches_with_official_defaults():
+    from learner.config import learner_part
+
+    o = learner_part(RunConfig().opd)
+    assert type(o) is OPDStage and (o.ratio, o.loss_agg, o.tis_cap) == ("recomputed", "sample_mean", None)
     cfg_ = RunConfig.model_validate({"opd": {"ratio": "behaviour", "loss_agg": "token_mean", "clip_eps": 0.3}})
-    base, _ = run_learner_config(cfg_)
-    assert (base.ratio, base.loss_agg, base.clip_eps) == ("behaviour", "token_mean", 0.3)
-    assert run_learner_config(RunConfig.model_validate({"opd": {"tis_cap": 2.0}}))[0].tis_cap == 2.0
+    assert learner_part(cfg_.opd) == OPDStage(ratio="behaviour", loss_agg="token_mean", clip_eps=0.3)
+    assert learner_part(RunConfig.model_validate({"opd": {"tis_cap": 2.0}}).opd).tis_cap == 2.0
     with pytest.raises(ValueError, match="loss_agg"):
         RunConfig.model_validate({"opd": {"loss_agg": "sum"}})
     with pytest.raises(ValueError, match="opd.tis_cap"):
         RunConfig.model_validate({"opd": {"tis_cap": 2.0, "ratio": "behaviour"}})
     with pytest.raises(ValueError, match="tis_cap"):
-        LearnerConfig(tis_cap=2.0, ratio="behaviour")
+        OPDStage(tis_cap=2.0, ratio="behaviour")
 
 
 def test_learner_refuses_copy_experts(ckpts, tmp_path):
@@ -334,4 +337,4 @@ def test_learner_refuses_copy_experts(ckpts, tmp_path):
     conf["zce_types"] = ["copy"]
     (copy_ckpt / "config.json").write_text(json.dumps(conf))
     with pytest.raises(ValueError, match=r"zce_types.*model\.zero_type: copy"):
-        Learner(copy_ckpt, cfg())
+        make(copy_ckpt)

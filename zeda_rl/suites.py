@@ -23,6 +23,7 @@ from typing import Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from actors.engine import SamplingParams
 from zeda_rl.chat import ChatFormat
 from zeda_rl.data import Record
 from zeda_rl.evaluate import mean_zero_ratio, moe_shape, request_zero_shares
@@ -34,13 +35,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Decoding(_Strict):
+class Decoding(SamplingParams):
+    """The engines' sampling type with the paper's defaults, plus k of avg@k; stop ids are the model's."""
+
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(20, ge=-1)  # -1 or 0: off
     max_new_tokens: int = Field(32768, ge=1)
+    seed: int | None = 0
     samples: int = Field(1, ge=1)  # k of avg@k
-    seed: int = 0
 
 
 class Benchmark(_Strict):
@@ -117,7 +120,7 @@ def response_text(tokenizer, output_ids: list[int], stops: tuple[int, ...]) -> s
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
-Generate = Callable[[list[list[int]], dict], list]  # (prompt ids, SamplingParams fields) -> Samples
+Generate = Callable[[list[list[int]], SamplingParams], list]  # (prompt ids, sampling) -> Samples
 
 
 def run_suite(checkpoint: str | Path, suite: Suite, generate: Generate, tokenizer=None, progress: bool = True, log=None,
@@ -150,7 +153,7 @@ def run_suite(checkpoint: str | Path, suite: Suite, generate: Generate, tokenize
                                        samples_out))
             bar.advance(len(problems) * k)
     return {
-        "suite": suite.name, "checkpoint": str(checkpoint), "decoding": suite.decoding.model_dump(),
+        "suite": suite.name, "checkpoint": str(checkpoint), "decoding": suite.decoding.model_dump(exclude={"stop_token_ids"}),
         "enable_thinking": suite.enable_thinking, "num_experts": n_experts, "moe_layers": n_layers,
         "benchmarks": rows,
         "average": {
@@ -165,11 +168,8 @@ def _run_benchmark(bench, grader, problems, k, suite, generate, tokenizer, stops
     """One benchmark: generate k samples per problem, grade them; its row (its samples appended to samples_out)."""
     template = bench.prompt_template or grader.template
     prompts = [render_prompt(tokenizer, template.replace("{prompt}", p.prompt), suite.enable_thinking) for p in problems]
-    params = {
-        "temperature": suite.decoding.temperature, "top_p": suite.decoding.top_p, "top_k": suite.decoding.top_k,
-        "max_new_tokens": bench.max_new_tokens or suite.decoding.max_new_tokens,
-        "stop_token_ids": stops, "seed": suite.decoding.seed,
-    }
+    params = suite.decoding.model_copy(update={"max_new_tokens": bench.max_new_tokens or suite.decoding.max_new_tokens,
+                                               "stop_token_ids": stops})
     outs = generate([p for p in prompts for _ in range(k)], params)
     texts = [response_text(tokenizer, s.output_ids, stops) for s in outs]
     grades = grader.grade([p for p in problems for _ in range(k)], [strip_thinking(t) for t in texts])

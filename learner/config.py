@@ -1,0 +1,99 @@
+"""The learner's sections of the run config: `learner:` and the optimisation part of each stage.
+
+`launch.config.RunConfig` composes the run from them (its `sft:` and `opd:` sections add the
+driver's data fields to `SFTStage` and `OPDStage`), so a YAML key reaches the learner under its
+own name. A `Learner` is built from a `LearnerSection` and the current stage's section; switching
+stages hands it the next one. Only pydantic here: the driver imports it without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LearnerSection(_Strict):
+    """What stays fixed for the learner's life: layout, model shape, optimiser, L_GA."""
+
+    ep: int = Field(1, ge=1, description="expert-parallel size")
+    dp: int = Field(1, ge=1, description="data-parallel size")
+    cpus_per_rank: float = Field(0.5, gt=0)
+    gpus_per_rank: float = Field(0, ge=0)
+    micro_batch_tokens: int = Field(4096, ge=1, description="max rows x padded length per micro-batch")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip (0: off)")
+    alpha: float = Field(0.1, ge=0, description="group auxiliary loss (L_GA) weight")
+    w: float = Field(2.0, gt=0, description="zero-expert group weight: r* = wN_Z/(N+wN_Z)")
+    aux_reduce: Literal["sum", "mean"] = Field("sum", description="L_GA over MoE layers (Megatron sums)")
+    dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"
+    checkpoint_every: int = Field(0, ge=0, description="steps between learner checkpoints (0: only at phase ends)")
+    bucket_bytes: int = Field(32 << 20, ge=1024)
+
+
+class SFTStage(_Strict):
+    """Stage 1's optimisation: per-token NLL (+ L_GA), linear warmup then cosine (or constant)."""
+
+    name: ClassVar[str] = "sft"
+    steps: int = Field(50, ge=0)
+    lr: float = Field(2e-5, ge=0)
+    min_lr: float = Field(0.0, ge=0, description="where the cosine ends")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_frac: float = Field(0.1, ge=0, lt=1)
+
+    @property
+    def warmup(self) -> int:
+        return int(round(self.warmup_frac * max(1, self.steps)))
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of update number `step` (0-based) of this stage."""
+        if self.warmup and step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
+        progress = min(1.0, (step - self.warmup) / max(1, max(1, self.steps) - self.warmup))
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class OPDStage(_Strict):
+    """Stage 2's optimisation: the clipped OPD policy loss (+ L_GA) at a constant learning rate."""
+
+    name: ClassVar[str] = "opd"
+    steps: int = Field(20, ge=0)
+    lr: float = Field(5e-6, ge=0)
+    clip_eps: float = Field(0.2, gt=0)
+    ratio: Literal["recomputed", "behaviour"] = Field(
+        "recomputed", description="importance ratio against the learner's own logprobs before its update (official: "
+        "1 for one update per rollout, the clip never acts) or the rollout engine's (a bf16 engine then clips fp32 "
+        "gradients)")
+    tis_cap: float | None = Field(None, gt=0, description="truncated importance weight min(exp(learner - engine "
+                                  "logprob), cap) on each token's loss, for stale samples; null: off (official)")
+    loss_agg: Literal["sample_mean", "token_mean"] = Field(
+        "sample_mean", description="per-sample token mean averaged over samples (official OPD) or per-token mean")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.tis_cap is not None and self.ratio == "behaviour":
+            raise ValueError("opd.tis_cap needs opd.ratio: recomputed (with the engine's ratio the weight would "
+                             "correct for the engine twice)")
+        return self
+
+    def lr_at(self, step: int) -> float:
+        return self.lr
+
+
+Stage = SFTStage | OPDStage
+STAGES = {s.name: s for s in (SFTStage, OPDStage)}
+
+
+def learner_part(stage: Stage) -> Stage:
+    """The learner's own part of a stage section (launch's sections subclass these with data fields)."""
+    base = STAGES[stage.name]
+    return stage if type(stage) is base else base.model_validate(stage.model_dump(include=set(base.model_fields)))
