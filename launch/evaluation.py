@@ -26,8 +26,8 @@ def evaluate_phase(cfg: RunConfig, teacher_dir: Path, student_dir: Path, data: R
     if cfg.eval.suite:
         return _suite_eval(cfg, teacher_dir, student_dir, log, engines or {})
     if not data.format.templated:
-        teacher_eval = evaluate(teacher_dir, n_per_family=cfg.eval.n_per_family)
-        student_eval = evaluate(student_dir, n_per_family=cfg.eval.n_per_family)
+        teacher_eval = evaluate(teacher_dir, n_per_family=cfg.eval.n_per_family, log=log, label="eval teacher")
+        student_eval = evaluate(student_dir, n_per_family=cfg.eval.n_per_family, log=log, label="eval student")
         log.log("eval", "teacher_accuracy", teacher_eval["accuracy"]["mean"])
         log.log("eval", "student_accuracy", student_eval["accuracy"]["mean"])
     else:
@@ -55,7 +55,7 @@ def _suite_eval(cfg: RunConfig, teacher_dir: Path, student_dir: Path, log: Metri
     runs = {}
     for who, ckpt in (("teacher", teacher_dir), ("student", student_dir)):
         with EvalEngines.over(engines[who], batch_size=suite.batch_size) as gen:
-            runs[who] = run_suite(ckpt, suite, gen, progress=lambda m, who=who: console.print(f"eval {who}: {m}"))
+            runs[who] = run_suite(ckpt, suite, gen, log=log, label=f"eval {who}")
     files = write_outputs(cfg.run_dir / "eval", runs["student"], runs["teacher"])
     console.print(f"benchmark report: {files['markdown']}")
     out = []

@@ -104,14 +104,14 @@ def prepare_checkpoints(cfg: RunConfig, phases: Phases) -> tuple[Path, Path]:
     from zeda_rl.convert import convert_checkpoint
 
     with phases("teacher"):
-        teacher = teacher_dir(cfg)
+        teacher = teacher_dir(cfg, log=phases.log)
         console.print(f"teacher: {teacher}")
     with phases("convert"):
         n = _num_experts(teacher)
         nz = cfg.model.zero_experts or n // 2
         student = convert_checkpoint(
             teacher, cfg.run_dir / "student-init", zero_experts=nz, zero_type=cfg.model.zero_type,
-            seed=cfg.model.convert_seed, overwrite=True,
+            seed=cfg.model.convert_seed, overwrite=True, progress=True, log=phases.log,
         )
         console.print(f"student: {student} (N={n}, N_Z={nz})")
     return teacher, Path(student)
