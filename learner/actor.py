@@ -2,7 +2,7 @@
 
 The ranks live in one placement group (PACK: one node when it fits) and form one
 torch.distributed world (gloo on CPU, nccl on GPU): world = DP ranks, with expert
-parallelism of `ep_size` carved out of them (learner.parallel). Rank 0's node address
+parallelism of `learner.ep` carved out of them (learner.parallel). Rank 0's node address
 and a free port there are the rendezvous; every rank then builds its `Learner`
 concurrently (init_process_group blocks until all have joined).
 
