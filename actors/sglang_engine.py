@@ -54,6 +54,7 @@ from actors.engine import Sample, SamplingParams
 from actors.sglang_plugin import PACKAGE as PLUGIN_PACKAGE
 from actors.sglang_plugin.zero_slots import router_spec_from_config
 from zeda_rl.arch import ARCHS, TARGETS, ArchSpec
+from zeda_rl.checks import check_routers
 
 _FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<which>gate_up_proj|down_proj)$")
 
@@ -79,6 +80,9 @@ class CheckpointInfo:
 
 
 def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
+    """What the engine needs from config.json; first refuses NaN/Inf or non-float routers
+    (`zeda_rl.checks`, on CPU from the safetensors files), which SGLang would load silently."""
+    check_routers(checkpoint)
     cfg = json.loads((Path(checkpoint) / "config.json").read_text())
     name = (cfg.get("architectures") or [None])[0]
     arch = TARGETS.get(name) or ARCHS.get(name)

@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 
 import zeda_rl  # noqa: F401  (registers the zero-expert Auto classes)
 from actors.engine import Sample, SamplingParams
+from zeda_rl.checks import check_routers
 from zeda_rl.modeling import moe_blocks, record_routing
 
 
@@ -24,6 +25,7 @@ class TorchEngine:
         if threads:
             torch.set_num_threads(threads)
         hf_logging.disable_progress_bar()
+        check_routers(checkpoint)  # NaN/Inf or non-float routers are refused before the weights load
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
         cfg = self.model.config
         self.pad_id = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)

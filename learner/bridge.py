@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from learner.model import ModelInfo, is_expert_param
+from zeda_rl.checks import check_routers
 from zeda_rl.weights import WeightUpdate, make_buckets
 
 INDEX = "model.safetensors.index.json"
@@ -242,10 +243,12 @@ def load_hf(model: torch.nn.Module, checkpoint_dir: str | Path, ep_rank: int | N
 
     Every parameter and persistent buffer of the model must be covered and every shape
     must match, else ValueError naming the tensor. HF tensors that no rule uses (e.g.
-    GLM's multi-token-prediction layer) are ignored.
+    GLM's multi-token-prediction layer) are ignored. Routers holding NaN/Inf or stored in
+    a non-float dtype are refused first (`zeda_rl.checks`), before any weight is copied.
     """
     info: ModelInfo = model.zeda_info
     ep_rank, ep_size = _ep(ep_rank, ep_size)
+    check_routers(checkpoint_dir)
     ckpt = HFCheckpoint(checkpoint_dir)
     targets = _tensors(model)
     rs = rules(info, ep_rank, ep_size)

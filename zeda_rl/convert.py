@@ -8,8 +8,8 @@ read (with `pread`, so the input file is never mapped wholesale into memory) and
 straight into an output shard of the same name, so peak memory is about the largest
 tensor, not the model; a 60 GB checkpoint converts on a 24 GB machine.
 
-Everything that can be checked without reading tensor data (config, shard list, headers,
-router names and shapes) is checked before anything is written, and all writing goes to
+The config, shard list, headers and routers (names, shapes, dtypes and values; router data
+is the only tensor data read) are checked before anything is written, and all writing goes to
 a temporary directory beside the output that is renamed into place only when complete,
 so a failure leaves neither a half-written checkpoint nor a temporary directory behind.
 """
@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from zeda_rl.arch import ArchSpec, spec_for
+from zeda_rl.checks import check_router_dtype, check_router_values
 from zeda_rl.release import release_config
 
 ZERO_TYPES = ("zero", "copy")
@@ -156,7 +157,8 @@ def _open(path: Path):
 def _plan(src, shards, index, cfg, spec: ArchSpec, nz: int) -> dict[str, tuple[dict | None, list[_Entry]]]:
     """Per shard: its metadata and output entries (in write order, routers already widened).
 
-    Reads only headers, and checks them, the router names and the router shapes.
+    Reads headers and the router tensors only, and checks the headers and the routers' names,
+    shapes, dtypes and values (`zeda_rl.checks`).
     """
     n, h = spec.num_experts(cfg), cfg.get("hidden_size")
     plan, seen, weights, biases = {}, {}, set(), set()
@@ -177,6 +179,7 @@ def _plan(src, shards, index, cfg, spec: ArchSpec, nz: int) -> dict[str, tuple[d
             # The patterns match any layer index, so GLM's multi-token-prediction layer
             # (index num_hidden_layers) gets its router widened too, as it must.
             if m := spec.router_weight.match(e.name):
+                check_router_dtype(path, e.name, e.dtype)
                 if len(e.shape) != 2 or e.shape[0] != n or (h is not None and e.shape[1] != h):
                     raise ValueError(
                         f"{path}: router tensor {e.name!r} has shape {e.shape}, expected [{n}, {h or 'H'}] "
@@ -185,6 +188,7 @@ def _plan(src, shards, index, cfg, spec: ArchSpec, nz: int) -> dict[str, tuple[d
                 e.widen = "weight"
                 weights.add(int(m.group(1)))
             elif spec.router_bias is not None and (m := spec.router_bias.match(e.name)):
+                check_router_dtype(path, e.name, e.dtype)
                 if e.shape != [n]:
                     raise ValueError(
                         f"{path}: router bias {e.name!r} has shape {e.shape}, expected [{n}] "
@@ -192,6 +196,14 @@ def _plan(src, shards, index, cfg, spec: ArchSpec, nz: int) -> dict[str, tuple[d
                     )
                 e.widen = "bias"
                 biases.add(int(m.group(1)))
+        # Router values are read now (they are small), so a NaN or Inf is refused before anything is written.
+        if routers := [e.name for e in entries if e.widen]:
+            try:
+                with _open(path) as f:
+                    for name in routers:
+                        check_router_values(path, name, f.get_tensor(name))
+            except SafetensorError as err:
+                raise ValueError(f"{path}: not a valid safetensors file ({err})") from None
         for e in entries:
             if e.widen:
                 e.shape[0] += nz

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zeda_rl  # noqa: F401  (registers the zero-expert Auto classes)
+from zeda_rl.checks import check_routers
 from zeda_rl.generate import greedy_complete
 from zeda_rl.modeling import moe_blocks, record_routing
 from zeda_rl.progress import Progress
@@ -24,6 +25,7 @@ def load(checkpoint: str | Path, dtype=torch.float32):
     path = Path(checkpoint)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    check_routers(path)  # a NaN/Inf or non-float router is refused before the weights load
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
