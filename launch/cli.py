@@ -84,6 +84,25 @@ def _train(a):
     return train_main(["--config", a.config] + [f"--set={kv}" for kv in a.set] + (["--resume"] if a.resume else []))
 
 
+def _plan(a):
+    import yaml
+
+    from launch.plan import load_hf_config, make_plan, render
+    from launch.train import load_run_config
+
+    cfg = load_run_config(a.config, a.set)
+    cluster = yaml.safe_load(open(a.cluster)) if a.cluster else None
+    p = make_plan(cfg, load_hf_config(cfg, a.hf_config), gpu=a.gpu, cluster=cluster, margin=a.margin,
+                  bandwidth=a.bandwidth * 1e9)
+    if a.json:
+        print(json.dumps(p, indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(render(p))
+    return 0 if p["fits"] else 2
+
+
 def _own_parser(argv: list[str]) -> int:
     if argv[0] == "monitor":
         from launch.monitor import main
@@ -130,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. opd.steps=5")
     tr.add_argument("--resume", action="store_true")
     tr.set_defaults(fn=_train)
+
+    pl = sub.add_parser("plan", help="memory per learner rank, engine and weight push, and whether it fits (exit 2: it does not)")
+    pl.add_argument("config")
+    pl.add_argument("--cluster", help="cluster YAML (launch/cluster-h200.yaml): its GPU type and nodes")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--hf-config", help="the static teacher's config.json (default: model.teacher's)")
+    pl.add_argument("--gpu", default="H200", choices=["H200", "H100"], help="GPU without --cluster")
+    pl.add_argument("--margin", type=float, default=0.10, help="memory kept free (share of the GPU's)")
+    pl.add_argument("--bandwidth", type=float, default=10.0, help="weight-push bandwidth in GB/s")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    pl.set_defaults(fn=_plan)
 
     # listed for --help; its arguments are launch.monitor's own (see main)
     sub.add_parser("rollouts", help="the teacher engines answer the SFT prompts into sharded JSONL, resumable (zeda rollouts -h)",

@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    from launch.plan import gate
+
+    refused = gate(cfg)  # before any actor starts
+    if refused:
+        print(f"{a.config}: refused: {refused}", file=sys.stderr)
+        return 2
     from launch.pipeline import console, run
 
     result = run(cfg, resume=a.resume)
