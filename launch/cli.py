@@ -103,6 +103,32 @@ def _plan(a):
     return 0 if p["fits"] else 2
 
 
+def _doctor(a):
+    import yaml
+
+    from launch.config import ConfigError
+    from launch.doctor import FAIL, Check, as_json, doctor, render
+    from launch.train import load_run_config
+
+    try:
+        cfg = load_run_config(a.config, a.set)
+    except ConfigError as err:
+        checks = [Check("config", FAIL, str(err))]
+    else:
+        from launch.plan import load_hf_config
+
+        hf = load_hf_config(cfg, a.hf_config) if a.hf_config else None
+        cluster = yaml.safe_load(open(a.cluster)) if a.cluster else None
+        checks = doctor(cfg, hf, a.hf_config, cluster=cluster, gpu=a.gpu)
+    if a.json:
+        print(json.dumps(as_json(checks), indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(render(checks, f"zeda doctor {a.config}"))
+    return 2 if any(c.status == FAIL for c in checks) else 0
+
+
 def _own_parser(argv: list[str]) -> int:
     if argv[0] == "monitor":
         from launch.monitor import main
@@ -160,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--bandwidth", type=float, default=10.0, help="weight-push bandwidth in GB/s")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     pl.set_defaults(fn=_plan)
+
+    d = sub.add_parser("doctor", help="what a run of CONFIG needs, checked without starting it: the config against the teacher "
+                       "and this machine, the plan, Ray, ports, GPU extras (exit 2: a check fails)")
+    d.add_argument("config")
+    d.add_argument("--hf-config", help="the static teacher's config.json or checkpoint dir (default: model.teacher's)")
+    d.add_argument("--cluster", help="cluster YAML (launch/cluster-h200.yaml): the plan's GPU type and nodes")
+    d.add_argument("--gpu", default="H200", choices=["H200", "H100"], help="GPU the plan checks against without --cluster")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    d.set_defaults(fn=_doctor)
 
     # listed for --help; its arguments are launch.monitor's own (see main)
     sub.add_parser("rollouts", help="the teacher engines answer the SFT prompts into sharded JSONL, resumable (zeda rollouts -h)",

@@ -10,11 +10,12 @@ validation error names the key path and what was expected.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from actors.engine import SamplingParams
 from learner.config import LearnerSection, OPDStage, SFTStage
@@ -41,12 +42,29 @@ class EngineSection(_Strict):
     engine_kwargs: dict = Field(default_factory=dict)
 
 
+def _positive_lr(v: float) -> float:
+    if v <= 0:
+        raise ValueError(f"expected a learning rate > 0, got {v} (a stage that should not train takes steps: 0)")
+    return v
+
+
 class SFTSection(SFTStage):
     """The learner's SFT stage (steps, lr, schedule, warmup_frac) plus what the driver feeds it."""
 
     batch_size: int = Field(32, ge=1)
     prompts: int | None = Field(2000, ge=1, description="training prompts the teacher answers (None: every prompt of data.sft_prompts once)")
     teacher_temperature: float = Field(0.0, ge=0)
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        return _positive_lr(v)
+
+    @model_validator(mode="after")
+    def _min_lr(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"sft.min_lr ({self.min_lr}) must be <= sft.lr ({self.lr}): the cosine would climb")
+        return self
 
 
 class OPDSection(OPDStage):
@@ -59,6 +77,11 @@ class OPDSection(OPDStage):
     asynchronous: bool = True
     routing_replay: bool = True
     rollout_batch: int = Field(8, ge=1, description="prompts per generation call")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        return _positive_lr(v)
 
 
 class FieldsSection(_Strict):
@@ -86,15 +109,41 @@ class EvalSection(_Strict):
                               "run only when the tokenizer is the embedded one")
 
 
+ALL_INTERFACES = ("0.0.0.0", "*")
+
+
 class ClusterSection(_Strict):
     address: str | None = Field(None, description="Ray address; None starts a local Ray")
-    num_cpus: int | None = None
-    bind_host: str = Field("127.0.0.1", description="host the learner's ZMQ inbox binds to; 'auto': this node's cluster address")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: this machine's)")
+    bind_host: str = Field("127.0.0.1", description="IPv4 address of this machine the learner's ZMQ inbox binds to; "
+                           "'auto': the learner node's cluster address; 0.0.0.0 only with allow_all_interfaces")
     inbox_port: int = Field(0, ge=0, le=65535, description="port of the learner's ZMQ inbox (0: any free port)")
+    allow_all_interfaces: bool = Field(False, description="let bind_host be 0.0.0.0: the inbox then listens on every "
+                                       "network, public ones included (it has no authentication)")
+
+    @field_validator("bind_host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if v in ("auto", "localhost", *ALL_INTERFACES):
+            return v
+        try:
+            ipaddress.IPv4Address(v)
+        except ValueError:
+            raise ValueError("expected 'auto', 'localhost' or an IPv4 address of this machine "
+                             "(the inbox binds tcp://HOST:PORT)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _all_interfaces(self):
+        if self.bind_host in ALL_INTERFACES and not self.allow_all_interfaces:
+            raise ValueError(f"cluster.bind_host: {self.bind_host} listens on every interface, public ones included; "
+                             "set cluster.allow_all_interfaces: true to mean it, or use 'auto' (the node's cluster address)")
+        return self
 
 
 class RunConfig(_Strict):
-    name: str = "tiny-cpu"
+    name: str = Field("tiny-cpu", description="the run's directory under output_dir and its metrics hub's name: one plain "
+                      "path component")
     seed: int = 0
     output_dir: str = "runs"
     model: ModelSection = Field(default_factory=ModelSection)
@@ -109,8 +158,20 @@ class RunConfig(_Strict):
     eval: EvalSection = Field(default_factory=EvalSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or v in (".", "..") or not all(c.isalnum() or c in "._-+" for c in v) or v.startswith("-"):
+            raise ValueError("expected one plain path component (letters, digits, '.', '_', '-', '+'; not '.' or '..' "
+                             "and no '/'): the run writes under output_dir/name")
+        return v
+
     @model_validator(mode="after")
     def _check(self):
+        world, tp = self.learner.ep * self.learner.dp, self.learner.tp
+        if world % tp:
+            raise ValueError(f"learner.tp ({tp}) must divide the learner ranks, learner.ep x learner.dp = "
+                             f"{self.learner.ep} x {self.learner.dp} = {world}: tensor-parallel groups are carved out of them")
         if self.model.teacher != "embedded" and not self.model.teacher:
             raise ValueError("model.teacher: expected 'embedded' or a checkpoint directory")
         if self.opd.rollout_batch > self.opd.prompts_per_step:
@@ -155,8 +216,11 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[:depth + 1])
+                raise ConfigError(f"--set {dotted}: {where} is {node!r} in {path}, not a section with keys")
         node[leaf] = value
     try:
         return RunConfig.model_validate(raw)
@@ -167,3 +231,101 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
             lines.append(f"  {key}: {e['msg']}{got}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def preflight(cfg: RunConfig, hf_config: dict | None = None, hf_source: str | None = None) -> list[str]:
+    """What the config asks of this machine and of the teacher's HF config, one message per problem ([]: none).
+
+    The validators above see only the YAML; these need the file system, the network interfaces or the
+    teacher's config.json (read, no weights), which tests and `zeda plan` elsewhere do not have, so only
+    `zeda train` (before any actor starts) and `zeda doctor` run them. `hf_config` stands in for the
+    teacher's (as `zeda plan --hf-config` does); the embedded teacher is built on demand, so its figures
+    come from its recipe and no directory is needed.
+    """
+    problems = _paths(cfg) + _bind_host(cfg)
+    teacher, source, missing = _teacher_config(cfg)
+    problems += missing
+    if hf_config is None:
+        hf_config, hf_source = teacher, source
+    if hf_config is not None:
+        problems += _against_teacher(cfg, hf_config, hf_source or "the given HF config")
+    return problems
+
+
+def _paths(cfg: RunConfig) -> list[str]:
+    d = cfg.data
+    given = [("data.sft_rollouts", d.sft_rollouts)] if d.sft_rollouts else [("data.sft_prompts", d.sft_prompts)]
+    given.append(("data.opd_prompts", d.opd_prompts))
+    return [f"{key} ({value}): no such file or directory (expected 'embedded' or a .jsonl/.parquet file, shard dir "
+            "or saved dataset)" for key, value in given if value != "embedded" and not Path(value).exists()]
+
+
+def _bind_host(cfg: RunConfig) -> list[str]:
+    host = cfg.cluster.bind_host
+    if host in ("auto", "localhost", *ALL_INTERFACES):
+        return []
+    mine = local_addresses()
+    if host in mine:
+        return []
+    return [f"cluster.bind_host ({host}): not an address of this machine (its IPv4 addresses: {', '.join(sorted(mine))}); "
+            "use one of them, or 'auto' for the learner node's cluster address"]
+
+
+def local_addresses() -> set[str]:
+    import socket
+
+    import psutil
+
+    return {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
+
+
+def _teacher_config(cfg: RunConfig) -> tuple[dict | None, str, list[str]]:
+    import json
+
+    if cfg.model.teacher == "embedded":
+        from launch.plan import load_hf_config
+
+        return load_hf_config(cfg), "the embedded teacher's recipe (zeda_rl.teacher.MODEL)", []
+    path = Path(cfg.model.teacher)
+    if not path.is_dir():
+        return None, "", [f"model.teacher ({path}): no such directory (expected 'embedded' or a Hugging Face checkpoint directory)"]
+    file = path / "config.json"
+    if not file.is_file():
+        return None, "", [f"model.teacher ({path}): no config.json in it (expected a Hugging Face checkpoint directory)"]
+    try:
+        return json.loads(file.read_text()), str(file), []
+    except (OSError, ValueError) as err:
+        return None, "", [f"{file}: not readable JSON: {err}"]
+
+
+def _against_teacher(cfg: RunConfig, hf: dict, source: str) -> list[str]:
+    """The learner layout and the sequence lengths against the teacher's shape."""
+    from launch.plan import arch_from_hf
+
+    try:
+        a = arch_from_hf(hf, cfg.model.zero_experts)
+    except KeyError as err:
+        return [f"{source}: no {err.args[0]!r} (expected a complete Hugging Face MoE config)"]
+    except ValueError as err:
+        return [f"{source}: {err}"]
+    lc, out = cfg.learner, []
+    if a.experts % lc.ep:
+        divisors = [d for d in range(1, a.experts + 1) if a.experts % d == 0]
+        out.append(f"learner.ep ({lc.ep}) does not divide the teacher's {a.experts} experts ({source}): expected one of {divisors}")
+    heads = [("num_attention_heads", a.heads)] + ([] if a.mla else [("num_key_value_heads", a.kv_heads)])
+    for key, n in heads:
+        if n % lc.tp:
+            out.append(f"learner.tp ({lc.tp}) does not divide the teacher's {key} ({n}, {source}): each tensor-parallel "
+                       "rank holds whole heads")
+    budget = cfg.sampling.max_new_tokens
+    what = f"sampling.max_new_tokens ({budget})"
+    if "max_prompt_tokens" in cfg.data.model_fields_set:  # the config names its prompt budget: the two must fit together
+        budget += cfg.data.max_prompt_tokens
+        what += f" + data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) = {budget}"
+    else:
+        budget += 1  # at least one prompt token
+        what += " + a 1-token prompt"
+    if budget > a.max_positions:
+        out.append(f"{what} exceeds the teacher's max_position_embeddings ({a.max_positions}, {source}): the "
+                   "rollouts could not be scored")
+    return out

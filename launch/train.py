@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    from launch.plan import gate
+    from launch.doctor import refusals
 
-    refused = gate(cfg)  # before any actor starts
+    refused = refusals(cfg)  # before any actor starts
     if refused:
-        print(f"{a.config}: refused: {refused}", file=sys.stderr)
+        print("\n".join([f"{a.config}: refused:", *(f"  {r}" for r in refused)]), file=sys.stderr)
         return 2
     from launch.pipeline import console, run
 

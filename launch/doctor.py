@@ -1,0 +1,194 @@
+"""`zeda doctor CONFIG`: every reason a run of CONFIG would be refused or fail at start-up, without starting it.
+
+A refused config costs seconds; one that fails after the engines have loaded costs the start-up of a
+whole cluster. So the config's own checks (`launch.config`: the validators at load, `preflight` against
+this machine and the teacher's HF config), the learner knobs and the memory plan (`launch.plan`) are
+run here exactly as `zeda train` runs them (`refusals`, its gate), then what the environment must give
+the run: Ray, the inbox port on the bind host, the GPU extras a backend imports. Nothing is started: Ray
+is probed with a TCP connection, a port with a bind that is closed at once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+
+
+def config_checks(cfg, hf_config: dict | None = None, hf_source: str | None = None, cluster: dict | None = None,
+                  gpu: str = "H200") -> list[Check]:
+    """The checks `zeda train` refuses on: preflight, the learner knobs not implemented yet, the plan's verdict."""
+    from launch.config import preflight
+    from launch.plan import load_hf_config, make_plan, refusal
+    from learner.config import not_implemented
+
+    problems = preflight(cfg, hf_config, hf_source)
+    out = [Check(_key(p), FAIL, p) for p in problems] or [Check("config vs teacher and machine", OK, _summary(cfg, hf_source))]
+    knobs = not_implemented(cfg.learner)
+    out += [Check(_key(k), FAIL, k) for k in knobs] or [Check("learner knobs", OK, "all implemented by the learner")]
+    try:
+        hf = hf_config if hf_config is not None else load_hf_config(cfg)
+        p = make_plan(cfg, hf, gpu=gpu, cluster=cluster)
+    except (OSError, ValueError, KeyError) as err:  # no teacher config: preflight has said why
+        out.append(Check("plan", SKIP if problems else FAIL, f"not planned: {err}"))
+        return out
+    if p["fits"]:
+        worst = max(p["verdicts"], key=lambda v: v["need"] / max(v["capacity"], 1))
+        out.append(Check("plan", OK, f"fits ({p['device']['name']}); tightest: {worst['placement']} "
+                                     f"{worst['need'] / 2**30:.1f} of {worst['capacity'] / 2**30:.1f} GiB"))
+    else:
+        out.append(Check("plan", FAIL, f"does not fit: {refusal(p)} (zeda plan shows every figure)"))
+    return out
+
+
+def refusals(cfg, cluster: dict | None = None) -> list[str]:
+    """Why `zeda train` must not start this config, one line each ([]: it may)."""
+    return [c.detail for c in config_checks(cfg, cluster=cluster) if c.status == FAIL]
+
+
+def _key(message: str) -> str:
+    head = message.split(" ", 1)[0].rstrip(":")
+    return head if "." in head and "/" not in head else "config"
+
+
+def _summary(cfg, hf_source: str | None) -> str:
+    teacher = "embedded (built on demand)" if cfg.model.teacher == "embedded" else cfg.model.teacher
+    return (f"teacher {teacher}{f' ({hf_source})' if hf_source else ''}; learner EP {cfg.learner.ep} x DP {cfg.learner.dp}, "
+            f"TP {cfg.learner.tp}; data paths exist; bind host {cfg.cluster.bind_host}")
+
+
+# ---- the environment ------------------------------------------------------------------------
+
+
+def ray_check(cfg) -> Check:
+    """The cluster the run would join, reached over TCP; or the local Ray the run would start, sized against the run."""
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return _local_ray(cfg)
+    where = f"cluster.address {cfg.cluster.address}" if cfg.cluster.address else f"RAY_ADDRESS {address}"
+    try:
+        if address.startswith("ray://"):
+            target = address.removeprefix("ray://")
+        else:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address(address)
+            if target is None:
+                return _local_ray(cfg)
+        host, _, port = target.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except (OSError, ValueError, ConnectionError) as err:
+        return Check("ray", FAIL, f"{where}: not reachable ({type(err).__name__}: {err}); start the cluster (ray up / "
+                                  "ray start --head) or leave cluster.address null for a local Ray")
+    return Check("ray", OK, f"{where}: {target} accepts connections")
+
+
+def _local_ray(cfg) -> Check:
+    """A local Ray is started by the run itself; what matters is that its CPUs and GPUs hold the run's placement groups,
+    which otherwise wait forever."""
+    from launch import placement
+
+    cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
+    gpus = _cuda_devices()
+    node = {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
+    try:
+        placement.pack(placement.plan(cfg), [("local", node)])
+    except placement.Unplaceable as err:
+        return Check("ray", FAIL, f"local Ray will be started with {cpus} CPUs and {gpus} GPUs, which cannot hold the run: "
+                                  f"{err} (cluster.num_cpus, or fewer replicas / cpus)")
+    return Check("ray", OK, f"local Ray will be started (num_cpus={cpus}, {gpus} GPUs): the run's placement groups fit")
+
+
+def _cuda_devices() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def bind_address(cfg) -> str:
+    """The address the learner's inbox binds, as the learner resolves it ('auto': the node's cluster address)."""
+    host = cfg.cluster.bind_host
+    if host == "auto":
+        from ray._private.services import get_node_ip_address
+
+        return get_node_ip_address()
+    return {"localhost": "127.0.0.1", "*": "0.0.0.0"}.get(host, host)
+
+
+def ports_check(cfg) -> Check:
+    """The fixed port the run binds (the inbox's), free on its host. Ray's own and the learner's rendezvous
+    ports are picked free at start; a zero inbox port is too."""
+    host = bind_address(cfg)
+    port = cfg.cluster.inbox_port
+    where = f"learner inbox tcp://{host}:{port or '*'}"
+    remote = " (checked on this machine; the learner's rank 0 may run on another node)" if cfg.cluster.bind_host == "auto" else ""
+    if not port:
+        return Check("ports", OK, f"{where}: a free port picked at start; Ray and the learner rendezvous pick theirs")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, port))
+    except OSError as err:
+        return Check("ports", FAIL, f"{where}: cannot bind ({err.strerror or err}){remote}; free it or set "
+                                    "cluster.inbox_port (0: any free port)")
+    return Check("ports", OK, f"{where}: free{remote}")
+
+
+def gpu_checks(cfg) -> list[Check]:
+    """The extras a backend imports on the machines that run it: SGLang for an sglang engine, CUDA for nccl
+    (a learner on GPUs) and for GPU torch engines. On a named cluster this machine only submits, so a miss warns."""
+    miss = WARN if (cfg.cluster.address or os.environ.get("RAY_ADDRESS")) else FAIL
+    out = []
+    sglang = [role for role in ("rollout", "teacher") if getattr(cfg, role).backend == "sglang"]
+    if sglang:
+        try:
+            import sglang  # noqa: F401
+
+            out.append(Check("sglang", OK, f"imports ({', '.join(sglang)} backend)"))
+        except Exception as err:  # noqa: BLE001 - a broken install raises anything
+            out.append(Check("sglang", miss, f"{', '.join(s + '.backend' for s in sglang)}: sglang, but `import sglang` fails "
+                                             f"({type(err).__name__}: {err}); install the gpu extra (pip install -e '.[gpu]')"))
+    wants = ([f"learner.gpus_per_rank {cfg.learner.gpus_per_rank} (nccl)"] if cfg.learner.gpus_per_rank > 0 else []) + [
+        f"{role}.gpus {getattr(cfg, role).gpus}" for role in ("rollout", "teacher") if getattr(cfg, role).gpus > 0]
+    if wants:
+        n = _cuda_devices()
+        out.append(Check("cuda", OK, f"{n} CUDA devices for {', '.join(wants)}") if n else
+                   Check("cuda", miss, f"{', '.join(wants)}: no CUDA device here (torch.cuda.is_available() is False)"))
+    return out or [Check("gpu", SKIP, "the run asks for no GPU")]
+
+
+def doctor(cfg, hf_config: dict | None = None, hf_source: str | None = None, cluster: dict | None = None,
+           gpu: str = "H200") -> list[Check]:
+    checks = [Check("config", OK, "loads and validates")]
+    checks += config_checks(cfg, hf_config, hf_source, cluster, gpu)
+    checks += [ray_check(cfg), ports_check(cfg)] + gpu_checks(cfg)
+    return checks
+
+
+def render(checks: list[Check], title: str):
+    from rich.markup import escape
+    from rich.table import Table
+
+    colour = {OK: "green", WARN: "yellow", FAIL: "red", SKIP: "dim"}
+    t = Table(title=title)
+    for c in ("check", "status", "detail"):
+        t.add_column(c, overflow="fold")
+    for c in checks:
+        t.add_row(escape(c.name), f"[{colour[c.status]}]{c.status}", escape(c.detail))
+    return t
+
+
+def as_json(checks: list[Check]) -> list[dict]:
+    return [asdict(c) for c in checks]
