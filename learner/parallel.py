@@ -42,6 +42,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _store(master_addr: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The rendezvous store, on rank 0 listening on `master_addr` only: torch's own TCPStore server (what a
+    tcp:// init_method makes) listens on every interface, and nothing of a run may unless configured."""
+    if rank:
+        return dist.TCPStore(master_addr, port, world_size, False, timeout=timeout)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((master_addr, port))
+    s.listen(128)
+    return dist.TCPStore(master_addr, s.getsockname()[1], world_size, True, timeout=timeout, master_listen_fd=s.detach())
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -70,14 +81,9 @@ def setup(
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
-        port = master_port or free_port()
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{master_addr}:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _store(master_addr, master_port or 0, rank, world_size, timeout)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
