@@ -76,14 +76,11 @@ def ray_check(cfg) -> Check:
         return _local_ray(cfg)
     where = f"cluster.address {cfg.cluster.address}" if cfg.cluster.address else f"RAY_ADDRESS {address}"
     try:
-        if address.startswith("ray://"):
-            target = address.removeprefix("ray://")
-        else:
-            from ray._private.services import canonicalize_bootstrap_address
+        target = address.removeprefix("ray://")
+        if target == "auto":  # the cluster `ray start` last started on this machine
+            from ray._private.services import get_ray_address_from_environment
 
-            target = canonicalize_bootstrap_address(address)
-            if target is None:
-                return _local_ray(cfg)
+            target = get_ray_address_from_environment("auto", None)
         host, _, port = target.rpartition(":")
         with socket.create_connection((host, int(port)), timeout=3):
             pass
@@ -151,14 +148,14 @@ def gpu_checks(cfg) -> list[Check]:
     (a learner on GPUs) and for GPU torch engines. On a named cluster this machine only submits, so a miss warns."""
     miss = WARN if (cfg.cluster.address or os.environ.get("RAY_ADDRESS")) else FAIL
     out = []
-    sglang = [role for role in ("rollout", "teacher") if getattr(cfg, role).backend == "sglang"]
-    if sglang:
+    roles = [role for role in ("rollout", "teacher") if getattr(cfg, role).backend == "sglang"]
+    if roles:
         try:
             import sglang  # noqa: F401
 
-            out.append(Check("sglang", OK, f"imports ({', '.join(sglang)} backend)"))
+            out.append(Check("sglang", OK, f"imports ({', '.join(roles)} backend)"))
         except Exception as err:  # noqa: BLE001 - a broken install raises anything
-            out.append(Check("sglang", miss, f"{', '.join(s + '.backend' for s in sglang)}: sglang, but `import sglang` fails "
+            out.append(Check("sglang", miss, f"{', '.join(r + '.backend' for r in roles)}: sglang, but `import sglang` fails "
                                              f"({type(err).__name__}: {err}); install the gpu extra (pip install -e '.[gpu]')"))
     wants = ([f"learner.gpus_per_rank {cfg.learner.gpus_per_rank} (nccl)"] if cfg.learner.gpus_per_rank > 0 else []) + [
         f"{role}.gpus {getattr(cfg, role).gpus}" for role in ("rollout", "teacher") if getattr(cfg, role).gpus > 0]
