@@ -129,6 +129,17 @@ def _doctor(a):
     return 2 if any(c.status == FAIL for c in checks) else 0
 
 
+def _baselines(a):
+    from launch.baselines import run_baselines
+    from launch.train import load_run_config
+
+    cfg = load_run_config(a.config, a.set)
+    a.target = a.out or cfg.output_dir
+    result = run_baselines(cfg, a.out, analysis_per_family=a.analysis_n)
+    for r in result["rows"]:
+        print(f"{r['label']:<22} accuracy {100 * r['accuracy']['mean']:5.1f}%  r_ZE {100 * r['r_ze']:5.1f}%")
+
+
 def _own_parser(argv: list[str]) -> int:
     if argv[0] == "monitor":
         from launch.monitor import main
@@ -196,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     d.set_defaults(fn=_doctor)
+
+    b = sub.add_parser("baselines", help="ZEDA vs Dynamic Skipping, NET (static top-K/2) and SFT-only ZEDA, trained and "
+                       "evaluated the same way: a table in the paper's layout, plots, where tokens skip")
+    b.add_argument("--config", required=True, help="run config YAML (its recipe trains ZEDA and NET)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    b.add_argument("--out", default=None, help="output directory (default: OUTPUT_DIR/NAME-baselines)")
+    b.add_argument("--analysis-n", type=int, default=200, help="held-out prompts per family for the where-tokens-skip analysis")
+    b.set_defaults(fn=_baselines)
 
     # listed for --help; its arguments are launch.monitor's own (see main)
     sub.add_parser("rollouts", help="the teacher engines answer the SFT prompts into sharded JSONL, resumable (zeda rollouts -h)",

@@ -90,11 +90,26 @@ def _dispatching(stock: type, zce: type) -> type:
     return Dispatch
 
 
+INFERENCE_OPTIONS = ("skip_threshold", "static_top_k")
+
+
+def _options(config) -> dict:
+    """The baselines' inference options a config carries (plain attributes, written to config.json
+    only when set, so a checkpoint without them keeps the released layout)."""
+    out = {}
+    if getattr(config, "skip_threshold", None):
+        out["skip_threshold"] = float(config.skip_threshold)
+    if getattr(config, "static_top_k", None):
+        out["static_top_k"] = int(config.static_top_k)
+    return out
+
+
 def router_spec(config) -> RouterSpec:
     """The routing rule of a converted config, in the form `zeda_rl.routing.route` takes."""
     slots = config.zce_slots()
     if isinstance(config, Glm4MoeLiteConfig):
         return RouterSpec(
+            **_options(config),
             family="sigmoid",
             num_experts=config.n_routed_experts,
             num_zero=len(slots),
@@ -106,6 +121,7 @@ def router_spec(config) -> RouterSpec:
             mask_zero=config.use_zce_mask,
         )
     return RouterSpec(
+        **_options(config),
         family="softmax",
         num_experts=config.num_experts,
         num_zero=len(slots),
@@ -315,6 +331,26 @@ def set_zce_mask(model: nn.Module, on: bool) -> None:
     model.config.use_zce_mask = on
     for blk in moe_blocks(model):
         blk.gate.spec = dataclasses.replace(blk.gate.spec, mask_zero=on)
+
+
+def set_inference_options(model: nn.Module, skip_threshold: float | None = None, static_top_k: int | None = None) -> None:
+    """Turn a loaded zero-expert model into a baseline without a second model class: Dynamic
+    Skipping (`skip_threshold`) or static top-k' (`static_top_k`); None or 0 switches one off.
+
+    With use_zce_mask on, the model is the original one, so this is the training-free baseline
+    applied to the teacher. The options travel in the config (save_pretrained writes them), so
+    any engine that loads the checkpoint through these classes serves the same baseline.
+    """
+    for key, value in (("skip_threshold", skip_threshold), ("static_top_k", static_top_k)):
+        if value:
+            setattr(model.config, key, value)
+        elif hasattr(model.config, key):
+            delattr(model.config, key)
+    for blk in moe_blocks(model):
+        spec = router_spec(model.config)
+        if spec.static_top_k and not 1 <= spec.static_top_k <= spec.top_k:
+            raise ValueError(f"static_top_k {spec.static_top_k} must be between 1 and top_k {spec.top_k}")
+        blk.gate.spec = dataclasses.replace(spec, mask_zero=blk.gate.spec.mask_zero)
 
 
 def last_router_probs(model: nn.Module) -> list[torch.Tensor]:

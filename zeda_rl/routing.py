@@ -26,6 +26,10 @@ class RouterSpec:
     n_group: int = 1  # grouped top-k over the real experts (sigmoid family)
     topk_group: int = 1
     mask_zero: bool = False  # use_zce_mask: zero slots never chosen -> the original model exactly
+    # Inference-only baselines (ZEDA's comparisons), applied after the choice above; a skipped or
+    # unfilled slot gets the skip sentinel id N, so it is counted and skipped like a zero slot.
+    skip_threshold: float = 0.0  # Dynamic Skipping: drop a selected expert whose weight < threshold x the top weight
+    static_top_k: int | None = None  # static top-k' < K (NET without training): slots k'..K-1 hold the sentinel
 
     @property
     def total(self) -> int:
@@ -75,7 +79,13 @@ def route(
     else:
         raise ValueError(f"unknown router family {spec.family!r}; expected 'softmax' or 'sigmoid'")
 
-    ids = torch.topk(choice, spec.top_k, dim=-1).indices
+    k = spec.static_top_k or spec.top_k
+    if not 1 <= k <= spec.top_k:
+        raise ValueError(f"static_top_k {spec.static_top_k} must be between 1 and top_k {spec.top_k}")
+    inference_only = k < spec.top_k or spec.skip_threshold > 0
+    if replay_ids is not None and inference_only:
+        raise ValueError("skip_threshold / static_top_k are inference options; routing replay (training) takes neither")
+    ids = torch.topk(choice, k, dim=-1).indices
     if replay_ids is not None:
         if replay_ids.shape != (logits.shape[0], spec.top_k):
             raise ValueError(
@@ -90,7 +100,35 @@ def route(
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     if spec.family == "sigmoid":
         weights = weights * spec.scaling
+    if inference_only:
+        ids, weights = _inference_options(ids, weights, spec)
     return Routing(ids=ids, weights=weights, probs=probs)
+
+
+def dynamic_skip(weights: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Dynamic Skipping's rule on [T, K] gate weights: which selected slots to skip (bool [T, K]).
+
+    A slot is skipped when its weight is below `threshold` times the row's top weight; the top
+    slot itself is always kept, so every token still runs at least one expert. Skipped weight
+    is not given back to the kept slots, as ZEDA drops its zero slots (the rule of the baseline
+    it is compared with scales nothing either).
+    """
+    top = weights.max(dim=-1, keepdim=True)
+    skip = weights < threshold * top.values
+    return skip.scatter(1, top.indices, False)
+
+
+def _inference_options(ids: torch.Tensor, weights: torch.Tensor, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Back to K slots per token, the dropped ones on the sentinel id N: every consumer (the expert
+    kernels, the zero-share counts, the engines' routed ids) already treats ids >= N as skipped."""
+    n = spec.num_experts
+    if spec.skip_threshold > 0:
+        ids = ids.masked_fill(dynamic_skip(weights, spec.skip_threshold) & (ids < n), n)
+    pad = spec.top_k - ids.shape[1]
+    if pad:
+        ids = torch.cat([ids, torch.full_like(ids[:, :pad], n)], dim=1)
+        weights = torch.cat([weights, torch.zeros_like(weights[:, :pad])], dim=1)
+    return ids, weights
 
 
 def _mask_groups(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

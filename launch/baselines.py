@@ -1,0 +1,318 @@
+"""`zeda baselines`: ZEDA against the paper's baselines, each through the same engine and evaluation.
+
+The paper's comparison (its Table 2 layout): the original model (the teacher, the reference),
+Dynamic Skipping (training-free: a lower-ranked selected expert is skipped when its gate weight
+is below a threshold times the top weight, the threshold calibrated to ZEDA's zero share), NET
+(static top-K/2, trained with the same SFT -> OPD recipe), ZEDA after SFT only, and ZEDA.
+
+None of them is a fork of the model. Dynamic Skipping is an inference option of the zero-expert
+model (`skip_threshold`) on the converted checkpoint with use_zce_mask on, which is the teacher
+exactly. NET trains in the learner as a converted checkpoint with N_Z = 0 and top_k halved: the
+learner's router then is a plain top-K/2 MoE (no zero slot, L_GA off since there is no zero
+group), and the transformers model and the engines load it with the same classes. For the
+table it is read back with top_k = K and `static_top_k` = K/2, the same model (a test pins it),
+so its skipped half is counted like every other variant's: routed slots of the teacher's K that
+no expert computes.
+
+Training reuses the pipeline's phases (`launch.sft`, `launch.opd`) on the run's config; the
+teacher's SFT answers are generated once and NET trains on the same file in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from launch.config import RunConfig
+from launch.runlog import Phases, console
+from zeda_rl.metrics import MetricsLog
+
+VARIANTS = ("original", "dynamic_skipping", "net", "zeda_sft", "zeda")
+LABELS = {"original": "Original (teacher)", "dynamic_skipping": "Dynamic Skipping", "net": "NET (static top-K/2)",
+          "zeda_sft": "ZEDA (SFT only)", "zeda": "ZEDA"}
+MATCHED = 0.03  # zero shares this close count as matched
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+
+def net_checkpoint(teacher: Path, out: Path) -> Path:
+    """The teacher as a zero-expert checkpoint with no zero expert and top_k halved: what NET trains.
+
+    Only config.json changes (the router keeps its N rows), so the weights are the teacher's.
+    """
+    from zeda_rl.arch import spec_for
+    from zeda_rl.release import release_config
+
+    raw = json.loads((teacher / "config.json").read_text())
+    spec = spec_for(raw, str(teacher / "config.json"))
+    k = int(raw["num_experts_per_tok"])
+    if k < 2:
+        raise ValueError(f"{teacher}: top_k {k} cannot be halved (NET needs K >= 2)")
+    cfg = release_config(raw, spec, zce_nums=[0], zce_types=["zero"], use_zce_mask=False)
+    cfg["num_experts_per_tok"] = k // 2
+    cfg["net_teacher_top_k"] = k  # read back by load_variant: the table counts skips against the teacher's K
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(teacher, tmp)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def at_teacher_k(model):
+    """NET's model (top-K/2) as top-K with static_top_k = K/2: the same outputs, skips counted against K."""
+    from zeda_rl.modeling import moe_blocks, set_inference_options
+
+    k = getattr(model.config, "net_teacher_top_k", None)
+    if k and moe_blocks(model):
+        half = model.config.num_experts_per_tok
+        model.config.num_experts_per_tok = int(k)
+        set_inference_options(model, static_top_k=half)
+    return model
+
+
+def load_variant(checkpoint: Path, mask: bool = False):
+    """A checkpoint for evaluation (NET's at the teacher's K; `mask`: use_zce_mask on, the original model)."""
+    from zeda_rl.evaluate import load
+    from zeda_rl.modeling import set_zce_mask
+
+    model, tok = load(checkpoint)
+    at_teacher_k(model)
+    if mask:
+        set_zce_mask(model, True)
+    return model, tok
+
+
+# ---- training: the pipeline's phases, plus an export after SFT -----------------------------------
+
+
+def train(cfg: RunConfig, teacher: Path, init: Path, log: MetricsLog, phases: Phases, label: str) -> tuple[Path, Path]:
+    """SFT then OPD from `init` with the run's recipe; returns (checkpoint after SFT, final checkpoint)."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    from launch.fleet import start_actors
+    from launch.opd import opd_phase
+    from launch.pipeline import prepare_data
+    from launch.sft import sft_phase
+    from learner.group import LearnerGroup
+
+    data = prepare_data(cfg, teacher, log)
+    learner = LearnerGroup.from_run_config(cfg, init)
+    actors, pg = [], None
+    try:
+        endpoint = learner.open_inbox(cfg.cluster.bind_host, cfg.cluster.inbox_port)
+        rollouts, teachers, pg = start_actors(cfg, teacher, init, endpoint, data.format.tokenizer.pad_token_id or 0)
+        actors = rollouts + list(teachers.actors)
+        with phases(f"{label} sft"):
+            sft_phase(cfg, teachers, learner, teacher, data, log)
+            sft_dir = learner.export_hf(cfg.run_dir / "student-sft")
+        with phases(f"{label} opd"):
+            opd_phase(cfg, rollouts, teachers, learner, data, log)
+            final = learner.export_hf(cfg.run_dir / "student")
+    finally:
+        learner.shutdown()
+        for a in actors:
+            ray.kill(a)
+        if pg is not None:
+            remove_placement_group(pg)
+    return sft_dir, final
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+
+def suite_of(cfg: RunConfig) -> str:
+    """The built-in task suite the run trains and evaluates on ('basic' unless the config names another)."""
+    return getattr(cfg.data, "tasks", None) or "basic"
+
+
+def evaluate_variant(name: str, checkpoint: Path, cfg: RunConfig, log: MetricsLog, teacher_k: int, model=None, tok=None) -> dict:
+    """Accuracy per family and r_ZE (share of the teacher's K routed slots per token that no expert computes)."""
+    from zeda_rl.evaluate import evaluate
+    from zeda_rl.modeling import moe_blocks
+
+    if model is None:
+        model, tok = load_variant(checkpoint)
+    kw = {"suite": suite_of(cfg)} if suite_of(cfg) != "basic" else {}
+    t0 = time.time()
+    r = evaluate(checkpoint, n_per_family=cfg.eval.n_per_family, model=model, tokenizer=tok, log=log, label=f"eval {name}", **kw)
+    blocks = moe_blocks(model)
+    k = blocks[0].spec.top_k if blocks else teacher_k
+    r_ze = 1 - (1 - r["zero_ratio"]["overall"]) * k / teacher_k
+    return {"variant": name, "label": LABELS[name], "checkpoint": str(checkpoint), "accuracy": r["accuracy"],
+            "r_ze": r_ze, "zero_ratio_per_layer": r["zero_ratio"]["per_layer"], "eval_seconds": round(time.time() - t0, 1)}
+
+
+def calibration_texts(cfg: RunConfig, n_per_family: int = 64) -> list[str]:
+    """Training-split prompts with their answers: Dynamic Skipping never sees the held-out prompts."""
+    from zeda_rl.tasks import make_split
+
+    kw = {"suite": suite_of(cfg)} if suite_of(cfg) != "basic" else {}
+    return [e.prompt + e.answer for e in make_split("train", n_per_family, seed=cfg.seed + 1, **kw)]
+
+
+def analyse(cfg: RunConfig, zeda: Path, teacher: Path, n_per_family: int, out: Path) -> dict:
+    """Where the ZEDA student skips, over its greedy held-out generations (`zeda_rl.analysis`)."""
+    from zeda_rl.analysis import plot_curves, summarize, token_stats
+    from zeda_rl.evaluate import load
+    from zeda_rl.tasks import make_split
+
+    kw = {"suite": suite_of(cfg)} if suite_of(cfg) != "basic" else {}
+    examples = make_split("heldout", n_per_family, **kw)
+    student, tok = load(zeda)
+    teacher_model, _ = load(teacher)
+    max_new = max(len(tok(e.answer).input_ids) for e in examples) + 4  # zeda_rl.evaluate's cap
+    stats = token_stats(student, teacher_model, tok, [e.prompt for e in examples], max_new)
+    summary = summarize(stats, [e.family for e in examples])
+    plot_curves(summary, out / "skip_analysis.png")
+    return summary
+
+
+# ---- the whole comparison ------------------------------------------------------------------------
+
+
+def run_baselines(cfg: RunConfig, out: Path | None = None, analysis_per_family: int = 200) -> dict:
+    """Train ZEDA and NET, evaluate every variant, write baselines.{json,md} and the plots under `out`."""
+    from launch.pipeline import connect_ray, prepare_checkpoints
+
+    out = Path(out) if out is not None else Path(cfg.output_dir) / f"{cfg.name}-baselines"
+    out.mkdir(parents=True, exist_ok=True)
+    zcfg = cfg.model_copy(update={"output_dir": str(out), "name": "zeda"})
+    zcfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    log = MetricsLog(out / "metrics.jsonl")
+    phases = Phases(log)
+    t_start = time.time()
+    try:
+        teacher, zinit = prepare_checkpoints(zcfg, phases)
+        ncfg = cfg.model_copy(update={"output_dir": str(out), "name": "net", "data": cfg.data.model_copy(
+            update={"sft_rollouts": str(zcfg.run_dir / "rollouts")})})
+        ninit = net_checkpoint(teacher, ncfg.run_dir / "student-init")
+        connect_ray(cfg)
+        zsft, zfinal = train(zcfg, teacher, zinit, MetricsLog(zcfg.run_dir / "metrics.jsonl"), phases, "zeda")
+        nsft, nfinal = train(ncfg, teacher, ninit, MetricsLog(ncfg.run_dir / "metrics.jsonl"), phases, "net")
+        teacher_k = int(json.loads((teacher / "config.json").read_text())["num_experts_per_tok"])
+        rows = {}
+        with phases("eval"):
+            rows["original"] = evaluate_variant("original", teacher, cfg, log, teacher_k)
+            rows["zeda"] = evaluate_variant("zeda", zfinal, cfg, log, teacher_k)
+            rows["zeda_sft"] = evaluate_variant("zeda_sft", zsft, cfg, log, teacher_k)
+            rows["net"] = evaluate_variant("net", nfinal, cfg, log, teacher_k)
+            from zeda_rl.analysis import calibrate_skip_threshold
+
+            model, tok = load_variant(zinit, mask=True)  # the converted teacher with the mask on: the original model
+            calib = calibrate_skip_threshold(model, tok, calibration_texts(cfg), target=rows["zeda"]["r_ze"])
+            rows["dynamic_skipping"] = evaluate_variant("dynamic_skipping", zinit, cfg, log, teacher_k, model, tok)
+            rows["dynamic_skipping"]["calibration"] = calib
+        with phases("analysis"):
+            summary = analyse(cfg, zfinal, teacher, min(analysis_per_family, cfg.eval.n_per_family), out)
+        phases.times["total"] = time.time() - t_start
+        result = {"config": cfg.name, "suite": suite_of(cfg), "n_per_family": cfg.eval.n_per_family,
+                  "rows": [rows[v] for v in VARIANTS], "comparison": compare(rows), "analysis": summary,
+                  "phase_seconds": {k: round(v, 1) for k, v in phases.times.items()}}
+        write_outputs(result, out)
+        return result
+    finally:
+        log.close()
+
+
+def compare(rows: dict) -> list[dict]:
+    """ZEDA minus each cheaper variant, in points, with both zero shares: is ZEDA ahead where it skips as much?"""
+    z = rows["zeda"]
+    out = []
+    for name in ("dynamic_skipping", "net", "zeda_sft"):
+        r = rows[name]
+        out.append({"variant": name, "delta_points": 100 * (z["accuracy"]["mean"] - r["accuracy"]["mean"]),
+                    "zeda_r_ze": z["r_ze"], "variant_r_ze": r["r_ze"], "matched": abs(z["r_ze"] - r["r_ze"]) <= MATCHED})
+    return out
+
+
+# ---- outputs ------------------------------------------------------------------------------------
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    fams = [f for f in rows[0]["accuracy"] if f != "mean"]
+    head = "| method | " + " | ".join(fams) + " | Avg. | r_ZE |\n|---|" + "---|" * (len(fams) + 2)
+    lines = [f"| {r['label']} | " + " | ".join(f"{100 * r['accuracy'][f]:.1f}" for f in fams)
+             + f" | **{100 * r['accuracy']['mean']:.1f}** | {100 * r['r_ze']:.1f}% |" for r in rows]
+    verdict = []
+    for c in result["comparison"]:
+        where = "at a matched zero share" if c["matched"] else "zero shares NOT matched"
+        verdict.append(f"- ZEDA vs {LABELS[c['variant']]}: {c['delta_points']:+.1f} points "
+                       f"(r_ZE {100 * c['zeda_r_ze']:.1f}% vs {100 * c['variant_r_ze']:.1f}%, {where})")
+    ds = next(r for r in rows if r["variant"] == "dynamic_skipping")["calibration"]
+    a = result["analysis"]
+    fam_z = ", ".join(f"{f} {100 * v:.1f}%" for f, v in a["zero_share_per_family"].items())
+    ent = ", ".join(f"{p['x']:.2f}: {100 * p['y']:.0f}%" for p in a["zero_share_by_entropy"])
+    gap = ", ".join(f"{p['x']:.3f}: {100 * p['y']:.0f}%" for p in a["zero_share_by_teacher_gap"])
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in result["phase_seconds"].items())
+    return f"""# ZEDA and its baselines ({result['config']}, {result['suite']} tasks)
+
+Held-out exact match (%), {result['n_per_family']} prompts per family, greedy; r_ZE = share of the
+teacher's K routed slots per token that no expert computes (zero experts, skipped or static).
+
+{head}
+{chr(10).join(lines)}
+
+{chr(10).join(verdict)}
+
+Dynamic Skipping threshold {ds['threshold']:.4f}: {100 * ds['share']:.1f}% skipped on {ds['calibration_texts']} training-split
+texts for a target of {100 * ds['target']:.1f}% (at most {100 * ds['reachable']:.1f}% can be skipped with K slots: the top one stays).
+
+![accuracy and zero share](baselines.png)
+
+## Where the ZEDA student skips ({a['tokens']} generated tokens)
+
+- zero share per family (generated tokens): {fam_z}
+- zero share by student entropy (bin mean in nats: share): {ent}; Spearman {a['spearman_zero_entropy']:+.2f}
+- zero share by |teacher - student| logprob (bin mean: share): {gap}; Spearman {a['spearman_zero_teacher_gap']:+.2f}
+
+![where tokens skip](skip_analysis.png)
+
+Wall time: {times}.
+"""
+
+
+def bar_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = result["rows"]
+    fams = [f for f in rows[0]["accuracy"] if f != "mean"] + ["mean"]
+    fig, (ax, zx) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 1.3]})
+    width = 0.8 / len(rows)
+    xs = np.arange(len(fams))
+    for i, r in enumerate(rows):
+        bars = ax.bar(xs + (i - (len(rows) - 1) / 2) * width, [100 * r["accuracy"][f] for f in fams], width, label=r["label"])
+        ax.bar_label(bars, labels=[f"{100 * r['accuracy'][f]:.0f}" for f in fams], padding=1, fontsize=6)
+    ax.set_xticks(xs, [f if f != "mean" else "Avg." for f in fams])
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_ylim(0, 118)
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
+    ax.set_title("accuracy per task family")
+    bars = zx.bar(range(len(rows)), [100 * r["r_ze"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
+    zx.bar_label(bars, labels=[f"{100 * r['r_ze']:.1f}" for r in rows], padding=2, fontsize=8)
+    zx.set_xticks(range(len(rows)), [r["label"].split(" (")[0] for r in rows], rotation=30, ha="right", fontsize=8)
+    zx.set_ylabel("r_ZE: routed slots not computed (%)")
+    zx.set_ylim(0, 100)
+    zx.set_title("zero / skipped share")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out: Path) -> dict:
+    (out / "baselines.json").write_text(json.dumps(result, indent=2) + "\n")
+    bar_plot(result, out / "baselines.png")
+    (out / "baselines.md").write_text(markdown(result))
+    console.print(f"baselines table: {out / 'baselines.md'}")
+    return {"json": out / "baselines.json", "markdown": out / "baselines.md", "plot": out / "baselines.png"}
