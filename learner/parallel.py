@@ -34,23 +34,13 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
 from learner.model import is_expert_param  # noqa: E402
+from zeda_rl.transport import rendezvous_store  # noqa: E402
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _store(master_addr: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta) -> dist.TCPStore:
-    """The rendezvous store, on rank 0 listening on `master_addr` only: torch's own TCPStore server (what a
-    tcp:// init_method makes) listens on every interface, and nothing of a run may unless configured."""
-    if rank:
-        return dist.TCPStore(master_addr, port, world_size, False, timeout=timeout)
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind((master_addr, port))
-    s.listen(128)
-    return dist.TCPStore(master_addr, s.getsockname()[1], world_size, True, timeout=timeout, master_listen_fd=s.detach())
 
 
 def default_backend() -> str:
@@ -82,7 +72,7 @@ def setup(
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = _store(master_addr, master_port or 0, rank, world_size, timeout)
+        store = rendezvous_store(master_addr, master_port or 0, rank, world_size, timeout)
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -18,6 +18,10 @@ and logged, and `recv` moves on to the next message. One bad producer must not b
 to stop training.
 
 Like the ZMQ sockets under them, a Pusher or Puller belongs to one thread at a time.
+
+The torch.distributed rendezvous of a process group (`rendezvous_store`) lives here too, for the
+same rule: torch's own TCPStore server (what a tcp:// init_method makes) listens on every
+interface, so rank 0 hands it a socket bound to the group's address instead.
 """
 
 from __future__ import annotations
@@ -33,6 +37,20 @@ from zeda_rl.wire import TrajectoryBatch, decode, encode
 log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:0"
+
+
+def rendezvous_store(address: str, port: int, rank: int, world_size: int, timeout):
+    """A process group's TCPStore (`timeout`: a timedelta), served by rank 0 on `address` only (port 0: any free one)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if rank:
+        return dist.TCPStore(address, port, world_size, False, timeout=timeout)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((address, port))
+    s.listen(128)
+    return dist.TCPStore(address, s.getsockname()[1], world_size, True, timeout=timeout, master_listen_fd=s.detach())
 
 
 def _timeout_ms(timeout_s: float | None) -> int:
