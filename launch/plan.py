@@ -439,19 +439,3 @@ def render(p: dict):
                    " ".join(x for x in (v["knob"], v["note"]) if x))
     return Group(t1, t2, t3, t4)
 
-
-def gate(cfg, cluster: dict | None = None) -> str:
-    """Why `zeda train` must not start this config ('' when it may): knobs the learner cannot run yet, then the plan."""
-    from learner.config import not_implemented
-
-    reasons = not_implemented(cfg.learner)
-    try:
-        hf = load_hf_config(cfg)
-    except FileNotFoundError:
-        if reasons:  # refused anyway; the missing teacher is the run's own error to report
-            return "; ".join(reasons)
-        raise
-    p = make_plan(cfg, hf, cluster=cluster)
-    if not p["fits"]:
-        reasons.append(f"does not fit: {refusal(p)} (zeda plan shows every figure)")
-    return "; ".join(reasons)
