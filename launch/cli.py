@@ -29,7 +29,7 @@ def _teacher_build(a):
     from zeda_rl.teacher import build_teacher
 
     a.target = a.out
-    print(build_teacher(a.out, force=a.force, seed=a.seed))
+    print(build_teacher(a.out, force=a.force, seed=a.seed, suite=a.tasks))
 
 
 def _eval(a):
@@ -37,7 +37,7 @@ def _eval(a):
 
     a.target = a.out or a.checkpoint
     if a.suite is None and a.teacher is None and a.out is None:  # the built-in tasks, as ever
-        result = evaluate(a.checkpoint, n_per_family=a.n)
+        result = evaluate(a.checkpoint, n_per_family=a.n, tasks=a.tasks)
         if a.json:
             print(json.dumps(result, indent=2))
         else:
@@ -48,8 +48,8 @@ def _eval(a):
     from zeda_rl.suites import comparison, load_suite, render_markdown, write_outputs
 
     if a.suite is None:
-        student = builtin_report(evaluate(a.checkpoint, n_per_family=a.n))
-        teacher = builtin_report(evaluate(a.teacher, n_per_family=a.n)) if a.teacher else None
+        student = builtin_report(evaluate(a.checkpoint, n_per_family=a.n, tasks=a.tasks))
+        teacher = builtin_report(evaluate(a.teacher, n_per_family=a.n, tasks=a.tasks)) if a.teacher else None
     else:
         suite = load_suite(a.suite)
         teacher = _run_suite(a, a.teacher, suite) if a.teacher else None
@@ -167,12 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--out", default=None, help="output directory (default: the cache)")
     tb.add_argument("--seed", type=int, default=0)
     tb.add_argument("--force", action="store_true", help="rebuild even if cached")
+    tb.add_argument("--tasks", choices=["basic", "hard"], default="basic", help="built-in task suite the teacher learns")
     tb.set_defaults(fn=_teacher_build)
 
     e = sub.add_parser("eval", help="accuracy and zero-expert ratio: the built-in tasks, or a benchmark suite")
     e.add_argument("checkpoint")
     e.add_argument("--n", type=int, default=100, help="held-out prompts per task family (built-in tasks)")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--tasks", choices=["basic", "hard"], default="basic", help="built-in task suite (without --suite)")
     e.add_argument("--suite", help="suite YAML naming local benchmark files and graders (default: the built-in tasks)")
     e.add_argument("--teacher", help="a second checkpoint evaluated the same way, shown side by side")
     e.add_argument("--out", help="directory for eval.json, eval.md and samples.jsonl")

@@ -97,6 +97,8 @@ class DataSection(_Strict):
     sft_prompts: str = Field("embedded", description="'embedded' (the built-in tasks) or a .jsonl/.parquet file, shard dir or saved dataset: the prompts the teacher answers for SFT")
     sft_rollouts: str | None = Field(None, description="file/dir of teacher answers (prompt/response or messages ending with the assistant turn): SFT trains on them, no generation")
     opd_prompts: str = Field("embedded", description="'embedded' or a file/dir: the OPD prompts")
+    tasks: Literal["basic", "hard"] = Field("basic", description="the built-in task suite (zeda_rl.tasks.SUITES) behind "
+                                            "every 'embedded': the embedded teacher's, the embedded prompts' and the built-in eval's")
     fields: FieldsSection = Field(default_factory=FieldsSection)
     enable_thinking: bool = Field(True, description="passed to the chat template (ZEDA ran with thinking on)")
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are dropped and counted, never cut")

@@ -26,8 +26,9 @@ def evaluate_phase(cfg: RunConfig, teacher_dir: Path, student_dir: Path, data: R
     if cfg.eval.suite:
         return _suite_eval(cfg, teacher_dir, student_dir, log, engines or {})
     if not data.format.templated:
-        teacher_eval = evaluate(teacher_dir, n_per_family=cfg.eval.n_per_family, log=log, label="eval teacher")
-        student_eval = evaluate(student_dir, n_per_family=cfg.eval.n_per_family, log=log, label="eval student")
+        kw = dict(n_per_family=cfg.eval.n_per_family, log=log, tasks=cfg.data.tasks)
+        teacher_eval = evaluate(teacher_dir, label="eval teacher", **kw)
+        student_eval = evaluate(student_dir, label="eval student", **kw)
         log.log("eval", "teacher_accuracy", teacher_eval["accuracy"]["mean"])
         log.log("eval", "student_accuracy", student_eval["accuracy"]["mean"])
     else:

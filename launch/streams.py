@@ -86,7 +86,7 @@ def _prompt_stream(cfg, fmt: ChatFormat, source: str, n_embedded: int, seed: int
                    cache: dict | None = None) -> PromptStream:
     """`cache`: one read and tokenization per file when SFT and OPD share it (60k templated prompts take seconds)."""
     if source == EMBEDDED:  # the built-in tasks, balanced over the families (what the embedded teacher learned)
-        kept, ids, n_dropped = _encode(cfg, fmt, _embedded(n_embedded, seed, key))
+        kept, ids, n_dropped = _encode(cfg, fmt, _embedded(n_embedded, seed, key, cfg.data.tasks))
     elif cache is not None and source in cache:
         kept, ids, n_dropped = cache[source]
     else:
@@ -100,11 +100,11 @@ def _prompt_stream(cfg, fmt: ChatFormat, source: str, n_embedded: int, seed: int
     return PromptStream(kept, ids, seed)
 
 
-def _embedded(n: int, seed: int, key: str) -> list[Record]:
-    from zeda_rl.tasks import FAMILIES
+def _embedded(n: int, seed: int, key: str, suite: str = "basic") -> list[Record]:
+    from zeda_rl.tasks import families
 
     try:
-        return embedded_records("train", max(1, n // len(FAMILIES)), seed)
+        return embedded_records("train", max(1, n // len(families(suite))), seed, suite)
     except ValueError as err:
         raise DataError(f"data.{key}: embedded: {n} prompts asked of the built-in tasks ({err}); "
                         "lower sft.prompts or point the source at a prompt file") from None

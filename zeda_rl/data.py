@@ -182,12 +182,12 @@ def _messages(value: object, where: str, key: str) -> list[dict]:
     return out
 
 
-def embedded_records(split: str, n_per_family: int, seed: int) -> list[Record]:
-    """The built-in tasks as records (the embedded teacher's data), in `make_split`'s order."""
+def embedded_records(split: str, n_per_family: int, seed: int, suite: str = "basic") -> list[Record]:
+    """The built-in tasks of `suite` as records (the embedded teacher's data), in `make_split`'s order."""
     from zeda_rl.tasks import make_split
 
     return [
         Record(id=f"{EMBEDDED}:{e.prompt}", where=f"{EMBEDDED}:{split}:{i}",
                messages=({"role": "user", "content": e.prompt},), extra={"family": e.family, "answer": e.answer})
-        for i, e in enumerate(make_split(split, n_per_family, seed=seed))
+        for i, e in enumerate(make_split(split, n_per_family, seed=seed, suite=suite))
     ]

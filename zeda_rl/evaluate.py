@@ -18,7 +18,7 @@ from zeda_rl.generate import greedy_complete
 from zeda_rl.modeling import moe_blocks, record_routing
 from zeda_rl.progress import Progress
 from zeda_rl.routing import zero_ratio
-from zeda_rl.tasks import FAMILIES, make_split, score
+from zeda_rl.tasks import families, make_split, score
 
 
 def load(checkpoint: str | Path, dtype=torch.float32):
@@ -55,12 +55,13 @@ def routed_zero_ratio(model, tokenizer, texts: list[str], batch_size: int = 64) 
 
 
 def evaluate(checkpoint: str | Path, n_per_family: int = 100, batch_size: int = 64, model=None, tokenizer=None,
-             progress: bool = True, log=None, label: str | None = None) -> dict:
-    """Accuracy per family and zero-expert ratio. At n_per_family=500 this is minutes per checkpoint, so it
-    shows progress per batch (`zeda_rl.progress`; `log`, a MetricsLog, gets the monitor's progress events)."""
+             progress: bool = True, log=None, label: str | None = None, tasks: str = "basic") -> dict:
+    """Accuracy per family of the `tasks` suite and zero-expert ratio. At n_per_family=500 this is minutes per
+    checkpoint, so it shows progress per batch (`zeda_rl.progress`; `log`, a MetricsLog, gets the monitor's
+    progress events)."""
     if model is None:
         model, tokenizer = load(checkpoint)
-    examples = make_split("heldout", n_per_family)
+    examples = make_split("heldout", n_per_family, suite=tasks)
     max_new = max(len(tokenizer(e.answer).input_ids) for e in examples) + 4
     prompts = [e.prompt for e in examples]
     completions = []
@@ -69,7 +70,7 @@ def evaluate(checkpoint: str | Path, n_per_family: int = 100, batch_size: int = 
             completions += greedy_complete(model, tokenizer, prompts[i : i + batch_size], max_new_tokens=max_new, batch_size=batch_size)
             bar.update(len(completions))
     per_family = {}
-    for fam in FAMILIES:
+    for fam in families(tasks):
         hits = [score(e, c) for e, c in zip(examples, completions) if e.family == fam]
         per_family[fam] = sum(hits) / max(len(hits), 1)
     texts = [e.prompt + c for e, c in zip(examples, completions)]
@@ -78,6 +79,7 @@ def evaluate(checkpoint: str | Path, n_per_family: int = 100, batch_size: int = 
         "accuracy": {**per_family, "mean": sum(per_family.values()) / len(per_family)},
         "zero_ratio": routed_zero_ratio(model, tokenizer, texts, batch_size),
         "n_per_family": n_per_family,
+        "tasks": tasks,
     }
 
 

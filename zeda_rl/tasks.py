@@ -1,9 +1,16 @@
-"""The built-in task suite: synthetic prompts with verifiable answers.
+"""The built-in task suites: synthetic prompts with verifiable answers.
 
 The embedded teacher learns these, the student must keep solving them after ZEDA, and
 exact match is an unambiguous quality measure that needs no judge and no download.
 Train and held-out examples are separated by a hash of the prompt, so no held-out prompt
 can ever appear in training, whatever the seed or the number of examples drawn.
+
+Two suites. `basic` (the default, unchanged) is easy enough that the tiny teacher solves it
+with a wide margin, which also makes it forgiving: skipping half the expert slots with no
+training at all barely hurts there, so it cannot show what ZEDA's training buys. `hard`
+asks for longer answers computed in several dependent steps (carries across four digits,
+a multiplication table applied with carries, two look-ups then an addition, two composed
+character maps), so the teacher needs its expert capacity and untrained skipping shows.
 """
 
 from __future__ import annotations
@@ -12,8 +19,10 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-VERSION = 1  # bump when a family changes: it is part of the teacher's cache key
-FAMILIES: tuple[str, ...] = ("add", "reverse", "sort", "pattern")
+VERSION = 1  # bump when a basic family changes: it is part of the teacher's cache key
+FAMILIES: tuple[str, ...] = ("add", "reverse", "sort", "pattern")  # the basic suite (the default everywhere)
+SUITES: dict[str, tuple[str, ...]] = {"basic": FAMILIES, "hard": ("add4", "mul", "kvsum", "revshift")}
+VERSIONS = {"basic": VERSION, "hard": 1}  # bump a suite's entry when one of its families changes
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 HELDOUT_BUCKETS = 10  # one prompt in ten is held out
 
@@ -47,7 +56,44 @@ def _pattern(rng: random.Random) -> Example:
     return Example("pattern", f"pat:{seq[:shown]}=", seq[shown : shown + 4])
 
 
-_MAKERS = {"add": _add, "reverse": _reverse, "sort": _sort, "pattern": _pattern}
+# ---- the hard suite ----------------------------------------------------------------------------
+
+
+def _add4(rng: random.Random) -> Example:
+    a, b = rng.randrange(1000, 10000), rng.randrange(1000, 10000)
+    return Example("add4", f"{a}+{b}=", str(a + b))
+
+
+def _mul(rng: random.Random) -> Example:
+    a, b = rng.randrange(100, 1000), rng.randrange(2, 10)
+    return Example("mul", f"{a}*{b}=", str(a * b))
+
+
+def _kvsum(rng: random.Random) -> Example:
+    keys = rng.sample(LETTERS, 5)
+    vals = [rng.randrange(10, 100) for _ in keys]
+    x, y = rng.sample(range(len(keys)), 2)
+    ctx = ",".join(f"{k}{v}" for k, v in zip(keys, vals))
+    return Example("kvsum", f"{ctx}?{keys[x]}+{keys[y]}=", str(vals[x] + vals[y]))
+
+
+def _shift(c: str) -> str:
+    return LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)]
+
+
+def _revshift(rng: random.Random) -> Example:
+    s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(5, 8)))
+    return Example("revshift", f"rs:{s}=", "".join(_shift(c) for c in reversed(s)))
+
+
+_MAKERS = {"add": _add, "reverse": _reverse, "sort": _sort, "pattern": _pattern,
+           "add4": _add4, "mul": _mul, "kvsum": _kvsum, "revshift": _revshift}
+
+
+def families(suite: str = "basic") -> tuple[str, ...]:
+    if suite not in SUITES:
+        raise ValueError(f"task suite {suite!r} unknown; expected one of {sorted(SUITES)}")
+    return SUITES[suite]
 
 
 def is_heldout(prompt: str) -> bool:
@@ -69,11 +115,11 @@ def _split_flag(split: str) -> bool:
     return split == "heldout"
 
 
-def make_split(split: str, n_per_family: int, seed: int = 0) -> list[Example]:
-    """`n_per_family` distinct examples of every family from `split`, deterministic for a seed."""
+def make_split(split: str, n_per_family: int, seed: int = 0, suite: str = "basic") -> list[Example]:
+    """`n_per_family` distinct examples of every family of `suite` from `split`, deterministic for a seed."""
     _split_flag(split)
     out = []
-    for i, fam in enumerate(FAMILIES):
+    for i, fam in enumerate(families(suite)):
         rng = random.Random(f"{split}:{seed}:{fam}")
         seen: dict[str, Example] = {}
         tries = 0

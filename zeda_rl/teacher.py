@@ -32,9 +32,27 @@ MODEL = dict(
 RECIPE = dict(steps=2000, batch_size=128, lr=3e-3, warmup=60, weight_decay=0.01, threads=2)
 
 
-def recipe_hash(seed: int, steps: int) -> str:
-    key = json.dumps({"model": MODEL, "recipe": {**RECIPE, "steps": steps}, "seed": seed, "tasks": tasks.VERSION}, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+# The hard suite's teacher (tasks.SUITES["hard"]): longer sequences and more dependent steps need
+# more depth and more expert capacity, still built in minutes on 2 cores.
+HARD_MODEL = dict(MODEL, num_hidden_layers=3, moe_intermediate_size=128)
+HARD_RECIPE = dict(RECIPE, steps=2500, threads=1)
+SUITE_RECIPES = {"basic": (MODEL, RECIPE), "hard": (HARD_MODEL, HARD_RECIPE)}
+HELDOUT_PER_FAMILY = 100  # the build's own check; it does not change the weights, so it is not in the cache key
+
+
+def recipe_hash(seed: int, steps: int, suite: str = "basic") -> str:
+    """The cache key. The basic suite's key is unchanged from before suites existed (its caches stay valid);
+    every other suite adds its name, so two suites never share a build."""
+    model, recipe = _recipe(suite)
+    key = {"model": model, "recipe": {**recipe, "steps": steps}, "seed": seed, "tasks": tasks.VERSIONS[suite]}
+    if suite != "basic":
+        key["suite"] = suite
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _recipe(suite: str) -> tuple[dict, dict]:
+    tasks.families(suite)  # an unknown suite is refused with the known ones named
+    return SUITE_RECIPES[suite]
 
 
 def cache_root() -> Path:
@@ -48,16 +66,19 @@ def _complete(d: Path, digest: str) -> bool:
 
 def build_teacher(
     out: str | Path | None = None, *, steps: int | None = None, seed: int = 0, force: bool = False, progress: bool = True,
-    min_accuracy: float = 0.9, log=None,
+    min_accuracy: float = 0.9, log=None, suite: str = "basic",
 ) -> Path:
     """Build (or reuse) the teacher; returns its directory. Raises if held-out accuracy < min_accuracy.
 
     `progress` shows the build (a bar on a terminal, plain lines elsewhere: `zeda_rl.progress`);
-    `log`, a MetricsLog, also gets its progress events for the monitor.
+    `log`, a MetricsLog, also gets its progress events for the monitor. `suite` names the task suite
+    (`tasks.SUITES`) and with it the model and recipe; the default cache directory names it too.
     """
-    steps = RECIPE["steps"] if steps is None else steps
-    digest = recipe_hash(seed, steps)
-    out = Path(out) if out is not None else cache_root() / f"teacher-{digest}"
+    model_kw, recipe = _recipe(suite)
+    steps = recipe["steps"] if steps is None else steps
+    digest = recipe_hash(seed, steps, suite)
+    name = f"teacher-{digest}" if suite == "basic" else f"teacher-{suite}-{digest}"
+    out = Path(out) if out is not None else cache_root() / name
     if not force and _complete(out, digest):
         return out
     if out.exists() and not (out / "teacher.json").is_file() and (not out.is_dir() or any(out.iterdir())):
@@ -66,7 +87,7 @@ def build_teacher(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model, tok, report = _train(steps, seed, progress, log)
+        model, tok, report = _train(steps, seed, progress, log, suite, model_kw, recipe)
         if report["heldout_accuracy"]["mean"] < min_accuracy:
             raise RuntimeError(
                 f"teacher build: held-out accuracy {report['heldout_accuracy']} is below {min_accuracy:.0%} "
@@ -75,7 +96,7 @@ def build_teacher(
         model.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "teacher.json").write_text(json.dumps({"recipe_hash": digest, "seed": seed, **report}, indent=2) + "\n")
+        (tmp / "teacher.json").write_text(json.dumps({"recipe_hash": digest, "seed": seed, "suite": suite, **report}, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -101,28 +122,30 @@ def _batch(examples: list[tasks.Example], tok) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
-def _train(steps: int, seed: int, progress: bool, log=None):
+def _train(steps: int, seed: int, progress: bool, log=None, suite: str = "basic", model_kw: dict = MODEL,
+           recipe: dict = RECIPE):
     from transformers import Qwen3MoeForCausalLM
 
     from zeda_rl.generate import accuracy
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(RECIPE["threads"])
+    torch.set_num_threads(recipe["threads"])
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = build_tokenizer()
-    model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config(**MODEL, output_router_logits=True))
-    opt = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"], betas=(0.9, 0.98), weight_decay=RECIPE["weight_decay"])
-    warm = min(RECIPE["warmup"], max(steps // 10, 1))
+    model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config(**model_kw, output_router_logits=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], betas=(0.9, 0.98), weight_decay=recipe["weight_decay"])
+    warm = min(recipe["warmup"], max(steps // 10, 1))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s / max(steps, 1), 1.0))).item())
     )
-    per_fam = RECIPE["batch_size"] // len(tasks.FAMILIES)
+    fams = tasks.families(suite)
+    per_fam = recipe["batch_size"] // len(fams)
     t0 = time.time()
     model.train()
     with Progress("teacher build", steps, "steps", log=log, enabled=progress) as bar:
         for _ in range(steps):
-            batch = _batch([tasks.sample(f, rng) for f in tasks.FAMILIES for _ in range(per_fam)], tok)
+            batch = _batch([tasks.sample(f, rng) for f in fams for _ in range(per_fam)], tok)
             loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -133,10 +156,10 @@ def _train(steps: int, seed: int, progress: bool, log=None):
     train_s = time.time() - t0
     model.config.output_router_logits = False
     model.eval()
-    acc = accuracy(model, tok, tasks.make_split("heldout", 100))
+    acc = accuracy(model, tok, tasks.make_split("heldout", HELDOUT_PER_FAMILY, suite=suite))
     torch.set_num_threads(threads)
     if progress:
         print(f"teacher: held-out exact match {', '.join(f'{k} {100 * v:.1f}%' for k, v in acc.items())} "
               f"({steps} steps, {train_s:.0f}s)")
-    report = {"steps": steps, "train_seconds": round(train_s, 1), "heldout_accuracy": acc, "n_heldout_per_family": 100}
+    report = {"steps": steps, "train_seconds": round(train_s, 1), "heldout_accuracy": acc, "n_heldout_per_family": HELDOUT_PER_FAMILY}
     return model, tok, report
