@@ -132,14 +132,16 @@ def _strip_ansi(text: str) -> str:
 
 
 def _scrape(url: str, stop: threading.Event, seen: dict):
-    """Keep the latest Prometheus exposition that has zeda metrics in it."""
+    """Collect every zeda sample line any scrape showed: a gauge whose reporting actor has exited (the learner
+    at the end of the run) drops out of later expositions, so the last scrape alone may miss it."""
+    lines: dict[str, None] = {}
     while not stop.wait(1.0):
         try:
             text = urllib.request.urlopen(url, timeout=5).read().decode()
         except OSError:
             continue
-        if "ray_zeda_" in text:
-            seen["text"] = text
+        lines.update(dict.fromkeys(ln for ln in text.splitlines() if ln.startswith("ray_zeda_")))
+        seen["text"] = "\n".join(lines) + "\n"
 
 
 def test_submit_runs_the_pipeline_with_monitor_and_prometheus(head):
