@@ -2,7 +2,9 @@
 
 A learner checkpoint is a directory:
     meta.json        format, step, world/EP layout, data cursor (JSON), learner and stage sections, source model
-    rank00000.pt     that rank's tensors: model (its own experts), AdamW state, RNG state
+    rank00000.pt     that rank's tensors: model (its own experts), AdamW state (Megatron's optimiser:
+                     per sub-optimiser its torch state and the fp32 master weights or this rank's
+                     shard of them, learner.optim.state_dict), RNG state
     ...
 Every rank writes its own file into a temporary directory beside the target (all ranks
 need the same filesystem), and global rank 0 renames it into place only after all ranks
@@ -40,6 +42,14 @@ def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
+def _optimizer_state(learner):
+    if learner.ddp is not None:  # bf16 weights alone would lose the fp32 masters: an exact resume needs them
+        from learner import optim
+
+        return optim.state_dict(learner.optimizer)
+    return learner.optimizer.state_dict()
+
+
 def save(learner, path: str | Path) -> Path:
     """Save the learner's full state to `path` (collective: every rank calls it)."""
     path = Path(path)
@@ -52,7 +62,7 @@ def save(learner, path: str | Path) -> Path:
     _barrier()
     state = {
         "model": _model_tensors(learner.model),
-        "optimizer": learner.optimizer.state_dict(),
+        "optimizer": _optimizer_state(learner),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -107,7 +117,7 @@ def load(learner, path: str | Path) -> dict:
 
     # The run's settings at save time (stage, schedule...) come back too; how often checkpoints go follows this learner.
     saved_cfg = LearnerSection(**meta["config"])
-    for k in ("dispatcher", "alpha", "w"):
+    for k in ("dispatcher", "alpha", "w", "precision", "optimizer"):
         if getattr(saved_cfg, k) != getattr(learner.config, k):
             raise ValueError(f"{path}: saved with {k}={getattr(saved_cfg, k)!r}, this learner has {getattr(learner.config, k)!r}")
     learner.config = saved_cfg.model_copy(update={"checkpoint_every": learner.config.checkpoint_every})
@@ -123,7 +133,12 @@ def load(learner, path: str | Path) -> dict:
     with torch.no_grad():
         for k, v in state["model"].items():
             targets[k].copy_(v)
-    learner.optimizer.load_state_dict(state["optimizer"])
+    if learner.ddp is not None:
+        from learner import optim
+
+        optim.load_state_dict(learner.optimizer, state["optimizer"])
+    else:
+        learner.optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
     if state.get("rng_cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])

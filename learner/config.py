@@ -36,19 +36,20 @@ class LearnerSection(_Strict):
     dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"
     checkpoint_every: int = Field(0, ge=0, description="steps between learner checkpoints (0: only at phase ends)")
     bucket_bytes: int = Field(32 << 20, ge=1024)
-    # Memory knobs `zeda plan` (launch.plan) budgets with. The defaults are what the learner runs today;
-    # any other value is planned only (see `not_implemented`) until the learner implements it.
+    # Memory knobs `zeda plan` (launch.plan) budgets with; the defaults are the CPU learner's layout.
+    # Values the learner cannot run yet are refused by `not_implemented`.
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: bf16 weights, fp32 router, fp32 grads, master weights and Adam state")
     tp: int = Field(1, ge=1, description="tensor-parallel size (with sequence parallelism), carved out of the ep x dp ranks")
     recompute: Literal["none", "selective", "full"] = Field("none", description="activation recompute: none, core attention, every layer")
     optimizer: Literal["local", "distributed", "cpu_offload"] = Field(
         "local", description="where master weights and Adam state live: each rank, sharded over data-parallel ranks, host memory")
-    attention: Literal["local", "flash"] = Field("local", description="core attention: local (materialises S x S scores) or flash")
+    attention: Literal["local", "flash"] = Field("local", description="core attention: local (materialises S x S scores) or "
+                                                 "flash (TransformerEngine's, needs it on a GPU: refused by the learner otherwise)")
     logits_chunk_tokens: int | None = Field(None, ge=1, description="tokens per log-softmax chunk (None: the whole micro-batch)")
 
 
-_IMPLEMENTED = {"precision": "fp32", "tp": 1, "recompute": "none", "optimizer": "local", "attention": "local",
-                "logits_chunk_tokens": None}
+# knob -> the only value the learner runs (knobs not listed run every value they accept)
+_IMPLEMENTED = {"tp": 1}
 
 
 def not_implemented(section: LearnerSection) -> list[str]:

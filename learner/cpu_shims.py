@@ -14,8 +14,9 @@ announces TE when it is not installed); those apply on GPU machines without TE a
 What runs on CPU with these (gloo backend): GPTModel with the local (non-TE) layer
 specs, MoE layers with the ``allgather`` and ``alltoall`` dispatchers over expert
 parallelism, Megatron's RNG tracker (``model_parallel_cuda_manual_seed``), and the
-grad-norm / clipping helpers of ``megatron.core.optimizer.clip_grads``. What does not:
-the distributed optimizer (``use_distributed_optimizer``): keep it off on CPU.
+grad-norm / clipping helpers of ``megatron.core.optimizer.clip_grads``, Megatron's DDP and its
+optimizers: fp32, bf16 mixed precision (fp32 master weights) and the distributed optimizer
+(gloo in torch 2.13 has all_gather_into_tensor and reduce_scatter_tensor).
 
 Note: with ``use_cpu_initialization`` the experts are drawn without the expert-parallel
 RNG fork, so rank 0's expert 0 equals rank 1's expert 0; EP runs must load weights
@@ -305,7 +306,46 @@ def _cuda_literals() -> None:
         optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
 
 
-_CUDA_SHIMS = (_rng, _device_streams, _alltoall_splits, _cuda_literals)
+# ---- 6. CUDA type names in the mixed-precision optimizers -----------------------------------------
+
+
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+    if dtype is None and not kwargs and not self.is_cuda:
+        return _TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _with_cuda_type_names(init):
+    def __init__(self, *args, **kwargs):
+        torch.Tensor.type = _cuda_type_name
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = _TENSOR_TYPE
+
+    __init__._zeda_cpu_shim = True
+    return __init__
+
+
+@_shim(
+    "optimizer_param_types",
+    "Float16OptimizerWithFloat16Params and DistributedOptimizer accept host parameters: while they are "
+    "built, Tensor.type() names a CPU tensor as its CUDA type (upstream sorts parameters into fp16/bf16/"
+    "fp32 by the strings 'torch.cuda.*Tensor' and raises TypeError on anything else)",
+)
+def _optimizer_param_types() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    for cls in (Float16OptimizerWithFloat16Params, DistributedOptimizer):
+        if not getattr(cls.__init__, "_zeda_cpu_shim", False):
+            cls.__init__ = _with_cuda_type_names(cls.__init__)
+
+
+_CUDA_SHIMS = (_rng, _device_streams, _alltoall_splits, _cuda_literals, _optimizer_param_types)
 _TE_SHIMS = (_te_general_gemm, _mla_have_te)  # about TransformerEngine being absent, GPU or not
 
 

@@ -196,7 +196,28 @@ def transformer_config(
     return MLATransformerConfig(**kw)
 
 
+RECOMPUTE = {
+    "none": {},
+    # Megatron's selective recompute: the core attention (the S x S scores) is rebuilt in the backward.
+    "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+    # every layer checkpointed on its own: only layer inputs are kept, one layer is rebuilt at a time
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
+
+
+def recompute_config(mode: str) -> dict:
+    """TransformerConfig fields of a `learner.recompute` value."""
+    if mode not in RECOMPUTE:
+        raise ValueError(f"recompute {mode!r}: expected one of {sorted(RECOMPUTE)}")
+    return dict(RECOMPUTE[mode])
+
+
 # ---- the zero-expert router -----------------------------------------------------------------
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward: under full recompute the router's forward then runs a second time."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class ZeroExpertRouter(TopKRouter):
@@ -205,7 +226,9 @@ class ZeroExpertRouter(TopKRouter):
     Forward: Megatron's fp32 gating GEMM -> `zeda_rl.routing.route` (optionally with
     replayed ids) -> L_GA attached with MoEAuxLossAutoScaler -> (probs, routing_map) over
     the N real experts only. The last chosen ids (all K slots, zero ones included) and
-    the last L_GA value are kept for metrics.
+    the last L_GA value are kept for metrics. Under full recompute the forward runs twice
+    (without grad, then again inside the backward): ids are recorded in the first pass only,
+    L_GA exists only in the second (the graph the backward uses), so neither is counted twice.
     """
 
     def __init__(self, config, pg_collection=None, *, spec: RouterSpec, alpha: float = 0.1, w: float = 2.0):
@@ -246,9 +269,10 @@ class ZeroExpertRouter(TopKRouter):
         r = route(logits, self.spec, self.e_score_correction_bias, replay)
         n = self.spec.num_experts
         ids = r.ids
-        self.last_ids = ids.detach()
-        if self.record is not None:
-            self.record.append(self.last_ids)
+        if not _in_backward():  # a recompute pass repeats the ids of its forward: record them once
+            self.last_ids = ids.detach()
+            if self.record is not None:
+                self.record.append(self.last_ids)
 
         # Drop zero slots: they map to an extra column N that is cut off, so they dispatch nowhere.
         real = ids < n
@@ -258,7 +282,10 @@ class ZeroExpertRouter(TopKRouter):
         probs = torch.zeros(rows, n + 1, dtype=r.weights.dtype, device=logits.device)
         probs = probs.scatter(1, col, r.weights.masked_fill(~real, 0.0))[:, :n]
 
-        self.last_aux_loss = None
+        # Under full recompute the first forward runs without grad and the recompute pass (in the backward)
+        # with it, so L_GA is attached, and kept for metrics, exactly once: in the pass whose graph is used.
+        if not _in_backward():
+            self.last_aux_loss = None
         if self.training and torch.is_grad_enabled() and self.spec.num_zero > 0 and self.alpha > 0:
             token_mask = None if padding_mask is None else ~padding_mask.reshape(-1)
             aux = group_aux_loss(r.probs, n, self.spec.num_zero, self.spec.top_k, alpha=self.alpha, w=self.w,
@@ -310,15 +337,13 @@ class MLACoreAttention(DotProductAttention):
                          softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
 
 
-def _mla_spec(layer_spec: ModuleSpec, eps: float) -> ModuleSpec:
-    """MLA layer spec with the fixed-eps q_a / kv_a norms and the MLA-aware local core attention."""
+def _attention_spec(layer_spec: ModuleSpec, core_attention, norm=None) -> ModuleSpec:
+    """The layer spec with another core attention (and, for MLA, the fixed-eps q_a / kv_a norms)."""
     attn = layer_spec.submodules.self_attention
-    norm = _fixed_eps_rmsnorm(eps)
-    attn = ModuleSpec(
-        module=attn.module,
-        params=dict(attn.params),
-        submodules=dataclasses.replace(attn.submodules, q_layernorm=norm, kv_layernorm=norm, core_attention=MLACoreAttention),
-    )
+    sub = dict(core_attention=core_attention)
+    if norm is not None:
+        sub.update(q_layernorm=norm, kv_layernorm=norm)
+    attn = ModuleSpec(module=attn.module, params=dict(attn.params), submodules=dataclasses.replace(attn.submodules, **sub))
     return ModuleSpec(
         module=layer_spec.module,
         params=dict(layer_spec.params),
@@ -327,16 +352,53 @@ def _mla_spec(layer_spec: ModuleSpec, eps: float) -> ModuleSpec:
     )
 
 
-def block_spec(info: ModelInfo, config: TransformerConfig, alpha: float = 0.1, w: float = 2.0) -> TransformerBlockSubmodules:
-    """Per-layer local specs: dense or MoE (with ZeroExpertRouter), MLA norms fixed for GLM."""
+ATTENTION = ("local", "flash")
+
+
+def flash_unavailable() -> str:
+    """Why `attention: flash` cannot run in this process ('' when it can)."""
+    if not torch.cuda.is_available():
+        return "no GPU in this process"
+    if not cpu_shims._have_te():
+        return "transformer_engine is not installed"
+    return ""
+
+
+def core_attention(attention: str, mla: bool):
+    """The core-attention module of `learner.attention`.
+
+    local: Megatron's DotProductAttention (MLACoreAttention for MLA), which materialises the
+    S x S scores: the CPU path. flash: the core attention of Megatron's TransformerEngine layer
+    spec (TEDotProductAttention: fused flash / cuDNN kernels, MLA's q/k and v head dims native).
+    Only the core attention is taken from the TE spec: the projections, norms and the router stay
+    the local spec's, so parameter names (learner.bridge) and the zero-expert router are the same
+    in both; the TE path is untested on this project's CPU machines.
+    """
+    if attention == "local":
+        return MLACoreAttention if mla else DotProductAttention
+    if attention != "flash":
+        raise ValueError(f"attention {attention!r}: expected one of {ATTENTION}")
+    why = flash_unavailable()
+    if why:
+        raise RuntimeError(f"learner.attention: flash needs transformer_engine on a GPU ({why}); use learner.attention: local")
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    te = get_gpt_layer_with_transformer_engine_spec(num_experts=None, qk_layernorm=True, multi_latent_attention=mla)
+    return te.submodules.self_attention.submodules.core_attention
+
+
+def block_spec(info: ModelInfo, config: TransformerConfig, alpha: float = 0.1, w: float = 2.0,
+               attention: str = "local") -> TransformerBlockSubmodules:
+    """Per-layer local specs: dense or MoE (with ZeroExpertRouter), MLA norms fixed for GLM, the chosen core attention."""
     mla = info.family == "glm4_moe_lite"
     dense = get_gpt_layer_local_spec(num_experts=None, qk_layernorm=True, multi_latent_attention=mla, normalization="RMSNorm")
     moe = get_gpt_layer_local_spec(
         num_experts=info.num_experts, qk_layernorm=True, multi_latent_attention=mla, normalization="RMSNorm"
     )
     moe = _with_router(moe, functools.partial(ZeroExpertRouter, spec=info.router, alpha=alpha, w=w))
-    if mla:
-        dense, moe = _mla_spec(dense, 1e-6), _mla_spec(moe, 1e-6)
+    core = core_attention(attention, mla)
+    norm = _fixed_eps_rmsnorm(1e-6) if mla else None
+    dense, moe = _attention_spec(dense, core, norm), _attention_spec(moe, core, norm)
     layers = [moe if i in set(info.moe_layers) else dense for i in range(info.num_layers)]
     final_norm = moe.submodules.input_layernorm
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm)
@@ -349,17 +411,21 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     alpha: float = 0.1,
     w: float = 2.0,
+    recompute: str = "none",
+    attention: str = "local",
     **config_overrides,
 ) -> GPTModel:
     """The Megatron GPTModel of a converted checkpoint (weights uninitialised: load them with the bridge).
 
     Needs torch.distributed and Megatron's parallel state initialised (`learner.parallel.setup`).
+    `recompute` / `attention`: the `learner:` knobs of those names (see RECOMPUTE, core_attention).
     """
-    config = transformer_config(info, ep_size=ep_size, dispatcher=dispatcher, params_dtype=params_dtype, **config_overrides)
+    overrides = {**recompute_config(recompute), **config_overrides}
+    config = transformer_config(info, ep_size=ep_size, dispatcher=dispatcher, params_dtype=params_dtype, **overrides)
     c = info.hf_config
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(info, config, alpha=alpha, w=w),
+        transformer_layer_spec=block_spec(info, config, alpha=alpha, w=w, attention=attention),
         vocab_size=info.vocab_size,
         max_sequence_length=int(c.max_position_embeddings),
         pre_process=True,
@@ -402,7 +468,11 @@ def _from_megatron_order(ids: torch.Tensor, b: int, s: int) -> torch.Tensor:
 
 @contextmanager
 def replay_routing(model: torch.nn.Module, ids: torch.Tensor | None):
-    """Force slot ids [L_moe, B, S, K] (rows of -1: let the router choose) for forwards inside."""
+    """Force slot ids [L_moe, B, S, K] (rows of -1: let the router choose) for forwards inside.
+
+    Under full recompute the backward runs the routers again: keep the backward inside too, so
+    the recompute pass routes with the same ids.
+    """
     rs = routers(model)
     if ids is None:
         yield

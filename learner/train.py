@@ -55,7 +55,8 @@ from learner import cpu_shims
 
 cpu_shims.apply()
 
-from learner import bridge, parallel  # noqa: E402
+from learner import bridge, optim, parallel  # noqa: E402
+from learner import logprob as chunked  # noqa: E402
 from learner import model as mdl  # noqa: E402
 from learner.config import LearnerSection, SFTStage, Stage, learner_part  # noqa: E402
 from zeda_rl.losses import opd_token_loss, token_logprobs, token_weights  # noqa: E402
@@ -217,10 +218,17 @@ class Learner:
             raise ValueError(f"{self.info.num_experts} experts cannot be split over EP={c.ep} ranks")
         dispatcher = parallel.default_dispatcher() if c.dispatcher == "auto" else c.dispatcher
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.model = mdl.build_model(self.info, ep_size=c.ep, dispatcher=dispatcher, alpha=c.alpha, w=c.w)
+        dtype = torch.bfloat16 if c.precision == "bf16" else torch.float32
+        self.model = mdl.build_model(self.info, ep_size=c.ep, dispatcher=dispatcher, params_dtype=dtype, alpha=c.alpha,
+                                     w=c.w, recompute=c.recompute, attention=c.attention)
         self.model.to(self.device)
         bridge.load_hf(self.model, checkpoint_dir)
-        self.optimizer = self._make_optimizer()
+        # Megatron's DDP + optimiser for bf16 / sharded / offloaded layouts (learner.optim), else torch AdamW
+        self.ddp = None
+        if optim.uses_megatron(c):
+            self.ddp, self.optimizer = optim.wrap(self.model, c, self.stage.lr_at(0))
+        else:
+            self.optimizer = self._make_optimizer()
         self.step = 0  # completed optimiser steps
         self.stage_start = 0  # step at which the current stage (and its lr schedule) began
         self.data_cursor: object = None  # opaque JSON-able position of the data stream, saved with the state
@@ -230,7 +238,10 @@ class Learner:
         self.stage = learner_part(stage)
         self.stage_start = self.step
         if reset_optimizer:
-            self.optimizer = self._make_optimizer()
+            if self.ddp is not None:  # a second DDP would hook the parameters twice: keep it, clear Adam's state
+                optim.reset_state(self.optimizer)
+            else:
+                self.optimizer = self._make_optimizer()
         return self.stage
 
     def settings(self) -> dict:
@@ -303,6 +314,8 @@ class Learner:
         aux = torch.zeros(n_layers, dtype=torch.float64)
         zero_slots = torch.zeros(n_layers, dtype=torch.float64)
         routed_slots = 0.0
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=False)
         for i in range(n_mb):
             rows_n, s = common[i]
@@ -311,20 +324,18 @@ class Learner:
             mb = _take(b, groups[i], rows_n, s) if real else _padding_batch(rows_n, s, stage)
             mb = {k: v.to(self.device) for k, v in mb.items()}
             mdl.set_aux_loss_scale((1.0 / real_mb_total / aux_layer_div) if real else 0.0)
+            # the backward stays inside the replay: under full recompute it routes again
             with mdl.replay_routing(self.model, mb.get("routed_experts")):
-                logits = mdl.forward_logits(self.model, mb["tokens"], ~mb["attention_mask"])
-            if stage == "opd" and self.temperature != 1.0:
-                logits = logits / self.temperature
-            logp = token_logprobs(logits, mb["tokens"])  # [B, S-1]
-            m, wt = mb["loss_mask"][:, 1:], mb["loss_weight"][:, 1:]
-            sums["nll"] += float(-logp.detach()[m].sum())
-            if stage == "sft":
-                loss = -(logp * wt).sum()
-            else:
-                loss = (self._opd_token_loss(logp, mb, sums, m) * wt).sum()
-            if not real:
-                loss = loss * 0.0
-            loss.backward()
+                logp = self._logprobs(mb["tokens"], ~mb["attention_mask"], self.temperature if stage == "opd" else 1.0)
+                m, wt = mb["loss_mask"][:, 1:], mb["loss_weight"][:, 1:]
+                sums["nll"] += float(-logp.detach()[m].sum())
+                if stage == "sft":
+                    loss = -(logp * wt).sum()
+                else:
+                    loss = (self._opd_token_loss(logp, mb, sums, m) * wt).sum()
+                if not real:
+                    loss = loss * 0.0
+                loss.backward()
             sums["main"] += float(loss.detach())
             if real:
                 aux += torch.tensor(mdl.last_aux_losses(self.model), dtype=torch.float64)
@@ -333,10 +344,29 @@ class Learner:
                 zero_slots += ((ids >= self.info.num_experts) & valid).flatten(1).sum(1).double()
                 routed_slots += float(valid[0].sum())
 
-        parallel.sync_grads(self.model)
+        if self.ddp is not None:
+            self.ddp.finish_grad_sync()
+        else:
+            parallel.sync_grads(self.model)
         return dict(sums=sums, aux=aux, zero_slots=zero_slots, routed_slots=routed_slots, n_mb=n_mb,
                     real_mb_total=real_mb_total, resp_total=resp_total, valid_total=valid_total,
                     aux_layer_div=aux_layer_div)
+
+    def _logprobs(self, tokens: torch.Tensor, padding: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Training logprobs [B, S-1] (fp32) of the next tokens at `temperature`.
+
+        `logits_chunk_tokens` set: the output layer is fused into a chunked logprob (learner.logprob),
+        so neither the micro-batch's logits nor their fp32 log-softmax exist in full.
+        """
+        chunk = self.config.logits_chunk_tokens
+        if chunk:
+            with chunked.hidden_states(self.model) as out:
+                hidden = mdl.forward_logits(self.model, tokens, padding)
+            return chunked.token_logprobs(hidden, out["weight"], tokens, chunk, temperature)
+        logits = mdl.forward_logits(self.model, tokens, padding)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return token_logprobs(logits, tokens)
 
     def _opd_token_loss(self, logp: torch.Tensor, mb: dict, sums: dict, m: torch.Tensor) -> torch.Tensor:
         """OPD per-token loss of one micro-batch (see the module docstring); adds its token sums to `sums`."""
@@ -355,13 +385,23 @@ class Learner:
         return loss_t
 
     def update(self) -> tuple[float, float]:
-        """Clip by the global norm, AdamW step at the schedule's lr; returns (grad norm before clip, lr)."""
-        grad_norm = parallel.clip_grads(self.model, self.config.grad_clip)
+        """Clip by the global norm, AdamW step at the schedule's lr; returns (grad norm before clip, lr).
+
+        With Megatron's optimiser the norm, the clip and the master-weight update are its `step()`.
+        """
         lr = self.stage.lr_at(self.step - self.stage_start)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.ddp is not None:
+            optim.set_schedule(self.optimizer, lr, self.config.weight_decay)
+            ok, grad_norm, _ = self.optimizer.step()
+            if not ok:
+                raise RuntimeError("Megatron's optimizer skipped the update (non-finite gradients)")
+            grad_norm = float(grad_norm)
+        else:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            grad_norm = parallel.clip_grads(self.model, self.config.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return grad_norm, lr
 

@@ -10,7 +10,8 @@ from learner import cpu_shims
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shims apply only without CUDA")
 
-TESTED = {"rng", "device_streams", "te_general_gemm", "mla_have_te", "alltoall_splits", "cuda_literals"}
+TESTED = {"rng", "device_streams", "te_general_gemm", "mla_have_te", "alltoall_splits", "cuda_literals",
+          "optimizer_param_types"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,3 +122,16 @@ def test_cuda_literals_land_on_cpu(world1):
     p.grad = torch.tensor([0.3, 0.4])
     clip_grads.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=0.5)  # below the max: untouched
     torch.testing.assert_close(p.grad, torch.tensor([0.3, 0.4]))
+
+
+def test_mixed_precision_optimizer_takes_host_parameters(world1):
+    """Float16OptimizerWithFloat16Params keeps an fp32 master of a bf16 CPU parameter (upstream: TypeError)."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0 + 2**-10], dtype=torch.bfloat16))
+    cfg = OptimizerConfig(optimizer="adam", bf16=True, lr=0.1)
+    opt = Float16OptimizerWithFloat16Params(torch.optim.AdamW([w], lr=0.1), cfg, None, None)
+    main = opt.optimizer.param_groups[0]["params"][0]
+    assert main.dtype == torch.float32 and w.main_param is main and torch.equal(main, w.float())
+    assert w.type() == "torch.BFloat16Tensor"  # Tensor.type is only renamed while an optimiser is built

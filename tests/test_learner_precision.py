@@ -1,0 +1,207 @@
+"""The learner's memory knobs: recompute, chunked logprobs, bf16 with fp32 masters, Megatron's
+distributed optimiser, and the refusals of what cannot run here (flash without TE, cpu_offload without a GPU).
+
+Tolerances (fp32 unless said): recompute vs none and chunked vs plain logprobs, loss and gradients
+atol 1e-6 (seen <= 1e-7); bf16 + full recompute + chunked logprobs vs fp32, SFT loss over 3 steps
+within 1% relative (seen <= 0.3%); distributed vs local optimiser over 2 gloo ranks, losses
+1e-6, parameters after 2 AdamW steps (lr 1e-2) atol 1e-4 = lr/100 (see test_learner_ep; seen <= 1e-5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from learner import bridge, logprob, optim
+from learner import model as mdl
+from learner.config import LearnerSection, OPDStage, SFTStage, not_implemented
+from learner.parallel import free_port
+from learner.testing import tiny_checkpoint
+from learner.train import Learner
+from zeda_rl.losses import token_logprobs
+
+FAMILIES = ["qwen3_moe", "glm4_moe_lite"]
+SFT = SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learner_precision")
+    return {f: tiny_checkpoint(f, root / f) for f in FAMILIES}
+
+
+def batch(seed=0, b=4, s=12, opd=False, routed=None):
+    rng = np.random.default_rng(seed)
+    out = {"tokens": rng.integers(0, 64, (b, s)), "loss_mask": np.zeros((b, s), np.uint8), "attention_mask": np.ones((b, s), np.uint8)}
+    out["loss_mask"][:, 4:] = 1
+    out["attention_mask"][1, 9:] = 0
+    if opd:
+        out["behaviour_logprobs"] = rng.normal(-2, 0.5, (b, s)).astype(np.float32)
+        out["teacher_logprobs"] = rng.normal(-2, 0.5, (b, s)).astype(np.float32)
+    if routed is not None:
+        out["routed_experts"] = routed
+    return out
+
+
+def make(ckpt, stage=SFT, temperature=1.0, **kw):
+    return Learner(ckpt, LearnerSection(**{"micro_batch_tokens": 24, **kw}), stage, temperature=temperature)
+
+
+def grads_of(learner, b):
+    st = learner.accumulate(b)
+    g = {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False, grads=True)}
+    return st, g
+
+
+def assert_same_step(a, b, atol=1e-6):
+    (sa, ga), (sb, gb) = a, b
+    assert sa["sums"]["main"] == pytest.approx(sb["sums"]["main"], abs=atol)
+    torch.testing.assert_close(sa["aux"], sb["aux"], atol=atol, rtol=0)
+    assert torch.equal(sa["zero_slots"], sb["zero_slots"])  # routing ids recorded once per forward
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], atol=atol, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recompute_equals_none(ckpts, family):
+    b = batch()
+    ref = grads_of(make(ckpts[family]), b)
+    for mode in ("selective", "full"):
+        assert_same_step(grads_of(make(ckpts[family], recompute=mode), b), ref)
+
+
+def test_full_recompute_replays_and_records_routing_once(ckpts):
+    """OPD with replayed ids: the recompute pass in the backward must route with them too."""
+    ck = ckpts["glm4_moe_lite"]
+    none = make(ck, OPDStage(lr=1e-2))
+    info = none.info
+    rng = np.random.default_rng(1)
+    routed = np.stack([rng.permutation(info.router.total)[: info.router.top_k] for _ in range(len(info.moe_layers) * 48)])
+    b = batch(opd=True, routed=routed.reshape(len(info.moe_layers), 4, 12, -1))
+    full = make(ck, OPDStage(lr=1e-2), recompute="full")
+    assert_same_step(grads_of(full, b), grads_of(none, b))
+    # a training forward + backward under record_routing: one set of ids, not two
+    tokens = torch.as_tensor(b["tokens"])
+    full.model.train()
+    with mdl.record_routing(full.model, 4, 12) as ids:
+        mdl.forward_logits(full.model, tokens).float().sum().backward()
+        rec = ids()
+    assert tuple(rec.shape) == (len(info.moe_layers), 4, 12, info.router.top_k)
+    assert torch.equal(rec, mdl.last_routing(full.model, 4, 12))
+
+
+def test_chunked_logprob_equals_plain():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 13, 16, generator=g).requires_grad_()
+    weight = (0.3 * torch.randn(50, 16, generator=g)).requires_grad_()  # logits of std ~1.7, as a model's
+    tokens = torch.randint(0, 50, (3, 13), generator=g)
+    up = torch.randn(3, 12, generator=g)
+    plain = token_logprobs((hidden @ weight.t()) / 0.7, tokens)
+    (plain * up).sum().backward()
+    want = [plain.detach(), hidden.grad.clone(), weight.grad.clone()]
+    hidden.grad = weight.grad = None
+    got = logprob.token_logprobs(hidden, weight, tokens, chunk=5, temperature=0.7)  # 36 tokens: a short last chunk
+    (got * up).sum().backward()
+    for x, y in zip([got.detach(), hidden.grad, weight.grad], want):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+
+
+def test_chunked_logprob_in_the_learner(ckpts):
+    """OPD at temperature 0.7 (the student's logprobs at the rollout temperature) and SFT."""
+    ck = ckpts["qwen3_moe"]
+    for stage, b in ((OPDStage(lr=1e-2), batch(opd=True)), (SFT, batch(seed=3))):
+        ref = grads_of(make(ck, stage, temperature=0.7), b)
+        assert_same_step(grads_of(make(ck, stage, temperature=0.7, logits_chunk_tokens=7), b), ref)
+
+
+def test_bf16_tracks_fp32_keeps_fp32_masters_and_resumes_exactly(ckpts, tmp_path):
+    ck = ckpts["qwen3_moe"]
+    ref, lo = make(ck), make(ck, precision="bf16", recompute="full", logits_chunk_tokens=16)
+    for i in range(3):
+        a, b = ref.train_step(batch(seed=0)), lo.train_step(batch(seed=0))
+        print(f"step {i}: fp32 {a['sft_loss']:.5f} bf16 {b['sft_loss']:.5f}")
+        assert b["sft_loss"] == pytest.approx(a["sft_loss"], rel=1e-2)
+        assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=5e-2)
+    routers = {id(r.weight) for r in mdl.routers(lo.model)}
+    for name, p in lo.model.named_parameters():
+        assert p.dtype == (torch.float32 if id(p) in routers else torch.bfloat16), name
+        if id(p) not in routers:  # the bf16 weight is the rounded fp32 master
+            assert p.main_param.dtype == torch.float32 and torch.equal(p.data, p.main_param.to(torch.bfloat16)), name
+    # weight push / HF export: the bf16 weights in the checkpoint's dtype, routers at full fp32 precision
+    upd = lo.export_buckets(1, layout="checkpoint")
+    mine = dict(bridge.full_hf_state(lo.model, cast=False))
+    for name, t in upd.named_tensors():
+        assert t.dtype == torch.float32 and torch.equal(t, mine[name].float()), name
+    # exact resume: fp32 masters and Adam state come back
+    lo.save(tmp_path / "ck")
+    m = lo.train_step(batch(seed=5))
+    after = dict(bridge.full_hf_state(lo.model, cast=False))
+    lo.load(tmp_path / "ck")
+    r = lo.train_step(batch(seed=5))
+    assert r["loss"] == m["loss"] and r["grad_norm"] == m["grad_norm"]
+    assert all(torch.equal(v, after[k]) for k, v in bridge.full_hf_state(lo.model, cast=False))
+
+
+def _dist_worker(rank, world, port, ckpt, out):
+    shard = {k: v[rank * 2 : (rank + 1) * 2] for k, v in batch().items()}
+    result = {}
+    for opt in ("local", "distributed"):
+        learner = Learner(ckpt, LearnerSection(micro_batch_tokens=24, optimizer=opt), SFT, rank=rank, world_size=world,
+                          master_port=port)
+        ms = [learner.train_step(shard) for _ in range(2)]
+        result[opt] = ([m["loss"] for m in ms], {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False)})
+        if opt == "distributed":  # each rank's shard of the master weights and Adam state resumes exactly
+            learner.save(out / "ck")
+            m3 = learner.train_step(shard)
+            learner.load(out / "ck")
+            result["resume"] = learner.train_step(shard)["loss"] == m3["loss"]
+            result["sharded"] = [type(o).__name__ for o in learner.optimizer.chained_optimizers]
+    learner.close()
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+def test_distributed_optimizer_matches_local_over_two_ranks(ckpts, tmp_path):
+    mp.spawn(_dist_worker, args=(2, free_port(), ckpts["glm4_moe_lite"], tmp_path), nprocs=2)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert r["sharded"] == ["DistributedOptimizer"] and r["resume"]
+        (la, pa), (lb, pb) = r["local"], r["distributed"]
+        assert lb == pytest.approx(la, abs=1e-6)
+        for k in pa:
+            torch.testing.assert_close(pb[k], pa[k], atol=1e-4, rtol=0, msg=k)
+
+
+def test_flash_needs_te_on_a_gpu_and_plugs_into_the_local_spec(ckpts, monkeypatch):
+    with pytest.raises(RuntimeError, match="needs transformer_engine on a GPU"):
+        make(ckpts["qwen3_moe"], attention="flash")
+    info = mdl.model_info(mdl.load_hf_config(ckpts["glm4_moe_lite"]))
+    cfg = mdl.transformer_config(info)
+    local = mdl.block_spec(info, cfg)
+    assert {layer.submodules.self_attention.submodules.core_attention for layer in local.layer_specs} == {mdl.MLACoreAttention}
+
+    class FakeTECoreAttention:  # what the TE spec would hand over
+        pass
+
+    import megatron.core.models.gpt.gpt_layer_specs as specs
+
+    te = mdl.get_gpt_layer_local_spec(num_experts=None, qk_layernorm=True, multi_latent_attention=True)
+    te = mdl._attention_spec(te, FakeTECoreAttention)
+    monkeypatch.setattr(mdl, "flash_unavailable", lambda: "")
+    monkeypatch.setattr(specs, "get_gpt_layer_with_transformer_engine_spec", lambda **kw: te)
+    flash = mdl.block_spec(info, cfg, attention="flash")
+    for i, (a, b) in enumerate(zip(flash.layer_specs, local.layer_specs)):
+        sa, sb = a.submodules.self_attention.submodules, b.submodules.self_attention.submodules
+        assert sa.core_attention is FakeTECoreAttention and sa.q_layernorm is not None
+        if i in info.moe_layers:  # the zero-expert router is in the flash spec too
+            assert a.submodules.mlp.submodules.router.func is mdl.ZeroExpertRouter
+
+
+def test_only_tp_is_refused_by_the_config_and_cpu_offload_by_a_cpu_learner(ckpts):
+    knobs = dict(precision="bf16", recompute="full", optimizer="cpu_offload", attention="flash", logits_chunk_tokens=4096)
+    assert not_implemented(LearnerSection(**knobs)) == []
+    assert [m.split(":")[0] for m in not_implemented(LearnerSection(tp=4, **knobs))] == ["learner.tp"]
+    with pytest.raises(RuntimeError, match="cpu_offload needs a GPU"):
+        make(ckpts["qwen3_moe"], optimizer="cpu_offload")
+    assert optim.uses_megatron(LearnerSection(precision="bf16")) and not optim.uses_megatron(LearnerSection())
