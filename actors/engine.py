@@ -6,6 +6,8 @@ config switch. Everything crossing it is plain Python / numpy, ready for Ray.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,7 +57,38 @@ class Engine(Protocol):
         """Prefill only: log p(seq[t] | seq[:t]) for t >= 1 (float32 [len-1]) at `temperature`."""
 
     def update_weights(self, update) -> int:
-        """Apply a versioned `zeda_rl.weights.WeightUpdate`; returns the version now served."""
+        """Apply a versioned `zeda_rl.weights.WeightUpdate` (its buckets may be a one-pass iterable,
+        fetched as they are applied); returns the version now served. Safe to call while another
+        thread generates: a generate call sees one complete version."""
+
+
+class Serving:
+    """Generation calls vs weight switches in one engine, when updates run in a thread of their own.
+
+    A call holds `lock` from start to end, and a switch takes it, so a call sees one version.
+    While an update is under way, calls that have not started yet wait for it: a call made after
+    an update sees it (as when calls and updates ran one at a time), while the call already
+    running overlaps the update's transfer.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self._open = threading.Event()
+        self._open.set()
+
+    @contextmanager
+    def call(self):
+        self._open.wait()
+        with self.lock:
+            yield
+
+    @contextmanager
+    def updating(self):
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
 
 
 def make_engine(backend: str, checkpoint: str, **kwargs) -> Engine:

@@ -14,6 +14,10 @@ What it copies from SGLang 0.5.x (and what a change there would have to be copie
 - ignore_eos disables stop_token_ids too; without it the config's eos ids also stop;
 - update_weights_from_tensor takes checkpoint names only (per-expert, like SGLang's loaders)
   and answers (success, message); unknown names fail rather than raise;
+- init_weights_update_group really joins the group (`zeda_rl.weights.join_group`, SGLang's
+  recipe; gloo here) and update_weights_from_distributed really receives each tensor by a
+  broadcast from rank 0 of the named group, all of them before it checks any (as SGLang's
+  model runner receives, then loads);
 - it routes with the zeda_rl transformers model (`zeda_rl.modeling`), not with the plugin.
 It keeps a log of control calls in `calls` so tests can check what was sent.
 """
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +38,9 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import zeda_rl.modeling as modeling
 from actors.torch_engine import _sample
 from zeda_rl.arch import ARCHS, TARGETS
+from zeda_rl.weights import TORCH_DTYPES, join_group, model_tensors, tensor_target
 
 _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos", "sampling_seed"}
-_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<which>gate_proj|up_proj|down_proj)\.weight$")
 
 
 @dataclass
@@ -54,6 +57,7 @@ class FakeSGLangEngine:
         path = Path(server_args["model_path"])
         cfg = json.loads((path / "config.json").read_text())
         self.model = _load(path, cfg).eval()
+        self._tensors = model_tensors(self.model)
         arch = TARGETS.get(cfg["architectures"][0]) or ARCHS.get(cfg["architectures"][0])
         self.moe_layers = arch.moe_layers(cfg) if arch else []
         self.num_hidden_layers = int(cfg["num_hidden_layers"])
@@ -61,6 +65,7 @@ class FakeSGLangEngine:
         eos = cfg.get("eos_token_id")
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.calls: dict[str, list[dict]] = defaultdict(list)
+        self.groups: dict = {}
         self.flushes = 0
         self.is_shutdown = False
 
@@ -164,22 +169,11 @@ class FakeSGLangEngine:
         return True, "Succeeded to update parameter online."
 
     def _target(self, name: str) -> torch.Tensor | None:
-        """The tensor (or slice of a fused expert tensor) a checkpoint name loads into."""
-        m = _PER_EXPERT.match(name)
-        if m is None:
-            if name.endswith((".gate_up_proj", ".down_proj")) and ".experts." in name + ".":
-                return None  # transformers' fused in-memory names are not checkpoint names
-            return dict(self.model.named_parameters()).get(name, dict(self.model.named_buffers()).get(name))
-        params = dict(self.model.named_parameters())
-        e = int(m["e"])
-        if m["which"] == "down_proj":
-            fused = params.get(f"{m['prefix']}.down_proj")
-            return None if fused is None else fused[e]
-        fused = params.get(f"{m['prefix']}.gate_up_proj")
-        if fused is None:
+        """The tensor (or slice of a fused expert tensor) a checkpoint name loads into; None for
+        transformers' fused in-memory names, which are not checkpoint names."""
+        if name.endswith((".gate_up_proj", ".down_proj")) and ".experts." in name + ".":
             return None
-        half = fused.shape[1] // 2
-        return fused[e, :half] if m["which"] == "gate_proj" else fused[e, half:]
+        return tensor_target(self._tensors, name)
 
     def flush_cache(self):
         self.flushes += 1
@@ -190,15 +184,25 @@ class FakeSGLangEngine:
             master_address=master_address, master_port=master_port, rank_offset=rank_offset,
             world_size=world_size, group_name=group_name, backend=backend,
         ))
+        self.groups[group_name] = join_group(backend, master_address, master_port, world_size, rank_offset, group_name)
         return True, "Succeeded to initialize custom process group."
 
     def update_weights_from_distributed(self, names, dtypes, shapes, group_name="weight_update_group", flush_cache=True, load_format=None):
-        """Records the metadata; a fake cannot take part in an NCCL broadcast."""
         self.calls["update_weights_from_distributed"].append(dict(names=names, dtypes=dtypes, shapes=shapes, group_name=group_name))
-        for name, shape in zip(names, shapes):
+        received = []
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            t = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+            torch.distributed.broadcast(t, src=0, group=self.groups[group_name])
+            received.append((name, t))
+        for name, t in received:
             dst = self._target(name)
-            if dst is None or list(dst.shape) != list(shape):
+            if dst is None or dst.shape != t.shape:
                 return False, f"Failed to update weights: {name!r} unknown or of another shape"
+        with torch.no_grad():
+            for name, t in received:
+                self._target(name).copy_(t)
+        if flush_cache:
+            self.flushes += 1
         return True, "Succeeded to update parameter online."
 
     def release_memory_occupation(self, tags=None):

@@ -1,10 +1,17 @@
 """Student rollout engines as Ray actors.
 
-Each actor owns one engine. Ray runs one method at a time per actor, so a weight
-update queued behind a generation call is applied between generation batches: no
-request in flight is ever aborted, and every sample carries the policy version it was
-sampled with. Weight updates arrive as our own encoded frames (msgpack header + raw
-buffers), never as pickled tensors.
+Each actor owns one engine. Generation calls run one at a time; weight updates run in a
+concurrency group of their own, so an update is received (staged) while the engine
+generates and switched in by the engine between two generation calls: no request in
+flight is ever aborted, a call sees one complete version, and every sample carries the
+policy version it was sampled with.
+
+An update arrives as the version and the references of its buckets in Ray's object store
+(put there by the learner ranks, `learner.publish`): the actor fetches one bucket at a time
+as the engine takes it, so the driver never touches a tensor. The references stay alive
+while this call runs (Ray pins a pending task's arguments) and are released when it ends.
+The broadcast path (SGLang only) joins the learner ranks' groups once, then receives each
+version's buckets as the ranks send them.
 """
 
 from __future__ import annotations
@@ -44,11 +51,6 @@ class EngineActor:
             self.tokens_out += len(s.output_ids)
         return out
 
-    def update_weights(self, frames: list[bytes]) -> int:
-        from zeda_rl.weights import decode_update
-
-        return self.engine.update_weights(decode_update(frames))
-
     def version(self) -> int:
         return self.engine.version
 
@@ -57,7 +59,7 @@ class EngineActor:
         return self.engine.score(seqs, temperature=temperature)
 
 
-@ray.remote(max_restarts=3, max_task_retries=0)
+@ray.remote(max_restarts=3, max_task_retries=0, concurrency_groups={"weights": 1})
 class RolloutActor(EngineActor):
     """A student engine: samples responses with behaviour logprobs and routed experts.
 
@@ -68,8 +70,28 @@ class RolloutActor(EngineActor):
 
     synced = False
 
-    def update_weights(self, frames: list[bytes]) -> int:
-        version = super().update_weights(frames)
+    @ray.method(concurrency_group="weights")
+    def update_weights(self, version: int, refs: list) -> int:
+        """Serve weights v`version`, its buckets fetched one at a time from their references."""
+        from zeda_rl.weights import WeightUpdate, unpack_bucket
+
+        buckets = (unpack_bucket(ray.get(r), version) for r in refs)
+        version = self.engine.update_weights(WeightUpdate(version, buckets))
+        self.synced = True
+        return version
+
+    def weight_sync_ranks(self) -> int:
+        return getattr(self.engine, "weight_sync_ranks", 1)
+
+    @ray.method(concurrency_group="weights")
+    def init_weight_groups(self, groups: list[dict], rank_offset: int, world_size: int) -> None:
+        """Join every publishing learner rank's broadcast group, in the given order (the same on every engine)."""
+        for g in groups:
+            self.engine.init_distributed_weight_sync(g["address"], g["port"], rank_offset, world_size, g["group"], g["backend"])
+
+    @ray.method(concurrency_group="weights")
+    def update_weights_from_distributed(self, version: int, buckets: list) -> int:
+        version = self.engine.update_weights_from_distributed(version, buckets)
         self.synced = True
         return version
 
@@ -79,4 +101,3 @@ class RolloutActor(EngineActor):
             for d in out:
                 d["policy_version"] = -1
         return out
-

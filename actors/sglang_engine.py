@@ -17,12 +17,20 @@ How each piece maps onto SGLang (read from sglang 0.5.x `srt/entrypoints/engine.
   those (plus the scored token): log p_T(y) ~= lp(y)/T - logsumexp(lp(top)/T). That
   overestimates log p_T by the tail mass outside the top k (negligible for T < 1 and a
   large k); `strict_temperature=True` refuses T != 1 instead.
-- update_weights: one `update_weights_from_tensor` per bucket (flush_cache=False), then
-  one `flush_cache`, then the version moves. Transformers' fused expert tensors
-  (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) are split into the
-  checkpoint names SGLang's loaders know. The multi-node path is
-  `init_distributed_weight_sync` + `update_weights_from_distributed` (NCCL broadcast from
-  the learner; names must already be in checkpoint layout).
+- update_weights: every bucket is fetched first (from Ray's object store: views of shared
+  memory, no copy), so a lost bucket leaves the old version whole; then one
+  `update_weights_from_tensor` per bucket (flush_cache=False), one `flush_cache`, and the
+  version moves. SGLang has no second copy of the weights to stage into: a bucket it
+  refuses after others were applied leaves a mix, served as version -1. Transformers'
+  fused expert tensors (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I])
+  are split into the checkpoint names SGLang's loaders know.
+- the broadcast path: `init_distributed_weight_sync` once per publishing learner rank (a
+  group of its own, the rank is its root: SGLang receives with src=0), then
+  `update_weights_from_distributed(version, buckets)` with each bucket's group and
+  (name, dtype, shape) list, one SGLang call per bucket, in the order the ranks send.
+- generate, score and the weight calls are serialised by `actors.engine.Serving`: the rollout
+  actor runs weight calls in a thread of their own, and SGLang's offline Engine takes one
+  call at a time (it runs each on its own event loop, whatever the calling thread).
 
 Zero-expert checkpoints need the plugin in `actors.sglang_plugin`, registered through
 SGLANG_EXTERNAL_MODEL_PACKAGE, and SGLang sees them through a "view" directory: symlinks
@@ -50,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.engine import Sample, SamplingParams
+from actors.engine import Sample, SamplingParams, Serving
 from actors.sglang_plugin import PACKAGE as PLUGIN_PACKAGE
 from actors.sglang_plugin.zero_slots import router_spec_from_config
 from zeda_rl.arch import ARCHS, TARGETS, ArchSpec
@@ -274,10 +282,16 @@ class SGLangEngine:
             self._cleanup_view()
             raise
         self.version = 0
+        self._serving = Serving()
+        self._groups: set[str] = set()
 
     # ---- generation -----------------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        with self._serving.call():
+            return self._generate(prompts, params)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
         sp = {
@@ -329,6 +343,10 @@ class SGLangEngine:
     # ---- teacher scoring ------------------------------------------------------------------------
 
     def score(self, sequences: list[list[int]], temperature: float = 1.0) -> list[np.ndarray]:
+        with self._serving.call():
+            return self._score(sequences, temperature)
+
+    def _score(self, sequences: list[list[int]], temperature: float) -> list[np.ndarray]:
         if temperature <= 0:
             raise ValueError(f"score: temperature must be positive, got {temperature}")
         exact = abs(temperature - 1.0) < 1e-6
@@ -366,54 +384,68 @@ class SGLangEngine:
     # ---- weight sync ----------------------------------------------------------------------------
 
     def update_weights(self, update) -> int:
-        """Apply a `zeda_rl.weights.WeightUpdate` bucket by bucket, flush the cache, move the version.
+        """Apply a `zeda_rl.weights.WeightUpdate`: fetch every bucket, then apply them, flush the cache, move the version."""
+        with self._serving.updating():
+            buckets = [list(to_checkpoint_layout(b)) for b in update.buckets]
+            return self._apply(update.version, buckets)
 
-        If SGLang refuses a bucket after earlier ones were applied, the engine serves a mix:
-        the version becomes -1 (unknown) until a complete update succeeds.
-        """
-        for n, bucket in enumerate(update.buckets):
-            named = list(to_checkpoint_layout(bucket))
-            ok, msg = _result(self._engine.update_weights_from_tensor(named_tensors=named, flush_cache=False))
-            if not ok:
-                if n:
-                    self.version = -1
-                raise RuntimeError(f"SGLang refused bucket {n} of weight update v{update.version}: {msg}")
+    def _apply(self, version: int, buckets: list) -> int:
+        with self._serving.lock:
+            for n, named in enumerate(buckets):
+                ok, msg = _result(self._engine.update_weights_from_tensor(named_tensors=named, flush_cache=False))
+                if not ok:
+                    if n:
+                        self.version = -1
+                    raise RuntimeError(f"SGLang refused bucket {n} of weight update v{version}: {msg}")
+            self._flush(version)
+        return self.version
+
+    def _flush(self, version: int) -> None:
         ok, msg = _result(self._engine.flush_cache())
         if not ok:
-            raise RuntimeError(f"SGLang could not flush its cache after weight update v{update.version}: {msg}")
-        self.version = int(update.version)
-        return self.version
+            raise RuntimeError(f"SGLang could not flush its cache after weight update v{version}: {msg}")
+        self.version = int(version)
+
+    @property
+    def weight_sync_ranks(self) -> int:
+        """Ranks this engine takes in a broadcast group: one per TP worker."""
+        return int(self.server_options.get("tp_size", 1))
 
     def init_distributed_weight_sync(
         self, master_address: str, master_port: int, rank_offset: int, world_size: int,
         group_name: str = "zeda_weight_sync", backend: str = "nccl",
     ) -> None:
-        """Join the learner's weight-broadcast group (the learner is rank 0, this engine's TP ranks follow)."""
+        """Join one learner rank's weight-broadcast group (that rank is 0, this engine's TP workers
+        from rank_offset on); blocks until the whole group has joined."""
         ok, msg = _result(self._engine.init_weights_update_group(
             master_address=master_address, master_port=int(master_port), rank_offset=int(rank_offset),
             world_size=int(world_size), group_name=group_name, backend=backend,
         ))
         if not ok:
             raise RuntimeError(f"SGLang could not join weight group {group_name!r}: {msg}")
-        self._group_name = group_name
+        self._groups.add(group_name)
 
-    def update_weights_from_distributed(self, version: int, tensors: list[tuple[str, str, list[int]]]) -> int:
-        """Receive (name, dtype, shape) tensors the learner broadcasts in this order, then serve `version`."""
-        if not hasattr(self, "_group_name"):
-            raise RuntimeError("update_weights_from_distributed: call init_distributed_weight_sync first")
-        fused = [n for n, _, _ in tensors if _FUSED_EXPERTS.match(n)]
-        if fused:
-            raise ValueError(f"broadcast tensors must use checkpoint names (per-expert), got fused {fused[:2]}")
-        names = [n for n, _, _ in tensors]
-        dtypes = [str(d).removeprefix("torch.") for _, d, _ in tensors]
-        shapes = [list(map(int, s)) for _, _, s in tensors]
-        ok, msg = _result(self._engine.update_weights_from_distributed(
-            names=names, dtypes=dtypes, shapes=shapes, group_name=self._group_name, flush_cache=True
-        ))
-        if not ok:
-            self.version = -1
-            raise RuntimeError(f"SGLang refused distributed weight update v{version}: {msg}")
-        self.version = int(version)
+    def update_weights_from_distributed(self, version: int, buckets: list[tuple[str, list]]) -> int:
+        """Receive `buckets` [(group, [(name, dtype, shape), ...]), ...] as the learner ranks broadcast
+        them, in this order, then serve `version`. A bucket SGLang fails on leaves version -1."""
+        for group, tensors in buckets:
+            if group not in self._groups:
+                raise RuntimeError(f"update_weights_from_distributed: group {group!r} not joined (init_distributed_weight_sync)")
+            fused = [n for n, _, _ in tensors if _FUSED_EXPERTS.match(n)]
+            if fused:
+                raise ValueError(f"broadcast tensors must use checkpoint names (per-expert), got fused {fused[:2]}")
+        failed = None
+        with self._serving.updating(), self._serving.lock:
+            for n, (group, tensors) in enumerate(buckets):  # every bucket is received: a sender never waits forever
+                ok, msg = _result(self._engine.update_weights_from_distributed(
+                    names=[t[0] for t in tensors], dtypes=[str(t[1]).removeprefix("torch.") for t in tensors],
+                    shapes=[list(map(int, t[2])) for t in tensors], group_name=group, flush_cache=False,
+                ))
+                failed = failed or (None if ok else f"bucket {n}: {msg}")
+            if failed:
+                self.version = -1
+                raise RuntimeError(f"SGLang refused distributed weight update v{version}, {failed}")
+            self._flush(version)
         return self.version
 
     # ---- lifecycle ------------------------------------------------------------------------------

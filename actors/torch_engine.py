@@ -3,6 +3,11 @@
 It is the embedded default and the reference for the SGLang backend: same sampling
 (temperature, top-p, top-k, stop tokens), behaviour logprobs at the sampling temperature,
 and the expert ids each token was routed to (for routing replay in the learner).
+
+Weight updates are staged while the engine keeps generating (the rollout actor runs them in
+a thread of their own) and switched in between two calls (`actors.engine.Serving`), so a
+call sees one complete version from start to end, and an update that fails before its last
+bucket leaves the old version serving.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.utils import logging as hf_logging
 
 import zeda_rl  # noqa: F401  (registers the zero-expert Auto classes)
-from actors.engine import Sample, SamplingParams
+from actors.engine import Sample, SamplingParams, Serving
 from zeda_rl.checks import check_routers
 from zeda_rl.modeling import moe_blocks, record_routing
 
@@ -30,11 +35,16 @@ class TorchEngine:
         cfg = self.model.config
         self.pad_id = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)
         self.version = 0
+        self._serving = Serving()
 
     # ---- generation ---------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        with self._serving.call():
+            return self._generate(prompts, params)
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -95,8 +105,12 @@ class TorchEngine:
 
     # ---- teacher scoring ----------------------------------------------------------------------
 
-    @torch.no_grad()
     def score(self, sequences: list[list[int]], temperature: float = 1.0, batch_size: int = 64) -> list[np.ndarray]:
+        with self._serving.call():
+            return self._score(sequences, temperature, batch_size)
+
+    @torch.no_grad()
+    def _score(self, sequences: list[list[int]], temperature: float, batch_size: int) -> list[np.ndarray]:
         out = []
         for s in range(0, len(sequences), batch_size):
             chunk = sequences[s : s + batch_size]
@@ -114,9 +128,16 @@ class TorchEngine:
     # ---- weight sync --------------------------------------------------------------------------
 
     def update_weights(self, update) -> int:
-        from zeda_rl.weights import apply_update
+        """Stage `update`'s buckets as they come (fused or per-expert names, cast to the engine's
+        dtype), then switch to them between two calls."""
+        from zeda_rl.weights import Staging
 
-        self.version = apply_update(self.model, update)
+        with self._serving.updating():
+            staged = Staging(self.model, update.version, cast=True)
+            for bucket in update.buckets:
+                staged.add(bucket)
+            with self._serving.lock:
+                self.version = staged.commit()
         return self.version
 
 

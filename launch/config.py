@@ -77,6 +77,9 @@ class OPDSection(OPDStage):
     asynchronous: bool = True
     routing_replay: bool = True
     rollout_batch: int = Field(8, ge=1, description="prompts per generation call")
+    weight_sync: Literal["ray", "nccl"] = Field("ray", description="how weight pushes reach the engines: Ray's object "
+                                                "store, or a broadcast group per learner rank (nccl on GPU, gloo on CPU; "
+                                                "SGLang engines)")
 
     @field_validator("lr")
     @classmethod

@@ -12,19 +12,73 @@ from launch.config import RunConfig
 from zeda_rl.metrics import MetricsLog
 
 
-def push_weights(learner, rollouts: list, version: int, log: MetricsLog) -> list:
-    """Publish the learner's weights as version `version`; returns the actors' ack refs.
+class WeightSync:
+    """How the driver pushes weights: it hands the engines references and versions, never tensors.
 
-    The frames go into Ray's object store once and every rollout actor applies them
-    between generation batches (its queue), so nothing in flight is aborted.
+    transport "ray": the learner ranks put their buckets in Ray's object store and the engines
+    fetch them (`learner.publish`). The latest push is kept for engines that must be resynced;
+    an older one lives on only as the argument of engine calls still running and is freed when
+    the last of them returns (Ray pins a pending task's arguments), so the store holds at most
+    the versions not yet applied everywhere.
+    transport "nccl" (gloo when the learner runs on CPU): one broadcast group per publishing
+    learner rank with every engine, set up on the first push; each push the driver tells the
+    engines the bucket specs and the ranks broadcast. A group cannot take a restarted engine
+    back, so once an engine is lost (`engine_lost`) pushes go through Ray for the rest of the run.
     """
-    t0 = time.time()
-    frames = learner.export_update(version)
-    ref = ray.put(frames)
-    acks = [a.update_weights.remote(ref) for a in rollouts]
-    log.log("driver", "weight_sync_s", time.time() - t0, version)
-    log.log("driver", "policy_version", version, version)
-    return acks, ref
+
+    def __init__(self, learner, rollouts: list, log: MetricsLog, transport: str = "ray", timeout_s: float = 600.0):
+        if transport not in ("ray", "nccl"):
+            raise ValueError(f"weight_sync {transport!r}: expected 'ray' or 'nccl'")
+        self.learner, self.rollouts, self.log, self.transport, self.timeout_s = learner, rollouts, log, transport, timeout_s
+        self.latest = None  # WeightPush of the newest version (ray), for resyncs
+        self.version = None
+        self._buckets = None  # nccl: [(group, spec)] in the order every engine receives them
+
+    def push(self, version: int) -> list:
+        """Publish the learner's weights as `version`; returns the engines' ack refs."""
+        t0 = time.time()
+        self.version = version
+        acks = self._broadcast(version) if self.transport == "nccl" else None
+        if acks is None:
+            self.latest = self.learner.publish(version)
+            acks = [a.update_weights.remote(version, list(self.latest.refs)) for a in self.rollouts]
+        self.log.log("driver", "weight_sync_s", time.time() - t0, version)
+        self.log.log("driver", "policy_version", version, version)
+        return acks
+
+    def resync(self, engine: int):
+        """An ack ref for engine `engine` getting the current version through Ray's object store."""
+        if self.latest is None or self.latest.version != self.version:
+            self.latest = self.learner.publish(self.version)
+        return self.rollouts[engine].update_weights.remote(self.latest.version, list(self.latest.refs))
+
+    def engine_lost(self) -> None:
+        if self.transport == "nccl":
+            self.transport = "ray"
+            self.log.log("driver", "weight_sync_fallback", "an engine restarted: weights go through Ray from now on")
+
+    def _broadcast(self, version: int) -> list | None:
+        """The engines' acks, or None if the groups failed (then this push and the next go through Ray)."""
+        try:
+            if self._buckets is None:
+                self._join()
+            acks = [a.update_weights_from_distributed.remote(version, self._buckets) for a in self.rollouts]
+            ray.get(self.learner.broadcast(), timeout=self.timeout_s)
+            return acks
+        except ray.exceptions.RayError as err:  # a dead member, a refused bucket, or a timeout
+            self.transport = "ray"
+            self.log.log("driver", "weight_sync_fallback", f"broadcast failed, weights go through Ray: {str(err)[:200]}")
+            return None
+
+    def _join(self) -> None:
+        eps = self.learner.weight_endpoints(f"zeda-weights-{time.time_ns()}")
+        ranks = ray.get([a.weight_sync_ranks.remote() for a in self.rollouts])
+        world, offsets = 1 + sum(ranks), [1 + sum(ranks[:i]) for i in range(len(ranks))]
+        groups = [{k: e[k] for k in ("group", "address", "port", "backend")} for e in eps]
+        joins = self.learner.join_weight_groups(world, self.timeout_s)
+        joins += [a.init_weight_groups.remote(groups, off, world) for a, off in zip(self.rollouts, offsets)]
+        ray.get(joins, timeout=self.timeout_s)
+        self._buckets = [(e["group"], spec) for e in eps for spec in e["plan"]]
 
 
 def settle(acks: list, log: MetricsLog, timeout_s: float | None = None) -> list:
@@ -43,20 +97,21 @@ class Resync:
     samples arrived. Each gets one push at a time, retried once a second until one reaches the
     restarted process; the regular pushes of later versions reach it as well."""
 
-    def __init__(self, rollouts: list, log: MetricsLog):
-        self.rollouts, self.log = rollouts, log
+    def __init__(self, sync: WeightSync):
+        self.sync, self.log = sync, sync.log
         self.owed: set[int] = set()
         self.pending: dict = {}  # ack ref -> engine index
         self.last_try: dict[int, float] = {}
 
     def mark(self, indices) -> None:
         self.owed.update(indices)
+        self.sync.engine_lost()
 
-    def poll(self, frames) -> None:
+    def poll(self) -> None:
         now = time.time()
         for j in self.owed - set(self.pending.values()):
             if now - self.last_try.get(j, 0.0) >= 1.0:
-                self.pending[self.rollouts[j].update_weights.remote(frames)], self.last_try[j] = j, now
+                self.pending[self.sync.resync(j)], self.last_try[j] = j, now
         if self.pending:
             done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
             for ref in done:

@@ -5,8 +5,9 @@ A sample's path: `launch.admission` picks the prompts and the engine; the rollou
 the sampled tokens and PUSHes the packed batch straight to the learner's inbox on rank 0
 (`learner.inbox`); when every sample of a step is back, the driver names their ids and the
 learner trains on them, the advantage recomputed under the current student (AsyncOPD). Every
-`sync_every` steps the new weights go to the engines (`launch.fleet`), which apply them
-between generation calls. The driver handles ids, versions and references, never trajectories.
+`sync_every` steps the new weights go to the engines (`launch.fleet.WeightSync`): the learner
+ranks publish them and the engines switch between generation calls. The driver handles ids,
+versions and references, never trajectories or weights.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import ray
 
 from launch.admission import Admission
 from launch.config import RunConfig
-from launch.fleet import Resync, probe_rollouts, push_weights, settle
+from launch.fleet import Resync, WeightSync, probe_rollouts, settle
 from launch.runlog import console, log_first_row, log_step
 from launch.streams import RunData
 from zeda_rl.metrics import MetricsLog
@@ -34,9 +35,9 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
     adm = Admission(o.prompts_per_step, o.samples_per_prompt, window, len(rollouts), o.rollout_batch, start, o.steps)
     data.opd.seek(prompts_at)
     params = cfg.sampling.model_copy(update={"stop_token_ids": (data.format.eos_id,)})
-    resync = Resync(rollouts, log)
-    acks, frames = push_weights(learner, rollouts, version, log)
-    settle(acks, log)
+    sync = WeightSync(learner, rollouts, log, o.weight_sync)
+    resync = Resync(sync)
+    settle(sync.push(version), log)
     acks, probe = [], data.opd.ids[:4]  # fixed sequences whose logprobs show which weights the engines serve
     probe_rollouts(rollouts, probe, log, version)
     log.log("driver", "progress_started", time.time())
@@ -44,7 +45,7 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
     while step < o.steps:
         seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync)
         _collect(adm, log, resync)
-        resync.poll(frames)
+        resync.poll()
         acks = _applied(acks, log, step)
         log.log("driver", "queue_depth", adm.waiting(), step)
         log.log("driver", "inflight_samples", len(adm.pending), step)
@@ -66,11 +67,10 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
         log_step(log, metrics, step, o.steps)
         if bump:
             version += 1
-            new_acks, frames = push_weights(learner, rollouts, version, log)
-            acks += new_acks
+            acks += sync.push(version)
             if not o.asynchronous:
                 acks = _applied(acks, log, step, wait=True)
-    return _finish(cfg, adm, learner, rollouts, acks, probe, log, version, step)
+    return _finish(cfg, adm, learner, rollouts, sync, acks, probe, log, version, step)
 
 
 def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync) -> int:
@@ -127,7 +127,7 @@ def _log_inbox(log: MetricsLog, adm: Admission, report: dict, step: int, resync:
         log_first_row(log, "opd", report["first_row"]["tokens"], report["first_row"]["loss_mask"])
 
 
-def _finish(cfg, adm: Admission, learner, rollouts, acks, probe, log: MetricsLog, version: int, step: int) -> int:
+def _finish(cfg, adm: Admission, learner, rollouts, sync: WeightSync, acks, probe, log: MetricsLog, version: int, step: int) -> int:
     """Let the last calls finish (no actor left mid-call), give every engine the final weights, account for every sample."""
     for ref in list(adm.calls):
         try:
@@ -137,8 +137,7 @@ def _finish(cfg, adm: Admission, learner, rollouts, acks, probe, log: MetricsLog
             adm.failed(ref, "engine_failure")
     if step % cfg.opd.sync_every:
         version += 1
-        new_acks, _frames = push_weights(learner, rollouts, version, log)
-        acks += new_acks
+        acks += sync.push(version)
     _applied(acks, log, step, wait=True)
     probe_rollouts(rollouts, probe, log, version)
     left = adm.outstanding()  # only if the phase ended early: admitted, never trained

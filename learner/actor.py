@@ -8,8 +8,9 @@ concurrently (init_process_group blocks until all have joined).
 
 The driver talks to the group only with plain data: batches go in as dicts of numpy
 arrays (split by rows across the DP ranks), metrics come back as dicts of floats/lists,
-weights come back as numpy arrays (bf16 as uint16 views plus the dtype name) or as the
-encoded wire frames of `zeda_rl.weights`, never as pickled tensors or modules.
+and weights never come back at all: each rank publishes the tensors it owns itself
+(`learner.publish`), into Ray's object store (the driver gets references) or over a
+broadcast group to the engines.
 """
 
 from __future__ import annotations
@@ -22,24 +23,6 @@ import ray
 
 # Fields the learner reads; others (sample ids, versions...) stay on the driver.
 _BATCH_KEYS = ("tokens", "loss_mask", "attention_mask", "behaviour_logprobs", "teacher_logprobs", "routed_experts")
-
-
-def _to_numpy(t) -> tuple[np.ndarray, str]:
-    import torch
-
-    name = str(t.dtype).removeprefix("torch.")
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.uint16).numpy(), name
-    return t.numpy(), name
-
-
-def _to_torch(a: np.ndarray, dtype: str):
-    import torch
-
-    a = np.ascontiguousarray(a)
-    t = torch.from_numpy(a if a.flags.writeable else a.copy())
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 def shard_rows(batch: dict, world_size: int) -> list[dict]:
@@ -116,21 +99,33 @@ class LearnerActor:
     def inbox_stats(self) -> dict:
         return self.inbox.stats()
 
-    def export_buckets(self, version: int, bucket_bytes: int, layout: str = "fused") -> tuple[int, list] | None:
-        """Rank 0: (version, [[(hf_name, array, dtype), ...], ...]); other ranks None (they help gather)."""
-        update = self.learner.export_buckets(version, bucket_bytes, layout, keep=self.rank == 0)
-        if self.rank != 0:
-            return None
-        return update.version, [[(n, *_to_numpy(t)) for n, t in b] for b in update.buckets]
+    # -- weights out (learner.publish): each rank sends what it owns, nothing is gathered --
 
-    def export_update(self, version: int, bucket_bytes: int, layout: str = "fused") -> list[bytes] | None:
-        """Rank 0: the encoded weight-update frames (zeda_rl.weights wire format); others None."""
-        from zeda_rl.weights import encode_update
+    def publish(self, version: int, bucket_bytes: int) -> list:
+        """This rank's buckets put in the object store here, one at a time; the references (none if it owns nothing)."""
+        from learner.publish import owned_buckets
+        from zeda_rl.weights import pack_bucket
 
-        update = self.learner.export_buckets(version, bucket_bytes, layout, keep=self.rank == 0)
-        if self.rank != 0:
+        return [ray.put(pack_bucket(version, b)) for b in owned_buckets(self.learner.model, bucket_bytes)]
+
+    def weight_endpoint(self, bucket_bytes: int, group_prefix: str) -> dict | None:
+        """If this rank owns tensors: its broadcast group's rendezvous and bucket plan (for the engines)."""
+        from learner.parallel import free_port
+        from learner.publish import WeightGroup, ownership
+
+        if not any(ownership()):
             return None
-        return [bytes(f) for f in encode_update(update)]
+        if getattr(self, "weight_group", None) is not None:
+            self.weight_group.close()
+        self.weight_group = WeightGroup(self.learner.model, bucket_bytes, f"{group_prefix}-{self.rank}",
+                                        ray.util.get_node_ip_address(), free_port())
+        return self.weight_group.endpoint()
+
+    def join_weight_group(self, world_size: int, timeout_s: float) -> None:
+        self.weight_group.join(world_size, timeout_s)
+
+    def broadcast_weights(self) -> int:
+        return self.weight_group.broadcast()
 
     def export_hf(self, out_dir: str) -> str | None:
         out = self.learner.export_hf(out_dir)
@@ -150,6 +145,9 @@ class LearnerActor:
         return {"step": self.learner.step, "stage": self.learner.stage.name, "data_cursor": self.learner.data_cursor}
 
     def close(self) -> None:
+        if getattr(self, "weight_group", None) is not None:
+            self.weight_group.close()
+            self.weight_group = None
         if getattr(self, "inbox", None) is not None:
             self.inbox.close()
             self.inbox = None
@@ -266,20 +264,35 @@ class LearnerGroup:
 
     # -- weights --
 
-    def export_buckets(self, version: int, bucket_bytes: int | None = None, layout: str = "fused"):
-        """zeda_rl.weights.WeightUpdate (torch tensors) gathered from the EP ranks.
+    def publish(self, version: int):
+        """Weights v`version` into Ray's object store, put by the ranks that own them: a
+        `zeda_rl.weights.WeightPush` of references, which is all the caller ever holds."""
+        from zeda_rl.weights import WeightPush
 
-        layout "fused": names/shapes of the transformers model (what engines apply); "checkpoint": per-expert.
-        """
-        from zeda_rl.weights import WeightUpdate
+        refs = ray.get([a.publish.remote(version, self.bucket_bytes) for a in self.actors])
+        return WeightPush(version=int(version), refs=tuple(r for rank in refs for r in rank))
 
-        res = ray.get([a.export_buckets.remote(version, bucket_bytes or self.bucket_bytes, layout) for a in self.actors])[0]
-        v, buckets = res
-        return WeightUpdate(version=v, buckets=[[(n, _to_torch(arr, dt)) for n, arr, dt in b] for b in buckets])
+    def gather(self, version: int):
+        """The whole model in the caller as a `WeightUpdate` (per-expert HF names), fetched from a
+        publish: for tests and diagnostics only, the weight pushes never do this."""
+        from zeda_rl.weights import WeightUpdate, unpack_bucket
 
-    def export_update(self, version: int, bucket_bytes: int | None = None, layout: str = "fused") -> list[bytes]:
-        """The encoded frames of weights v`version` (what rollout actors' update_weights takes)."""
-        return ray.get([a.export_update.remote(version, bucket_bytes or self.bucket_bytes, layout) for a in self.actors])[0]
+        push = self.publish(version)
+        return WeightUpdate(version=push.version, buckets=[unpack_bucket(ray.get(r), push.version) for r in push.refs])
+
+    def weight_endpoints(self, group_prefix: str) -> list[dict]:
+        """The broadcast groups of the ranks that own tensors (rendezvous, backend, bucket plan)."""
+        eps = ray.get([a.weight_endpoint.remote(self.bucket_bytes, group_prefix) for a in self.actors])
+        self._senders = [a for a, e in zip(self.actors, eps) if e is not None]
+        return [e for e in eps if e is not None]
+
+    def join_weight_groups(self, world_size: int, timeout_s: float = 600.0) -> list:
+        """The owning ranks join their groups; returns the calls' refs (the engines must join at the same time)."""
+        return [a.join_weight_group.remote(world_size, timeout_s) for a in self._senders]
+
+    def broadcast(self) -> list:
+        """The owning ranks broadcast their buckets; returns the calls' refs (bytes sent per rank)."""
+        return [a.broadcast_weights.remote() for a in self._senders]
 
     def export_hf(self, out_dir: str | Path) -> Path:
         return Path(ray.get([a.export_hf.remote(str(Path(out_dir).resolve())) for a in self.actors])[0])

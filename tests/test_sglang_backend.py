@@ -208,19 +208,44 @@ def test_refused_weight_update(qwen):
     assert eng.update_weights(WeightUpdate(version=5, buckets=[good])) == 5
 
 
+def _learner_rank(port: int, tensors: list) -> None:
+    """Rank 0 of a weight group, as a learner rank is: broadcasts `tensors` in order (own process: a
+    process can hold only one member of a group)."""
+    from zeda_rl.weights import join_group
+
+    pg = join_group("gloo", "127.0.0.1", port, 2, 0, "g0", timeout_s=60)
+    for t in tensors:
+        torch.distributed.broadcast(t, src=0, group=pg)
+
+
 def test_distributed_weight_sync(qwen):
+    """A real gloo group: rank 0 (a learner rank, another process here) broadcasts, the engine receives bucket by bucket."""
+    import multiprocessing
+    import socket
+
     _, ckpt = qwen
     eng = fake(ckpt)
-    meta = [("model.norm.weight", "torch.float32", [32]), ("model.layers.0.mlp.experts.0.down_proj.weight", "float32", [32, 16])]
-    with pytest.raises(RuntimeError, match="init_distributed_weight_sync"):
-        eng.update_weights_from_distributed(1, meta)
-    eng.init_distributed_weight_sync("10.0.0.1", 29500, rank_offset=1, world_size=3)
-    assert eng._engine.calls["init_weights_update_group"][0]["group_name"] == "zeda_weight_sync"
-    assert eng.update_weights_from_distributed(9, meta) == 9
-    sent = eng._engine.calls["update_weights_from_distributed"][0]
-    assert sent["dtypes"] == ["float32", "float32"] and sent["shapes"][1] == [32, 16]
+    sent = {"model.norm.weight": torch.full((32,), 0.5), "model.layers.0.mlp.experts.0.down_proj.weight": torch.randn(32, 16)}
+    buckets = [("g0", [("model.norm.weight", "torch.float32", [32])]),
+               ("g0", [("model.layers.0.mlp.experts.0.down_proj.weight", "float32", [32, 16])])]
+    with pytest.raises(RuntimeError, match="not joined"):
+        eng.update_weights_from_distributed(1, buckets)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sender = multiprocessing.get_context("spawn").Process(target=_learner_rank, args=(port, list(sent.values())), daemon=True)
+    sender.start()
+    eng.init_distributed_weight_sync("127.0.0.1", port, rank_offset=1, world_size=2, group_name="g0", backend="gloo")
+    assert eng.update_weights_from_distributed(9, buckets) == 9
+    sender.join(timeout=60)
+    assert sender.exitcode == 0
+    calls = eng._engine.calls["update_weights_from_distributed"]
+    assert [c["dtypes"] for c in calls] == [["float32"], ["float32"]] and calls[1]["shapes"] == [[32, 16]]
+    state = eng._engine.model.state_dict()
+    assert torch.equal(state["model.norm.weight"], sent["model.norm.weight"])
+    assert torch.equal(state["model.layers.0.mlp.experts.down_proj"][0], sent["model.layers.0.mlp.experts.0.down_proj.weight"])
     with pytest.raises(ValueError, match="checkpoint names"):
-        eng.update_weights_from_distributed(10, [("model.layers.0.mlp.experts.gate_up_proj", "float32", [8, 32, 32])])
+        eng.update_weights_from_distributed(10, [("g0", [("model.layers.0.mlp.experts.gate_up_proj", "float32", [8, 32, 32])])])
 
 
 # ---- options, view, formats ----------------------------------------------------------------------

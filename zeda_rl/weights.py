@@ -15,14 +15,25 @@ in the header; decoding reinterprets the bytes, it never converts.
 
 `apply_update` is all-or-nothing for everything that can be checked up front: every
 name, shape and dtype is validated before the first parameter is touched, so a bad
-update leaves the model exactly as it was.
+update leaves the model exactly as it was. `Staging` is the same thing spread over time:
+an engine adds buckets as they arrive (while it keeps serving the old version) and
+commits once the version is complete. Names may be the transformers model's (fused
+experts) or the checkpoint's per-expert ones, which land in slices of the fused tensors.
+
+Two transports carry buckets without a detour through the driver (`learner.publish`):
+- Ray's object store: a bucket is `pack_bucket`'s dict of numpy arrays (zero-copy on a
+  same-node `ray.get`; bf16/fp8 as same-width unsigned views, the true dtype beside them);
+- a broadcast group per publishing learner rank (`join_group`: the process-group recipe
+  SGLang's `init_weights_update_group` uses, so a learner rank and SGLang's TP workers
+  can meet in it; nccl on GPU, gloo on CPU), fed in the order of `bucket_spec`s.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,10 +84,11 @@ Tensor = torch.Tensor | np.ndarray
 
 @dataclass
 class WeightUpdate:
-    """Policy `version` and ordered buckets of (HF parameter/buffer name, tensor)."""
+    """Policy `version` and ordered buckets of (HF parameter/buffer name, tensor); `buckets` may be a
+    one-pass iterable, so an engine can fetch each bucket only when it applies it."""
 
     version: int
-    buckets: list[list[tuple[str, Tensor]]]
+    buckets: Iterable[list[tuple[str, Tensor]]]
 
     def named_tensors(self) -> Iterable[tuple[str, Tensor]]:
         for bucket in self.buckets:
@@ -87,19 +99,28 @@ class WeightUpdate:
         return sum(int(t.nbytes) for _, t in self.named_tensors())
 
 
+@dataclass(frozen=True)
+class WeightPush:
+    """A version in Ray's object store: the buckets' references (rank order, then bucket order),
+    put there by the learner ranks; whoever holds this holds no tensor."""
+
+    version: int
+    refs: tuple
+
+
 def _nbytes(t: Tensor) -> int:
     return int(t.nbytes) if isinstance(t, np.ndarray) else t.numel() * t.element_size()
 
 
-def make_buckets(named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> list[list[tuple[str, Tensor]]]:
-    """Greedy, order-preserving groups of at most `bucket_bytes` bytes each.
+def iter_buckets(named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
+    """Greedy, order-preserving groups of at most `bucket_bytes` bytes each, yielded as they fill,
+    so a producer holds one bucket at a time.
 
     A single tensor larger than `bucket_bytes` gets a bucket of its own (tensors are
     never split, so a receiver always sees whole tensors).
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    buckets: list[list[tuple[str, Tensor]]] = []
     cur: list[tuple[str, Tensor]] = []
     size = 0
     seen: set[str] = set()
@@ -109,13 +130,16 @@ def make_buckets(named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int)
         seen.add(name)
         n = _nbytes(t)
         if cur and size + n > bucket_bytes:
-            buckets.append(cur)
+            yield cur
             cur, size = [], 0
         cur.append((name, t))
         size += n
     if cur:
-        buckets.append(cur)
-    return buckets
+        yield cur
+
+
+def make_buckets(named_tensors: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> list[list[tuple[str, Tensor]]]:
+    return list(iter_buckets(named_tensors, bucket_bytes))
 
 
 def _to_wire(name: str, t: Tensor) -> tuple[str, list[int], memoryview]:
@@ -201,6 +225,79 @@ def _as_tensor(t: Tensor) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(t))
 
 
+_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<which>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(model.named_buffers(remove_duplicate=False))
+    return targets
+
+
+def tensor_target(targets: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """The tensor a name loads into: a parameter/buffer, or for a per-expert checkpoint name the
+    slice of transformers' fused expert tensor it is (`gate_up_proj` [E, 2I, H] gate rows first,
+    `down_proj` [E, H, I]); None if the model has no such tensor."""
+    if name in targets:
+        return targets[name]
+    m = _PER_EXPERT.match(name)
+    if m is None:
+        return None
+    e, which = int(m["e"]), m["which"]
+    fused = targets.get(f"{m['prefix']}.{'down_proj' if which == 'down_proj' else 'gate_up_proj'}")
+    if fused is None or fused.dim() != 3 or e >= fused.shape[0]:
+        return None
+    if which == "down_proj":
+        return fused[e]
+    half = fused.shape[1] // 2
+    return fused[e, :half] if which == "gate_proj" else fused[e, half:]
+
+
+class Staging:
+    """One version on its way into a model: every tensor checked as its bucket arrives, nothing
+    copied until `commit`, so a failure before the commit leaves the model serving the old version.
+
+    The staged tensors are kept as they came (for Ray's object store: read-only views of shared
+    memory, no copy); `commit` is one copy per tensor. strict: unknown names and dtype mismatches
+    are errors (else unknown names are skipped, logged); cast: other dtypes are converted by the copy.
+    """
+
+    def __init__(self, model: torch.nn.Module, version: int, strict: bool = True, cast: bool = False):
+        self.version, self.strict, self.cast = int(version), strict, cast
+        self.targets, self.model_name = model_tensors(model), type(model).__name__
+        self.plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.seen: set[str] = set()
+        self.skipped: list[str] = []
+
+    def add(self, named: Iterable[tuple[str, Tensor]]) -> None:
+        v = self.version
+        for name, t in named:
+            if name in self.seen:
+                raise WeightUpdateError(f"weight update v{v}: tensor {name!r} appears twice")
+            self.seen.add(name)
+            src = _as_tensor(t)
+            dst = tensor_target(self.targets, name)
+            if dst is None:
+                if self.strict:
+                    raise WeightUpdateError(f"weight update v{v}: tensor {name!r} is not a parameter or buffer of {self.model_name}")
+                self.skipped.append(name)
+                continue
+            if tuple(src.shape) != tuple(dst.shape):
+                raise WeightUpdateError(f"weight update v{v}: tensor {name!r} has shape {list(src.shape)}, model expects {list(dst.shape)}")
+            if src.dtype != dst.dtype and not self.cast:
+                raise WeightUpdateError(f"weight update v{v}: tensor {name!r} has dtype {src.dtype}, model expects {dst.dtype}")
+            self.plan.append((dst, src))
+
+    def commit(self) -> int:
+        if self.skipped:
+            log.warning("weight update v%d: skipped %d unknown tensors, e.g. %s", self.version, len(self.skipped), self.skipped[:3])
+        with torch.no_grad():
+            for dst, src in self.plan:
+                dst.copy_(src)
+        self.plan = []
+        return self.version
+
+
 def apply_update(model: torch.nn.Module, update: WeightUpdate, strict: bool = True) -> int:
     """Copy the update into the model's parameters/buffers by name; returns update.version.
 
@@ -209,29 +306,66 @@ def apply_update(model: torch.nn.Module, update: WeightUpdate, strict: bool = Tr
     All checks run before any copy, so on error the model is unchanged. Names the model
     has but the update lacks are left as they are (partial updates are allowed).
     """
-    targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
-    targets.update(model.named_buffers(remove_duplicate=False))
-    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
-    seen, skipped = set(), []
-    for name, t in update.named_tensors():
-        if name in seen:
-            raise WeightUpdateError(f"weight update v{update.version}: tensor {name!r} appears twice")
-        seen.add(name)
-        src = _as_tensor(t)
-        dst = targets.get(name)
-        if dst is None:
-            if strict:
-                raise WeightUpdateError(f"weight update v{update.version}: tensor {name!r} is not a parameter or buffer of {type(model).__name__}")
-            skipped.append(name)
-            continue
-        if tuple(src.shape) != tuple(dst.shape):
-            raise WeightUpdateError(f"weight update v{update.version}: tensor {name!r} has shape {list(src.shape)}, model expects {list(dst.shape)}")
-        if strict and src.dtype != dst.dtype:
-            raise WeightUpdateError(f"weight update v{update.version}: tensor {name!r} has dtype {src.dtype}, model expects {dst.dtype}")
-        plan.append((dst, src))
-    if skipped:
-        log.warning("weight update v%d: skipped %d unknown tensors, e.g. %s", update.version, len(skipped), skipped[:3])
-    with torch.no_grad():
-        for dst, src in plan:
-            dst.copy_(src)
-    return int(update.version)
+    staged = Staging(model, update.version, strict=strict, cast=not strict)
+    for bucket in update.buckets:
+        staged.add(bucket)
+    return staged.commit()
+
+
+# ---- buckets in Ray's object store and over a broadcast group ------------------------------------
+
+
+def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """(host array, dtype name): numpy has no bf16/fp8, so those travel as same-width unsigned views."""
+    name = _NAME_OF.get(t.dtype)
+    if name is None:
+        raise BadDtype(f"dtype {t.dtype} is not allowed (allowed: {', '.join(TORCH_DTYPES)})")
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.uint16)
+    elif t.dtype.itemsize == 1 and t.dtype.is_floating_point:
+        t = t.view(torch.uint8)
+    return t.numpy(), name
+
+
+def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """The inverse of `to_numpy`, without a copy (read-only arrays give tensors that must only be read)."""
+    t = _as_tensor(a)
+    dt = TORCH_DTYPES[dtype]
+    return t.view(dt) if t.dtype != dt else t
+
+
+def pack_bucket(version: int, bucket: Iterable[tuple[str, torch.Tensor]]) -> dict:
+    """What a learner rank puts in Ray's object store for one bucket: plain numpy, no pickled tensors."""
+    return {"version": int(version), "tensors": [(name, *to_numpy(t)) for name, t in bucket]}
+
+
+def unpack_bucket(obj: dict, version: int) -> list[tuple[str, torch.Tensor]]:
+    """A fetched bucket as (name, tensor); a bucket of another version is refused (it would mix versions)."""
+    if not isinstance(obj, dict) or obj.get("version") != version:
+        got = obj.get("version") if isinstance(obj, dict) else type(obj).__name__
+        raise WeightUpdateError(f"weight update v{version}: a bucket of version {got!r} arrived")
+    return [(name, from_numpy(a, dtype)) for name, a, dtype in obj["tensors"]]
+
+
+def bucket_spec(bucket: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str, list[int]]]:
+    """(name, dtype name, shape) per tensor: what a broadcast receiver allocates before the data comes."""
+    return [(name, _NAME_OF[t.dtype], list(t.shape)) for name, t in bucket]
+
+
+def join_group(backend: str, address: str, port: int, world_size: int, rank: int, group_name: str,
+               timeout_s: float = 600.0):
+    """A process group of its own (not the caller's default world), the way SGLang's
+    `init_weights_update_group` builds the one it joins: a TCP rendezvous at address:port
+    (rank 0 hosts it), a store prefixed by the group name. Blocks until all `world_size` joined."""
+    import datetime
+
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(rendezvous(f"tcp://{address}:{port}", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
+                                      group_name=group_name, timeout=timeout)
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg

@@ -1,0 +1,205 @@
+"""Weight sync without a detour: a 2-rank EP learner publishes its own buckets to real Ray engine actors.
+
+What must hold: each rank publishes only what it owns and the driver gets references only; the
+engines end with exactly the learner's HF tensors (compared with the EP all-gather of an HF export);
+a generate call running during a push sees one complete version, and a push with a bad bucket
+leaves the old version serving; the object store is back to its baseline after many pushes; the
+broadcast path (gloo here, the code that picks nccl on GPUs) delivers the same tensors to the
+fake SGLang engine.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from actors.engine import SamplingParams  # noqa: E402
+from learner.config import LearnerSection, SFTStage  # noqa: E402
+from learner.testing import tiny_checkpoint  # noqa: E402
+from zeda_rl.metrics import MetricsLog  # noqa: E402
+from zeda_rl.weights import WeightPush, model_tensors, pack_bucket, tensor_target, unpack_bucket  # noqa: E402
+
+PROMPTS = [[3 + i, 5, 7 + i, 9] for i in range(12)]
+GREEDY = SamplingParams(temperature=0, max_new_tokens=100)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    from actors.rollout import RolloutActor
+    from learner.actor import LearnerGroup
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    d = tmp_path_factory.mktemp("ws")
+    ckpt = tiny_checkpoint("qwen3_moe", d / "ckpt", initializer_range=0.1)
+    group = LearnerGroup(ckpt, LearnerSection(ep=2, bucket_bytes=8192), SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0))
+    engines = [RolloutActor.options(num_cpus=0.25).remote("torch", str(ckpt)) for _ in range(2)]
+    ray.get([e.health.remote() for e in engines])
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 64, (4, 12)), "loss_mask": np.tile(np.r_[[0] * 4 + [1] * 8], (4, 1))}
+    yield {"group": group, "engines": engines, "ckpt": ckpt, "dir": d, "batch": batch}
+    group.shutdown()
+    for e in engines:
+        ray.kill(e)
+    if started:
+        ray.shutdown()
+
+
+def _learner_tensors(group, out) -> dict[str, torch.Tensor]:
+    """The learner's HF tensors through the other road: the EP all-gather of an HF export."""
+    from safetensors.torch import load_file
+
+    return load_file(group.export_hf(out) / "model.safetensors")
+
+
+def _engine_tensors(engine, names) -> dict[str, torch.Tensor]:
+    def read(actor, names=names):
+        targets = model_tensors(getattr(actor.engine, "_engine", actor.engine).model)  # torch engine, or the fake SGLang's
+        return {n: tensor_target(targets, n).detach().clone() for n in names}
+
+    return ray.get(engine.__ray_call__.remote(read))
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for n, t in want.items():
+        assert torch.equal(got[n], t), n
+
+
+def _plasma_objects() -> int:
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    return int(re.search(r"Plasma memory usage \d+ MiB, (\d+) objects", text).group(1))
+
+
+def _stable_count() -> int:
+    """The object count once frees from earlier calls have landed (two equal readings a second apart)."""
+    last, now = -1, _plasma_objects()
+    while now != last:
+        time.sleep(1.0)
+        last, now = now, _plasma_objects()
+    return now
+
+
+def _settles_to(n: int, timeout_s: float = 30.0) -> int:
+    """The store's object count once it reaches n (frees are asynchronous), or what it is at the deadline."""
+    deadline = time.time() + timeout_s
+    while (got := _plasma_objects()) != n and time.time() < deadline:
+        time.sleep(0.2)
+    return got
+
+
+def test_ranks_publish_what_they_own_and_engines_end_with_the_learners_tensors(fleet):
+    group, engines = fleet["group"], fleet["engines"]
+    group.train_step(fleet["batch"])
+
+    per_rank = ray.get([a.publish.remote(1, 8192) for a in group.actors])
+    names = [[n for r in refs for n, _ in unpack_bucket(ray.get(r), 1)] for refs in per_rank]
+    experts = [{int(m) for n in ns for m in re.findall(r"\.experts\.(\d+)\.", n)} for ns in names]
+    assert experts == [set(range(4)), set(range(4, 8))]  # EP rank r: its own experts, nothing else
+    assert all(".experts." in n for n in names[1])  # the dense tensors come from rank 0 only
+    assert len(per_rank[0]) > 1 and len(set(names[0] + names[1])) == len(names[0]) + len(names[1])
+    del per_rank
+
+    push = group.publish(1)
+    assert isinstance(push, WeightPush) and push.version == 1
+    assert push.refs and all(isinstance(r, ray.ObjectRef) for r in push.refs)
+    assert len(pickle.dumps(push)) < 100 * len(push.refs)  # references, not tensors
+    assert ray.get([e.update_weights.remote(1, list(push.refs)) for e in engines]) == [1, 1]
+
+    want = _learner_tensors(group, fleet["dir"] / "export1")
+    assert set(want) == set(names[0] + names[1])
+    for e in engines:
+        _assert_same(_engine_tensors(e, list(want)), want)
+
+
+def test_a_push_during_generation_is_seen_whole_or_not_at_all(fleet):
+    group, (eng, ref) = fleet["group"], fleet["engines"]
+    push1 = group.publish(1)
+    ray.get([e.update_weights.remote(1, list(push1.refs)) for e in (eng, ref)])
+    old = [s["output_ids"] for s in ray.get(ref.generate.remote(PROMPTS, GREEDY, list(range(len(PROMPTS)))))]
+    before = _engine_tensors(eng, list(_learner_tensors(group, fleet["dir"] / "export-old")))
+
+    group.train_step(fleet["batch"])
+    push2 = group.publish(2)
+    bad = ray.put(pack_bucket(2, [("model.layers.0.nope.weight", torch.ones(2))]))
+
+    # a failing push staged while a generate call runs: it fails before that call ends, nothing switches
+    running = eng.generate.remote(PROMPTS, GREEDY, list(range(len(PROMPTS))))
+    time.sleep(0.1)
+    failed = eng.update_weights.remote(2, [*push2.refs, bad])
+    with pytest.raises(ray.exceptions.RayTaskError, match="nope"):
+        ray.get(failed, timeout=60)
+    assert not ray.wait([running], timeout=0)[0], "the generate call ended first: the staging was not concurrent"
+    out = ray.get(running)
+    assert [s["output_ids"] for s in out] == old and {s["policy_version"] for s in out} == {1}
+    assert ray.get(eng.version.remote()) == 1
+    _assert_same(_engine_tensors(eng, list(before)), before)
+
+    # a good push during a generate call: that call is all v1, the next one all v2
+    running = eng.generate.remote(PROMPTS, GREEDY, list(range(len(PROMPTS))))
+    time.sleep(0.2)
+    ack = eng.update_weights.remote(2, list(push2.refs))
+    after = eng.generate.remote(PROMPTS, GREEDY, list(range(len(PROMPTS))))
+    first, v, second = ray.get(running), ray.get(ack), ray.get(after)
+    assert v == 2 and [s["output_ids"] for s in first] == old and {s["policy_version"] for s in first} == {1}
+    assert {s["policy_version"] for s in second} == {2} and [s["output_ids"] for s in second] != old
+    assert ray.get(ref.update_weights.remote(2, list(push2.refs))) == 2
+    want = [s["output_ids"] for s in ray.get(ref.generate.remote(PROMPTS, GREEDY, list(range(len(PROMPTS)))))]
+    assert [s["output_ids"] for s in second] == want
+
+
+def test_the_object_store_returns_to_baseline_after_many_pushes(fleet, tmp_path):
+    from launch.fleet import WeightSync
+
+    group, engines = fleet["group"], fleet["engines"]
+    sync = WeightSync(group, engines, MetricsLog(tmp_path / "m.jsonl"))
+    baseline = _stable_count()
+    for v in range(10, 16):
+        acks = sync.push(v)
+        held = _plasma_objects()
+        assert held > baseline  # the buckets are in the store while engines fetch them
+        assert ray.get(acks) == [v, v]
+    assert _settles_to(baseline + len(sync.latest.refs)) == baseline + len(sync.latest.refs)  # the latest stays, for resyncs
+    sync.latest = None
+    assert _settles_to(baseline) == baseline
+
+
+def test_broadcast_path_delivers_the_same_tensors_to_fake_sglang(fleet, tmp_path):
+    from actors.fake_sglang import FakeSGLangEngine
+    from actors.rollout import RolloutActor
+    from launch.fleet import WeightSync
+
+    group = fleet["group"]
+    fakes = [RolloutActor.options(num_cpus=0.25).remote("sglang", str(fleet["ckpt"]), 1, {"_engine_factory": FakeSGLangEngine})
+             for _ in range(2)]
+    try:
+        group.train_step(fleet["batch"])
+        sync = WeightSync(group, fakes, MetricsLog(tmp_path / "m.jsonl"), transport="nccl", timeout_s=120)
+        assert ray.get(sync.push(21)) == [21, 21]
+        assert sync.latest is None  # nothing went through the object store
+        want = _learner_tensors(group, tmp_path / "export")
+        for f in fakes:
+            _assert_same(_engine_tensors(f, list(want)), want)
+        calls = ray.get(fakes[1].__ray_call__.remote(lambda a: dict(a.engine._engine.calls)))
+        joined = calls["init_weights_update_group"]
+        assert [c["backend"] for c in joined] == ["gloo", "gloo"]  # one group per EP rank; nccl on GPUs
+        assert [c["rank_offset"] for c in joined] == [2, 2] and {c["world_size"] for c in joined} == {3}
+        assert len(calls["update_weights_from_distributed"]) == len(sync._buckets)
+
+        group.train_step(fleet["batch"])  # a second version through the same groups
+        assert ray.get(sync.push(22)) == [22, 22]
+        want = _learner_tensors(group, tmp_path / "export2")
+        _assert_same(_engine_tensors(fakes[0], list(want)), want)
+    finally:
+        for f in fakes:
+            ray.kill(f)
