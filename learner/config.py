@@ -52,14 +52,24 @@ class LearnerSection(_Strict):
 _IMPLEMENTED = {"tp": 1}
 
 
+# knob -> (value, why the learner cannot run it)
+_UNSUPPORTED = {
+    "optimizer": ("cpu_offload", "megatron-core 0.16.1's HybridDeviceOptimizer cannot take the distributed optimizer's "
+                  "shard views of fp32 parameters (the fp32 zero-expert routers) and, without CUDA, host parameters; "
+                  "use optimizer: distributed"),
+}
+
+
 def not_implemented(section: LearnerSection) -> list[str]:
     """The memory knobs set to a value the learner cannot run yet, one message each (empty: all runnable).
 
     They are typed config fields so that `zeda plan` can budget the settings a large run needs before the
     learner has them; the driver refuses to start a run that sets one, rather than train with another layout.
     """
-    return [f"learner.{k}: {getattr(section, k)} is planned but not implemented yet (the learner runs {v})"
-            for k, v in _IMPLEMENTED.items() if getattr(section, k) != v]
+    out = [f"learner.{k}: {getattr(section, k)} is planned but not implemented yet (the learner runs {v})"
+           for k, v in _IMPLEMENTED.items() if getattr(section, k) != v]
+    return out + [f"learner.{k}: {v} is planned but not runnable: {why}" for k, (v, why) in _UNSUPPORTED.items()
+                  if getattr(section, k) == v]
 
 
 class SFTStage(_Strict):

@@ -1,4 +1,4 @@
-"""Megatron's DDP and optimiser for the learner's bf16 and sharded/offloaded-optimiser layouts.
+"""Megatron's DDP and optimiser for the learner's bf16 and sharded-optimiser layouts.
 
 The learner's default layout (fp32, `optimizer: local`) keeps torch's AdamW on `param.grad`
 with learner.parallel's explicit gradient sums. Any other layout needs what Megatron already
@@ -10,10 +10,9 @@ has, so it is configured here rather than rewritten:
   the update back into the bf16 weights.
 - `optimizer: distributed`: DistributedOptimizer shards master weights and Adam state over the
   data-parallel ranks (experts over the expert-data-parallel ranks), gradients reduce-scattered.
-- `optimizer: cpu_offload`: the distributed optimiser over Megatron's HybridDeviceOptimizer
-  with every parameter offloaded (fraction 1), precision-aware so the fp32 master lives only
-  in host memory. GPU only (OFFLOAD_NEEDS_GPU says why), so untested on this project's CPU
-  machines.
+- `optimizer: cpu_offload` (Megatron's HybridDeviceOptimizer under the distributed optimiser)
+  is refused by learner.config.not_implemented: megatron-core 0.16.1 cannot run it with the
+  learner's fp32 routers (it says why).
 On CPU these run through the shims of learner.cpu_shims (gloo has the reduce-scatter and
 all-gather the distributed optimiser needs).
 
@@ -40,13 +39,6 @@ from megatron.core.transformer.module import Float16Module  # noqa: E402
 from learner import model as mdl  # noqa: E402
 
 
-OFFLOAD_NEEDS_GPU = (
-    "learner.optimizer: cpu_offload needs a GPU: megatron-core 0.16.1's HybridDeviceOptimizer moves GPU parameters "
-    "to host copies and cannot take parameters that are on the host already (it raises on the distributed "
-    "optimizer's shard views); without a GPU the optimizer state is in host memory anyway: use optimizer: "
-    "distributed or local")
-
-
 def uses_megatron(section) -> bool:
     """Whether this `learner:` section needs Megatron's DDP and optimiser (else torch AdamW)."""
     return section.precision != "fp32" or section.optimizer != "local"
@@ -59,10 +51,7 @@ def wrap(model: torch.nn.Module, section, lr: float) -> tuple[DistributedDataPar
     names); DDP's hooks sit on the parameters, so its backward fills the fp32 main grads.
     """
     bf16 = section.precision == "bf16"
-    offload = section.optimizer == "cpu_offload"
-    if offload and not torch.cuda.is_available():
-        raise RuntimeError(OFFLOAD_NEEDS_GPU)
-    sharded = section.optimizer in ("distributed", "cpu_offload")
+    sharded = section.optimizer == "distributed"
     chunk = model
     if bf16:
         routers = mdl.routers(model)
@@ -83,9 +72,7 @@ def wrap(model: torch.nn.Module, section, lr: float) -> tuple[DistributedDataPar
         optimizer="adam", lr=lr, weight_decay=section.weight_decay, adam_beta1=section.betas[0],
         adam_beta2=section.betas[1], adam_eps=section.eps, clip_grad=section.grad_clip,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=sharded, optimizer_cpu_offload=offload, optimizer_offload_fraction=1.0 if offload else 0.0,
-        use_precision_aware_optimizer=offload and bf16, pin_cpu_grads=torch.cuda.is_available(),
-        pin_cpu_params=torch.cuda.is_available(),
+        use_distributed_optimizer=sharded,
     )
     # Megatron's usual groups: no weight decay on biases and 1-D parameters (wd_mult 0), as the torch path
     opt = get_megatron_optimizer(oc, [ddp], config_overrides=get_standard_config_overrides(oc), use_gloo_process_groups=False)
@@ -121,8 +108,7 @@ def state_dict(optimizer) -> list[dict]:
 def reset_state(optimizer) -> None:
     """Forget the Adam moments and step counts (a new stage), keeping the fp32 master weights."""
     for inner in _inner(optimizer):
-        for sub in [inner, *getattr(inner, "sub_optimizers", [])]:
-            sub.state.clear()
+        inner.state.clear()  # torch's AdamW starts a parameter's moments afresh at its next step
 
 
 def load_state_dict(optimizer, state: list[dict]) -> None:

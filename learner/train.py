@@ -58,7 +58,7 @@ cpu_shims.apply()
 from learner import bridge, optim, parallel  # noqa: E402
 from learner import logprob as chunked  # noqa: E402
 from learner import model as mdl  # noqa: E402
-from learner.config import LearnerSection, SFTStage, Stage, learner_part  # noqa: E402
+from learner.config import LearnerSection, SFTStage, Stage, learner_part, not_implemented  # noqa: E402
 from zeda_rl.losses import opd_token_loss, token_logprobs, token_weights  # noqa: E402
 
 
@@ -206,6 +206,9 @@ class Learner:
         """`temperature`: the rollouts' sampling temperature (OPD takes the student's logprobs at it, as the
         behaviour and teacher logprobs are); `save_dir`: where `checkpoint_every` checkpoints go."""
         self.config = c = config or LearnerSection()
+        refused = not_implemented(c)  # the driver refuses these first; a learner must never run another layout
+        if refused:
+            raise NotImplementedError("; ".join(refused))
         self.stage = learner_part(stage or SFTStage())
         self.temperature, self.seed, self.save_dir = float(temperature), int(seed), save_dir
         if world_size > 1 and not master_port:  # each rank would pick its own free port and wait forever
