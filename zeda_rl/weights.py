@@ -357,14 +357,16 @@ def join_group(backend: str, address: str, port: int, world_size: int, rank: int
                timeout_s: float = 600.0):
     """A process group of its own (not the caller's default world), the way SGLang's
     `init_weights_update_group` builds the one it joins: a TCP rendezvous at address:port
-    (rank 0 hosts it), a store prefixed by the group name. Blocks until all `world_size` joined."""
+    (rank 0 hosts it, on `address` only: `zeda_rl.transport.rendezvous_store`), a store prefixed by the
+    group name. Blocks until all `world_size` joined."""
     import datetime
 
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+
+    from zeda_rl.transport import rendezvous_store
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{address}:{port}", rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    store = rendezvous_store(address, port, rank, world_size, timeout)
     pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
                                       group_name=group_name, timeout=timeout)
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
