@@ -240,8 +240,9 @@ def learner_rank(a: Arch, k: Knobs) -> dict[str, int]:
     return out
 
 
-# knob changes tried, in this order, when a rank does not fit (field, value)
-KNOB_STEPS = [("precision", "bf16"), ("optimizer", "cpu_offload"), ("optimizer", "distributed"), ("recompute", "full"),
+# knob changes tried, in this order, when a rank does not fit (field, value); not optimizer: cpu_offload, which the
+# learner refuses (learner.config.not_implemented) although its memory is budgeted here
+KNOB_STEPS = [("precision", "bf16"), ("optimizer", "distributed"), ("recompute", "full"),
               ("recompute", "selective"), ("attention", "flash"), ("tp", 2), ("tp", 4), ("tp", 8), ("logits_chunk", 4096)]
 _YAML = {"logits_chunk": "logits_chunk_tokens"}
 

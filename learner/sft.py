@@ -49,6 +49,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--w", type=float, default=2.0)
     p.add_argument("--cpus-per-rank", type=float, default=1)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--optimizer", choices=["local", "distributed"], default="local")
+    p.add_argument("--logits-chunk-tokens", type=int, default=None, help="tokens per chunk of the fused logprob")
     p.add_argument("--save", help="save the full learner state here at the end")
     p.add_argument("--export", help="export the student as an HF checkpoint here at the end")
     p.add_argument("--json", action="store_true", help="print metrics as JSON lines")
@@ -77,7 +81,8 @@ def main(argv=None) -> int:
         print(f"error: --world {world} is not a multiple of --ep {a.ep}", file=sys.stderr)
         return 2
     cfg = LearnerSection(ep=a.ep, dp=world // a.ep, cpus_per_rank=a.cpus_per_rank, micro_batch_tokens=a.token_budget,
-                         alpha=a.alpha, w=a.w)
+                         alpha=a.alpha, w=a.w, precision=a.precision, recompute=a.recompute, optimizer=a.optimizer,
+                         logits_chunk_tokens=a.logits_chunk_tokens)
     steps = max(2, a.steps)
     stage = SFTStage(steps=steps, lr=a.lr, schedule="cosine", warmup_frac=1 / steps)  # one warmup step
     started = False

@@ -2,8 +2,8 @@
 distributed optimiser, and the refusals of what cannot run (flash without TE on a GPU, cpu_offload in megatron-core 0.16.1).
 
 Tolerances (fp32 unless said): recompute vs none and chunked vs plain logprobs, loss and gradients
-atol 1e-6 (seen <= 1e-7); bf16 + full recompute + chunked logprobs vs fp32, SFT loss over 3 steps
-within 1% relative (seen <= 0.3%); distributed vs local optimiser over 2 gloo ranks, losses
+atol 1e-6 (seen <= 1e-7); bf16 + full recompute + chunked logprobs vs fp32 from the same bf16
+checkpoint, SFT loss over 3 steps within 0.2% relative (seen <= 0.01%), L_GA within 5%; distributed vs local optimiser over 2 gloo ranks, losses
 1e-6, parameters after 2 AdamW steps (lr 1e-2) atol 1e-4 = lr/100 (see test_learner_ep; seen <= 1e-5); bf16 with
 EP=2 and the distributed optimiser vs local fp32, losses within 1% relative.
 """
@@ -117,24 +117,25 @@ def test_chunked_logprob_in_the_learner(ckpts):
         assert_same_step(grads_of(make(ck, stage, temperature=0.7, logits_chunk_tokens=7), b), ref)
 
 
-def test_bf16_tracks_fp32_keeps_fp32_masters_and_resumes_exactly(ckpts, tmp_path):
-    ck = ckpts["qwen3_moe"]
+def test_bf16_tracks_fp32_keeps_fp32_masters_and_resumes_exactly(tmp_path):
+    ck = tiny_checkpoint("qwen3_moe", tmp_path / "bf16", dtype=torch.bfloat16)  # as real checkpoints and engines are
     ref, lo = make(ck), make(ck, precision="bf16", recompute="full", logits_chunk_tokens=16)
     for i in range(3):
         a, b = ref.train_step(batch(seed=0)), lo.train_step(batch(seed=0))
         print(f"step {i}: fp32 {a['sft_loss']:.5f} bf16 {b['sft_loss']:.5f}")
-        assert b["sft_loss"] == pytest.approx(a["sft_loss"], rel=1e-2)
+        assert b["sft_loss"] == pytest.approx(a["sft_loss"], rel=2e-3)
         assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=5e-2)
     routers = {id(r.weight) for r in mdl.routers(lo.model)}
     for name, p in lo.model.named_parameters():
         assert p.dtype == (torch.float32 if id(p) in routers else torch.bfloat16), name
         if id(p) not in routers:  # the bf16 weight is the rounded fp32 master
             assert p.main_param.dtype == torch.float32 and torch.equal(p.data, p.main_param.to(torch.bfloat16)), name
-    # weight push / HF export: the bf16 weights in the checkpoint's dtype, routers at full fp32 precision
+    # weight push / HF export in the checkpoint's (engine's) bf16: the bf16 weights, the fp32 routers rounded
     upd = lo.export_buckets(1, layout="checkpoint")
     mine = dict(bridge.full_hf_state(lo.model, cast=False))
+    assert {n for n, _ in upd.named_tensors()} == set(mine)
     for name, t in upd.named_tensors():
-        assert t.dtype == torch.float32 and torch.equal(t, mine[name].float()), name
+        assert t.dtype == torch.bfloat16 and torch.equal(t, mine[name].to(torch.bfloat16)), name
     # exact resume: fp32 masters and Adam state come back
     lo.save(tmp_path / "ck")
     m = lo.train_step(batch(seed=5))
