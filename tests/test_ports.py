@@ -3,8 +3,8 @@ and every interface (0.0.0.0, '::') only when the config says so (cluster.allow_
 
 The project binds two kinds of socket: the learner's ZMQ inbox (`zeda_rl.transport.Puller`, opened on
 rank 0 by `LearnerActor.open_inbox` from cluster.bind_host / inbox_port) and the torch.distributed
-rendezvous of the learner ranks (`zeda_rl.transport.rendezvous_store`, served by rank 0, plus the
-gloo/NCCL pair sockets of the group). The metrics hub is a Ray actor and `zeda monitor --ray` a Ray
+rendezvous (`zeda_rl.transport.rendezvous_store`, served by rank 0, plus the gloo/NCCL pair sockets) of
+the learner ranks' group and of each rank's weight-sync broadcast group (`zeda_rl.weights.join_group`). The metrics hub is a Ray actor and `zeda monitor --ray` a Ray
 client: neither opens a socket of its own. Ray's own servers (GCS, raylet, workers, agents) listen on
 every interface whatever the project asks (Ray 2.60, measured): a cluster relies on Ray's token
 authentication and the security group of launch/cluster-h200.yaml for them, not on this test.
@@ -99,22 +99,31 @@ def test_the_rendezvous_store_listens_on_its_address_only(address):
 
 
 RANK = """
-import psutil, sys
+import psutil, socket, sys
 from learner import parallel
+from zeda_rl.weights import join_group
+def listening():
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN}
 for i, addr in enumerate(sys.argv[1:]):
     parallel.setup(0, 1, 1, **({"master_addr": addr} if i else {}))  # first: setup's default
-    print(sorted((c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN))
+    print(sorted(listening()))
     parallel.teardown()
+before = listening()
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+join_group("gloo", "127.0.0.1", port, 1, 0, "weights-rank0")  # a learner rank's weight-sync broadcast group
+print(sorted(listening() - before))
 """
 
 
-def test_a_learner_ranks_process_group_opens_nothing_on_every_interface():
+def test_a_learner_ranks_process_groups_open_nothing_on_every_interface():
     addrs = ["127.0.0.1", *OTHER[:1]]
     out = subprocess.run([sys.executable, "-c", RANK, *addrs], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("[")]
-    assert len(lines) == len(addrs), out.stdout
-    for addr, line in zip(addrs, lines):
+    assert len(lines) == len(addrs) + 1, out.stdout
+    for addr, line in zip([*addrs, "127.0.0.1"], lines):
         socks = eval(line)  # noqa: S307 - a list of tuples the child printed
         assert socks and not {ip for ip, _ in socks} & WILDCARD, socks
         assert addr in {ip for ip, _ in socks}, (addr, socks)  # the store, on master_addr
