@@ -144,13 +144,20 @@ def test_bf16_tracks_fp32_keeps_fp32_masters_and_resumes_exactly(tmp_path):
     r = lo.train_step(batch(seed=5))
     assert r["loss"] == m["loss"] and r["grad_norm"] == m["grad_norm"]
     assert all(torch.equal(v, after[k]) for k, v in bridge.full_hf_state(lo.model, cast=False))
+    # the next stage starts Adam afresh and keeps the fp32 masters
+    masters = [p.main_param.clone() for p in lo.model.parameters() if hasattr(p, "main_param")]
+    lo.set_stage(OPDStage(lr=0.0))
+    assert all(not o.optimizer.state for o in lo.optimizer.chained_optimizers)
+    lo.train_step(batch(opd=True))
+    assert all(torch.equal(a, p.main_param) for a, p in zip(masters, [p for p in lo.model.parameters() if hasattr(p, "main_param")]))
 
 
 def _dist_worker(rank, world, port, ckpt, out):
     shard = {k: v[rank * 2 : (rank + 1) * 2] for k, v in batch().items()}
     result = {}
     layouts = {"local": {}, "distributed": dict(optimizer="distributed"),
-               "bf16_ep2": dict(optimizer="distributed", precision="bf16", ep=2)}  # experts: their own sharded optimiser
+               # experts get their own sharded optimiser; full recompute reruns the dispatcher's collectives in the backward
+               "bf16_ep2": dict(optimizer="distributed", precision="bf16", ep=2, recompute="full", logits_chunk_tokens=16)}
     for opt, kw in layouts.items():
         learner = Learner(ckpt, LearnerSection(micro_batch_tokens=24, **kw), SFT, rank=rank, world_size=world,
                           master_port=port)
