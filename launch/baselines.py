@@ -7,12 +7,11 @@ is below a threshold times the top weight, the threshold calibrated to ZEDA's ze
 
 None of them is a fork of the model. Dynamic Skipping is an inference option of the zero-expert
 model (`skip_threshold`) on the converted checkpoint with use_zce_mask on, which is the teacher
-exactly. NET trains in the learner as a converted checkpoint with N_Z = 0 and top_k halved: the
-learner's router then is a plain top-K/2 MoE (no zero slot, L_GA off since there is no zero
-group), and the transformers model and the engines load it with the same classes. For the
-table it is read back with top_k = K and `static_top_k` = K/2, the same model (a test pins it),
-so its skipped half is counted like every other variant's: routed slots of the teacher's K that
-no expert computes.
+exactly. NET is the routing option `static_top_k` = K/2 on a converted checkpoint with N_Z = 0: the same
+model as the teacher with top_k halved (a test pins it), which the learner trains as it trains
+ZEDA (router_spec is shared; L_GA is off, there is no zero group; routing replay replays the
+K/2 slots), and whose skipped half is counted like every other variant's skips: routed slots
+that no expert computes, out of the teacher's K.
 
 Training reuses the pipeline's phases (`launch.sft`, `launch.opd`) on the run's config; the
 teacher's SFT answers are generated once and NET trains on the same file in the same order.
@@ -39,9 +38,12 @@ MATCHED = 0.03  # zero shares this close count as matched
 
 
 def net_checkpoint(teacher: Path, out: Path) -> Path:
-    """The teacher as a zero-expert checkpoint with no zero expert and top_k halved: what NET trains.
+    """The teacher as a zero-expert checkpoint with no zero expert and a static top-K/2: what NET trains.
 
-    Only config.json changes (the router keeps its N rows), so the weights are the teacher's.
+    Only config.json changes (the router keeps its N rows, top_k stays K, static_top_k = K/2
+    fills the other half of the slots with the skip sentinel), so the weights are the teacher's,
+    Megatron keeps its top-K dispatcher (it refuses top-1 without pre-softmax routing), and the
+    engines' recorded ids replay in the learner as they do for ZEDA.
     """
     from zeda_rl.arch import spec_for
     from zeda_rl.release import release_config
@@ -52,8 +54,7 @@ def net_checkpoint(teacher: Path, out: Path) -> Path:
     if k < 2:
         raise ValueError(f"{teacher}: top_k {k} cannot be halved (NET needs K >= 2)")
     cfg = release_config(raw, spec, zce_nums=[0], zce_types=["zero"], use_zce_mask=False)
-    cfg["num_experts_per_tok"] = k // 2
-    cfg["net_teacher_top_k"] = k  # read back by load_variant: the table counts skips against the teacher's K
+    cfg["static_top_k"] = k // 2
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(teacher, tmp)
@@ -63,25 +64,12 @@ def net_checkpoint(teacher: Path, out: Path) -> Path:
     return out
 
 
-def at_teacher_k(model):
-    """NET's model (top-K/2) as top-K with static_top_k = K/2: the same outputs, skips counted against K."""
-    from zeda_rl.modeling import moe_blocks, set_inference_options
-
-    k = getattr(model.config, "net_teacher_top_k", None)
-    if k and moe_blocks(model):
-        half = model.config.num_experts_per_tok
-        model.config.num_experts_per_tok = int(k)
-        set_inference_options(model, static_top_k=half)
-    return model
-
-
 def load_variant(checkpoint: Path, mask: bool = False):
-    """A checkpoint for evaluation (NET's at the teacher's K; `mask`: use_zce_mask on, the original model)."""
+    """A checkpoint for evaluation (`mask`: use_zce_mask on, i.e. the original model)."""
     from zeda_rl.evaluate import load
     from zeda_rl.modeling import set_zce_mask
 
     model, tok = load(checkpoint)
-    at_teacher_k(model)
     if mask:
         set_zce_mask(model, True)
     return model, tok
@@ -128,32 +116,27 @@ def train(cfg: RunConfig, teacher: Path, init: Path, log: MetricsLog, phases: Ph
 
 def suite_of(cfg: RunConfig) -> str:
     """The built-in task suite the run trains and evaluates on ('basic' unless the config names another)."""
-    return getattr(cfg.data, "tasks", None) or "basic"
+    return cfg.data.tasks
 
 
-def evaluate_variant(name: str, checkpoint: Path, cfg: RunConfig, log: MetricsLog, teacher_k: int, model=None, tok=None) -> dict:
-    """Accuracy per family and r_ZE (share of the teacher's K routed slots per token that no expert computes)."""
+def evaluate_variant(name: str, checkpoint: Path, cfg: RunConfig, log: MetricsLog, model=None, tok=None) -> dict:
+    """Accuracy per family and r_ZE (share of the K routed slots per token that no expert computes)."""
     from zeda_rl.evaluate import evaluate
-    from zeda_rl.modeling import moe_blocks
 
     if model is None:
         model, tok = load_variant(checkpoint)
-    kw = {"suite": suite_of(cfg)} if suite_of(cfg) != "basic" else {}
     t0 = time.time()
-    r = evaluate(checkpoint, n_per_family=cfg.eval.n_per_family, model=model, tokenizer=tok, log=log, label=f"eval {name}", **kw)
-    blocks = moe_blocks(model)
-    k = blocks[0].spec.top_k if blocks else teacher_k
-    r_ze = 1 - (1 - r["zero_ratio"]["overall"]) * k / teacher_k
+    r = evaluate(checkpoint, n_per_family=cfg.eval.n_per_family, model=model, tokenizer=tok, log=log, label=f"eval {name}",
+                 tasks=suite_of(cfg))
     return {"variant": name, "label": LABELS[name], "checkpoint": str(checkpoint), "accuracy": r["accuracy"],
-            "r_ze": r_ze, "zero_ratio_per_layer": r["zero_ratio"]["per_layer"], "eval_seconds": round(time.time() - t0, 1)}
+            "r_ze": r["zero_ratio"]["overall"], "zero_ratio_per_layer": r["zero_ratio"]["per_layer"], "eval_seconds": round(time.time() - t0, 1)}
 
 
 def calibration_texts(cfg: RunConfig, n_per_family: int = 64) -> list[str]:
     """Training-split prompts with their answers: Dynamic Skipping never sees the held-out prompts."""
     from zeda_rl.tasks import make_split
 
-    kw = {"suite": suite_of(cfg)} if suite_of(cfg) != "basic" else {}
-    return [e.prompt + e.answer for e in make_split("train", n_per_family, seed=cfg.seed + 1, **kw)]
+    return [e.prompt + e.answer for e in make_split("train", n_per_family, seed=cfg.seed + 1, suite=suite_of(cfg))]
 
 
 def analyse(cfg: RunConfig, zeda: Path, teacher: Path, n_per_family: int, out: Path) -> dict:
@@ -162,8 +145,7 @@ def analyse(cfg: RunConfig, zeda: Path, teacher: Path, n_per_family: int, out: P
     from zeda_rl.evaluate import load
     from zeda_rl.tasks import make_split
 
-    kw = {"suite": suite_of(cfg)} if suite_of(cfg) != "basic" else {}
-    examples = make_split("heldout", n_per_family, **kw)
+    examples = make_split("heldout", n_per_family, suite=suite_of(cfg))
     student, tok = load(zeda)
     teacher_model, _ = load(teacher)
     max_new = max(len(tok(e.answer).input_ids) for e in examples) + 4  # zeda_rl.evaluate's cap
@@ -196,18 +178,17 @@ def run_baselines(cfg: RunConfig, out: Path | None = None, analysis_per_family: 
         connect_ray(cfg)
         zsft, zfinal = train(zcfg, teacher, zinit, MetricsLog(zcfg.run_dir / "metrics.jsonl"), phases, "zeda")
         nsft, nfinal = train(ncfg, teacher, ninit, MetricsLog(ncfg.run_dir / "metrics.jsonl"), phases, "net")
-        teacher_k = int(json.loads((teacher / "config.json").read_text())["num_experts_per_tok"])
         rows = {}
         with phases("eval"):
-            rows["original"] = evaluate_variant("original", teacher, cfg, log, teacher_k)
-            rows["zeda"] = evaluate_variant("zeda", zfinal, cfg, log, teacher_k)
-            rows["zeda_sft"] = evaluate_variant("zeda_sft", zsft, cfg, log, teacher_k)
-            rows["net"] = evaluate_variant("net", nfinal, cfg, log, teacher_k)
+            rows["original"] = evaluate_variant("original", teacher, cfg, log)
+            rows["zeda"] = evaluate_variant("zeda", zfinal, cfg, log)
+            rows["zeda_sft"] = evaluate_variant("zeda_sft", zsft, cfg, log)
+            rows["net"] = evaluate_variant("net", nfinal, cfg, log)
             from zeda_rl.analysis import calibrate_skip_threshold
 
             model, tok = load_variant(zinit, mask=True)  # the converted teacher with the mask on: the original model
             calib = calibrate_skip_threshold(model, tok, calibration_texts(cfg), target=rows["zeda"]["r_ze"])
-            rows["dynamic_skipping"] = evaluate_variant("dynamic_skipping", zinit, cfg, log, teacher_k, model, tok)
+            rows["dynamic_skipping"] = evaluate_variant("dynamic_skipping", zinit, cfg, log, model, tok)
             rows["dynamic_skipping"]["calibration"] = calib
         with phases("analysis"):
             summary = analyse(cfg, zfinal, teacher, min(analysis_per_family, cfg.eval.n_per_family), out)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import save_static
 from zeda_rl.convert import convert_checkpoint
-from zeda_rl.modeling import moe_blocks, record_routing, set_inference_options, set_zce_mask
+from zeda_rl.modeling import moe_blocks, record_routing, set_baseline_options, set_zce_mask
 from zeda_rl.routing import RouterSpec, dynamic_skip, route
 
 
@@ -41,10 +41,16 @@ def test_dynamic_skip_rule_on_a_hand_made_gate():
     torch.testing.assert_close(r.weights[0, 0], torch.tensor(0.6), atol=1e-5, rtol=0)  # not renormalised
 
 
-def test_inference_options_refuse_replay_and_bad_k():
+def test_baseline_options_replay_and_refusals():
     spec = RouterSpec("softmax", num_experts=4, num_zero=0, top_k=2, static_top_k=1)
-    with pytest.raises(ValueError, match="inference options"):
-        route(torch.zeros(3, 4), spec, replay_ids=torch.zeros(3, 2, dtype=torch.long))
+    logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    chosen = route(logits, spec).ids
+    assert (chosen[:, 1] == 4).all()
+    replayed = route(logits, spec, replay_ids=torch.tensor([[2, 4], [1, 4], [-1, -1]]))  # NET's k' slots replay
+    assert replayed.ids.tolist() == [[2, 4], [1, 4], chosen[2].tolist()]
+    with pytest.raises(ValueError, match="inference option"):
+        route(logits, RouterSpec("softmax", num_experts=4, num_zero=0, top_k=2, skip_threshold=0.5),
+              replay_ids=torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="static_top_k"):
         route(torch.zeros(3, 4), RouterSpec("softmax", num_experts=4, num_zero=0, top_k=2, static_top_k=3))
 
@@ -54,7 +60,7 @@ def test_static_top_k_equals_a_config_with_top_k_halved(tmp_path, family):
     static, zero = _converted(tmp_path, family)
     m = _load(zero)
     set_zce_mask(m, True)
-    set_inference_options(m, static_top_k=2)
+    set_baseline_options(m, static_top_k=2)
     halved = tmp_path / "halved"
     shutil.copytree(static, halved)
     cfg = json.loads((static / "config.json").read_text())
@@ -64,7 +70,7 @@ def test_static_top_k_equals_a_config_with_top_k_halved(tmp_path, family):
         ours = m(x).logits
     torch.testing.assert_close(ours, _load(halved)(x).logits, atol=1e-5, rtol=0)
     assert float((rec() >= moe_blocks(m)[0].spec.num_experts).float().mean()) == 0.5
-    set_inference_options(m)  # off again: the original model
+    set_baseline_options(m)  # off again: the original model
     torch.testing.assert_close(m(x).logits, _load(static)(x).logits, atol=1e-5, rtol=0)
     assert "static_top_k" not in m.config.to_dict()
 
@@ -86,30 +92,37 @@ def test_calibration_reaches_the_target_share(tmp_path):
     assert not far["reached"] and far["share"] == pytest.approx(0.75) and far["reachable"] == 0.75
 
 
-def test_net_checkpoint_is_a_plain_top_k_half_moe(tmp_path):
-    from launch.baselines import at_teacher_k, net_checkpoint
+def test_net_checkpoint_trains_as_a_top_k_half_moe(tmp_path):
+    from launch.baselines import net_checkpoint
     from learner import bridge, parallel
     from learner import model as mdl
 
-    save_static("qwen3_moe", tmp_path / "teacher", num_experts_per_tok=4, initializer_range=0.2)
-    net = net_checkpoint(tmp_path / "teacher", tmp_path / "net")
+    static, _ = _converted(tmp_path)
+    net = net_checkpoint(static, tmp_path / "net")
     cfg = json.loads((net / "config.json").read_text())
-    assert (cfg["zce_nums"], cfg["num_experts_per_tok"], cfg["architectures"]) == ([0], 2, ["Qwen3MoePlusPlusForCausalLM"])
+    assert (cfg["zce_nums"], cfg["num_experts_per_tok"], cfg["static_top_k"]) == ([0], 4, 2)
     x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     hf = _load(net)
-    # the learner trains exactly this model: N real experts, top-2, no zero slot
+    with torch.no_grad(), record_routing(hf) as rec:
+        ref = hf(x).logits
+    ids = rec()
+    assert float((ids >= 8).float().mean()) == 0.5  # half of the K slots on the sentinel
+    halved = tmp_path / "halved"  # the teacher with top_k halved: the same model
+    shutil.copytree(static, halved)
+    (halved / "config.json").write_text(json.dumps({**json.loads((static / "config.json").read_text()), "num_experts_per_tok": 2}))
+    torch.testing.assert_close(ref, _load(halved)(x).logits, atol=1e-5, rtol=0)
+    # the learner builds the same router from the same config: same logits, same ids, and it replays them
     parallel.setup(0, 1, 1)
     info = mdl.model_info(mdl.load_hf_config(net))
-    assert (info.num_experts, info.num_zero, info.router.top_k) == (8, 0, 2)
+    assert (info.num_experts, info.num_zero, info.router.top_k, info.router.static_top_k) == (8, 0, 4, 2)
     meg = mdl.build_model(info)
     bridge.load_hf(meg, net)
+    meg.eval()
     with torch.no_grad():
-        torch.testing.assert_close(mdl.forward_logits(meg.eval(), x), hf(x).logits, atol=1e-4, rtol=0)
-    # read back for the table: the teacher's K with static_top_k = K/2, the same outputs, half the slots skipped
-    back = at_teacher_k(_load(net))
-    with torch.no_grad(), record_routing(back) as rec:
-        torch.testing.assert_close(back(x).logits, hf(x).logits, atol=1e-5, rtol=0)
-    assert float((rec() >= 8).float().mean()) == 0.5
+        torch.testing.assert_close(mdl.forward_logits(meg, x), ref, atol=1e-4, rtol=0)
+        assert torch.equal(mdl.last_routing(meg, *x.shape), ids)
+        with mdl.replay_routing(meg, ids):
+            torch.testing.assert_close(mdl.forward_logits(meg, x), ref, atol=1e-4, rtol=0)
 
 
 def test_binning_on_synthetic_input():

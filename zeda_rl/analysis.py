@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zeda_rl.modeling import moe_blocks, record_routing, set_inference_options
+from zeda_rl.modeling import moe_blocks, record_routing, set_baseline_options
 
 
 # ---- Dynamic Skipping: threshold for a target skip share ------------------------------------
@@ -53,19 +53,19 @@ def calibrate_skip_threshold(model, tokenizer, texts: list[str], target: float, 
     k = moe_blocks(model)[0].spec.top_k
     reachable = (k - 1) / k
     lo, hi = 0.0, 1.0 + 1e-6  # above 1 every slot but the top one is below threshold x top
-    set_inference_options(model, skip_threshold=hi)
+    set_baseline_options(model, skip_threshold=hi)
     best = (hi, skipped_share(model, batches))
     if target < best[1] - tol:
         for _ in range(iters):
             mid = (lo + hi) / 2
-            set_inference_options(model, skip_threshold=mid)
+            set_baseline_options(model, skip_threshold=mid)
             share = skipped_share(model, batches)
             if abs(share - target) < abs(best[1] - target):
                 best = (mid, share)
             if abs(share - target) <= tol:
                 break
             lo, hi = (mid, hi) if share < target else (lo, mid)
-    set_inference_options(model, skip_threshold=best[0])
+    set_baseline_options(model, skip_threshold=best[0])
     return {"threshold": best[0], "share": best[1], "target": target, "reachable": reachable,
             "reached": abs(best[1] - target) <= tol, "calibration_texts": len(texts)}
 

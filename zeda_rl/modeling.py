@@ -90,11 +90,8 @@ def _dispatching(stock: type, zce: type) -> type:
     return Dispatch
 
 
-INFERENCE_OPTIONS = ("skip_threshold", "static_top_k")
-
-
 def _options(config) -> dict:
-    """The baselines' inference options a config carries (plain attributes, written to config.json
+    """The baselines' routing options a config carries (plain attributes, written to config.json
     only when set, so a checkpoint without them keeps the released layout)."""
     out = {}
     if getattr(config, "skip_threshold", None):
@@ -333,13 +330,13 @@ def set_zce_mask(model: nn.Module, on: bool) -> None:
         blk.gate.spec = dataclasses.replace(blk.gate.spec, mask_zero=on)
 
 
-def set_inference_options(model: nn.Module, skip_threshold: float | None = None, static_top_k: int | None = None) -> None:
+def set_baseline_options(model: nn.Module, skip_threshold: float | None = None, static_top_k: int | None = None) -> None:
     """Turn a loaded zero-expert model into a baseline without a second model class: Dynamic
-    Skipping (`skip_threshold`) or static top-k' (`static_top_k`); None or 0 switches one off.
+    Skipping (`skip_threshold`) or a static top-k' (`static_top_k`, NET); None or 0 switches one off.
 
     With use_zce_mask on, the model is the original one, so this is the training-free baseline
     applied to the teacher. The options travel in the config (save_pretrained writes them), so
-    any engine that loads the checkpoint through these classes serves the same baseline.
+    every engine and the learner, which build their routers with `router_spec`, route the same way.
     """
     for key, value in (("skip_threshold", skip_threshold), ("static_top_k", static_top_k)):
         if value:

@@ -26,10 +26,10 @@ class RouterSpec:
     n_group: int = 1  # grouped top-k over the real experts (sigmoid family)
     topk_group: int = 1
     mask_zero: bool = False  # use_zce_mask: zero slots never chosen -> the original model exactly
-    # Inference-only baselines (ZEDA's comparisons), applied after the choice above; a skipped or
-    # unfilled slot gets the skip sentinel id N, so it is counted and skipped like a zero slot.
-    skip_threshold: float = 0.0  # Dynamic Skipping: drop a selected expert whose weight < threshold x the top weight
-    static_top_k: int | None = None  # static top-k' < K (NET without training): slots k'..K-1 hold the sentinel
+    # The paper's baselines, applied after the choice above; a skipped or unfilled slot gets the
+    # skip sentinel id N, so every consumer counts and skips it like a zero slot and shapes keep K.
+    skip_threshold: float = 0.0  # Dynamic Skipping (inference only): drop a selected expert below threshold x the top weight
+    static_top_k: int | None = None  # NET: a static top-k' < K; slots k'..K-1 hold the sentinel (trainable, replayable)
 
     @property
     def total(self) -> int:
@@ -82,16 +82,15 @@ def route(
     k = spec.static_top_k or spec.top_k
     if not 1 <= k <= spec.top_k:
         raise ValueError(f"static_top_k {spec.static_top_k} must be between 1 and top_k {spec.top_k}")
-    inference_only = k < spec.top_k or spec.skip_threshold > 0
-    if replay_ids is not None and inference_only:
-        raise ValueError("skip_threshold / static_top_k are inference options; routing replay (training) takes neither")
+    if replay_ids is not None and spec.skip_threshold > 0:
+        raise ValueError("skip_threshold (Dynamic Skipping) is an inference option; routing replay (training) does not take it")
     ids = torch.topk(choice, k, dim=-1).indices
     if replay_ids is not None:
         if replay_ids.shape != (logits.shape[0], spec.top_k):
             raise ValueError(
                 f"replayed expert ids have shape {tuple(replay_ids.shape)}, expected {(logits.shape[0], spec.top_k)}"
             )
-        given = replay_ids.to(device=logits.device, dtype=torch.long)
+        given = replay_ids[:, :k].to(device=logits.device, dtype=torch.long)  # a static top-k' replays its k' slots
         if int(given.max()) >= spec.total:
             raise ValueError(f"replayed expert id {int(given.max())} out of range for {spec.total} slots")
         ids = torch.where(given[:, :1] >= 0, given, ids)
@@ -100,8 +99,8 @@ def route(
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     if spec.family == "sigmoid":
         weights = weights * spec.scaling
-    if inference_only:
-        ids, weights = _inference_options(ids, weights, spec)
+    if k < spec.top_k or spec.skip_threshold > 0:
+        ids, weights = _baseline_slots(ids, weights, spec)
     return Routing(ids=ids, weights=weights, probs=probs)
 
 
@@ -118,7 +117,7 @@ def dynamic_skip(weights: torch.Tensor, threshold: float) -> torch.Tensor:
     return skip.scatter(1, top.indices, False)
 
 
-def _inference_options(ids: torch.Tensor, weights: torch.Tensor, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _baseline_slots(ids: torch.Tensor, weights: torch.Tensor, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Back to K slots per token, the dropped ones on the sentinel id N: every consumer (the expert
     kernels, the zero-share counts, the engines' routed ids) already treats ids >= N as skipped."""
     n = spec.num_experts
