@@ -1,7 +1,8 @@
 """A Megatron-core GPTModel built from a converted (zero-expert) HF config, with the ZEDA router.
 
 Both supported families map onto stock Megatron-core pieces with the local (non
-TransformerEngine) layer specs:
+TransformerEngine) layer specs (`attention: flash` swaps in only the TE spec's core attention,
+see `core_attention`; `recompute` is Megatron's, see RECOMPUTE):
 - Qwen3-MoE: GQA self-attention with q/k RMSNorm and RoPE, SwiGLU experts, untied
   embeddings, dense layers where `mlp_only_layers` / `decoder_sparse_step` say so.
 - GLM-4.7-Flash: multi-latent attention (`MLATransformerConfig`, interleaved RoPE), one

@@ -15,6 +15,10 @@ of the global batch (plain dict of numpy/torch arrays, see `Batch fields` below)
    through Megatron's MoEAuxLossAutoScaler), backward (gradient accumulation);
 4. gradient sync (learner.parallel), clipping by the global norm, AdamW with the
    learning rate of the schedule, and metrics.
+The `learner:` memory knobs: fp32 with `optimizer: local` keeps torch's AdamW on `param.grad`
+(steps 3-4 as above); bf16 or `optimizer: distributed` hand gradients, clipping and the update to
+Megatron's DDP and optimiser (learner.optim); `recompute` and `attention` shape the model
+(learner.model); `logits_chunk_tokens` fuses the output layer into a chunked logprob (learner.logprob).
 
 Loss definitions (global batch over all DP ranks; a `loss_weight` per token, see
 zeda_rl.losses.token_weights):
