@@ -19,9 +19,9 @@ from zeda_rl.trajectory import pack_samples
 
 @ray.remote(max_restarts=3, max_task_retries=0)
 class TeacherActor(EngineActor):
-    def __init__(self, *args, learner_endpoint: str | None = None, pad_id: int = 0, **kwargs):
+    def __init__(self, *args, learner_endpoint: str | None = None, pad_id: int = 0, run: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.endpoint = learner_endpoint
+        self.endpoint, self.run = learner_endpoint, run  # the inbox drops batches stamped with another run
         self.pad_id = pad_id
         self.pusher = None
         self.scored_tokens = 0
@@ -37,7 +37,7 @@ class TeacherActor(EngineActor):
         arrays = pack_samples(samples, teacher, pad_id=self.pad_id)
         if self.pusher is None:
             self.pusher = Pusher(self.endpoint)
-        batch = TrajectoryBatch.from_arrays(arrays, meta={"temperature": temperature})
+        batch = TrajectoryBatch.from_arrays(arrays, meta={"temperature": temperature, **({"run": self.run} if self.run else {})})
         sent = self.pusher.send(batch, timeout_s=push_timeout_s)
         n_tokens = sum(len(x) for x in seqs)
         self.scored_tokens += n_tokens

@@ -137,8 +137,9 @@ def engine_kwargs(section) -> dict:
     return {**section.engine_kwargs, "dtype": section.dtype}
 
 
-def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint: str, pad_id: int):
-    """Rollout and teacher actors in one placement group (PACK: one node when it fits)."""
+def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint: str, pad_id: int, run: str | None = None):
+    """Rollout and teacher actors in one placement group (PACK: one node when it fits); the teachers
+    stamp their batches with `run`, the id the learner's inbox accepts."""
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -161,7 +162,8 @@ def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint:
     base = cfg.rollout.replicas
     teachers = [
         TeacherActor.options(**opts(cfg.teacher, base + i)).remote(
-            cfg.teacher.backend, str(teacher_dir), cfg.teacher.threads, engine_kwargs(cfg.teacher), learner_endpoint=endpoint, pad_id=pad_id
+            cfg.teacher.backend, str(teacher_dir), cfg.teacher.threads, engine_kwargs(cfg.teacher), learner_endpoint=endpoint, pad_id=pad_id,
+            run=run,
         )
         for i in range(cfg.teacher.replicas)
     ]

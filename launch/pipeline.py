@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -24,6 +25,7 @@ from launch.fleet import start_actors
 from launch.opd import opd_phase
 from launch.runlog import Phases, console
 from launch.sft import sft_phase
+from learner.ranks import RankLost
 from zeda_rl.metrics import MetricsLog
 from zeda_rl.trajectory import num_rows
 
@@ -60,9 +62,11 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             hub = start_hub(cfg.name, log)
             ckpt = _resume_point(cfg) if resume else None
             learner = LearnerGroup.from_run_config(cfg, student_dir, resume=ckpt)
-            endpoint = learner.open_inbox(cfg.cluster.bind_host, cfg.cluster.inbox_port)
+            run_id = f"{cfg.name}-{uuid.uuid4().hex[:12]}"  # new for each driver: a killed one's batches are refused
+            endpoint = learner.open_inbox(cfg.cluster.bind_host, cfg.cluster.inbox_port, run=run_id)
             cursor = (learner.state().get("data_cursor") or {}) if ckpt else {}
-            rollouts, teachers, _pg = start_actors(cfg, teacher_dir, student_dir, endpoint, data.format.tokenizer.pad_token_id or 0)
+            pad = data.format.tokenizer.pad_token_id or 0
+            rollouts, teachers, _pg = start_actors(cfg, teacher_dir, student_dir, endpoint, pad, run=run_id)
             health = Health({"rollout": rollouts, "teacher": teachers.actors, "learner": learner.actors}, log).start()
 
         in_opd = cursor.get("stage") == "opd"
@@ -87,6 +91,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         ending = "stopped"
         console.print("[yellow]stopped: shutting the learner and actors down")
         raise
+    except RankLost as err:
+        raise RankLost(err.ranks, err.world_size, err.what, f"{err.cause}. {_resume_hint(cfg, log, err)}") from err
     finally:  # the ending first: `ray job stop` allows a few seconds before SIGKILL
         log.log("driver", "phase", ending)
         if hub is not None:
@@ -137,6 +143,19 @@ def _num_experts(checkpoint: Path) -> int:
 
     raw = json.loads((checkpoint / "config.json").read_text())
     return spec_for(raw, str(checkpoint / "config.json")).num_experts(raw)
+
+
+def _resume_hint(cfg: RunConfig, log: MetricsLog, err) -> str:
+    """Where a run that lost a learner rank can go on from: its last complete checkpoint."""
+    from learner.checkpoint import latest, read_meta
+
+    ckpt = latest(cfg.run_dir / "learner")
+    step = read_meta(ckpt)["step"] if ckpt is not None else None
+    log.log("driver", "learner_lost", {"ranks": err.ranks, "during": err.what, "resume_from": str(ckpt) if ckpt else None,
+                                       "resume_step": step})
+    if ckpt is None:
+        return "The run stopped with no learner checkpoint to resume from (learner.checkpoint_every saves them during a phase)"
+    return f"The run stopped; `zeda train --resume` goes on from {ckpt} (learner step {step})"
 
 
 def _resume_point(cfg: RunConfig) -> Path:

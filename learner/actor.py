@@ -72,11 +72,11 @@ class LearnerActor:
 
     # -- the inbox (rank 0 only; learner.inbox) --
 
-    def open_inbox(self, bind_host: str, port: int) -> str:
+    def open_inbox(self, bind_host: str, port: int, run: str | None = None) -> str:
         from learner.inbox import LearnerInbox
 
         host = ray.util.get_node_ip_address() if bind_host == "auto" else bind_host
-        self.inbox = LearnerInbox(f"tcp://{host}:{port}")
+        self.inbox = LearnerInbox(f"tcp://{host}:{port}", run=run)
         return self.inbox.endpoint
 
     def inbox_take(self, ids: list[int], version: int, max_staleness: int, replay: bool = True,
@@ -199,7 +199,7 @@ class LearnerGroup:
         # paths are resolved here: the actors' working directory need not be the driver's
         options = {"temperature": temperature, "seed": seed, "save_dir": str(Path(save_dir).resolve()) if save_dir else None}
         ckpt = str(Path(checkpoint_dir).resolve())
-        self.info = ray.get([a.init.remote(ckpt, c, stage, options, addr, port) for a in self.actors])[0]
+        self.info = self._all([a.init.remote(ckpt, c, stage, options, addr, port) for a in self.actors], "start")[0]
         if resume is not None:
             self.load(resume)
 
@@ -216,7 +216,7 @@ class LearnerGroup:
         from learner.config import learner_part
 
         part = learner_part(stage)
-        cfgs = ray.get([a.set_stage.remote(part, reset_optimizer) for a in self.actors])
+        cfgs = self._all([a.set_stage.remote(part, reset_optimizer) for a in self.actors], "a stage switch")
         self.stage = part.name
         return cfgs[0]
 
@@ -231,14 +231,15 @@ class LearnerGroup:
         elif batch_or_stage.name != self.stage:
             self.set_stage(batch_or_stage)
         shards = self.split(batch)
-        out = ray.get([a.train_step.remote(s, data_cursor) for a, s in zip(self.actors, shards)])
+        out = self._all([a.train_step.remote(s, data_cursor) for a, s in zip(self.actors, shards)], "a training step")
         return out[0]
 
     # -- the inbox: OPD batches that never pass through the driver --
 
-    def open_inbox(self, bind_host: str = "127.0.0.1", port: int = 0) -> str:
-        """Bind the learner's ZMQ inbox on rank 0 ('auto': its node's cluster address); returns the endpoint."""
-        return ray.get(self.actors[0].open_inbox.remote(bind_host, port))
+    def open_inbox(self, bind_host: str = "127.0.0.1", port: int = 0, run: str | None = None) -> str:
+        """Bind the learner's ZMQ inbox on rank 0 ('auto': its node's cluster address); returns the endpoint.
+        With `run`, batches whose meta names another run are dropped (zeda_rl.transport.Puller)."""
+        return ray.get(self.actors[0].open_inbox.remote(bind_host, port, run))
 
     def train_from_inbox(self, stage, ids: list[int], version: int, max_staleness: int, data_cursor=None,
                          replay: bool = True, first_row: bool = False) -> tuple[dict | None, dict]:
@@ -246,10 +247,10 @@ class LearnerGroup:
         none was trainable, inbox report)."""
         if stage.name != self.stage:
             self.set_stage(stage)
-        report, refs = ray.get(self.actors[0].inbox_take.remote(ids, version, max_staleness, replay, first_row))
+        report, refs = self._all([self.actors[0].inbox_take.remote(ids, version, max_staleness, replay, first_row)], "an inbox take")[0]
         if not refs:
             return None, report
-        out = ray.get([a.train_step.remote(r, data_cursor) for a, r in zip(self.actors, refs)])
+        out = self._all([a.train_step.remote(r, data_cursor) for a, r in zip(self.actors, refs)], "a training step")
         return out[0], report
 
     def inbox_discard(self, ids: list[int]) -> int:
@@ -260,7 +261,7 @@ class LearnerGroup:
 
     def logits(self, tokens, attention_mask=None) -> np.ndarray:
         """Eval logits of the same tokens on every rank (they must agree); rank 0's are returned."""
-        return ray.get([a.logits.remote(np.asarray(tokens), attention_mask) for a in self.actors])[0]
+        return self._all([a.logits.remote(np.asarray(tokens), attention_mask) for a in self.actors], "logits")[0]
 
     # -- weights --
 
@@ -269,7 +270,7 @@ class LearnerGroup:
         `zeda_rl.weights.WeightPush` of references, which is all the caller ever holds."""
         from zeda_rl.weights import WeightPush
 
-        refs = ray.get([a.publish.remote(version, self.bucket_bytes) for a in self.actors])
+        refs = self._all([a.publish.remote(version, self.bucket_bytes) for a in self.actors], "a weight publish")
         return WeightPush(version=int(version), refs=tuple(r for rank in refs for r in rank))
 
     def gather(self, version: int):
@@ -295,15 +296,15 @@ class LearnerGroup:
         return [a.broadcast_weights.remote() for a in self._senders]
 
     def export_hf(self, out_dir: str | Path) -> Path:
-        return Path(ray.get([a.export_hf.remote(str(Path(out_dir).resolve())) for a in self.actors])[0])
+        return Path(self._all([a.export_hf.remote(str(Path(out_dir).resolve())) for a in self.actors], "the HF export")[0])
 
     # -- state --
 
     def save(self, path: str | Path) -> Path:
-        return Path(ray.get([a.save.remote(str(Path(path).resolve())) for a in self.actors])[0])
+        return Path(self._all([a.save.remote(str(Path(path).resolve())) for a in self.actors], "a checkpoint save")[0])
 
     def load(self, path: str | Path) -> dict:
-        out = ray.get([a.load.remote(str(Path(path).resolve())) for a in self.actors])[0]
+        out = self._all([a.load.remote(str(Path(path).resolve())) for a in self.actors], "a checkpoint load")[0]
         self.stage = ray.get(self.actors[0].state.remote())["stage"]
         return out
 
@@ -317,11 +318,22 @@ class LearnerGroup:
             raise RuntimeError(f"learner ranks run with different settings: {out}")
         return out[0]
 
+    def _all(self, refs: list, what: str) -> list:
+        """Every rank's result; a dead rank ends the call at once (learner.ranks.RankLost), never a hang."""
+        from learner.ranks import RankLost, collect
+
+        try:
+            return collect(refs, what)
+        except RankLost:
+            self.lost = True
+            raise
+
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
-        try:
-            ray.get([a.close.remote() for a in self.actors], timeout=60)
+        try:  # after a lost rank the others may sit in a collective: a close would queue behind it
+            if not getattr(self, "lost", False):
+                ray.get([a.close.remote() for a in self.actors], timeout=60)
         except Exception:  # noqa: BLE001 - best effort: the actors are killed next anyway
             pass
         for a in self.actors:

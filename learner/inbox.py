@@ -20,10 +20,10 @@ from zeda_rl.trajectory import concat_batches, take_rows
 
 
 class LearnerInbox:
-    def __init__(self, bind_endpoint: str):
+    def __init__(self, bind_endpoint: str, run: str | None = None):
         from zeda_rl.transport import Puller
 
-        self.puller = Puller(bind_endpoint)
+        self.puller = Puller(bind_endpoint, run=run)
         self.endpoint = self.puller.endpoint
         self.rows: dict[int, tuple[dict, int]] = {}  # sample id -> (its packed batch, row in it)
         self.cond = threading.Condition()
@@ -79,7 +79,8 @@ class LearnerInbox:
 
     def stats(self) -> dict:
         with self.cond:
-            return {"received": self.received, "waiting": len(self.rows), "dropped_malformed": int(self.puller.dropped)}
+            return {"received": self.received, "waiting": len(self.rows), "dropped_malformed": int(self.puller.dropped),
+                    "malformed_reasons": dict(self.puller.drop_reasons)}
 
     def close(self) -> None:
         self.closed = True

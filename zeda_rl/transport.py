@@ -32,7 +32,7 @@ from collections import Counter
 
 import zmq
 
-from zeda_rl.wire import TrajectoryBatch, decode, encode
+from zeda_rl.wire import ForeignRun, TrajectoryBatch, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,9 @@ class Puller:
 
     LOG_FIRST = 10  # per reason; afterwards one warning per 1000 drops, to keep logs readable
 
-    def __init__(self, bind_endpoint: str = DEFAULT_BIND, hwm: int = 8, ctx: zmq.Context | None = None):
+    def __init__(self, bind_endpoint: str = DEFAULT_BIND, hwm: int = 8, ctx: zmq.Context | None = None,
+                 run: str | None = None):
+        self.run = run  # when set, only batches whose meta["run"] is this are accepted
         self.received = 0
         self.bytes_received = 0
         self.dropped = 0
@@ -135,6 +137,8 @@ class Puller:
                 continue
             try:
                 batch = decode(frames)
+                if self.run is not None and batch.meta.get("run") != self.run:
+                    raise ForeignRun(f"batch of run {batch.meta.get('run')!r}, this learner trains run {self.run!r}")
             except Exception as e:  # WireError subclasses expected; anything else is also the sender's fault
                 self._drop(e, frames)
                 if deadline is not None and time.monotonic() >= deadline:

@@ -108,6 +108,10 @@ class BadMeta(WireError):
     """`meta` (or a header entry) is not plain JSON-able data."""
 
 
+class ForeignRun(WireError):
+    """A valid batch stamped with another run's id (a stale producer of an earlier run, or another run's)."""
+
+
 # ---- shared header / frame helpers (also used by zeda_rl.weights) ------------------------------
 
 
