@@ -25,14 +25,18 @@ from zeda_rl.metrics import MetricsLog
 
 
 def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, log: MetricsLog,
-              version: int = 0, start: int = 0, prompts_at: int = 0) -> int:
+              version: int = 0, start: int = 0, prompts_at: int = 0, skipped: int = 0) -> int:
     """Train opd.steps steps from step `start` (prompt stream at `prompts_at`); returns the final policy version.
 
-    Prompts in flight when a checkpoint was written are skipped on resume, not repeated.
+    Prompts in flight when a checkpoint was written are skipped on resume, not repeated: their
+    `skipped` samples are counted as dropped (resume_skipped), so every sample id stays accounted for.
     """
     o = cfg.opd
     window = o.max_staleness * o.sync_every + 1 if o.asynchronous else 1
     adm = Admission(o.prompts_per_step, o.samples_per_prompt, window, len(rollouts), o.rollout_batch, start, o.steps)
+    if skipped:  # admitted by the run that wrote the checkpoint, never trained in this lineage
+        adm.admitted += skipped
+        adm.dropped["resume_skipped"] += skipped
     data.opd.seek(prompts_at)
     params = cfg.sampling.model_copy(update={"stop_token_ids": (data.format.eos_id,)})
     sync = WeightSync(learner, rollouts, log, o.weight_sync)
@@ -53,7 +57,8 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
         if ids is None:
             continue
         bump = int((step + 1) % o.sync_every == 0)
-        cursor = {"stage": "opd", "step": step + 1, "version": version + bump, "prompts": data.opd.position}
+        cursor = {"stage": "opd", "step": step + 1, "version": version + bump, "prompts": data.opd.position,
+                  "inflight": len(adm.outstanding()) - len(ids)}  # admitted for later steps: skipped if resumed here
         metrics, report = learner.train_from_inbox(o, ids, version, o.max_staleness, cursor,
                                                    replay=o.routing_replay, first_row=step == start)
         adm.trained_step(step, report)
@@ -64,6 +69,7 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
         metrics.update(staleness_mean=report["staleness_mean"], staleness_max=report["staleness_max"])
         step += 1
         log.log("driver", "trained_prompts", sorted({i // o.samples_per_prompt for i in report["trained"]}), step)
+        log.log("driver", "trained_ids", sorted(report["trained"]), step)
         log_step(log, metrics, step, o.steps)
         if bump:
             version += 1
@@ -146,7 +152,9 @@ def _finish(cfg, adm: Admission, learner, rollouts, sync: WeightSync, acks, prob
         adm.dropped["phase_ended"] += len(left)
     summary = adm.summary()
     log.log("driver", "dropped_stale", adm.dropped["stale"], step)
-    log.log("driver", "dropped_malformed", learner.inbox_stats()["dropped_malformed"], step)
+    inbox = learner.inbox_stats()
+    log.log("driver", "dropped_malformed", inbox["dropped_malformed"], step)
+    log.log("driver", "malformed_reasons", inbox.get("malformed_reasons", {}), step)
     log.log("driver", "admission", summary, step)
     console.print(f"OPD samples: {summary['admitted']} admitted, {summary['trained']} trained, dropped {summary['dropped']}; "
                   f"engine utilisation {', '.join(f'{100 * u:.0f}%' for u in summary['engine_utilisation'])}")

@@ -65,6 +65,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             run_id = f"{cfg.name}-{uuid.uuid4().hex[:12]}"  # new for each driver: a killed one's batches are refused
             endpoint = learner.open_inbox(cfg.cluster.bind_host, cfg.cluster.inbox_port, run=run_id)
             cursor = (learner.state().get("data_cursor") or {}) if ckpt else {}
+            if ckpt:
+                log.log("driver", "resumed", {"from": str(ckpt), "learner_step": learner.state()["step"], **cursor})
             pad = data.format.tokenizer.pad_token_id or 0
             rollouts, teachers, _pg = start_actors(cfg, teacher_dir, student_dir, endpoint, pad, run=run_id)
             health = Health({"rollout": rollouts, "teacher": teachers.actors, "learner": learner.actors}, log).start()
@@ -76,7 +78,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         with phases("opd"):
             at = cursor if in_opd else {}
             version = opd_phase(cfg, rollouts, teachers, learner, data, log,
-                                version=at.get("version", 0), start=at.get("step", 0), prompts_at=at.get("prompts", 0))
+                                version=at.get("version", 0), start=at.get("step", 0), prompts_at=at.get("prompts", 0),
+                                skipped=at.get("inflight", 0))
             _save(cfg, learner)
         with phases("export"):
             final = learner.export_hf(cfg.run_dir / "student")

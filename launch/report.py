@@ -34,6 +34,22 @@ def throughput(events) -> dict[str, float]:
     return out
 
 
+def faults(events) -> dict:
+    """What went wrong and was survived: actor restarts (launch.health), failures the driver saw,
+    malformed inbox messages dropped (by reason), resumes (from which checkpoint and step)."""
+    def last(name, default):
+        return next((e.value for e in reversed(events) if e.component == "driver" and e.name == name), default)
+
+    groups = sorted({e.name.split("/", 1)[1] for e in events if e.component == "driver" and e.name.startswith("restarts/")})
+    return {
+        "restarts": {g: last(f"restarts/{g}", 0) for g in groups},
+        "failures_seen": sum(1 for e in events if e.component == "driver" and e.name == "actor_restart"),
+        "malformed_dropped": last("dropped_malformed", 0),
+        "malformed_reasons": last("malformed_reasons", {}),
+        "resumes": [e.value for e in events if e.component == "driver" and e.name == "resumed"],
+    }
+
+
 def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict, metrics_path: Path, final_version: int = 0) -> dict:
     run = Path(cfg.run_dir)
     events = read_events(metrics_path)
@@ -61,6 +77,7 @@ def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict,
         "final_policy_version": final_version,
         "dropped_stale": stale[-1][1] if stale else 0,
         "opd_admission": next((e.value for e in reversed(events) if e.component == "driver" and e.name == "admission"), None),
+        "faults": faults(events),
         "targets": {
             "zero_ratio_at_least": 0.45,
             "accuracy_within_points": 2.0,
@@ -207,6 +224,15 @@ def _admission_line(a: dict | None) -> str:
             f"calls per engine {a['engine_calls']}")
 
 
+def _faults_line(f: dict) -> str:
+    restarts = ", ".join(f"{g} {n}" for g, n in f["restarts"].items()) or "none seen"
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(f["malformed_reasons"].items()))
+    resumes = "; ".join(f"from learner step {r.get('learner_step')} (OPD step {r.get('step', '-')})" for r in f["resumes"])
+    return (f"- Faults survived: actor restarts {restarts}; engine failures seen by the driver {f['failures_seen']}; "
+            f"malformed inbox messages dropped {f['malformed_dropped']}{f' ({reasons})' if reasons else ''}; "
+            f"resumed {len(f['resumes'])} time{'' if len(f['resumes']) == 1 else 's'}{f' ({resumes})' if resumes else ''}")
+
+
 def _markdown(r: dict) -> str:
     t, s = r["accuracy"]["teacher"], r["accuracy"]["student"]
     rows = "\n".join(f"| {f} | {100 * t[f]:.1f} | {100 * s[f]:.1f} |" for f in t)
@@ -238,6 +264,7 @@ Student minus teacher: {r['accuracy']['delta_points']:+.1f} points.
 - OPD reverse KL: {f"{rkl[0]['value']:.4f} -> {rkl[-1]['value']:.4f}" if rkl else "n/a"} over {len(rkl)} steps
 - Final policy version: {r['final_policy_version']}; samples dropped as too stale: {r['dropped_stale']}
 {_admission_line(r['opd_admission'])}
+{_faults_line(r['faults'])}
 - Records dropped as longer than data.max_prompt_tokens / data.max_response_tokens: {sum(dropped.values())}{f" ({', '.join(f'{k}: {v}' for k, v in dropped.items())})" if dropped else ""}
 
 ![training](training.png)

@@ -505,9 +505,14 @@ def export_hf_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
+    except BaseException as err:
+        from zeda_rl.diskerrors import write_error
+
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failed = write_error(err, out)  # a full disk as "<out>: No space left on device", whatever the writer said
+        if failed is err:
+            raise
+        raise failed from err
     return out
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from zeda_rl.diskerrors import replace_dir, write_error
+
 FORMAT = "zeda-learner-checkpoint/2"
 
 
@@ -50,46 +52,72 @@ def _optimizer_state(learner):
     return learner.optimizer.state_dict()
 
 
+def _all_ok(ok: bool) -> bool:
+    """Whether every rank's part succeeded (collective): a rank that failed must not leave the
+    others waiting in a barrier for a file it will never write."""
+    if not dist.is_initialized():
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
 def save(learner, path: str | Path) -> Path:
-    """Save the learner's full state to `path` (collective: every rank calls it)."""
+    """Save the learner's full state to `path` (collective: every rank calls it).
+
+    Any rank's failure (a full disk, a read-only directory) fails the save on every rank: the
+    temporary directory is removed and a checkpoint already at `path` stays as it was.
+    """
     path = Path(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp = path.parent / f".{path.name}.tmp"
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
-    state = {
-        "model": _model_tensors(learner.model),
-        "optimizer": _optimizer_state(learner),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    torch.save(state, tmp / _rank_file(rank))
-    _barrier()
-    if rank == 0:
-        meta = {
-            "format": FORMAT,
-            "step": learner.step,
-            "stage_start": learner.stage_start,
-            "world_size": learner.world_size,
-            "ep_size": learner.config.ep,
-            "data_cursor": learner.data_cursor,
-            **learner.settings(),
-            "source": str(learner.source),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if path.exists():
-            old = path.parent / f".{path.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    _barrier()
+    error: BaseException | None = None
+    try:
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+    except OSError as err:
+        error = err
+    if _all_ok(error is None):
+        try:
+            state = {
+                "model": _model_tensors(learner.model),
+                "optimizer": _optimizer_state(learner),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            }
+            torch.save(state, tmp / _rank_file(rank))
+        except Exception as err:  # noqa: BLE001 - torch's writer reports a full disk as a RuntimeError
+            error = write_error(err, path)
+        if _all_ok(error is None) and rank == 0:
+            try:
+                _write_meta(learner, tmp)
+                replace_dir(tmp, path)
+            except OSError as err:
+                error = write_error(err, path)
+    if not _all_ok(error is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise OSError(f"{path}: the learner checkpoint was not written (another rank failed to write its part)")
     return path
+
+
+def _write_meta(learner, tmp: Path) -> None:
+    meta = {
+        "format": FORMAT,
+        "step": learner.step,
+        "stage_start": learner.stage_start,
+        "world_size": learner.world_size,
+        "ep_size": learner.config.ep,
+        "data_cursor": learner.data_cursor,
+        **learner.settings(),
+        "source": str(learner.source),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def read_meta(path: str | Path) -> dict:

@@ -47,5 +47,8 @@ def collect(refs: list, what: str, grace_s: float = 10.0) -> list:
         except ray.exceptions.RayError as err:
             failed = failed or err
     if failed is not None:
+        cause = getattr(failed, "cause", None)
+        if isinstance(cause, OSError):  # a full disk, a read-only directory: the path and the cause, not a traceback
+            raise cause from failed
         raise failed
     return out

@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from zeda_rl.arch import ArchSpec, spec_for
+from zeda_rl.diskerrors import replace_dir, write_error
 from zeda_rl.checks import check_router_dtype, check_router_values
 from zeda_rl.release import release_config
 
@@ -101,10 +102,13 @@ def convert_checkpoint(
     try:
         _write_shards(src, tmp, plan, zero_experts, seed, progress, log)
         _write_metadata(src, tmp, cfg, spec, plan, index, zero_experts, zero_type)
-        _replace(tmp, dst)
-    except BaseException:
+        replace_dir(tmp, dst)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failed = write_error(err, dst)
+        if failed is err:
+            raise
+        raise failed from err
     return dst
 
 
@@ -301,22 +305,3 @@ def _write_metadata(src, tmp, cfg, spec: ArchSpec, plan, index, nz: int, zero_ty
     for p in sorted(src.iterdir()):
         if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES and p.name != "config.json" and not p.name.endswith(".index.json"):
             shutil.copyfile(p, tmp / p.name)
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Move the finished tmp into place; an existing dst is removed only once tmp is complete."""
-    if not dst.exists() and not dst.is_symlink():
-        tmp.rename(dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    dst.rename(old)
-    try:
-        tmp.rename(dst)
-    except BaseException:
-        old.rename(dst)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()

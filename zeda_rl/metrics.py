@@ -28,7 +28,14 @@ class MetricsLog:
     def __init__(self, path: str | Path, sinks: tuple = ()):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = False
+        if self.path.is_file() and self.path.stat().st_size:
+            with self.path.open("rb") as f:
+                f.seek(-1, 2)
+                torn = f.read(1) != b"\n"
         self._f = self.path.open("a", buffering=1)
+        if torn:  # a killed driver's last line: a resumed run's first event must not be glued to it
+            self._f.write("\n")
         self._lock = threading.Lock()
         self.sinks = list(sinks)  # callables(Event), e.g. the Prometheus exporter
 
