@@ -323,7 +323,7 @@ class LearnerGroup:
         from learner.ranks import RankLost, collect
 
         try:
-            return collect(refs, what)
+            return collect(refs, what, self.world_size)
         except RankLost:
             self.lost = True
             raise

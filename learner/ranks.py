@@ -30,8 +30,8 @@ def _cause(err: BaseException) -> str:
     return " ".join(lines)[:300] or type(err).__name__
 
 
-def collect(refs: list, what: str, grace_s: float = 10.0) -> list:
-    """Each rank's result of one collective call (refs in rank order); RankLost as soon as a rank is dead."""
+def collect(refs: list, what: str, world_size: int | None = None, grace_s: float = 10.0) -> list:
+    """Each rank's result of one call (refs in rank order from rank 0); RankLost as soon as a rank is dead."""
     index = {ref: i for i, ref in enumerate(refs)}
     out: list = [None] * len(refs)
     pending, failed = list(refs), None
@@ -43,7 +43,7 @@ def collect(refs: list, what: str, grace_s: float = 10.0) -> list:
         try:
             out[index[ref]] = ray.get(ref)
         except ray.exceptions.RayActorError as err:
-            raise RankLost([index[ref]], len(refs), what, _cause(err)) from err
+            raise RankLost([index[ref]], world_size or len(refs), what, _cause(err)) from err
         except ray.exceptions.RayError as err:
             failed = failed or err
     if failed is not None:

@@ -61,8 +61,9 @@ def malformed(i: int, foreign_run: str = "another-run") -> tuple[str, list[bytes
     return kind, frames
 
 
-def push_malformed(endpoint: str, n: int, foreign_run: str = "another-run") -> Counter:
-    """Send n malformed messages to a learner inbox from a bare PUSH socket; returns the expected drop reasons."""
+def push_malformed(endpoint: str, n: int, foreign_run: str = "another-run", last: TrajectoryBatch | None = None) -> Counter:
+    """Send n malformed messages to a learner inbox from a bare PUSH socket, then `last` (a valid batch:
+    once it has arrived, so has everything before it); returns the expected drop reasons."""
     sock = zmq.Context.instance().socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 5000)
     sock.connect(endpoint)
@@ -72,6 +73,8 @@ def push_malformed(endpoint: str, n: int, foreign_run: str = "another-run") -> C
             kind, frames = malformed(i, foreign_run)
             sock.send_multipart(frames)
             expected[KINDS[kind]] += 1
+        if last is not None:
+            sock.send_multipart(encode(last))
     finally:
         sock.close()  # lingers until every message is handed over
     return expected

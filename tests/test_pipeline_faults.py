@@ -142,7 +142,7 @@ def test_a_killed_learner_rank_ends_the_run_promptly_with_a_resumable_checkpoint
     ckpt = latest(cfg.run_dir / "learner")
     assert ckpt is not None
     meta = read_meta(ckpt)
-    assert "died during" in message and "--resume" in message and str(ckpt) in message, message
+    assert f"of {cfg.learner.ep * cfg.learner.dp} died during" in message and "--resume" in message and str(ckpt) in message, message
     events = read_events(metrics)
     assert _values(events, "driver", "phase")[-1] == "failed"
     assert _values(events, "driver", "learner_lost")[-1]["resume_step"] == meta["step"]

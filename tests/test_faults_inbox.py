@@ -1,0 +1,65 @@
+"""10,000 malformed messages on the learner's inbox while real batches arrive: none crashes the
+inbox's thread, each is counted by reason and logged, and the batches a step takes are exactly
+what they are without them (the pipeline test shows the same inside a run)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+import numpy as np
+
+from learner.inbox import LearnerInbox
+from tests.faults import push_malformed, valid_batch
+from zeda_rl.transport import Pusher
+
+RUN = "run-under-test"
+
+
+def _fill(pusher: Pusher, n_batches: int) -> None:
+    """(The pusher stays open until the batches are taken: a closed Pusher drops what it still queues.)"""
+    for k in range(n_batches):
+        assert pusher.send(valid_batch(RUN, seed=k, ids=(2 * k, 2 * k + 1)), timeout_s=30)
+
+
+def _take_all(inbox: LearnerInbox, n: int) -> tuple[dict, dict]:
+    return inbox.take(list(range(n)), version=0, max_staleness=1, timeout_s=60)
+
+
+def test_malformed_messages_change_nothing_and_are_each_counted(caplog):
+    clean = LearnerInbox("tcp://127.0.0.1:0", run=RUN)
+    try:
+        with Pusher(clean.endpoint, hwm=64) as pusher:
+            _fill(pusher, 20)
+            want, want_report = _take_all(clean, 40)
+    finally:
+        clean.close()
+
+    inbox = LearnerInbox("tcp://127.0.0.1:0", run=RUN)
+    expected: Counter = Counter()
+    try:
+        with caplog.at_level(logging.WARNING, logger="zeda_rl.transport"):
+            last = valid_batch(RUN, ids=(10**6,))  # sent after the garbage on its connection
+            garbage = threading.Thread(target=lambda: expected.update(push_malformed(inbox.endpoint, 10_000, last=last)))
+            garbage.start()
+
+            with Pusher(inbox.endpoint, hwm=64) as pusher:
+                _fill(pusher, 20)
+                # another run's valid batch with the same sample ids: it must not replace ours
+                assert pusher.send(valid_batch("another-run", seed=99, ids=tuple(range(40))), timeout_s=30)
+                expected["ForeignRun"] += 1
+                assert pusher.send(valid_batch(RUN, ids=(10**6 + 1,)), timeout_s=30)  # after it on its connection
+                garbage.join()
+                _, after = inbox.take([10**6, 10**6 + 1], version=0, max_staleness=1, timeout_s=60)
+                assert after["trained"] == [10**6, 10**6 + 1]  # so every message sent before them has been read
+                got, report = _take_all(inbox, 40)
+        stats = inbox.stats()
+        assert inbox.thread.is_alive()  # no crash
+    finally:
+        inbox.close()
+    assert report == want_report and report["trained"] == list(range(40)) and not report["missing"]
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert stats["dropped_malformed"] == 10_001 and Counter(stats["malformed_reasons"]) == expected
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert all(reason in logged for reason in expected)  # the first of each kind, then every 1000th
