@@ -78,7 +78,7 @@ def test_file_system_errors_are_one_line_naming_path_and_cause(teacher, tmp_path
 
 
 def test_disk_full_during_convert(teacher, tmp_path, monkeypatch, capsys):
-    """ENOSPC from a write names no file: the line names the output being written, and nothing half-written stays."""
+    """ENOSPC from a write names no file: the converter names its output (zeda_rl.diskerrors), and nothing half-written stays."""
     import builtins
 
     from launch import cli
@@ -100,9 +100,10 @@ def test_disk_full_during_convert(teacher, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(convert, "open", lambda *a, **k: Full(builtins.open(*a, **k)), raising=False)
     assert cli.main(["convert", str(teacher), str(tmp_path / "student"), "--zero-experts", "4"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"zeda convert: error: writing under {tmp_path / 'student'}: No space left on device"
+    assert err[-1] == f"zeda convert: error: {tmp_path / 'student'}: No space left on device"
     assert list(tmp_path.iterdir()) == []
     assert cli.describe(OSError(errno.EBUSY, "Device or resource busy", "/mnt/runs")) == "/mnt/runs: Device or resource busy"
+    assert cli.describe(OSError(errno.ENOSPC, "No space left on device"), "/runs/x") == "writing under /runs/x: No space left on device"
 
 
 def _interrupt(args, ready: str, on: str = "stderr", env=None) -> subprocess.CompletedProcess:
