@@ -3,8 +3,11 @@
 Every actor has a cheap `health()` that returns its pid. The driver pings each actor
 every `every_s` without waiting (a ping queues behind the actor's current call, so a
 busy actor answers late but answers); an actor is alive while its last answer is
-younger than `grace_s` or its pending ping is. A new pid behind the same handle means
-Ray restarted the actor (max_restarts), which is counted. The figures go to the
+younger than `grace_s` or its pending ping is. A restart is counted once per outage: a ping
+that fails (the actor died or is restarting) after one that answered, or a new pid behind
+the same handle; a short run can end before a restarted engine answers again, so waiting
+for the new pid alone missed restarts. Groups in `no_restarts` (the learner ranks, which Ray
+does not restart) count nothing: their death ends the run. The figures go to the
 metrics log as `driver/alive/<group>`, `driver/total/<group>`, `driver/restarts/<group>`.
 It runs in a thread of the driver, beside the loop, so no phase has to remember to ask.
 """
@@ -18,8 +21,10 @@ import ray
 
 
 class Health:
-    def __init__(self, groups: dict[str, list], log, every_s: float = 2.0, grace_s: float = 60.0):
+    def __init__(self, groups: dict[str, list], log, every_s: float = 2.0, grace_s: float = 60.0, no_restarts=()):
         self.groups, self.log, self.every_s, self.grace_s = groups, log, every_s, grace_s
+        self.no_restarts = set(no_restarts)
+        self.down: set[tuple[str, int]] = set()  # failed their last ping after answering once: restart counted
         now = time.time()
         self.last_ok = {(g, i): now for g, actors in groups.items() for i in range(len(actors))}
         self.pids: dict[tuple[str, int], int] = {}
@@ -53,9 +58,14 @@ class Health:
                 key = self.pending.pop(ref)[:2]
                 try:
                     pid = ray.get(ref)["pid"]
-                except ray.exceptions.RayError:
-                    continue  # dead (or restarting): no answer, last_ok ages
-                if key in self.pids and self.pids[key] != pid:
+                except ray.exceptions.RayError:  # dead or restarting: no answer, last_ok ages
+                    if key in self.pids and key not in self.down and key[0] not in self.no_restarts:
+                        self.down.add(key)
+                        self.restarts[key[0]] += 1
+                    continue
+                if key in self.down:
+                    self.down.discard(key)  # back: this outage is counted already
+                elif key in self.pids and self.pids[key] != pid and key[0] not in self.no_restarts:
                     self.restarts[key[0]] += 1
                 self.pids[key], self.last_ok[key] = pid, now
         if now - self.last_report < self.every_s:

@@ -49,6 +49,7 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
     while step < o.steps:
         seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync)
         _collect(adm, log, resync)
+        learner.check()  # a dead learner rank ends the run now, not when the next step needs it
         resync.poll()
         acks = _applied(acks, log, step)
         log.log("driver", "queue_depth", adm.waiting(), step)

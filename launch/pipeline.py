@@ -69,7 +69,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                 log.log("driver", "resumed", {"from": str(ckpt), "learner_step": learner.state()["step"], **cursor})
             pad = data.format.tokenizer.pad_token_id or 0
             rollouts, teachers, _pg = start_actors(cfg, teacher_dir, student_dir, endpoint, pad, run=run_id)
-            health = Health({"rollout": rollouts, "teacher": teachers.actors, "learner": learner.actors}, log).start()
+            health = Health({"rollout": rollouts, "teacher": teachers.actors, "learner": learner.actors}, log,
+                            no_restarts=("learner",)).start()
 
         in_opd = cursor.get("stage") == "opd"
         with phases("sft"):

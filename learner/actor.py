@@ -328,6 +328,29 @@ class LearnerGroup:
             self.lost = True
             raise
 
+    def check(self) -> None:
+        """RankLost if a rank has died since the last check; never blocks. Between steps the driver may
+        wait on engines for a long time (a teacher's push to a dead rank 0 times out only after a minute):
+        a ping per rank, kept in flight and looked at here, notices the death within a call or two."""
+        import time
+
+        from learner.ranks import RankLost, cause
+
+        if time.monotonic() - getattr(self, "_checked", 0.0) < 0.5:  # the loop spins; the pings need not
+            return
+        self._checked = time.monotonic()
+        pings = getattr(self, "_pings", None) or {a.health.remote(): i for i, a in enumerate(self.actors)}
+        done, _ = ray.wait(list(pings), num_returns=len(pings), timeout=0)
+        for ref in done:
+            i = pings.pop(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                self.lost = True
+                raise RankLost([i], self.world_size, "the wait between steps", cause(err)) from err
+            pings[self.actors[i].health.remote()] = i
+        self._pings = pings
+
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
 

@@ -25,7 +25,7 @@ class RankLost(RuntimeError):
         super().__init__(f"learner rank{'s' if len(ranks) > 1 else ''} {who} of {world_size} died during {what}: {cause}")
 
 
-def _cause(err: BaseException) -> str:
+def cause(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return " ".join(lines)[:300] or type(err).__name__
 
@@ -43,12 +43,12 @@ def collect(refs: list, what: str, world_size: int | None = None, grace_s: float
         try:
             out[index[ref]] = ray.get(ref)
         except ray.exceptions.RayActorError as err:
-            raise RankLost([index[ref]], world_size or len(refs), what, _cause(err)) from err
+            raise RankLost([index[ref]], world_size or len(refs), what, cause(err)) from err
         except ray.exceptions.RayError as err:
             failed = failed or err
     if failed is not None:
-        cause = getattr(failed, "cause", None)
-        if isinstance(cause, OSError):  # a full disk, a read-only directory: the path and the cause, not a traceback
-            raise cause from failed
+        inner = getattr(failed, "cause", None)
+        if isinstance(inner, OSError):  # a full disk, a read-only directory: the path and the cause, not a traceback
+            raise inner from failed
         raise failed
     return out
