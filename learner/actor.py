@@ -1,8 +1,10 @@
 """The learner as Ray actors: one `LearnerActor` per rank, driven by a `LearnerGroup`.
 
 The ranks live in one placement group (PACK: one node when it fits) and form one
-torch.distributed world (gloo on CPU, nccl on GPU): world = DP ranks, with expert
-parallelism of `learner.ep` carved out of them (learner.parallel). Rank 0's node address
+torch.distributed world (gloo on CPU, nccl on GPU) of `learner.ep` x `learner.dp` ranks: expert
+parallelism of `learner.ep` and tensor parallelism of `learner.tp` are carved out of them
+(learner.parallel); the rows of a batch go to the world / TP data-parallel ranks, each TP
+peer getting its data-parallel rank's share. Rank 0's node address
 and a free port there are the rendezvous; every rank then builds its `Learner`
 concurrently (init_process_group blocks until all have joined).
 
@@ -25,11 +27,18 @@ import ray
 _BATCH_KEYS = ("tokens", "loss_mask", "attention_mask", "behaviour_logprobs", "teacher_logprobs", "routed_experts")
 
 
-def shard_rows(batch: dict, world_size: int) -> list[dict]:
-    """Contiguous row shards of a batch, one per rank (learner fields only; every rank gets one, maybe empty)."""
+def shard_rows(batch: dict, world_size: int, tp: int = 1) -> list[dict]:
+    """Contiguous row shards of a batch, one per rank (learner fields only; every rank gets one, maybe empty).
+
+    With tensor parallelism the rows are split over the world / tp data-parallel ranks and
+    the TP peers of one (consecutive ranks, Megatron's order) get the same share.
+    """
+    from learner.parallel import layout
+
     b = {k: np.asarray(batch[k]) for k in _BATCH_KEYS if batch.get(k) is not None}
-    rows = np.array_split(np.arange(b["tokens"].shape[0]), world_size)
-    return [{k: (v[:, r] if k == "routed_experts" else v[r]) for k, v in b.items()} for r in rows]
+    rows = np.array_split(np.arange(b["tokens"].shape[0]), world_size // tp)
+    shards = [{k: (v[:, r] if k == "routed_experts" else v[r]) for k, v in b.items()} for r in rows]
+    return [shards[layout(rank, world_size, tp)["dp_rank"]] for rank in range(world_size)]
 
 
 @ray.remote
@@ -58,6 +67,7 @@ class LearnerActor:
 
         self.learner = Learner(checkpoint_dir, config, stage, **options, rank=self.rank, world_size=self.world_size,
                                master_addr=master_addr, master_port=master_port)
+        self.tp = self.learner.config.tp
         info = self.learner.info
         return {"rank": self.rank, "family": info.family, "moe_layers": len(info.moe_layers), "num_experts": info.num_experts}
 
@@ -91,7 +101,8 @@ class LearnerActor:
         if first_row:
             n = int(batch["attention_mask"][0].sum()) if "attention_mask" in batch else batch["tokens"].shape[1]
             report["first_row"] = {k: batch[k][0][:n][:4096].tolist() for k in ("tokens", "loss_mask")}
-        return report, [ray.put(s) for s in shard_rows(batch, self.world_size)]
+        refs: dict[int, object] = {}  # TP peers share one object
+        return report, [refs.setdefault(id(s), ray.put(s)) for s in shard_rows(batch, self.world_size, self.tp)]
 
     def inbox_discard(self, ids: list[int]) -> int:
         return self.inbox.discard(ids)
@@ -221,7 +232,7 @@ class LearnerGroup:
         return cfgs[0]
 
     def split(self, batch: dict) -> list[dict]:
-        return shard_rows(batch, self.world_size)
+        return shard_rows(batch, self.world_size, self.config.tp)
 
     def train_step(self, batch_or_stage, batch: dict | None = None, data_cursor=None) -> dict:
         """One step on the global batch: `train_step(batch)` or `train_step(stage_section, batch)`

@@ -9,12 +9,19 @@ to the HF tensor(s) it is made of, with the transform each way:
 - GLM MLA with `rope_interleave=False`: the RoPE rows of q_b_proj / kv_a_proj are
   permuted into the interleaved order Megatron's MLA RoPE expects (identity otherwise).
 Local expert j of EP rank r is global expert r * N/EP + j, so each rank reads (and
-writes) only its own experts. Every transform is a pure reindexing, so a round trip is
+writes) only its own experts. Under tensor parallelism each rank holds its 1/TP of every
+tensor Megatron splits (the parameter's `tensor_model_parallel` / `partition_dim`, set by
+Megatron itself, say which and along which dim): column-parallel ones (qkv, MLA's q/kv
+down and up projections, dense and shared-expert fc1) by output rows, row-parallel ones
+(linear_proj, fc2) by input columns, the embedding and output layer by vocabulary rows
+(padded with zero rows to a multiple of TP, cut off again on export); a SwiGLU fc1 is split
+gate and up separately ([gate_r; up_r] on rank r, as Megatron lays it out). Norms, routers
+and the correction bias are replicated; experts are whole (expert TP = 1). Every transform is a pure reindexing, so a round trip is
 bit-exact, and tensors keep their on-disk dtype when exported (the learner's fp32
 copies are cast back to it).
 
 Export for weight sync gathers the experts of all EP ranks (an all-gather per tensor
-over the EP group) and yields (HF name, tensor) in a fixed order: embeddings, layers in
+over the EP group) and the TP shards (an all-gather over the TP group) and yields (HF name, tensor) in a fixed order: embeddings, layers in
 order (experts 0..N-1 inside each), final norm, lm_head; by default with the experts
 fused the way the transformers model holds them in memory (the names rollout engines'
 `apply_update` takes), or in the per-expert checkpoint layout.
@@ -103,6 +110,7 @@ class Rule:
     to_megatron: Callable[[list[torch.Tensor]], torch.Tensor]
     to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
     expert: bool = False
+    blocks: int = 1  # independent blocks along the TP-split dim, each split over TP (SwiGLU fc1: gate, up)
 
 
 def _direct(m: str, h: str, expert: bool = False) -> Rule:
@@ -110,7 +118,63 @@ def _direct(m: str, h: str, expert: bool = False) -> Rule:
 
 
 def _glu(m: str, gate: str, up: str, expert: bool = False) -> Rule:
-    return Rule(m, [gate, up], lambda ts: torch.cat(ts, 0), lambda t: list(t.chunk(2, 0)), expert)
+    return Rule(m, [gate, up], lambda ts: torch.cat(ts, 0), lambda t: list(t.chunk(2, 0)), expert, blocks=2)
+
+
+# ---- tensor-parallel shards -------------------------------------------------------------------
+
+
+def _tp() -> tuple[int, int]:
+    from learner import parallel
+
+    return (parallel.tp_rank(), parallel.tp_size()) if dist.is_initialized() else (0, 1)
+
+
+def tp_dims(model: torch.nn.Module) -> dict[str, int]:
+    """Megatron name -> the dim its TP shards split (only tensors Megatron splits, only under TP > 1)."""
+    if _tp()[1] == 1:
+        return {}
+    return {n: int(p.partition_dim) for n, p in model.named_parameters()
+            if getattr(p, "tensor_model_parallel", False) and not is_expert_param(n)}  # experts: expert TP = 1
+
+
+def tp_shard(full: torch.Tensor, dim: int, rank: int, size: int, blocks: int, local_len: int) -> torch.Tensor:
+    """Rank `rank`'s shard (length `local_len` along `dim`) of a full Megatron tensor.
+
+    A tensor shorter than size x local_len (the vocabulary padded to a multiple of TP) gets zero rows first.
+    """
+    short = local_len * size - full.shape[dim]
+    if short:
+        if blocks != 1 or short < 0:
+            raise ValueError(f"TP shard: {tuple(full.shape)} does not split into {size} x {local_len} along dim {dim}")
+        pad = list(full.shape)
+        pad[dim] = short
+        full = torch.cat([full, full.new_zeros(pad)], dim)
+    return torch.cat([b.chunk(size, dim)[rank] for b in full.chunk(blocks, dim)], dim)
+
+
+def tp_unshard(parts: list[torch.Tensor], dim: int, blocks: int, full_len: int) -> torch.Tensor:
+    """The full Megatron tensor from every TP rank's shard (inverse of `tp_shard`, padding cut to `full_len`)."""
+    split = [p.chunk(blocks, dim) for p in parts]
+    full = torch.cat([torch.cat([s[b] for s in split], dim) for b in range(blocks)], dim)
+    return full.narrow(dim, 0, min(full_len, full.shape[dim]))
+
+
+def _tp_gather(t: torch.Tensor, dim: int | None, rule: Rule, info: ModelInfo) -> torch.Tensor:
+    """The full tensor of a TP-sharded one (collective over the TP group); others as they are."""
+    if dim is None:
+        return t
+    from learner import parallel
+
+    parts = [torch.empty_like(t) for _ in range(parallel.tp_size())]
+    dist.all_gather(parts, t.contiguous(), group=parallel.tp_group())
+    full_len = t.shape[dim] * len(parts)
+    if rule.megatron in _VOCAB_TENSORS:
+        full_len = info.vocab_size
+    return tp_unshard(parts, dim, rule.blocks, full_len)
+
+
+_VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def _qkv(m: str, prefix: str, heads: int, groups: int, d: int) -> Rule:
@@ -251,6 +315,8 @@ def load_hf(model: torch.nn.Module, checkpoint_dir: str | Path, ep_rank: int | N
     check_routers(checkpoint_dir)
     ckpt = HFCheckpoint(checkpoint_dir)
     targets = _tensors(model)
+    split = tp_dims(model)
+    tp_rank, tp_size = _tp()
     rs = rules(info, ep_rank, ep_size)
     missing = sorted(set(targets) - {r.megatron for r in rs})
     if missing:
@@ -266,6 +332,9 @@ def load_hf(model: torch.nn.Module, checkpoint_dir: str | Path, ep_rank: int | N
                 dtypes[h] = ckpt.dtype(h)
             src = r.to_megatron([ckpt.get(h) for h in r.hf])
             dst = targets[r.megatron]
+            if r.megatron in split:
+                d = split[r.megatron]
+                src = tp_shard(src, d, tp_rank, tp_size, r.blocks, dst.shape[d])
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(f"{r.megatron}: HF {r.hf} give shape {tuple(src.shape)}, the model has {tuple(dst.shape)}")
             dst.copy_(src.to(dst.dtype))
@@ -299,23 +368,28 @@ def local_hf_state(
     """(HF name, tensor) of this rank's tensors: dense ones and its own experts, in export order.
 
     grads=True maps the parameters' gradients the same way (for tests and diagnostics).
+    Under TP the dense tensors are gathered from the TP group first (an HF tensor is whole),
+    so it is then collective over the TP group.
     """
     info: ModelInfo = model.zeda_info
     ep_rank, ep_size = _ep(ep_rank, ep_size)
     targets = _source(model, grads)
+    split = tp_dims(model)
     dtypes = getattr(model, "zeda_hf_dtypes", {}) if cast else {}
     for r in rules(info, ep_rank, ep_size):
         if r.megatron not in targets:  # grads=True: buffers have none
             continue
-        for h, t in zip(r.hf, r.to_hf(targets[r.megatron].detach())):
+        full = _tp_gather(targets[r.megatron].detach(), split.get(r.megatron), r, info)
+        for h, t in zip(r.hf, r.to_hf(full)):
             yield h, t.to(dtypes.get(h, t.dtype)).contiguous()
 
 
 def full_hf_state(model: torch.nn.Module, cast: bool = True, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of the whole model, experts gathered from all EP ranks, in export order.
 
-    Collective over the EP group when EP > 1: every rank of the group must iterate it in
-    step (each yields the same sequence). Dense tensors are identical on all ranks.
+    Collective over the EP group when EP > 1 and the TP group when TP > 1: every rank of the
+    groups must iterate it in step (each yields the same sequence). Dense tensors are
+    identical on all ranks.
     """
     info: ModelInfo = model.zeda_info
     ep_rank, ep_size = _ep(None, None)
@@ -325,6 +399,7 @@ def full_hf_state(model: torch.nn.Module, cast: bool = True, grads: bool = False
     from learner import parallel
 
     group = parallel.ep_group()
+    split = tp_dims(model)
     targets = _source(model, grads)
     dtypes = getattr(model, "zeda_hf_dtypes", {}) if cast else {}
     local = rules(info, ep_rank, ep_size)
@@ -335,6 +410,7 @@ def full_hf_state(model: torch.nn.Module, cast: bool = True, grads: bool = False
             continue
         t = targets[r.megatron].detach()
         if not r.expert:
+            t = _tp_gather(t, split.get(r.megatron), r, info)
             for h, x in zip(r.hf, r.to_hf(t)):
                 yield h, x.to(dtypes.get(h, x.dtype)).contiguous()
             continue
@@ -406,7 +482,7 @@ def export_buckets(
     state dict (experts as `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj`
     [E, H, I]) - what `zeda_rl.weights.apply_update` and the rollout engines take.
     layout "checkpoint": the per-expert safetensors names of the checkpoint on disk.
-    Collective over the EP group (every rank must call it). A rank with keep=False takes
+    Collective over the EP and TP groups (every rank must call it). A rank with keep=False takes
     part in the gathers tensor by tensor and holds none of them (an empty update): at
     scale the full model must not be materialised on every rank.
     """
@@ -440,7 +516,7 @@ def export_hf_checkpoint(
     goes to a temporary directory beside out_dir, renamed into place when complete.
     Source tensors the learner does not hold (e.g. GLM-4.7-Flash's multi-token-prediction
     layer, which is not trained here) are copied through unchanged, so the export is as
-    complete as the input. Collective over the EP group; by default the global rank 0 writes.
+    complete as the input. Collective over the EP and TP groups; by default the global rank 0 writes.
     """
     out = Path(out_dir)
     src = Path(source_dir or getattr(model, "zeda_source"))

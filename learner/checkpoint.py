@@ -12,7 +12,7 @@ have finished, so a crash never leaves a half-written checkpoint under the final
 Resuming restores the parameters, the optimiser moments and step counts, the
 learner section, the stage's section (the lr is a pure function of the step), the temperature and
 the data cursor, so the next step is bit-identical to
-the one the uninterrupted run would have taken. The layout (world size, EP size) must be
+the one the uninterrupted run would have taken. The layout (world, EP and TP sizes) must be
 the same; to change it, go through an HF export (`Learner.export_hf`), which keeps the
 weights but not the optimiser state.
 """
@@ -113,6 +113,7 @@ def _write_meta(learner, tmp: Path) -> None:
         "stage_start": learner.stage_start,
         "world_size": learner.world_size,
         "ep_size": learner.config.ep,
+        "tp_size": learner.config.tp,
         "data_cursor": learner.data_cursor,
         **learner.settings(),
         "source": str(learner.source),
@@ -134,10 +135,11 @@ def load(learner, path: str | Path) -> dict:
     """Restore a learner (built from the same source model and layout) from `path`; returns meta."""
     path = Path(path)
     meta = read_meta(path)
-    if meta["world_size"] != learner.world_size or meta["ep_size"] != learner.config.ep:
+    saved_tp = meta.get("tp_size", 1)
+    if meta["world_size"] != learner.world_size or meta["ep_size"] != learner.config.ep or saved_tp != learner.config.tp:
         raise ValueError(
-            f"{path}: saved with world={meta['world_size']} EP={meta['ep_size']}, this learner has "
-            f"world={learner.world_size} EP={learner.config.ep}; resume with the same layout "
+            f"{path}: saved with world={meta['world_size']} EP={meta['ep_size']} TP={saved_tp}, this learner has "
+            f"world={learner.world_size} EP={learner.config.ep} TP={learner.config.tp}; resume with the same layout "
             "(or start a new run from an HF export)"
         )
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -39,7 +39,8 @@ class LearnerSection(_Strict):
     # Memory knobs `zeda plan` (launch.plan) budgets with; the defaults are the CPU learner's layout.
     # Values the learner cannot run yet are refused by `not_implemented`.
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: bf16 weights, fp32 router, fp32 grads, master weights and Adam state")
-    tp: int = Field(1, ge=1, description="tensor-parallel size (with sequence parallelism), carved out of the ep x dp ranks")
+    tp: int = Field(1, ge=1, description="tensor-parallel size (with sequence parallelism), carved out of the ep x dp ranks: "
+                    "TP peers are consecutive ranks sharing rows, experts stay whole (expert TP 1)")
     recompute: Literal["none", "selective", "full"] = Field("none", description="activation recompute: none, core attention, every layer")
     optimizer: Literal["local", "distributed", "cpu_offload"] = Field(
         "local", description="where master weights and Adam state live: each rank, sharded over data-parallel ranks, host memory")
@@ -49,7 +50,7 @@ class LearnerSection(_Strict):
 
 
 # knob -> the only value the learner runs (knobs not listed run every value they accept)
-_IMPLEMENTED = {"tp": 1}
+_IMPLEMENTED: dict[str, object] = {}
 
 
 # knob -> (value, why the learner cannot run it)
@@ -68,8 +69,13 @@ def not_implemented(section: LearnerSection) -> list[str]:
     """
     out = [f"learner.{k}: {getattr(section, k)} is planned but not implemented yet (the learner runs {v})"
            for k, v in _IMPLEMENTED.items() if getattr(section, k) != v]
-    return out + [f"learner.{k}: {v} is planned but not runnable: {why}" for k, (v, why) in _UNSUPPORTED.items()
-                  if getattr(section, k) == v]
+    out += [f"learner.{k}: {v} is planned but not runnable: {why}" for k, (v, why) in _UNSUPPORTED.items()
+            if getattr(section, k) == v]
+    if section.tp > 1 and section.logits_chunk_tokens is not None:
+        out.append(f"learner.logits_chunk_tokens: {section.logits_chunk_tokens} with learner.tp: {section.tp} is not "
+                   "implemented yet (the chunked logprob is not vocab-parallel; TP already splits the logits by TP): "
+                   "unset one of them")
+    return out
 
 
 class SFTStage(_Strict):

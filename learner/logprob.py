@@ -11,7 +11,8 @@ budgets for the logits (chunk x V x (logits + fp32 log-softmax, its gradient, th
 gradient)).
 
 Tensor parallelism would need the vocab-parallel reductions (max, sum-exp, target logit over
-the TP group) and the sequence-parallel gather of h; the learner runs TP = 1 here.
+the TP group) and the sequence-parallel gather of h: learner.config.not_implemented refuses it
+with TP > 1 (where the unchunked path is learner.tp_logprob).
 """
 
 from __future__ import annotations

@@ -21,6 +21,17 @@ output with Megatron's `MoEAuxLossAutoScaler`, as Megatron attaches its own aux 
 `MoEAuxLossAutoScaler.set_loss_scale` therefore sets its weight in the backward pass.
 Routing replay and recording go through the routers (`replay_routing`, `record_routing`).
 
+Tensor parallelism (`tp_size` > 1) is stock Megatron with sequence parallelism: column/row-parallel
+linears, a vocab-parallel embedding and output layer (the vocabulary padded to a multiple of TP
+when it is not one), experts whole on their EP rank (expert TP = 1). Between the TP regions each TP
+rank holds a contiguous 1/TP of the sequence, so a router sees only its shard's tokens: it takes its
+rows of replayed ids, all-gathers the ids it chose (records and metrics are of the whole sequence),
+and L_GA sums its statistics over the TP group (counts without gradient, the probability sums with
+an all-reduce whose backward is the identity), so every TP rank attaches the loss of the whole
+micro-batch and its gradient reaches each token's router row once. Sequences are padded on the
+right to a multiple of TP inside `forward_logits` (padding flagged, so it carries no loss and no
+L_GA) and trimmed again on the way out.
+
 Token order inside Megatron is [S, B] (sequence first); the helpers here take and give
 [B, S] like the rest of zeda_rl.
 """
@@ -42,6 +53,12 @@ from learner import cpu_shims
 cpu_shims.apply()
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.tensor_parallel.mappings import (  # noqa: E402
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
+from megatron.core.utils import get_pg_rank, get_pg_size  # noqa: E402
 from megatron.core.models.gpt.gpt_model import GPTModel  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
@@ -122,14 +139,43 @@ def _rope_theta(hf_config) -> float:
     return float(theta)
 
 
+def check_tp(info: ModelInfo, tp_size: int) -> None:
+    """Refuse a TP size the model's split shapes cannot be divided by, naming them (Megatron would assert).
+
+    Split: attention heads (and Qwen's KV heads), dense and shared-expert FFN widths. MLA's down
+    projections are duplicated under TP and the vocabulary is padded, so neither constrains it.
+    """
+    if tp_size == 1:
+        return
+    c = info.hf_config
+    shapes = {"num_attention_heads": c.num_attention_heads}
+    if info.family == "qwen3_moe":
+        shapes["num_key_value_heads"] = c.num_key_value_heads
+    if len(info.moe_layers) < info.num_layers:
+        shapes["intermediate_size (dense layers)"] = c.intermediate_size
+    if info.family == "glm4_moe_lite" and getattr(c, "n_shared_experts", 0):
+        shapes["moe_intermediate_size x n_shared_experts (shared expert)"] = c.moe_intermediate_size * int(c.n_shared_experts)
+    bad = [f"{k}={v}" for k, v in shapes.items() if v % tp_size]
+    if bad:
+        raise ValueError(f"learner.tp={tp_size} does not divide {', '.join(bad)} of this {info.family} model: "
+                         "choose a TP size that does")
+
+
+def padded_vocab(info: ModelInfo, tp_size: int = 1) -> int:
+    """Rows of the embedding and output layer: the vocabulary rounded up to a multiple of TP (Megatron splits rows evenly)."""
+    return -(-info.vocab_size // tp_size) * tp_size
+
+
 def transformer_config(
     info: ModelInfo,
     ep_size: int = 1,
     dispatcher: str = "allgather",
     params_dtype: torch.dtype = torch.float32,
+    tp_size: int = 1,
     **overrides,
 ) -> TransformerConfig:
     """Megatron's TransformerConfig (MLATransformerConfig for GLM) for a converted HF config."""
+    check_tp(info, tp_size)
     c = info.hf_config
     on_cpu = not torch.cuda.is_available()
     moe_set = set(info.moe_layers)
@@ -169,7 +215,9 @@ def transformer_config(
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
         expert_model_parallel_size=ep_size,
-        tensor_model_parallel_size=1,
+        expert_tensor_parallel_size=1,
+        tensor_model_parallel_size=tp_size,
+        sequence_parallel=tp_size > 1,  # Megatron refuses MoE with TP but without it
         pipeline_model_parallel_size=1,
     )
     if info.family == "qwen3_moe":
@@ -242,6 +290,8 @@ class ZeroExpertRouter(TopKRouter):
         self.weight = torch.nn.Parameter(torch.empty(spec.total, config.hidden_size, dtype=torch.float32))
         if config.perform_initialization:
             config.init_method(self.weight)
+        # it sees a sequence shard under sequence parallelism: its grad is summed over TP (learner.parallel)
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
         if spec.family == "sigmoid":
             # Fixed during adaptation (bias update rate 0), so a buffer, as in the HF model.
             self.register_buffer("e_score_correction_bias", torch.zeros(spec.total, dtype=torch.float32))
@@ -256,22 +306,43 @@ class ZeroExpertRouter(TopKRouter):
         if self.e_score_correction_bias is not None and self.e_score_correction_bias.dtype != torch.float32:
             self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
 
+    def _sp_size(self) -> int:
+        """TP ranks sharing this router's sequence (1 without sequence parallelism)."""
+        return get_pg_size(self.tp_group) if self.config.sequence_parallel else 1
+
+    def _local_replay(self, replay: torch.Tensor, rows: int) -> torch.Tensor:
+        """This rank's rows of the whole sequence's replayed ids ([S*B, K], Megatron order).
+
+        Ids for the sequence padding `forward_logits` added (rows past the end) are -1: the router chooses.
+        """
+        sp = self._sp_size()
+        full = rows * sp
+        if replay.shape[0] > full or (sp == 1 and replay.shape[0] != full):
+            raise ValueError(f"routing replay: {replay.shape[0]} rows of ids for {full} tokens")
+        if replay.shape[0] < full:
+            replay = torch.cat([replay, replay.new_full((full - replay.shape[0], replay.shape[1]), -1)])
+        return replay.narrow(0, get_pg_rank(self.tp_group) * rows, rows) if sp > 1 else replay
+
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
         self._maintain_float32_expert_bias()
         logits = self.gating(input)  # Megatron's gating GEMM in fp32 (moe_router_dtype="fp32")
         logits = logits.reshape(-1, self.spec.total)
         replay = self.replay_ids
         if replay is not None:
-            if replay.shape[0] != logits.shape[0]:
-                raise ValueError(f"routing replay: {replay.shape[0]} rows of ids for {logits.shape[0]} tokens")
+            replay = self._local_replay(replay.to(logits.device), logits.shape[0])
             # a row with any id < 0 was not recorded (padding, the last sampled token): the router chooses
-            replay = replay.to(logits.device)
             replay = torch.where((replay < 0).any(-1, keepdim=True), torch.full_like(replay, -1), replay)
         r = route(logits, self.spec, self.e_score_correction_bias, replay)
         n = self.spec.num_experts
         ids = r.ids
+        sp = self._sp_size()
         if not _in_backward():  # a recompute pass repeats the ids of its forward: record them once
-            self.last_ids = ids.detach()
+            if sp > 1:  # records and metrics are of the whole sequence, in Megatron order
+                gathered = ids.new_empty((ids.shape[0] * sp, ids.shape[1]))
+                torch.distributed.all_gather_into_tensor(gathered, ids.detach().contiguous(), group=self.tp_group)
+                self.last_ids = gathered
+            else:
+                self.last_ids = ids.detach()
             if self.record is not None:
                 self.record.append(self.last_ids)
 
@@ -289,8 +360,11 @@ class ZeroExpertRouter(TopKRouter):
             self.last_aux_loss = None
         if self.training and torch.is_grad_enabled() and self.spec.num_zero > 0 and self.alpha > 0:
             token_mask = None if padding_mask is None else ~padding_mask.reshape(-1)
+            reduce = None
+            if sp > 1:  # the statistics of the whole micro-batch, every TP rank seeing its shard
+                reduce = functools.partial(reduce_from_tensor_model_parallel_region, group=self.tp_group)
             aux = group_aux_loss(r.probs, n, self.spec.num_zero, self.spec.top_k, alpha=self.alpha, w=self.w,
-                                 token_mask=token_mask)
+                                 token_mask=token_mask, reduce=reduce)
             self.last_aux_loss = aux.detach()
             probs = MoEAuxLossAutoScaler.apply(probs, aux)
         return probs.contiguous(), routing_map.contiguous()
@@ -299,15 +373,40 @@ class ZeroExpertRouter(TopKRouter):
 # ---- layer specs ----------------------------------------------------------------------------
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm built from Megatron's norm arguments, usable with sequence parallelism.
+
+    The local spec's WrappedTorchNorm refuses sequence_parallel; this one marks its weight
+    `sequence_parallel` instead, so its gradient (of a sequence shard) is summed over TP.
+    """
+
+    fixed_eps: float | None = None
+
+    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-5, **kwargs):
+        super().__init__(hidden_size, eps=self.fixed_eps if self.fixed_eps is not None else eps)
+        setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
+
+
 def _fixed_eps_rmsnorm(eps: float) -> type:
     """RMSNorm with a fixed epsilon (GLM's q_a / kv_a norms use 1e-6, not rms_norm_eps)."""
+    return type(f"RMSNormEps{eps:g}", (RMSNorm,), {"fixed_eps": eps})
 
-    class FixedEpsRMSNorm(torch.nn.RMSNorm):
-        def __init__(self, config=None, hidden_size: int = 0, eps_unused=None, **kwargs):
-            super().__init__(hidden_size, eps=eps)
 
-    FixedEpsRMSNorm.__name__ = FixedEpsRMSNorm.__qualname__ = f"RMSNormEps{eps:g}"
-    return FixedEpsRMSNorm
+def _own_norms(layer_spec: ModuleSpec) -> ModuleSpec:
+    """The layer spec with the local spec's WrappedTorchNorm replaced by `RMSNorm` (see there)."""
+    swap = lambda m: RMSNorm if m is WrappedTorchNorm else m  # noqa: E731
+    attn = layer_spec.submodules.self_attention
+    attn_sub = attn.submodules
+    norm_fields = {f.name: swap(getattr(attn_sub, f.name)) for f in dataclasses.fields(attn_sub) if f.name.endswith("layernorm")}
+    attn = ModuleSpec(module=attn.module, params=dict(attn.params), submodules=dataclasses.replace(attn_sub, **norm_fields))
+    return ModuleSpec(
+        module=layer_spec.module,
+        params=dict(layer_spec.params),
+        submodules=dataclasses.replace(layer_spec.submodules, self_attention=attn,
+                                       input_layernorm=swap(layer_spec.submodules.input_layernorm),
+                                       pre_mlp_layernorm=swap(layer_spec.submodules.pre_mlp_layernorm)),
+        metainfo=dict(getattr(layer_spec, "metainfo", {}) or {}),
+    )
 
 
 def _with_router(layer_spec: ModuleSpec, router) -> ModuleSpec:
@@ -338,12 +437,34 @@ class MLACoreAttention(DotProductAttention):
                          softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
 
 
-def _attention_spec(layer_spec: ModuleSpec, core_attention, norm=None) -> ModuleSpec:
-    """The layer spec with another core attention (and, for MLA, the fixed-eps q_a / kv_a norms)."""
+def _duplicated_linear() -> type:
+    """Megatron's plain (TP-duplicated) Linear, which MLA takes for its down projections under TP.
+
+    Megatron's MLA takes its q/kv down projections either duplicated (TransformerEngine's
+    TELinear on GPU runs, or this `Linear`) or column-parallel (the local spec's default). The
+    column-parallel path computes the RoPE key part of kv_a_proj on the full sequence on every
+    TP rank and splits its gradient instead of summing it over the ranks' heads, so that
+    gradient is wrong under TP (seen: kv_a_proj_with_mqa grads off by 1e-2). The duplicated one
+    runs on the rank's sequence shard with its weight marked `sequence_parallel` (its gradient
+    is summed over TP), as the GPU runs do.
+    """
+    import megatron.core.transformer.multi_latent_attention as mla
+
+    if mla.Linear is None:
+        raise NotImplementedError("MLA under tensor parallelism needs megatron.core.post_training.modelopt.layers.Linear, "
+                                  "which megatron-core did not import here")
+    return mla.Linear
+
+
+def _attention_spec(layer_spec: ModuleSpec, core_attention, norm=None, down_proj=None) -> ModuleSpec:
+    """The layer spec with another core attention (and, for MLA, the fixed-eps q_a / kv_a norms and,
+    under TP, duplicated down projections: see `_duplicated_linear`)."""
     attn = layer_spec.submodules.self_attention
     sub = dict(core_attention=core_attention)
     if norm is not None:
         sub.update(q_layernorm=norm, kv_layernorm=norm)
+    if down_proj is not None:
+        sub.update(linear_q_down_proj=down_proj, linear_kv_down_proj=down_proj)
     attn = ModuleSpec(module=attn.module, params=dict(attn.params), submodules=dataclasses.replace(attn.submodules, **sub))
     return ModuleSpec(
         module=layer_spec.module,
@@ -399,9 +520,11 @@ def block_spec(info: ModelInfo, config: TransformerConfig, alpha: float = 0.1, w
     moe = _with_router(moe, functools.partial(ZeroExpertRouter, spec=info.router, alpha=alpha, w=w))
     core = core_attention(attention, mla)
     norm = _fixed_eps_rmsnorm(1e-6) if mla else None
-    dense, moe = _attention_spec(dense, core, norm), _attention_spec(moe, core, norm)
+    down = _duplicated_linear() if mla and config.tensor_model_parallel_size > 1 else None
+    dense, moe = _own_norms(dense), _own_norms(moe)
+    dense, moe = _attention_spec(dense, core, norm, down), _attention_spec(moe, core, norm, down)
     layers = [moe if i in set(info.moe_layers) else dense for i in range(info.num_layers)]
-    final_norm = moe.submodules.input_layernorm
+    final_norm = RMSNorm
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm)
 
 
@@ -414,24 +537,28 @@ def build_model(
     w: float = 2.0,
     recompute: str = "none",
     attention: str = "local",
+    tp_size: int = 1,
     **config_overrides,
 ) -> GPTModel:
     """The Megatron GPTModel of a converted checkpoint (weights uninitialised: load them with the bridge).
 
-    Needs torch.distributed and Megatron's parallel state initialised (`learner.parallel.setup`).
+    Needs torch.distributed and Megatron's parallel state initialised (`learner.parallel.setup`)
+    with the same TP and EP sizes. Under TP the output layer keeps its logits vocab-parallel
+    (`forward_logits(gather=False)`, `learner.tp_logprob`); `forward_logits` gathers them by default.
     `recompute` / `attention`: the `learner:` knobs of those names (see RECOMPUTE, core_attention).
     """
     overrides = {**recompute_config(recompute), **config_overrides}
-    config = transformer_config(info, ep_size=ep_size, dispatcher=dispatcher, params_dtype=params_dtype, **overrides)
+    config = transformer_config(info, ep_size=ep_size, dispatcher=dispatcher, params_dtype=params_dtype, tp_size=tp_size,
+                                **overrides)
     c = info.hf_config
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(info, config, alpha=alpha, w=w, attention=attention),
-        vocab_size=info.vocab_size,
+        vocab_size=padded_vocab(info, tp_size),
         max_sequence_length=int(c.max_position_embeddings),
         pre_process=True,
         post_process=True,
-        parallel_output=False,
+        parallel_output=tp_size > 1,
         share_embeddings_and_output_weights=bool(getattr(c, "tie_word_embeddings", False)),
         position_embedding_type="rope" if info.family == "qwen3_moe" else "none",
         rotary_base=_rope_theta(c),
@@ -448,14 +575,32 @@ def routers(model: torch.nn.Module) -> list[ZeroExpertRouter]:
     return [m for m in model.modules() if isinstance(m, ZeroExpertRouter)]
 
 
-def forward_logits(model: GPTModel, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits [B, S, V] for token ids [B, S] (causal; right padding only, flagged True in padding_mask)."""
+def tp_size_of(model: GPTModel) -> int:
+    return int(model.config.tensor_model_parallel_size)
+
+
+def forward_logits(model: GPTModel, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                   gather: bool = True) -> torch.Tensor:
+    """Logits [B, S, V] for token ids [B, S] (causal; right padding only, flagged True in padding_mask).
+
+    Under TP, `gather=False` gives this rank's vocab-parallel slice [B, S, V_padded / TP] instead
+    (`learner.tp_logprob` takes it); the gathered logits have the padding columns cut off.
+    """
     b, s = tokens.shape
-    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    tp = tp_size_of(model)
+    pad = -s % tp  # sequence parallelism splits the sequence evenly over the TP ranks
+    if pad:
+        tokens = torch.cat([tokens, tokens.new_zeros(b, pad)], 1)
+        mask = padding_mask.bool() if padding_mask is not None else torch.zeros(b, s, dtype=torch.bool, device=tokens.device)
+        padding_mask = torch.cat([mask, mask.new_ones(b, pad)], 1)
+    position_ids = torch.arange(s + pad, device=tokens.device).unsqueeze(0).expand(b, s + pad)
     kwargs = {}
     if padding_mask is not None:
         kwargs["padding_mask"] = padding_mask.bool()
-    return model(tokens, position_ids, None, **kwargs)
+    logits = model(tokens, position_ids, None, **kwargs)
+    if tp > 1 and gather:
+        logits = gather_from_tensor_model_parallel_region(logits)[..., : model.zeda_info.vocab_size]
+    return logits[:, :s] if pad else logits
 
 
 def _to_megatron_order(ids_bsk: torch.Tensor) -> torch.Tensor:
@@ -464,7 +609,8 @@ def _to_megatron_order(ids_bsk: torch.Tensor) -> torch.Tensor:
 
 
 def _from_megatron_order(ids: torch.Tensor, b: int, s: int) -> torch.Tensor:
-    return ids.reshape(s, b, -1).transpose(0, 1)
+    # rows past s * b are the sequence padding forward_logits adds under TP
+    return ids[: s * b].reshape(s, b, -1).transpose(0, 1)
 
 
 @contextmanager

@@ -80,6 +80,15 @@ def wrap(model: torch.nn.Module, section, lr: float) -> tuple[DistributedDataPar
     return ddp, opt
 
 
+def sum_tp_partial_grads(ddp: DistributedDataParallel) -> None:
+    """Under TP, after DDP's sync: sum over TP the main grads of TP-replicated parameters that see part
+    of the work (sequence-parallel norms and routers, q/k norms), as Megatron's finalize_model_grads does
+    (the same step as learner.parallel.sync_grads on the torch path). A no-op without TP."""
+    from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+
+    _allreduce_non_tensor_model_parallel_grads([ddp], ddp.config)
+
+
 def set_schedule(optimizer, lr: float, weight_decay: float) -> None:
     """What Megatron's OptimizerParamScheduler would set per group: the learner has its own schedule."""
     for g in optimizer.param_groups:

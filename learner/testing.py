@@ -54,6 +54,17 @@ def tiny_checkpoint(
     return out
 
 
+def tiny_checkpoints(root: str | Path, overrides: dict[str, dict] | None = None) -> dict[str, Path]:
+    """One converted tiny checkpoint per family under `root`, as the multi-process learner tests use them.
+
+    initializer_range 0.1 (10x the default) gives routers decided enough that float round-off
+    between layouts does not flip top-k choices; `overrides` maps a family to its config overrides.
+    """
+    root = Path(root)
+    return {f: tiny_checkpoint(f, root / f, initializer_range=0.1, **(overrides or {}).get(f, {}))
+            for f in ("qwen3_moe", "glm4_moe_lite")}
+
+
 def load_hf_reference(path: str | Path, dtype: torch.dtype = torch.float32):
     """transformers' model of a converted checkpoint (eval), with every weight checked to be loaded."""
     from transformers import AutoModelForCausalLM

@@ -20,6 +20,11 @@ The `learner:` memory knobs: fp32 with `optimizer: local` keeps torch's AdamW on
 Megatron's DDP and optimiser (learner.optim); `recompute` and `attention` shape the model
 (learner.model); `logits_chunk_tokens` fuses the output layer into a chunked logprob (learner.logprob).
 
+Under tensor parallelism (`learner.tp`) the TP ranks of one data-parallel rank are handed the
+same share (learner.actor gives it to them; a mismatch is refused), run every micro-batch
+together and compute the same loss from vocab-parallel logits (learner.tp_logprob); global
+counts and metrics are therefore sums over the data-parallel group, not the world.
+
 Loss definitions (global batch over all DP ranks; a `loss_weight` per token, see
 zeda_rl.losses.token_weights):
 - SFT:  per-token mean NLL over the response tokens (the official SFT), plus L_GA.
@@ -59,7 +64,7 @@ from learner import cpu_shims
 
 cpu_shims.apply()
 
-from learner import bridge, optim, parallel  # noqa: E402
+from learner import bridge, optim, parallel, tp_logprob  # noqa: E402
 from learner import logprob as chunked  # noqa: E402
 from learner import model as mdl  # noqa: E402
 from learner.config import LearnerSection, SFTStage, Stage, learner_part, not_implemented  # noqa: E402
@@ -217,7 +222,7 @@ class Learner:
         self.temperature, self.seed, self.save_dir = float(temperature), int(seed), save_dir
         if world_size > 1 and not master_port:  # each rank would pick its own free port and wait forever
             raise ValueError("Learner: world_size > 1 needs the master_port every rank rendezvous on (LearnerGroup passes it)")
-        parallel.setup(rank, world_size, c.ep, master_addr, master_port, backend, seed=self.seed)
+        parallel.setup(rank, world_size, c.ep, master_addr, master_port, backend, seed=self.seed, tp_size=c.tp)
         self.rank, self.world_size = rank, world_size
         self.source = Path(checkpoint_dir)
         self.info = mdl.model_info(mdl.load_hf_config(checkpoint_dir))
@@ -227,7 +232,7 @@ class Learner:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         dtype = torch.bfloat16 if c.precision == "bf16" else torch.float32
         self.model = mdl.build_model(self.info, ep_size=c.ep, dispatcher=dispatcher, params_dtype=dtype, alpha=c.alpha,
-                                     w=c.w, recompute=c.recompute, attention=c.attention)
+                                     w=c.w, recompute=c.recompute, attention=c.attention, tp_size=c.tp)
         self.model.to(self.device)
         bridge.load_hf(self.model, checkpoint_dir)
         # Megatron's DDP + optimiser for bf16 / sharded / offloaded layouts (learner.optim), else torch AdamW
@@ -304,13 +309,15 @@ class Learner:
         c, stage = self.config, self.stage.name
         self.model.train()
         b = normalise_batch(batch, stage)
+        if c.tp > 1:
+            parallel.check_tp_peers_agree(b)
         groups, common = plan_micro_batches(*world_lengths(b), token_budget=c.micro_batch_tokens)
         n_mb = len(common)
         if n_mb == 0:
             raise ValueError("train_step: the global batch has no rows")
         mask = b["loss_mask"]
         local = [float(mask.sum()), float(mask.any(1).sum()), float(len(groups)), float(b["attention_mask"].sum())]
-        resp_total, samples_total, real_mb_total, valid_total = parallel.all_reduce_sum(local)
+        resp_total, samples_total, real_mb_total, valid_total = parallel.all_reduce_sum(local, group=parallel.dp_group())
         resp_total = max(resp_total, 1.0)
         agg = self.stage.loss_agg if stage == "opd" else "token_mean"  # the official SFT is a per-token mean
         b["loss_weight"] = token_weights(mask, agg, n_tokens=resp_total, n_samples=samples_total)
@@ -353,6 +360,7 @@ class Learner:
 
         if self.ddp is not None:
             self.ddp.finish_grad_sync()
+            optim.sum_tp_partial_grads(self.ddp)
         else:
             parallel.sync_grads(self.model)
         return dict(sums=sums, aux=aux, zero_slots=zero_slots, routed_slots=routed_slots, n_mb=n_mb,
@@ -370,9 +378,12 @@ class Learner:
             with chunked.hidden_states(self.model) as out:
                 hidden = mdl.forward_logits(self.model, tokens, padding)
             return chunked.token_logprobs(hidden, out["weight"], tokens, chunk, temperature)
-        logits = mdl.forward_logits(self.model, tokens, padding)
+        tp = self.config.tp
+        logits = mdl.forward_logits(self.model, tokens, padding, gather=tp == 1)
         if temperature != 1.0:
             logits = logits / temperature
+        if tp > 1:  # this rank's vocab-parallel slice: the log-softmax reduces over the TP group
+            return tp_logprob.token_logprobs(logits, tokens, self.info.vocab_size)
         return token_logprobs(logits, tokens)
 
     def _opd_token_loss(self, logp: torch.Tensor, mb: dict, sums: dict, m: torch.Tensor) -> torch.Tensor:
@@ -417,7 +428,8 @@ class Learner:
         real_mb_total, resp_total, valid_total = st["real_mb_total"], st["resp_total"], st["valid_total"]
         n_layers = len(self.info.moe_layers)
         keys = ("main", "nll", "reverse_kl", "clip_frac", "ratio_sum", "beh_ratio_sum", "beh_clip")
-        red = parallel.all_reduce_sum([sums[k] for k in keys] + [routed_slots] + aux.tolist() + zero_slots.tolist())
+        red = parallel.all_reduce_sum([sums[k] for k in keys] + [routed_slots] + aux.tolist() + zero_slots.tolist(),
+                                      group=parallel.dp_group())
         tot = dict(zip(keys, red))
         main, slots, red = tot["main"], red[len(keys)], red[len(keys) + 1 :]
         aux_l = [a / max(real_mb_total, 1.0) for a in red[:n_layers]]

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from learner import bridge
 from learner.parallel import free_port
-from learner.testing import tiny_checkpoint
+from learner.testing import tiny_checkpoints
 from learner.config import LearnerSection, OPDStage, SFTStage
 from learner.train import Learner
 
@@ -89,8 +89,7 @@ def _worker(rank, world, ep, port, ckpt, dispatcher, out):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("learner_ep")
-    return {f: tiny_checkpoint(f, root / f, initializer_range=0.1) for f in ("qwen3_moe", "glm4_moe_lite")}
+    return tiny_checkpoints(tmp_path_factory.mktemp("learner_ep"))
 
 
 @pytest.fixture(scope="module")

@@ -227,12 +227,13 @@ def test_flash_needs_te_on_a_gpu_and_plugs_into_the_local_spec(ckpts, monkeypatc
             assert a.submodules.mlp.submodules.router.func is mdl.ZeroExpertRouter
 
 
-def test_the_config_refuses_tp_and_cpu_offload_only_and_so_does_the_learner(ckpts):
+def test_the_config_refuses_tp_with_chunked_logprobs_and_cpu_offload_only_and_so_does_the_learner(ckpts):
     knobs = dict(precision="bf16", recompute="full", optimizer="distributed", attention="flash", logits_chunk_tokens=4096)
     assert not_implemented(LearnerSection(**knobs)) == []
+    assert not_implemented(LearnerSection(**{**knobs, "tp": 4, "logits_chunk_tokens": None})) == []
     refused = not_implemented(LearnerSection(**{**knobs, "tp": 4, "optimizer": "cpu_offload"}))
-    assert [m.split(":")[0] for m in refused] == ["learner.tp", "learner.optimizer"]
-    assert "HybridDeviceOptimizer" in refused[1]
+    assert [m.split(":")[0] for m in refused] == ["learner.optimizer", "learner.logits_chunk_tokens"]
+    assert "HybridDeviceOptimizer" in refused[0]
     with pytest.raises(NotImplementedError, match="learner.optimizer: cpu_offload is planned but not runnable"):
         make(ckpts["qwen3_moe"], optimizer="cpu_offload")
     assert optim.uses_megatron(LearnerSection(precision="bf16")) and not optim.uses_megatron(LearnerSection())

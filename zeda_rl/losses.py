@@ -6,7 +6,7 @@ maths lives in one place and is tested on its own.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -21,6 +21,7 @@ def group_aux_loss(
     alpha: float = 0.1,
     w: float = 2.0,
     token_mask: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """L_GA for one MoE layer (ZEDA.md section 3).
 
@@ -31,13 +32,23 @@ def group_aux_loss(
     the rollout engine), so the loss sees the router's own preference. It balances only
     the two groups, real vs zero, so the routing among real experts is left as learned;
     its equilibrium zero share is r* = w N_Z / (N + w N_Z).
+
+    `reduce`, when the T tokens are spread over ranks (sequence parallelism), sums the
+    vector [real-slot share sum, real-probability sum, token count] over them: it must
+    all-reduce in the forward and pass the gradient through unchanged, so that every rank
+    gets the loss of all T tokens and each token's gradient arrives once, on its own rank.
     """
     if num_zero <= 0:
         return probs.new_zeros(())
     fresh = torch.topk(probs.detach(), top_k, dim=-1).indices
     real_slot = (fresh < num_experts).to(probs.dtype)
     p_real = probs[:, :num_experts].sum(dim=-1)
-    if token_mask is not None:
+    if reduce is not None:
+        m = torch.ones_like(p_real) if token_mask is None else token_mask.reshape(-1).to(probs.dtype)
+        sums = reduce(torch.stack([(real_slot.mean(dim=-1) * m).sum(), (p_real * m).sum(), m.sum()]))
+        denom = sums[2].detach().clamp_min(1.0)
+        f_e, p_e = sums[0].detach() / denom, sums[1] / denom
+    elif token_mask is not None:
         m = token_mask.reshape(-1).to(probs.dtype)
         denom = m.sum().clamp_min(1.0)
         f_e = (real_slot.mean(dim=-1) * m).sum() / denom
