@@ -2,7 +2,8 @@
 
 World 2 with TP=2 and EP=2: both ranks form one TP group (one data-parallel rank: both get
 all 4 rows, each holds half of every split tensor and half of the sequence between the TP
-regions) and one EP group (4 of the 8 experts each). World 4 with TP=2, EP=2, DP=2 adds dense
+regions) and one EP group (4 of the 8 experts each); also with Megatron's DDP + distributed
+optimiser and full recompute (GLM). World 4 with TP=2, EP=2, DP=2 adds dense
 data parallelism over TP groups (rows split by `shard_rows`). The one-process reference runs
 the same rows as the same micro-batches. The Qwen checkpoint has a vocabulary of 63, padded to
 64 under TP (one padding row on rank 1), and eval uses an odd length (sequence padding).
@@ -195,3 +196,32 @@ def test_layout_validation_and_row_shards(ckpts):
     shards = shard_rows(batch(63), 4, tp=2)  # TP peers (consecutive ranks) share their DP rank's rows
     assert [s["tokens"].shape[0] for s in shards] == [2, 2, 2, 2]
     assert shards[0]["tokens"] is shards[1]["tokens"] and (shards[2]["tokens"] == batch(63)["tokens"][2:]).all()
+
+
+MEGATRON_KNOBS = dict(optimizer="distributed", recompute="full")  # Megatron's DDP + optimiser, layers recomputed
+
+
+def _megatron_step(rank, world, tp, ep, port, ckpt, out):
+    """One SFT step with Megatron's DDP/optimiser and full recompute: metrics and params after it."""
+    cfg = LearnerSection(micro_batch_tokens=24, ep=ep, tp=tp, dp=world // ep, **MEGATRON_KNOBS)
+    learner = Learner(ckpt, cfg, SFT, rank=rank, world_size=world, master_port=port)
+    m = learner.train_step(shard_rows(batch(VOCAB[learner.info.family]), world, tp)[rank])
+    params = {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False)}
+    if rank == 0:
+        torch.save(dict(metrics=m, params=params), out / "megatron.pt")
+    learner.barrier()
+    learner.close()
+
+
+def test_tp2_ep2_with_megatron_optimizer_and_full_recompute(ckpts, tmp_path):
+    """The DDP path's TP sum (learner.optim.sum_tp_partial_grads) and the router's TP collectives under recompute."""
+    family = "glm4_moe_lite"
+    _megatron_step(0, 1, 1, 1, None, ckpts[family], tmp_path)
+    ref = torch.load(tmp_path / "megatron.pt", weights_only=False)
+    mp.spawn(_megatron_step, args=(2, 2, 2, free_port(), ckpts[family], tmp_path), nprocs=2, join=True)
+    res = torch.load(tmp_path / "megatron.pt", weights_only=False)
+    for k in ("loss", "aux_loss", "nll"):
+        assert res["metrics"][k] == pytest.approx(ref["metrics"][k], abs=1e-6), k
+    assert res["metrics"]["grad_norm"] == pytest.approx(ref["metrics"]["grad_norm"], rel=1e-5)
+    for k, p in ref["params"].items():
+        torch.testing.assert_close(res["params"][k], p, atol=1e-4, rtol=0, msg=k)
