@@ -137,7 +137,8 @@ def test_train_refuses_oversized_and_planned_configs(tmp_path, capsys):
     (tmp_path / "config.json").write_text((FIX / H200["qwen3-30b-a3b"]).read_text())
     cfg = ROOT / "launch/configs/qwen3-30b-a3b-h200.yaml"
     assert main(["--config", str(cfg), "--set", f"model.teacher={tmp_path}"]) == 2
-    assert "learner.tp: 4 is planned but not implemented yet" in capsys.readouterr().err
+    err = capsys.readouterr().err  # refused (its data files are not on this machine), no longer for TP 4
+    assert "refused" in err and "learner.tp" not in err
     sets = [f"model.teacher={tmp_path}"] + [f"learner.{k}={v}" for k, v in
                                             (("precision", "fp32"), ("tp", 1), ("recompute", "none"), ("optimizer", "local"), ("attention", "local"))]
     assert main(["--config", str(cfg), *sum((["--set", s] for s in sets), [])]) == 2
