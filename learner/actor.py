@@ -122,9 +122,9 @@ class LearnerActor:
     def weight_endpoint(self, bucket_bytes: int, group_prefix: str) -> dict | None:
         """If this rank owns tensors: its broadcast group's rendezvous and bucket plan (for the engines)."""
         from learner.parallel import free_port
-        from learner.publish import WeightGroup, ownership
+        from learner.publish import WeightGroup, gathers_dense, ownership
 
-        if not any(ownership()):
+        if not (any(ownership()) or gathers_dense()):  # a TP peer of rank 0 that owns nothing: WeightGroup refuses
             return None
         if getattr(self, "weight_group", None) is not None:
             self.weight_group.close()

@@ -14,9 +14,11 @@ generator, and each bucket leaves the rank before the next is made. Two transpor
 Ownership, so that every tensor is sent exactly once: the experts by the ranks of
 expert-data-parallel rank 0 (one EP group holds every expert once: EP rank r holds experts
 r*N/EP..), the dense tensors by global rank 0 (DP rank 0, a member of that EP group). With
-tensor parallelism a TP-sharded tensor would first be gathered inside its TP group and
-published by TP rank 0: `owned_tensors` is the one place that decides, and a TP-gathered
-stream of (name, tensor) plugs into `iter_buckets` unchanged.
+tensor parallelism a TP-sharded dense tensor is first gathered inside the TP group of global
+rank 0 (its TP peers take part in the gathers and publish nothing dense); experts are never
+TP-split (expert TP 1), so expert owners gather nothing. `owned_tensors` is the one place that
+decides. The broadcast transport needs every rank of that TP group to be a sender (learner.tp
+<= learner.ep, so they all own experts), else `WeightGroup` refuses.
 """
 
 from __future__ import annotations
@@ -40,12 +42,21 @@ def ownership() -> tuple[bool, bool]:
     return dist.get_rank(parallel.expert_dp_group()) == 0, dist.get_rank() == 0
 
 
+def gathers_dense() -> bool:
+    """Whether this rank takes part in building the dense stream: global rank 0, and under TP its TP peers."""
+    if not dist.is_initialized():
+        return True
+    return dist.get_rank() < parallel.tp_size()  # Megatron's order: TP peers are consecutive, TP group 0 = ranks 0..TP-1
+
+
 def owned_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of what this rank publishes, in export order (local, no collective)."""
+    """(HF name, tensor) of what this rank publishes, in export order (local without TP; under TP
+    collective over the TP group of global rank 0, whose ranks must all iterate it together)."""
     experts, dense = ownership()
-    if not (experts or dense):
+    with_dense = gathers_dense()
+    if not (experts or with_dense):
         return
-    for name, t in bridge.local_hf_state(model):
+    for name, t in bridge.local_hf_state(model, dense=with_dense):
         if experts if _EXPERT.search(name) else dense:
             yield name, t
 
@@ -64,6 +75,11 @@ class WeightGroup:
     workers follow at the offsets the driver gave them. nccl when the learner is on GPUs, gloo on CPU."""
 
     def __init__(self, model: torch.nn.Module, bucket_bytes: int, name: str, address: str, port: int):
+        if gathers_dense() and not any(ownership()):
+            raise NotImplementedError(
+                f"weight broadcast with learner.tp {parallel.tp_size()} > learner.ep {parallel.ep_size()}: rank "
+                f"{dist.get_rank()} helps gather the dense tensors but sends nothing, so it would not be driven; "
+                "use learner.tp <= learner.ep or the ray weight transport")
         self.model, self.bucket_bytes, self.name, self.address, self.port = model, bucket_bytes, name, address, port
         self.backend = parallel.default_backend()
         self.plan = plan(model, bucket_bytes)

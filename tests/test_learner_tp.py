@@ -12,7 +12,8 @@ Tolerances (float32, as tests/test_learner_ep.py): loss and L_GA abs 1e-6, grad 
 gradients per HF tensor atol 1e-6, rtol 1e-5 (seen <= 3e-7, the embedding's); eval logits
 atol 1e-5 (seen ~1e-6); parameters after one AdamW step (lr 1e-2) atol 1e-4 = lr/100 (Adam's
 first step turns round-off on tiny gradients into update differences). Exact: the HF round
-trip and HF export under TP (bit-exact), routing ids recorded and replayed, zero ratios.
+trip, HF export and the published tensors (learner.publish) under TP (bit-exact), routing
+ids recorded and replayed, zero ratios.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from learner import model as mdl
 from learner.actor import shard_rows
 from learner.config import LearnerSection, OPDStage, SFTStage
 from learner.parallel import free_port
+from learner.publish import owned_tensors
 from learner.testing import tiny_checkpoints
 from learner.train import Learner
 
@@ -99,6 +101,7 @@ def _worker(rank, world, tp, ep, port, ckpt, out):
     exported = dict(bridge.full_hf_state(learner.model))  # collective
     written = learner.export_hf(out / "export")
     names = [n for n, _ in learner.export_buckets(0, bucket_bytes=4096, layout="checkpoint").named_tensors()]
+    torch.save(dict(owned_tensors(learner.model)), out / f"owned{rank}.pt")  # what this rank publishes
     if rank == 0:
         on_disk = load_file(ckpt / "model.safetensors")
         res["round_trip"] = set(exported) == set(on_disk) and all(torch.equal(exported[k], on_disk[k]) for k in on_disk)
@@ -138,6 +141,15 @@ def reference(ckpts):
     return out
 
 
+def _published_once(out, world: int, ckpt) -> None:
+    """The ranks' published tensors (learner.publish) are the checkpoint, each tensor from exactly one rank."""
+    owned = [torch.load(out / f"owned{r}.pt", weights_only=False) for r in range(world)]
+    on_disk = load_file(ckpt / "model.safetensors")
+    assert sum(len(o) for o in owned) == len(on_disk)
+    merged = {k: v for o in owned for k, v in o.items()}
+    assert set(merged) == set(on_disk) and all(torch.equal(merged[k], on_disk[k]) for k in on_disk)
+
+
 def _same_step(res: dict, ref: dict) -> None:
     for stage in ("sft", "opd"):
         m, rm = res[stage]["metrics"], ref[stage]["metrics"]
@@ -159,6 +171,7 @@ def test_tp2_ep2_matches_one_process(ckpts, reference, tmp_path, family):
     res = torch.load(tmp_path / "result.pt", weights_only=False)
     ref = reference[family]
     assert res["round_trip"], "HF -> Megatron (TP- and EP-sharded) -> HF is not bit-exact"
+    _published_once(tmp_path, 2, ckpts[family])
     assert res["export_hf"], "the HF checkpoint exported under TP differs from the source"
     assert res["bucket_names"] == ref["bucket_names"]
     ev, rev = res["eval"], ref["eval"]
@@ -179,6 +192,7 @@ def test_tp2_ep2_dp2_matches_one_process(ckpts, reference, tmp_path):
     mp.spawn(_worker, args=(4, 2, 2, free_port(), ckpts[family], tmp_path), nprocs=4, join=True)
     res = torch.load(tmp_path / "result.pt", weights_only=False)
     assert res["round_trip"] and res["export_hf"]
+    _published_once(tmp_path, 4, ckpts[family])
     assert torch.equal(res["eval"]["ids"], reference[family]["eval"]["ids"])
     _same_step(res, reference[family])
 
