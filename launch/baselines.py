@@ -229,9 +229,11 @@ def markdown(result: dict) -> str:
                        f"(r_ZE {100 * c['zeda_r_ze']:.1f}% vs {100 * c['variant_r_ze']:.1f}%, {where})")
     ds = next(r for r in rows if r["variant"] == "dynamic_skipping")["calibration"]
     a = result["analysis"]
-    fam_z = ", ".join(f"{f} {100 * v:.1f}%" for f, v in a["zero_share_per_family"].items())
-    ent = ", ".join(f"{p['x']:.2f}: {100 * p['y']:.0f}%" for p in a["zero_share_by_entropy"])
-    gap = ", ".join(f"{p['x']:.3f}: {100 * p['y']:.0f}%" for p in a["zero_share_by_teacher_gap"])
+    reading = a.get("zero_share_prompt_tokens_per_family") or {}
+    fam_z = ", ".join(f"{f} {100 * v:.1f}% (prompt tokens {100 * reading[f]:.1f}%)" if f in reading else f"{f} {100 * v:.1f}%"
+                      for f, v in a["zero_share_per_family"].items())
+    ent = ", ".join(f"{p['x']:.2g}: {100 * p['y']:.0f}%" for p in a["zero_share_by_entropy"])
+    gap = ", ".join(f"{p['x']:.2g}: {100 * p['y']:.0f}%" for p in a["zero_share_by_teacher_gap"])
     times = ", ".join(f"{k} {v:.0f} s" for k, v in result["phase_seconds"].items())
     return f"""# ZEDA and its baselines ({result['config']}, {result['suite']} tasks)
 
@@ -250,7 +252,7 @@ texts for a target of {100 * ds['target']:.1f}% (at most {100 * ds['reachable']:
 
 ## Where the ZEDA student skips ({a['tokens']} generated tokens)
 
-- zero share per family (generated tokens): {fam_z}
+- zero share of the steps that generate, per family (and of the prompt tokens the model only reads): {fam_z}
 - zero share by student entropy (bin mean in nats: share): {ent}; Spearman {a['spearman_zero_entropy']:+.2f}
 - zero share by |teacher - student| logprob (bin mean: share): {gap}; Spearman {a['spearman_zero_teacher_gap']:+.2f}
 
@@ -277,12 +279,12 @@ def bar_plot(result: dict, path: Path) -> None:
         ax.bar_label(bars, labels=[f"{100 * r['accuracy'][f]:.0f}" for f in fams], padding=1, fontsize=6)
     ax.set_xticks(xs, [f if f != "mean" else "Avg." for f in fams])
     ax.set_ylabel("held-out exact match (%)")
-    ax.set_ylim(0, 118)
-    ax.legend(fontsize=7, ncol=3, loc="upper center")
+    ax.set_ylim(0, 108)
+    ax.legend(fontsize=7, ncol=len(rows), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     ax.set_title("accuracy per task family")
     bars = zx.bar(range(len(rows)), [100 * r["r_ze"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
     zx.bar_label(bars, labels=[f"{100 * r['r_ze']:.1f}" for r in rows], padding=2, fontsize=8)
-    zx.set_xticks(range(len(rows)), [r["label"].split(" (")[0] for r in rows], rotation=30, ha="right", fontsize=8)
+    zx.set_xticks(range(len(rows)), [r["label"].replace(" (", "\n(") for r in rows], rotation=30, ha="right", fontsize=7)
     zx.set_ylabel("r_ZE: routed slots not computed (%)")
     zx.set_ylim(0, 100)
     zx.set_title("zero / skipped share")

@@ -153,6 +153,8 @@ def test_token_stats_line_up_with_the_generation(tmp_path):
     tok = build_tokenizer()
     stats = token_stats(student, teacher, tok, ["1+2=", "rev:abc=", "33+4="], max_new_tokens=5, batch_size=2)
     n = len(stats["zero_share"])
+    per_prompt = stats.pop("prompt_zero_share")
+    assert len(per_prompt) == 3 and ((per_prompt >= 0) & (per_prompt <= 1)).all()
     assert 3 <= n <= 15 and all(len(v) == n for v in stats.values())
     assert ((stats["zero_share"] >= 0) & (stats["zero_share"] <= 1)).all() and (stats["entropy"] >= 0).all()
     np.testing.assert_allclose(stats["teacher_gap"], np.abs(stats["teacher_logprob"] - stats["student_logprob"]))

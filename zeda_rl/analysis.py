@@ -78,11 +78,13 @@ def token_stats(student, teacher, tokenizer, prompts: list[str], max_new_tokens:
     """Per generated token of `student`'s greedy completions: zero share, entropy, |teacher gap|.
 
     Returns flat arrays over every generated token (EOS included: choosing to stop is a step
-    too) and, per token, the index of its prompt. The step that emits token t is the forward
+    too) with, per token, the index of its prompt; and `prompt_zero_share`, per prompt, the
+    zero share of the tokens the model only reads (its prompt but the last token). The step that emits token t is the forward
     at position t-1, so the zero share, the entropy and both logprobs are read there.
     """
     n = moe_blocks(student)[0].spec.num_experts
     out = {"prompt": [], "zero_share": [], "entropy": [], "teacher_gap": [], "student_logprob": [], "teacher_logprob": []}
+    prompt_zero = []  # per prompt: zero share over its prompt tokens but the last (that one is a generation step)
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
     for start in range(0, len(prompts), batch_size):
@@ -108,11 +110,15 @@ def token_stats(student, teacher, tokenizer, prompts: list[str], max_new_tokens:
         s_tok, t_tok = s_lp.gather(-1, tok).squeeze(-1), t_lp.gather(-1, tok).squeeze(-1)
         entropy = -(s_lp.exp() * s_lp).sum(-1)
         zero = (ids[:, :, steps] >= n).float().mean(dim=(0, 3))  # over layers and slots: [B, T]
+        reading = enc.attention_mask.bool().clone()
+        reading[:, -1] = False
+        zp = (ids[:, :, :plen] >= n).float().mean(dim=(0, 3))
+        prompt_zero.append(((zp * reading).sum(1) / reading.sum(1).clamp_min(1)).numpy())
         rows = torch.arange(new.shape[0])[:, None].expand_as(new) + start
         for key, val in (("prompt", rows), ("zero_share", zero), ("entropy", entropy), ("teacher_gap", (t_tok - s_tok).abs()),
                          ("student_logprob", s_tok), ("teacher_logprob", t_tok)):
             out[key].append(val[gen_mask].numpy())
-    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in {**out, "prompt_zero_share": prompt_zero}.items()}
 
 
 def binned(x: np.ndarray, y: np.ndarray, bins: int = 8) -> list[dict]:
@@ -151,7 +157,12 @@ def summarize(stats: dict, families: list[str], bins: int = 8) -> dict:
     z, ent, gap = stats["zero_share"], stats["entropy"], stats["teacher_gap"]
     fam = np.asarray(families, dtype=object)[stats["prompt"].astype(int)] if z.size else np.zeros(0, dtype=object)
     per_family = {f: float(z[fam == f].mean()) for f in dict.fromkeys(families) if (fam == f).any()}
+    reading = {}
+    if "prompt_zero_share" in stats:
+        pf = np.asarray(families, dtype=object)
+        reading = {f: float(stats["prompt_zero_share"][pf == f].mean()) for f in dict.fromkeys(families)}
     return {
+        "zero_share_prompt_tokens_per_family": reading,
         "tokens": int(z.size),
         "zero_share_mean": float(z.mean()) if z.size else 0.0,
         "zero_share_by_entropy": binned(ent, z, bins),
@@ -178,13 +189,18 @@ def plot_curves(summary: dict, path) -> None:
         ax.set_ylabel("zero share of the step (%)")
         rho = summary["spearman_zero_entropy" if "entropy" in key else "spearman_zero_teacher_gap"]
         ax.set_title(f"zero share vs {label.split(' (')[0].split(' of')[0]}  (Spearman {rho:+.2f})", fontsize=9)
-        if "gap" in key:
-            ax.set_xscale("symlog", linthresh=1e-3)
-    fam = summary["zero_share_per_family"]
-    bars = axes[2].bar(list(fam), [100 * v for v in fam.values()], color="tab:purple")
-    axes[2].bar_label(bars, labels=[f"{100 * v:.1f}" for v in fam.values()], padding=2, fontsize=8)
+        ax.set_xscale("symlog", linthresh=1e-4)  # most greedy steps are near-certain: the bins crowd near 0
+    fam, reading = summary["zero_share_per_family"], summary.get("zero_share_prompt_tokens_per_family") or {}
+    xs = np.arange(len(fam))
+    for off, vals, label, colour in ((-0.2, fam, "steps that generate", "tab:purple"),
+                                     (0.2, reading, "prompt tokens (read only)", "tab:gray")):
+        if vals:
+            bars = axes[2].bar(xs + off, [100 * vals[f] for f in fam], 0.4, label=label, color=colour)
+            axes[2].bar_label(bars, labels=[f"{100 * vals[f]:.0f}" for f in fam], padding=2, fontsize=7)
+    axes[2].set_xticks(xs, list(fam))
     axes[2].set_ylim(0, 100)
-    axes[2].set_ylabel("zero share of generated tokens (%)")
+    axes[2].set_ylabel("zero share (%)")
+    axes[2].legend(fontsize=7, loc="upper left")
     axes[2].set_title("per task family")
     fig.suptitle(f"ZEDA student: where tokens skip ({summary['tokens']} generated tokens)", fontsize=10)
     fig.tight_layout()
