@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 
 import ray
@@ -70,6 +71,15 @@ class RolloutActor(EngineActor):
 
     synced = False
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.served = threading.Condition()  # notified on every weight switch
+
+    def _switched(self) -> None:
+        self.synced = True
+        with self.served:
+            self.served.notify_all()
+
     @ray.method(concurrency_group="weights")
     def update_weights(self, version: int, refs: list) -> int:
         """Serve weights v`version`, its buckets fetched one at a time from their references."""
@@ -77,7 +87,7 @@ class RolloutActor(EngineActor):
 
         buckets = (unpack_bucket(ray.get(r), version) for r in refs)
         version = self.engine.update_weights(WeightUpdate(version, buckets))
-        self.synced = True
+        self._switched()
         return version
 
     def weight_sync_ranks(self) -> int:
@@ -92,10 +102,24 @@ class RolloutActor(EngineActor):
     @ray.method(concurrency_group="weights")
     def update_weights_from_distributed(self, version: int, buckets: list) -> int:
         version = self.engine.update_weights_from_distributed(version, buckets)
-        self.synced = True
+        self._switched()
         return version
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, sample_ids: list[int]) -> list[dict]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, sample_ids: list[int],
+                 min_version: int | None = None, wait_s: float = 600.0) -> list[dict]:
+        """Sample `prompts`; with `min_version`, first wait until that version is served.
+
+        Updates run in a concurrency group of their own, so a call submitted after a push may
+        reach the engine before the push has switched in; the driver names the version it pushed
+        last, and waiting for it here is what bounds a sample's staleness. An engine that has not
+        been given the learner's weights since it (re)started does not wait: its samples carry
+        version -1 and are never trained.
+        """
+        if min_version is not None and self.synced:
+            with self.served:
+                if not self.served.wait_for(lambda: self.engine.version >= min_version, timeout=wait_s):
+                    raise TimeoutError(f"rollout engine still serves v{self.engine.version} after {wait_s:.0f} s; "
+                                       f"the call needs v{min_version} (a weight push that never switched in)")
         out = super().generate(prompts, params, sample_ids)
         if not self.synced:
             for d in out:

@@ -6,8 +6,10 @@ that target: the slow, long-answer samples are waited for, never overtaken and d
 nothing biases the batch towards short answers. Prompts are admitted at most `window` steps
 ahead of the step being trained, `window = max_staleness * sync_every + 1` (1 when
 synchronous): a sample admitted at step s is trained by step s + window - 1, which holds at
-most `max_staleness` version bumps, and an engine applies every weight push queued before
-a generation call, so the hard bound holds by construction. Calls are sized so the window
+most `max_staleness` version bumps, and a generation call first waits in its engine for the
+version pushed last before it (`RolloutActor.generate(min_version=...)`: updates run in a
+concurrency group of their own and could otherwise switch in after the call started), so
+the hard bound holds by construction. Calls are sized so the window
 spreads over every engine (at most `rollout_batch` prompts per call, two calls queued per
 engine), and each engine's busy time is measured, so the report can show that all work.
 

@@ -47,7 +47,7 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
     log.log("driver", "progress_started", time.time())
     step, seed = start, cfg.seed * 100_003 + start * 1_000
     while step < o.steps:
-        seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync)
+        seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync, version)
         _collect(adm, log, resync)
         learner.check()  # a dead learner rank ends the run now, not when the next step needs it
         resync.poll()
@@ -80,15 +80,18 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
     return _finish(cfg, adm, learner, rollouts, sync, acks, probe, log, version, step)
 
 
-def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync) -> int:
-    """Start every generation call the window and the engines have room for; returns the last seed used."""
+def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync, version: int) -> int:
+    """Start every generation call the window and the engines have room for; returns the last seed used.
+
+    Each call waits in its engine for `version`, the last one pushed: with the window, that is
+    what keeps every sample within `max_staleness` versions of the step that trains it."""
     while (nxt := adm.next_call(step, usable=lambda i: i not in resync.owed)) is not None:
         engine, n = nxt
         prompts, positions = data.opd.take(n)
         seed += 1
         ids = adm.sample_ids(positions)
         gen = rollouts[engine].generate.remote([p for p in prompts for _ in range(adm.spp)],
-                                               params.model_copy(update={"seed": seed}), ids)
+                                               params.model_copy(update={"seed": seed}), ids, version)
         adm.submitted(teachers.submit("score_and_push", gen, params.temperature), engine, step, positions)
     return seed
 

@@ -158,6 +158,25 @@ def test_a_push_during_generation_is_seen_whole_or_not_at_all(fleet):
     assert [s["output_ids"] for s in second] == want
 
 
+def test_a_call_naming_a_version_waits_for_its_push(fleet):
+    """The staleness bound: a call submitted after a push may reach the engine before the push switches in
+    (updates have a concurrency group of their own); with min_version it waits, and says so if it never comes."""
+    group, (eng, _) = fleet["group"], fleet["engines"]
+    v = max(ray.get(eng.version.remote()), 0) + 1
+    ray.get(eng.update_weights.remote(v - 1, list(group.publish(v - 1).refs)))  # synced (a restarted engine does not wait)
+    push = group.publish(v)
+
+    def slow_update(actor, version=v, refs=list(push.refs)):  # a push that takes 1.5 s to switch in
+        time.sleep(1.5)
+        return actor.update_weights(version, refs)
+
+    ack = eng.__ray_call__.options(concurrency_group="weights").remote(slow_update)
+    out = ray.get(eng.generate.remote(PROMPTS[:2], GREEDY, [0, 1], v), timeout=60)
+    assert ray.get(ack) == v and {s["policy_version"] for s in out} == {v}
+    with pytest.raises(ray.exceptions.RayTaskError, match=f"still serves v{v} .* needs v{v + 1}"):
+        ray.get(eng.generate.remote(PROMPTS[:2], GREEDY, [0, 1], v + 1, 0.5), timeout=60)
+
+
 def test_the_object_store_returns_to_baseline_after_many_pushes(fleet, tmp_path):
     from launch.fleet import WeightSync
 
