@@ -45,9 +45,6 @@ def _free_port() -> int:
 class Head:
     def __init__(self, root: Path):
         self.root = root
-        self.ports = {k: _free_port() for k in ("gcs", "dashboard", "client", "metrics", "agent")}
-        self.dashboard = f"http://127.0.0.1:{self.ports['dashboard']}"
-        self.gcs = f"127.0.0.1:{self.ports['gcs']}"
         self.env = {
             **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -56,14 +53,22 @@ class Head:
             "ZEDA_RUNS_DIR": str(root / "runs"),
             "ZEDA_CACHE": str(root / "cache"),
         }
+        self.temp = None
+        self._start()
+
+    def _start(self):
+        self.ports = {k: _free_port() for k in ("gcs", "dashboard", "client", "metrics", "agent")}
+        self.dashboard = f"http://127.0.0.1:{self.ports['dashboard']}"
+        self.gcs = f"127.0.0.1:{self.ports['gcs']}"
         # a short temp dir: Ray's unix sockets live under it (108-byte path limit)
         self.temp = Path(tempfile.mkdtemp(prefix="zrj", dir="/tmp"))
+        self.log = self.root / "head.log"
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
              f"--port={self.ports['gcs']}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.ports['dashboard']}",
              f"--ray-client-server-port={self.ports['client']}", f"--metrics-export-port={self.ports['metrics']}",
              f"--dashboard-agent-listen-port={self.ports['agent']}", f"--temp-dir={self.temp}"],
-            env=self.env, cwd=REPO, stdout=open(root / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env, cwd=REPO, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def ray(self, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
@@ -72,12 +77,20 @@ class Head:
             raise AssertionError(f"ray {' '.join(args)} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         return out
 
-    def wait_ready(self, timeout_s=120):
+    def wait_ready(self, timeout_s=180, tries=3):
+        """Up once `ray start` says so and the job server answers. Ray gives its raylet a fixed 30 s to
+        register with the GCS and exits otherwise, which a loaded 2-core machine can miss: start again."""
         t0 = time.time()
         while time.time() - t0 < timeout_s:
+            log = self.log.read_text(errors="replace")
             if self.proc.poll() is not None:
-                raise AssertionError(f"ray start exited: {(self.root / 'head.log').read_text()[-3000:]}")
-            if self.ray("job", "list", "--address", self.dashboard, timeout=60, check=False).returncode == 0:
+                tries -= 1
+                if "timed out during startup" not in log or tries == 0:
+                    raise AssertionError(f"ray start exited: {log[-3000:]}")
+                self.stop()
+                self._start()
+                continue
+            if "Ray runtime started" in log and self.ray("job", "list", "--address", self.dashboard, timeout=60, check=False).returncode == 0:
                 return
             time.sleep(1)
         raise AssertionError("the head's job server did not come up")
@@ -88,7 +101,10 @@ class Head:
         return m.group(1).upper() if m else out
 
     def stop(self):
-        procs = [self.proc_info()] + self.proc_info().children(recursive=True) if self.proc.poll() is None else []
+        """Stop this head's processes only: `ray start` and its children, and any left by a failed start."""
+        mine = [p for p in psutil.process_iter(["cmdline"]) if str(self.temp) in " ".join(p.info["cmdline"] or [])]
+        procs = ([self.proc_info()] + self.proc_info().children(recursive=True) if self.proc.poll() is None else []) + mine
+        procs = list({p.pid: p for p in procs}.values())
         for p in procs:
             try:
                 p.send_signal(signal.SIGTERM)
