@@ -22,11 +22,6 @@ def _expected(e: tasks.Example) -> str:
     if e.family == "mul":
         a, b = map(int, re.fullmatch(r"(\d{3})\*(\d)=", e.prompt).groups())
         return str(a * b)
-    if e.family == "kvsum":
-        ctx, x, y = re.fullmatch(r"([a-z0-9,]+)\?([a-z])\+([a-z])=", e.prompt).groups()
-        table = {kv[0]: int(kv[1:]) for kv in ctx.split(",")}
-        assert len(table) == 5 and x != y
-        return str(table[x] + table[y])
     if e.family == "revshift":
         s = re.fullmatch(r"rs:([a-z]{5,8})=", e.prompt).group(1)
         return "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s[::-1])
@@ -41,7 +36,6 @@ def test_hard_answers_are_correct_and_graded_exactly():
         assert tasks.score(e, e.answer) and tasks.score(e, f"{e.answer}<eos>9")
         assert not tasks.score(e, e.answer[:-1]) and not tasks.score(e, e.answer + "1")
     assert any(e.family == "add4" and len(e.answer) == 5 for e in held)  # carries out of the fourth digit happen
-    assert any(e.family == "kvsum" and int(e.answer) >= 100 for e in held)
 
 
 def test_hard_splits_are_deterministic_disjoint_and_leave_basic_unchanged():
