@@ -276,11 +276,16 @@ def bar_plot(result: dict, path: Path) -> None:
     xs = np.arange(len(fams))
     for i, r in enumerate(rows):
         bars = ax.bar(xs + (i - (len(rows) - 1) / 2) * width, [100 * r["accuracy"][f] for f in fams], width, label=r["label"])
-        ax.bar_label(bars, labels=[f"{100 * r['accuracy'][f]:.0f}" for f in fams], padding=1, fontsize=6)
+        ax.bar_label(bars, labels=[f"{100 * r['accuracy'][f]:.1f}" for f in fams], padding=1, fontsize=5.5, rotation=90)
     ax.set_xticks(xs, [f if f != "mean" else "Avg." for f in fams])
     ax.set_ylabel("held-out exact match (%)")
-    ax.set_ylim(0, 108)
-    ax.legend(fontsize=7, ncol=len(rows), loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    # zoomed to the bars: the question is a point or two, which a 0-100 axis cannot show
+    low = min(100 * r["accuracy"][f] for r in rows for f in fams)
+    lo = max(0.0, 5 * np.floor((low - 2) / 5))
+    ax.set_ylim(lo, 100 + 0.12 * (100 - lo))
+    ref = 100 * rows[0]["accuracy"]["mean"] - 2  # rows[0] is the original model
+    ax.axhline(ref, color="grey", ls="--", lw=0.8, label="teacher Avg. - 2 points")
+    ax.legend(fontsize=7, ncol=len(rows) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     ax.set_title("accuracy per task family")
     bars = zx.bar(range(len(rows)), [100 * r["r_ze"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
     zx.bar_label(bars, labels=[f"{100 * r['r_ze']:.1f}" for r in rows], padding=2, fontsize=8)
