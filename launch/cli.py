@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -253,9 +252,6 @@ def run(cmd: str, fn, arg) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads OpenMP (and before a local Ray's workers inherit the environment): threads that
-    # sleep while they wait, not spin. On a shared 2-core CPU, spinning made a 2-thread step 26x slower.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["monitor"], ["rollouts"]):  # they parse their own arguments
         return run(argv[0], _own_parser, argv)

@@ -50,6 +50,7 @@ class Head:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_JOB_STOP_WAIT_TIME_S": "30",  # SIGTERM's grace before SIGKILL, as the README and cluster YAML set it
             "ZEDA_RUNS_DIR": str(root / "runs"),
             "ZEDA_CACHE": str(root / "cache"),
         }
