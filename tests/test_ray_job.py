@@ -54,7 +54,6 @@ class Head:
             "ZEDA_RUNS_DIR": str(root / "runs"),
             "ZEDA_CACHE": str(root / "cache"),
         }
-        self.temp = None
         self._start()
 
     def _start(self):

@@ -9,9 +9,11 @@ Two suites. `basic` (the default, unchanged) is easy enough that the tiny teache
 with a wide margin, which also makes it forgiving: skipping half the expert slots with no
 training at all barely hurts there, so it cannot show what ZEDA's training buys. `hard`
 asks for longer answers computed in several dependent steps (carries across four digits,
-a multiplication table applied with carries, two composed character maps). Look-ups over
+a multiplication table applied with carries, two composed character maps), meant to make
+the teacher need its expert capacity. So far it only half does: random 50% skipping breaks
+its teacher, static half-K costs it about a point (README, "A harder suite"). Look-ups over
 a context were tried and dropped: the 3-layer teacher reached 3% on two look-ups and a sum,
-and 2% on a single look-up of a 3-digit value among 5 keys, after 2,500 steps), so the teacher needs its expert capacity and untrained skipping shows.
+and 2% on a single look-up of a 3-digit value among 5 keys, after 2,500 steps.
 """
 
 from __future__ import annotations
