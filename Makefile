@@ -20,7 +20,7 @@ run: install
 	$(BIN)/python -m launch.train --config launch/configs/tiny-cpu.yaml
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 clean-venv:
 	rm -rf $(VENV)
