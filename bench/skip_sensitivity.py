@@ -11,7 +11,8 @@ prompts of a built-in task suite, with greedy decoding:
 
 Skipped slots get weight 0, which gives the same output as not computing them. The kept
 weights are used as they are (`as-is`, what ZEDA's zero experts do to the real slots) or
-renormalised to sum to 1 (`renorm`); both are reported. The hook sits on the router's
+rescaled to the total of all K slots (`renorm`: 1 for Qwen3-MoE, the routed scaling factor for
+GLM-4.7-Flash); both are reported. The hook sits on the router's
 output, so it works on the unmodified transformers model and needs nothing from
 zeda_rl.modeling (whose formal NET / Dynamic Skipping baselines are a separate option).
 
@@ -33,10 +34,11 @@ MODES = ("none", "half", "random")
 
 
 def routers(model) -> list[torch.nn.Module]:
-    """The top-K routers of a static Qwen3-MoE (transformers' Qwen3MoeTopKRouter)."""
-    out = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter") and hasattr(m, "top_k")]
+    """The top-K routers of a static Qwen3-MoE or GLM-4.7-Flash (Qwen3MoeTopKRouter, Glm4MoeLiteTopkRouter)."""
+    out = [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter") and hasattr(m, "top_k")]
     if not out:
-        raise ValueError("no top-K router found: expected a static Qwen3-MoE checkpoint (the teacher, not a converted one)")
+        raise ValueError("no top-K router found: expected a static Qwen3-MoE or GLM-4.7-Flash checkpoint "
+                         "(the teacher, not a converted one)")
     return out
 
 
@@ -60,8 +62,8 @@ def skipping(model, mode: str, renorm: bool = False, seed: int = 0):
         else:
             keep = torch.rand(weights.shape, generator=gen) >= 0.5
         w = weights * keep
-        if renorm:
-            w = w / w.sum(-1, keepdim=True).clamp_min(1e-20)
+        if renorm:  # back to the full slots' total (1 for Qwen3-MoE, routed_scaling_factor for GLM)
+            w = w * (weights.sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp_min(1e-20))
         count["skipped"] += int((~keep).sum())
         count["routed"] += keep.numel()
         return logits, w.to(weights.dtype), idx

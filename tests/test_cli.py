@@ -123,7 +123,9 @@ def _interrupt(args, ready: str, on: str = "stderr", env=None) -> subprocess.Com
 
 
 def test_ctrl_c_in_eval_and_train_is_one_line(teacher, tmp_path):
-    out = _interrupt(["eval", teacher, "--n", 400], ready="prompts (")  # a progress line: generation under way
+    # Two checkpoints of 800 prompts per family: about 20 s of generation at full speed, so the signal lands
+    # mid-run even when this process is scheduled late (400 prompts of one, 4.5 s, were once all done first).
+    out = _interrupt(["eval", teacher, "--teacher", teacher, "--n", 800], ready="prompts (")
     assert out.returncode == 130 and _one_error_line(out, "eval") == "zeda eval: interrupted"
     cfg = Path(__file__).parents[1] / "launch" / "configs" / "tiny-cpu.yaml"
     out = _interrupt(["train", "--config", cfg, "--set", f"output_dir={tmp_path}", "--set", "model.teacher=" + str(teacher)],
