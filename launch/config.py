@@ -290,7 +290,8 @@ def _teacher_config(cfg: RunConfig) -> tuple[dict | None, str, list[str]]:
     if cfg.model.teacher == "embedded":
         from launch.plan import load_hf_config
 
-        return load_hf_config(cfg), "the embedded teacher's recipe (zeda_rl.teacher.MODEL)", []
+        recipe = "MODEL" if cfg.data.tasks == "basic" else f"{cfg.data.tasks.upper()}_MODEL"
+        return load_hf_config(cfg), f"the embedded teacher's recipe (zeda_rl.teacher.{recipe})", []
     path = Path(cfg.model.teacher)
     if not path.is_dir():
         return None, "", [f"model.teacher ({path}): no such directory (expected 'embedded' or a Hugging Face checkpoint directory)"]

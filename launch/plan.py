@@ -384,10 +384,9 @@ def load_hf_config(cfg, override: str | None = None) -> dict:
     from pathlib import Path
 
     if override is None and cfg.model.teacher == "embedded":
-        from zeda_rl.teacher import MODEL
-        from zeda_rl.tiny import tiny_qwen3_moe_config
+        from zeda_rl.teacher import hf_config
 
-        return tiny_qwen3_moe_config(**MODEL).to_dict()
+        return hf_config(cfg.data.tasks).to_dict()
     path = Path(override or cfg.model.teacher)
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():

@@ -90,6 +90,10 @@ def test_tiny_cpu_hard_config_selects_the_hard_suite():
 
     cfg = load_config("launch/configs/tiny-cpu-hard.yaml")
     assert cfg.data.tasks == "hard" and cfg.name == "tiny-cpu-hard"
+    from launch.plan import load_hf_config  # plan and preflight read the hard teacher's own config, not basic's
+
+    assert load_hf_config(cfg)["num_hidden_layers"] == teacher.HARD_MODEL["num_hidden_layers"] == 3
+    assert load_hf_config(load_config("launch/configs/tiny-cpu.yaml"))["num_hidden_layers"] == teacher.MODEL["num_hidden_layers"]
     assert load_config("launch/configs/tiny-cpu.yaml").data.tasks == "basic"
     recs = embedded_records("train", 3, cfg.seed, cfg.data.tasks)
     assert [r.extra["family"] for r in recs] == [f for f in HARD for _ in range(3)]

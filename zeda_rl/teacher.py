@@ -55,6 +55,11 @@ def _recipe(suite: str) -> tuple[dict, dict]:
     return SUITE_RECIPES[suite]
 
 
+def hf_config(suite: str = "basic"):
+    """The transformers config of `suite`'s embedded teacher: what a plan or a preflight check reads before it is built."""
+    return tiny_qwen3_moe_config(**_recipe(suite)[0])
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("ZEDA_CACHE") or Path.home() / ".cache" / "zeda-rl")
 
