@@ -56,6 +56,11 @@ class Engine(Protocol):
     def score(self, sequences: list[list[int]], temperature: float = 1.0) -> list[np.ndarray]:
         """Prefill only: log p(seq[t] | seq[:t]) for t >= 1 (float32 [len-1]) at `temperature`."""
 
+    def score_topk(self, sequences: list[list[int]], k: int) -> list[dict]:
+        """Prefill only, at temperature 1: per sequence {"logprobs" [len-1], "top_ids" int32 [len-1, k],
+        "top_logprobs" float32 [len-1, k]}: the k most likely next tokens at every position (the whole
+        vocabulary when k >= its size), what `opd.objective: full_kl` distils towards."""
+
     def update_weights(self, update) -> int:
         """Apply a versioned `zeda_rl.weights.WeightUpdate` (its buckets may be a one-pass iterable,
         fetched as they are applied); returns the version now served. Safe to call while another

@@ -381,6 +381,29 @@ class SGLangEngine:
             results[i] = tempered_logprobs(lp, ids, top_lp, top_ids, temperature)
         return results
 
+    def score_topk(self, sequences: list[list[int]], k: int) -> list[dict]:
+        """SGLang's input top logprobs (temperature 1, as it computes every input logprob)."""
+        if k < 1:
+            raise ValueError(f"score_topk: k must be >= 1, got {k}")
+        with self._serving.call():
+            results = [{"logprobs": np.zeros(0, np.float32), "top_ids": np.zeros((0, k), np.int32),
+                        "top_logprobs": np.zeros((0, k), np.float32)} for _ in sequences]
+            todo = [i for i, s in enumerate(sequences) if len(s) >= 2]
+            if not todo:
+                return results
+            outs = self._engine.generate(
+                input_ids=[[int(t) for t in sequences[i]] for i in todo], sampling_params={"max_new_tokens": 0, "temperature": 1.0},
+                return_logprob=True, logprob_start_len=0, top_logprobs_num=int(k))
+            outs = [outs] if isinstance(outs, dict) else outs
+            for i, out in zip(todo, outs):
+                seq, meta = sequences[i], out["meta_info"]
+                entries = _align(meta["input_token_logprobs"], len(seq), "input_token_logprobs")
+                tops = _align(meta["input_top_logprobs"], len(seq), "input_top_logprobs")
+                results[i] = {"logprobs": np.asarray([e[0] for e in entries], dtype=np.float32),
+                              "top_ids": np.asarray([[int(e[1]) for e in row] for row in tops], dtype=np.int32),
+                              "top_logprobs": np.asarray([[e[0] for e in row] for row in tops], dtype=np.float32)}
+            return results
+
     # ---- weight sync ----------------------------------------------------------------------------
 
     def update_weights(self, update) -> int:

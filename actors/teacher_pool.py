@@ -1,7 +1,7 @@
 """The teacher-scoring pool: Ray actors that score student samples and push them to the learner.
 
-The teacher scores each sampled token with a prefill (no new tokens) at the rollout's
-sampling temperature, tokens aligned one to one, then the trajectory goes straight to
+The teacher scores each sampled token with a prefill (no new tokens) at temperature 1
+(`check_score_temperature`), tokens aligned one to one, then the trajectory goes straight to
 the learner over ZMQ (msgpack header + raw frames): the driver never touches it. For SFT
 the same engines answer prompts into rollout shards (`launch.rollouts`). The pool sends
 each request to the least-loaded actor.
@@ -17,6 +17,14 @@ from actors.rollout import EngineActor
 from zeda_rl.trajectory import pack_samples
 
 
+def check_score_temperature(temperature: float) -> None:
+    """The teacher scores at temperature 1 only: SGLang computes input-token logprobs at 1 whatever a request
+    asks, so another value would mean one thing on GPU and another on CPU."""
+    if temperature != 1.0:
+        raise ValueError(f"teacher scoring temperature {temperature}: expected 1.0 (opd.teacher_temperature); SGLang "
+                         "computes input-token logprobs at temperature 1 whatever the request says")
+
+
 @ray.remote(max_restarts=3, max_task_retries=0)
 class TeacherActor(EngineActor):
     def __init__(self, *args, learner_endpoint: str | None = None, pad_id: int = 0, run: str | None = None, **kwargs):
@@ -26,15 +34,19 @@ class TeacherActor(EngineActor):
         self.pusher = None
         self.scored_tokens = 0
 
-    def score_and_push(self, samples: list[dict], temperature: float, push_timeout_s: float = 60.0) -> dict:
-        """Teacher logprobs for every sampled token, then PUSH the packed batch to the learner."""
+    def score_and_push(self, samples: list[dict], temperature: float = 1.0, push_timeout_s: float = 60.0,
+                       top_k: int = 0) -> dict:
+        """Teacher logprobs for every sampled token (and, with `top_k`, its top-k next tokens at every position,
+        for opd.objective full_kl), then PUSH the packed batch to the learner."""
         from zeda_rl.transport import Pusher
         from zeda_rl.wire import TrajectoryBatch
 
+        check_score_temperature(temperature)
         t0 = time.time()
         seqs = [list(s["prompt_ids"]) + list(s["output_ids"]) for s in samples]
-        teacher = self.engine.score(seqs, temperature=temperature)
-        arrays = pack_samples(samples, teacher, pad_id=self.pad_id)
+        top = self.engine.score_topk(seqs, top_k) if top_k else None
+        teacher = [t["logprobs"] for t in top] if top else self.engine.score(seqs, temperature=temperature)
+        arrays = pack_samples(samples, teacher, pad_id=self.pad_id, teacher_top=top)
         if self.pusher is None:
             self.pusher = Pusher(self.endpoint)
         batch = TrajectoryBatch.from_arrays(arrays, meta={"temperature": temperature, **({"run": self.run} if self.run else {})})

@@ -109,9 +109,29 @@ class TorchEngine:
         with self._serving.call():
             return self._score(sequences, temperature, batch_size)
 
-    @torch.no_grad()
+    def score_topk(self, sequences: list[list[int]], k: int, batch_size: int = 64) -> list[dict]:
+        if k < 1:
+            raise ValueError(f"score_topk: k must be >= 1, got {k}")
+        with self._serving.call():
+            out = []
+            for chunk, ids, logp in self._log_softmax(sequences, 1.0, batch_size):
+                lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+                top_lp, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+                out.extend({"logprobs": lp[i, : len(x) - 1].numpy().astype(np.float32),
+                            "top_ids": top_ids[i, : len(x) - 1].numpy().astype(np.int32),
+                            "top_logprobs": top_lp[i, : len(x) - 1].numpy().astype(np.float32)} for i, x in enumerate(chunk))
+            return out
+
     def _score(self, sequences: list[list[int]], temperature: float, batch_size: int) -> list[np.ndarray]:
         out = []
+        for chunk, ids, logp in self._log_softmax(sequences, temperature, batch_size):
+            lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            out.extend(lp[i, : len(x) - 1].numpy().astype(np.float32) for i, x in enumerate(chunk))
+        return out
+
+    @torch.no_grad()
+    def _log_softmax(self, sequences: list[list[int]], temperature: float, batch_size: int):
+        """(chunk, ids [b, n], next-token log-softmax [b, n-1, V] in fp32) per right-padded batch of `sequences`."""
         for s in range(0, len(sequences), batch_size):
             chunk = sequences[s : s + batch_size]
             n = max(len(x) for x in chunk)
@@ -121,9 +141,7 @@ class TorchEngine:
                 ids[i, : len(x)] = torch.tensor(x)
                 mask[i, : len(x)] = 1
             logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float() / temperature
-            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            out.extend(lp[i, : len(x) - 1].numpy().astype(np.float32) for i, x in enumerate(chunk))
-        return out
+            yield chunk, ids, torch.log_softmax(logits, -1)
 
     # ---- weight sync --------------------------------------------------------------------------
 

@@ -102,6 +102,11 @@ def train(cfg: RunConfig, teacher: Path, init: Path, log: MetricsLog, phases: Ph
         with phases(f"{label} opd"):
             opd_phase(cfg, rollouts, teachers, learner, data, log)
             final = learner.export_hf(cfg.run_dir / "student")
+        if cfg.opd.probe_every:
+            from launch.probe import probe_phase
+
+            with phases(f"{label} probe"):
+                probe_phase(cfg, teacher, log)
     finally:
         learner.shutdown()
         for a in actors:

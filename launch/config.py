@@ -30,6 +30,8 @@ class ModelSection(_Strict):
     zero_experts: int | None = Field(None, ge=1, description="N_Z per MoE layer; default N/2 (ZEDA)")
     zero_type: Literal["zero", "copy"] = "zero"
     convert_seed: int = 0
+    teacher_seed: int = Field(0, ge=0, description="seed of the embedded teacher's build ('embedded' only). A key of its "
+                              "own: the run's `seed` varies the student's training (data order, sampling) with one teacher")
 
 
 class EngineSection(_Strict):
@@ -80,6 +82,24 @@ class OPDSection(OPDStage):
     weight_sync: Literal["ray", "nccl"] = Field("ray", description="how weight pushes reach the engines: Ray's object "
                                                 "store, or a broadcast group per learner rank (nccl on GPU, gloo on CPU; "
                                                 "SGLang engines)")
+    teacher_temperature: float = Field(1.0, description="temperature the teacher scores the samples at: 1.0 only (SGLang "
+                                       "computes input-token logprobs at temperature 1 whatever a request says)")
+    teacher_selftest_repeats: int = Field(3, ge=0, description="times each teacher engine scores the same sequences "
+                                          "before OPD starts (0: no self-test)")
+    teacher_selftest_tol: float = Field(1e-2, ge=0, description="max |logprob difference| (nats) the self-test allows "
+                                        "between repeats and engines before it refuses to train")
+    probe_every: int = Field(0, ge=0, description="OPD steps between held-out probes of the student (built-in tasks "
+                             "only; 0: off): greedy and T=1 accuracy, held-out reverse KL, zero share (launch/probe.py)")
+    probe_per_family: int = Field(200, ge=1, description="held-out prompts per family of each probe")
+
+    @field_validator("teacher_temperature")
+    @classmethod
+    def _teacher_t(cls, v: float) -> float:
+        if v != 1.0:
+            raise ValueError(f"opd.teacher_temperature ({v}): the teacher scores at 1.0 only. SGLang computes input-token "
+                             "logprobs at temperature 1 whatever the request says, so any other value would be silently ignored "
+                             "on GPU and obeyed on CPU")
+        return v
 
     @field_validator("lr")
     @classmethod
@@ -189,6 +209,12 @@ class RunConfig(_Strict):
         if self.eval.suite is not None and not Path(self.eval.suite).is_file():
             raise ValueError(f"eval.suite ({self.eval.suite!r}): no such suite file (a YAML naming benchmark files and graders, "
                              "e.g. launch/suites/paper.yaml)")
+        if self.opd.objective == "full_kl" and (self.learner.tp > 1 or self.learner.logits_chunk_tokens is not None):
+            raise ValueError("opd.objective: full_kl needs the whole micro-batch's logits on one rank: it is not implemented "
+                             "with learner.tp > 1 or learner.logits_chunk_tokens yet (use opd.objective: sampled_token)")
+        if self.opd.probe_every and self.data.opd_prompts != "embedded":
+            raise ValueError("opd.probe_every: the probe grades the built-in tasks (data.opd_prompts: embedded); for other "
+                             "data set it to 0 and use eval.suite")
         if self.sampling.temperature <= 0:
             raise ValueError(f"sampling.temperature ({self.sampling.temperature}) must be > 0: the teacher and the "
                              "learner score the rollouts at it")

@@ -132,6 +132,31 @@ def probe_rollouts(rollouts: list, probe: list[list[int]], log: MetricsLog, vers
     log.log("rollout", "probe_logprobs", [float(x) for lp in lps for x in lp], version)
 
 
+def teacher_selftest(teachers: list, sequences: list[list[int]], repeats: int, tol: float, log: MetricsLog) -> float:
+    """Score the same sequences `repeats` times on every teacher engine; refuse to train when the logprobs differ
+    by more than `tol` nats (max absolute difference over engines, repeats and tokens). Returns the difference.
+
+    OPD's signal is the teacher's logprob minus the student's: a teacher that scores one token differently from
+    call to call (a nondeterministic kernel, a batch-dependent reduction, an engine serving other weights) turns
+    into noise in every advantage, which no amount of training removes.
+    """
+    from launch.runlog import console
+
+    seqs = [list(s) for s in sequences if len(s) >= 2]
+    if not seqs or repeats < 1:
+        return 0.0
+    runs = ray.get([t.score.remote(seqs) for t in teachers for _ in range(repeats)])
+    ref = runs[0]
+    diff = max(float(abs(a - b).max()) if len(a) else 0.0 for run in runs for a, b in zip(run, ref))
+    log.log("teacher", "selftest_max_diff", diff)
+    msg = (f"teacher determinism self-test: {len(seqs)} sequences scored {repeats}x on each of {len(teachers)} teacher "
+           f"engine(s): max |logprob difference| {diff:.3g} nats, bound {tol:g} (opd.teacher_selftest_tol)")
+    if diff > tol:
+        raise RuntimeError(msg + ": the teacher's scores are not reproducible, so OPD would train on noise; refusing to train")
+    console.print(msg)
+    return diff
+
+
 def engine_kwargs(section) -> dict:
     """An engine section's backend arguments; its dtype reaches every backend (SGLang's server arg has the same name)."""
     return {**section.engine_kwargs, "dtype": section.dtype}

@@ -18,7 +18,8 @@ import ray
 
 from launch.admission import Admission
 from launch.config import RunConfig
-from launch.fleet import Resync, WeightSync, probe_rollouts, settle
+from launch.probe import snapshot_dir
+from launch.fleet import Resync, WeightSync, probe_rollouts, settle, teacher_selftest
 from launch.runlog import console, log_first_row, log_step
 from launch.streams import RunData
 from zeda_rl.metrics import MetricsLog
@@ -43,11 +44,15 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
     resync = Resync(sync)
     settle(sync.push(version), log)
     acks, probe = [], data.opd.ids[:4]  # fixed sequences whose logprobs show which weights the engines serve
+    if start == 0:
+        teacher_selftest(teachers.actors, probe, o.teacher_selftest_repeats, o.teacher_selftest_tol, log)
     probe_rollouts(rollouts, probe, log, version)
+    if o.probe_every and start == 0:  # the student as SFT left it: the probe's step 0
+        learner.export_hf(snapshot_dir(cfg.run_dir, 0))
     log.log("driver", "progress_started", time.time())
     step, seed = start, cfg.seed * 100_003 + start * 1_000
     while step < o.steps:
-        seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync, version)
+        seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync, version, o)
         _collect(adm, log, resync)
         learner.check()  # a dead learner rank ends the run now, not when the next step needs it
         resync.poll()
@@ -72,6 +77,8 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
         log.log("driver", "trained_prompts", sorted({i // o.samples_per_prompt for i in report["trained"]}), step)
         log.log("driver", "trained_ids", sorted(report["trained"]), step)
         log_step(log, metrics, step, o.steps)
+        if o.probe_every and (step % o.probe_every == 0 or step == o.steps):
+            learner.export_hf(snapshot_dir(cfg.run_dir, step))
         if bump:
             version += 1
             acks += sync.push(version)
@@ -80,7 +87,7 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
     return _finish(cfg, adm, learner, rollouts, sync, acks, probe, log, version, step)
 
 
-def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync, version: int) -> int:
+def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync, version: int, o) -> int:
     """Start every generation call the window and the engines have room for; returns the last seed used.
 
     Each call waits in its engine for `version`, the last one pushed: with the window, that is
@@ -92,7 +99,8 @@ def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync,
         ids = adm.sample_ids(positions)
         gen = rollouts[engine].generate.remote([p for p in prompts for _ in range(adm.spp)],
                                                params.model_copy(update={"seed": seed}), ids, version)
-        adm.submitted(teachers.submit("score_and_push", gen, params.temperature), engine, step, positions)
+        adm.submitted(teachers.submit("score_and_push", gen, o.teacher_temperature,
+                                      top_k=o.teacher_top_k if o.objective == "full_kl" else 0), engine, step, positions)
     return seed
 
 

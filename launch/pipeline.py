@@ -23,6 +23,7 @@ from launch.config import RunConfig
 from launch.evaluation import evaluate_phase
 from launch.fleet import start_actors
 from launch.opd import opd_phase
+from launch.probe import probe_phase
 from launch.runlog import Phases, console
 from launch.sft import sft_phase
 from learner.ranks import RankLost
@@ -82,6 +83,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                                 version=at.get("version", 0), start=at.get("step", 0), prompts_at=at.get("prompts", 0),
                                 skipped=at.get("inflight", 0))
             _save(cfg, learner)
+        if cfg.opd.probe_every:
+            with phases("probe"):
+                probe_phase(cfg, teacher_dir, log)
         with phases("export"):
             final = learner.export_hf(cfg.run_dir / "student")
         with phases("eval"):

@@ -24,7 +24,8 @@ import numpy as np
 import ray
 
 # Fields the learner reads; others (sample ids, versions...) stay on the driver.
-_BATCH_KEYS = ("tokens", "loss_mask", "attention_mask", "behaviour_logprobs", "teacher_logprobs", "routed_experts")
+_BATCH_KEYS = ("tokens", "loss_mask", "attention_mask", "behaviour_logprobs", "teacher_logprobs", "routed_experts",
+               "teacher_top_ids", "teacher_top_logprobs")
 
 
 def shard_rows(batch: dict, world_size: int, tp: int = 1) -> list[dict]:

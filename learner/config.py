@@ -117,6 +117,12 @@ class OPDStage(_Strict):
                                   "logprob), cap) on each token's loss, for stale samples; null: off (official)")
     loss_agg: Literal["sample_mean", "token_mean"] = Field(
         "sample_mean", description="per-sample token mean averaged over samples (official OPD) or per-token mean")
+    objective: Literal["sampled_token", "full_kl"] = Field(
+        "sampled_token", description="sampled_token (official): clipped policy loss with A_t = log p_T(y_t) - log p_S(y_t) "
+        "at the sampled token; full_kl: the reverse KL(p_S || p_T) over the teacher's top-k next tokens at every "
+        "student prefix, differentiated directly (GKD-style; exact when teacher_top_k covers the vocabulary)")
+    teacher_top_k: int = Field(64, ge=1, description="full_kl: next tokens the teacher sends per position (both "
+                               "distributions renormalised over them); >= the vocabulary size is the exact KL")
 
     @model_validator(mode="after")
     def _check(self):

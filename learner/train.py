@@ -68,7 +68,7 @@ from learner import bridge, optim, parallel, tp_logprob  # noqa: E402
 from learner import logprob as chunked  # noqa: E402
 from learner import model as mdl  # noqa: E402
 from learner.config import LearnerSection, SFTStage, Stage, learner_part, not_implemented  # noqa: E402
-from zeda_rl.losses import opd_token_loss, token_logprobs, token_weights  # noqa: E402
+from zeda_rl.losses import opd_token_loss, token_logprobs, token_weights, topk_reverse_kl  # noqa: E402
 
 
 # ---- batches --------------------------------------------------------------------------------------
@@ -98,10 +98,16 @@ def normalise_batch(batch: dict, stage: str) -> dict[str, torch.Tensor]:
             if k not in batch:
                 raise ValueError(f"an OPD batch needs {k!r} [B, S]")
             out[k] = _tensor(batch[k], torch.float32)
+        if batch.get("teacher_top_ids") is not None:  # opd.objective full_kl
+            out["teacher_top_ids"] = _tensor(batch["teacher_top_ids"], torch.long)
+            out["teacher_top_logprobs"] = _tensor(batch["teacher_top_logprobs"], torch.float32)
+            if out["teacher_top_ids"].shape != out["teacher_top_logprobs"].shape or out["teacher_top_ids"].dim() != 3:
+                raise ValueError(f"teacher_top_ids {tuple(out['teacher_top_ids'].shape)} and teacher_top_logprobs "
+                                 f"{tuple(out['teacher_top_logprobs'].shape)}: expected the same [B, S, k]")
     if batch.get("routed_experts") is not None:
         out["routed_experts"] = _tensor(batch["routed_experts"], torch.long)
     for k, v in out.items():
-        shape = v.shape[1:3] if k == "routed_experts" else v.shape
+        shape = v.shape[1:3] if k == "routed_experts" else v.shape[:2] if k.startswith("teacher_top") else v.shape
         if tuple(shape) != tuple(tokens.shape):
             raise ValueError(f"batch field {k!r} has shape {tuple(v.shape)}, expected [B, S] = {tuple(tokens.shape)}")
     out["loss_mask"] = out["loss_mask"] & out["attention_mask"]
@@ -189,6 +195,26 @@ def _padding_batch(rows: int, seq: int, stage: str) -> dict[str, torch.Tensor]:
         out["behaviour_logprobs"] = torch.zeros(rows, seq)
         out["teacher_logprobs"] = torch.zeros(rows, seq)
     return out
+
+
+SUM_KEYS = ("main", "nll", "reverse_kl", "clip_frac", "ratio_sum", "beh_ratio_sum", "beh_clip", "adv_sq", "adv_pos",
+            "full_kl")
+
+
+def expert_load(ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots routed to each real expert, per MoE layer: [L, N] from ids [L, B, S, K] (zero slots and -1 left out)."""
+    keep = valid & (ids >= 0) & (ids < num_experts)
+    flat = torch.where(keep, ids, num_experts).flatten(1)  # the dropped ones land in an extra bin
+    return torch.stack([torch.bincount(row, minlength=num_experts + 1)[:num_experts] for row in flat]).double()
+
+
+def load_violation(load: torch.Tensor) -> dict[str, list[float]]:
+    """Per layer, how far the real experts' loads [L, N] are from uniform, relative to the uniform load:
+    max_e (load_e - mean) / mean and mean_e |load_e - mean| / mean (0: perfectly balanced; a layer that
+    routed nothing to real experts reports 0)."""
+    mean = load.mean(dim=1, keepdim=True)
+    rel = torch.where(mean > 0, (load - mean) / mean.clamp_min(1e-12), torch.zeros_like(load))
+    return {"max": rel.max(dim=1).values.tolist(), "mean": rel.abs().mean(dim=1).tolist()}
 
 
 # ---- the learner --------------------------------------------------------------------------------
@@ -324,9 +350,10 @@ class Learner:
         n_layers = len(self.info.moe_layers)
         aux_layer_div = n_layers if c.aux_reduce == "mean" else 1
 
-        sums = dict.fromkeys(("main", "nll", "reverse_kl", "clip_frac", "ratio_sum", "beh_ratio_sum", "beh_clip"), 0.0)
+        sums = dict.fromkeys(SUM_KEYS, 0.0)
         aux = torch.zeros(n_layers, dtype=torch.float64)
         zero_slots = torch.zeros(n_layers, dtype=torch.float64)
+        load = torch.zeros(n_layers, self.info.num_experts, dtype=torch.float64)  # slots per real expert
         routed_slots = 0.0
         if self.ddp is not None:
             self.ddp.zero_grad_buffer()
@@ -340,13 +367,15 @@ class Learner:
             mdl.set_aux_loss_scale((1.0 / real_mb_total / aux_layer_div) if real else 0.0)
             # the backward stays inside the replay: under full recompute it routes again
             with mdl.replay_routing(self.model, mb.get("routed_experts")):
-                logp = self._logprobs(mb["tokens"], ~mb["attention_mask"], self.temperature if stage == "opd" else 1.0)
+                full = stage == "opd" and self.stage.objective == "full_kl"
+                logp, logp_all = self._logprobs(mb["tokens"], ~mb["attention_mask"],
+                                                self.temperature if stage == "opd" else 1.0, full=full)
                 m, wt = mb["loss_mask"][:, 1:], mb["loss_weight"][:, 1:]
                 sums["nll"] += float(-logp.detach()[m].sum())
                 if stage == "sft":
                     loss = -(logp * wt).sum()
                 else:
-                    loss = (self._opd_token_loss(logp, mb, sums, m) * wt).sum()
+                    loss = (self._opd_token_loss(logp, logp_all, mb, sums, m, real) * wt).sum()
                 if not real:
                     loss = loss * 0.0
                 loss.backward()
@@ -357,36 +386,45 @@ class Learner:
                 valid = mb["attention_mask"].cpu()[None, :, :, None].expand_as(ids)
                 zero_slots += ((ids >= self.info.num_experts) & valid).flatten(1).sum(1).double()
                 routed_slots += float(valid[0].sum())
+                load += expert_load(ids, valid, self.info.num_experts)
 
         if self.ddp is not None:
             self.ddp.finish_grad_sync()
             optim.sum_tp_partial_grads(self.ddp)
         else:
             parallel.sync_grads(self.model)
-        return dict(sums=sums, aux=aux, zero_slots=zero_slots, routed_slots=routed_slots, n_mb=n_mb,
+        return dict(sums=sums, aux=aux, zero_slots=zero_slots, load=load, routed_slots=routed_slots, n_mb=n_mb,
                     real_mb_total=real_mb_total, resp_total=resp_total, valid_total=valid_total,
                     aux_layer_div=aux_layer_div)
 
-    def _logprobs(self, tokens: torch.Tensor, padding: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Training logprobs [B, S-1] (fp32) of the next tokens at `temperature`.
+    def _logprobs(self, tokens: torch.Tensor, padding: torch.Tensor, temperature: float,
+                  full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training logprobs [B, S-1] (fp32) of the next tokens at `temperature`, and with `full` the whole
+        next-token log-softmax [B, S-1, V] (opd.objective full_kl; refused with TP or chunking by the config).
 
         `logits_chunk_tokens` set: the output layer is fused into a chunked logprob (learner.logprob),
         so neither the micro-batch's logits nor their fp32 log-softmax exist in full.
         """
         chunk = self.config.logits_chunk_tokens
+        if full and (chunk or self.config.tp > 1):
+            raise NotImplementedError("opd.objective full_kl with learner.logits_chunk_tokens or learner.tp > 1")
         if chunk:
             with chunked.hidden_states(self.model) as out:
                 hidden = mdl.forward_logits(self.model, tokens, padding)
-            return chunked.token_logprobs(hidden, out["weight"], tokens, chunk, temperature)
+            return chunked.token_logprobs(hidden, out["weight"], tokens, chunk, temperature), None
         tp = self.config.tp
         logits = mdl.forward_logits(self.model, tokens, padding, gather=tp == 1)
         if temperature != 1.0:
             logits = logits / temperature
         if tp > 1:  # this rank's vocab-parallel slice: the log-softmax reduces over the TP group
-            return tp_logprob.token_logprobs(logits, tokens, self.info.vocab_size)
-        return token_logprobs(logits, tokens)
+            return tp_logprob.token_logprobs(logits, tokens, self.info.vocab_size), None
+        if full:
+            logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            return logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1), logp_all
+        return token_logprobs(logits, tokens), None
 
-    def _opd_token_loss(self, logp: torch.Tensor, mb: dict, sums: dict, m: torch.Tensor) -> torch.Tensor:
+    def _opd_token_loss(self, logp: torch.Tensor, logp_all: torch.Tensor | None, mb: dict, sums: dict, m: torch.Tensor,
+                        real: bool = True) -> torch.Tensor:
         """OPD per-token loss of one micro-batch (see the module docstring); adds its token sums to `sums`."""
         c = self.stage
         behaviour, teacher = mb["behaviour_logprobs"][:, 1:], mb["teacher_logprobs"][:, 1:]
@@ -395,7 +433,16 @@ class Learner:
             beh_ratio = torch.exp(logp - behaviour)  # the engine-vs-learner mismatch: staleness and precision
         is_weight = beh_ratio.clamp(max=c.tis_cap) if c.tis_cap is not None else None
         loss_t, ratio, adv = opd_token_loss(logp, old, teacher, c.clip_eps, is_weight)
+        if logp_all is not None and "teacher_top_ids" in mb:
+            kl = topk_reverse_kl(logp_all, mb["teacher_top_ids"][:, 1:], mb["teacher_top_logprobs"][:, 1:])
+            sums["full_kl"] += float(kl.detach()[m].sum())
+            loss_t = kl if is_weight is None else kl * is_weight.detach()
+        elif logp_all is not None and real:
+            raise ValueError("opd.objective full_kl: the batch carries no teacher_top_ids / teacher_top_logprobs "
+                             "(the teacher pool sends them when the run's opd.objective is full_kl)")
         sums["reverse_kl"] += float(-adv[m].sum())
+        sums["adv_sq"] += float((adv[m] ** 2).sum())
+        sums["adv_pos"] += float((adv[m] > 0).sum())
         sums["clip_frac"] += float(((ratio - 1.0).abs() > c.clip_eps)[m].sum())
         sums["ratio_sum"] += float(ratio[m].sum())
         sums["beh_ratio_sum"] += float(beh_ratio[m].sum())
@@ -427,13 +474,14 @@ class Learner:
         sums, aux, zero_slots, routed_slots = st["sums"], st["aux"], st["zero_slots"], st["routed_slots"]
         real_mb_total, resp_total, valid_total = st["real_mb_total"], st["resp_total"], st["valid_total"]
         n_layers = len(self.info.moe_layers)
-        keys = ("main", "nll", "reverse_kl", "clip_frac", "ratio_sum", "beh_ratio_sum", "beh_clip")
-        red = parallel.all_reduce_sum([sums[k] for k in keys] + [routed_slots] + aux.tolist() + zero_slots.tolist(),
-                                      group=parallel.dp_group())
+        keys = SUM_KEYS
+        red = parallel.all_reduce_sum([sums[k] for k in keys] + [routed_slots] + aux.tolist() + zero_slots.tolist()
+                                      + st["load"].flatten().tolist(), group=parallel.dp_group())
         tot = dict(zip(keys, red))
         main, slots, red = tot["main"], red[len(keys)], red[len(keys) + 1 :]
         aux_l = [a / max(real_mb_total, 1.0) for a in red[:n_layers]]
-        zr = [z / max(slots, 1.0) for z in red[n_layers:]]
+        zr = [z / max(slots, 1.0) for z in red[n_layers : 2 * n_layers]]
+        vio = load_violation(torch.tensor(red[2 * n_layers :], dtype=torch.float64).reshape(n_layers, -1))
         aux_total = sum(aux_l) / st["aux_layer_div"]
         m = {
             "step": self.step,
@@ -450,6 +498,10 @@ class Learner:
             "step_time_s": dt,
             "micro_batches": st["n_mb"],
             "nll": tot["nll"] / resp_total,
+            # how unevenly the real experts are loaded (0: uniform): L_GA must leave their routing healthy
+            "expert_load_max_violation": max(vio["max"], default=0.0),
+            "expert_load_max_violation_per_layer": vio["max"],
+            "expert_load_mean_violation_per_layer": vio["mean"],
         }
         if self.stage.name == "sft":
             m["sft_loss"] = main
@@ -457,6 +509,12 @@ class Learner:
             m.update(policy_loss=main, **{k: tot[src] / resp_total for k, src in (
                 ("reverse_kl", "reverse_kl"), ("clip_frac", "clip_frac"), ("ratio_mean", "ratio_sum"),
                 ("behaviour_ratio_mean", "beh_ratio_sum"), ("behaviour_clip_frac", "beh_clip"))})
+            # the advantage A_t = log p_T - log p_S (fresh) of the response tokens: its mean is -reverse_kl
+            adv_mean = -tot["reverse_kl"] / resp_total
+            m.update(adv_mean=adv_mean, adv_std=max(tot["adv_sq"] / resp_total - adv_mean**2, 0.0) ** 0.5,
+                     adv_pos_frac=tot["adv_pos"] / resp_total)
+            if self.stage.objective == "full_kl":
+                m["full_kl"] = tot["full_kl"] / resp_total
         return m
 
     # -- evaluation helpers --

@@ -121,6 +121,21 @@ def opd_token_loss(
     return loss, ratio.detach(), adv
 
 
+def topk_reverse_kl(student_logp: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-position reverse KL(p_S || p_T) over the teacher's top-k next tokens: [B, S] from the student's
+    next-token log-softmax [B, S, V] and the teacher's top-k ids / logprobs [B, S, k].
+
+    Both distributions are renormalised over the k tokens, so with k = V it is the exact reverse KL
+    the sampled-token advantage estimates (in expectation over the student's samples), without the
+    estimator's noise; with k < V it is the KL restricted to the teacher's likely set ("Revisiting
+    OPD"). Its gradient flows through the student's probabilities directly (GKD), no advantage.
+    """
+    s = student_logp.gather(-1, top_ids)
+    s = s - torch.logsumexp(s, dim=-1, keepdim=True)
+    t = top_logprobs - torch.logsumexp(top_logprobs, dim=-1, keepdim=True)
+    return (s.exp() * (s - t)).sum(-1)
+
+
 def opd_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

@@ -131,7 +131,8 @@ def _batch(examples: list[tasks.Example], tok) -> dict[str, torch.Tensor]:
 
 
 def _train(steps: int, seed: int, progress: bool, log=None, suite: str = "basic", model_kw: dict = MODEL,
-           recipe: dict = RECIPE):
+           recipe: dict = RECIPE, probe=None):
+    """Train one teacher; `probe` (every, fn(step, model, loss)) watches the run (bench/teacher_recipe.py)."""
     from transformers import Qwen3MoeForCausalLM
 
     from zeda_rl.generate import accuracy
@@ -161,6 +162,12 @@ def _train(steps: int, seed: int, progress: bool, log=None, suite: str = "basic"
             opt.step()
             sched.step()
             bar.advance(1, note=f"loss {loss.item():.3f}")
+            if probe is not None and (sched.last_epoch % probe[0] == 0 or sched.last_epoch == steps):
+                model.eval()
+                model.config.output_router_logits = False  # generation with router logits on fails in transformers 5
+                probe[1](sched.last_epoch, model, loss.item())
+                model.config.output_router_logits = True
+                model.train()
     train_s = time.time() - t0
     model.config.output_router_logits = False
     model.eval()

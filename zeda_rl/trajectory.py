@@ -14,12 +14,16 @@ def pack_samples(
     samples: list[dict],
     teacher_logprobs: list[np.ndarray] | None = None,
     pad_id: int = 0,
+    teacher_top: list[dict] | None = None,
 ) -> dict[str, np.ndarray]:
     """Right-pad samples into named arrays (the fields of `zeda_rl.wire.TrajectoryBatch`).
 
     Each sample dict has prompt_ids, output_ids, logprobs [O], policy_version, sample_id
     and optionally routed_experts [L, P+O, K]. `teacher_logprobs[i]` is the engine's
-    score of the whole sequence: log p(seq[t] | seq[:t]) for t >= 1.
+    score of the whole sequence: log p(seq[t] | seq[:t]) for t >= 1. `teacher_top[i]`, when
+    given (`Engine.score_topk`: top_ids / top_logprobs [len-1, k]), adds the teacher's k most likely
+    tokens at every position as `teacher_top_ids` / `teacher_top_logprobs` [B, S, k], same alignment;
+    padding columns hold id 0 and logprob 0 (finite, so a masked-out KL term stays 0, never NaN).
     """
     if not samples:
         raise ValueError("pack_samples: no samples")
@@ -50,6 +54,15 @@ def pack_samples(
             teacher[i, 1 : len(seq)] = t
         if routed is not None:
             routed[:, i, : len(seq)] = s["routed_experts"]
+        if teacher_top is not None:
+            top_ids, top_lp = (np.asarray(teacher_top[i][k]) for k in ("top_ids", "top_logprobs"))
+            if i == 0:
+                kk = top_ids.shape[-1] if top_ids.ndim == 2 else 0
+                tops = np.zeros((b, n, kk), dtype=np.int32), np.zeros((b, n, kk), dtype=np.float32)
+            if top_ids.shape != (len(seq) - 1, tops[0].shape[2]) or top_lp.shape != top_ids.shape:
+                raise ValueError(f"sample {s.get('sample_id')}: teacher top-k shapes {top_ids.shape} / {top_lp.shape}, "
+                                 f"expected ({len(seq) - 1}, {tops[0].shape[2]})")
+            tops[0][i, 1 : len(seq)], tops[1][i, 1 : len(seq)] = top_ids, top_lp
     out = {
         "tokens": tokens,
         "attention_mask": attn,
@@ -61,6 +74,8 @@ def pack_samples(
     }
     if routed is not None:
         out["routed_experts"] = routed
+    if teacher_top is not None:
+        out["teacher_top_ids"], out["teacher_top_logprobs"] = tops
     return out
 
 
@@ -81,7 +96,7 @@ def concat_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray
     for key in batches[0]:
         if key == "routed_experts":
             out[key] = np.concatenate([_pad_to(b[key], n, 2, -1) for b in batches], axis=1)
-        elif batches[0][key].ndim == 2:
+        elif batches[0][key].ndim in (2, 3):  # [B, S] and [B, S, k] (teacher top-k)
             out[key] = np.concatenate([_pad_to(b[key], n, 1, 0) for b in batches], axis=0)
         else:
             out[key] = np.concatenate([b[key] for b in batches], axis=0)
@@ -93,7 +108,7 @@ def take_rows(batch: dict[str, np.ndarray], rows) -> dict[str, np.ndarray]:
     rows = np.asarray(rows)
     out = {k: (v[:, rows] if k == "routed_experts" else v[rows]) for k, v in batch.items()}
     n = int(out["attention_mask"].sum(1).max()) if "attention_mask" in out else out["tokens"].shape[1]
-    return {k: (v[:, :, :n] if k == "routed_experts" else v[:, :n] if v.ndim == 2 else v) for k, v in out.items()}
+    return {k: (v[:, :, :n] if k == "routed_experts" else v[:, :n] if v.ndim in (2, 3) else v) for k, v in out.items()}
 
 
 def num_rows(batch: dict[str, np.ndarray]) -> int:

@@ -54,7 +54,7 @@ DTYPES: dict[str, np.dtype] = {
     }.items()
 }
 
-# Field name -> (allowed dtype names, symbolic shape). "B"/"S" must agree across fields;
+# Field name -> (allowed dtype names, symbolic shape). "B"/"S"/"V" must agree across fields;
 # "L"/"K" are free (routed experts: layers x top-k).
 REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "tokens": (("int32",), ("B", "S")),
@@ -67,6 +67,9 @@ REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 OPTIONAL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "routed_experts": (("int16", "int32"), ("L", "B", "S", "K")),
     "attention_mask": (("uint8", "bool"), ("B", "S")),
+    # opd.objective full_kl: the teacher's top-k next tokens at every position (k = the vocabulary: exact KL)
+    "teacher_top_ids": (("int32",), ("B", "S", "V")),
+    "teacher_top_logprobs": (("float32",), ("B", "S", "V")),
 }
 # Fields not named above are allowed (forward room for e.g. advantages), with any
 # allow-listed dtype and any shape; readers that do not know them ignore them.
@@ -316,7 +319,7 @@ def validate(batch: TrajectoryBatch) -> None:
         if arr.ndim != len(sym):
             raise ShapeMismatch(f"field {name!r}: shape {list(arr.shape)} has {arr.ndim} dims, expected [{','.join(sym)}]")
         for d, size in zip(sym, arr.shape):
-            if d not in ("B", "S"):
+            if d not in ("B", "S", "V"):
                 continue
             if d in dims and dims[d][0] != size:
                 raise ShapeMismatch(
