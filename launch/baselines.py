@@ -163,59 +163,101 @@ def analyse(cfg: RunConfig, zeda: Path, teacher: Path, n_per_family: int, out: P
 # ---- the whole comparison ------------------------------------------------------------------------
 
 
-def run_baselines(cfg: RunConfig, out: Path | None = None, analysis_per_family: int = 200) -> dict:
-    """Train ZEDA and NET, evaluate every variant, write baselines.{json,md} and the plots under `out`."""
+def run_baselines(cfg: RunConfig, out: Path | None = None, analysis_per_family: int = 200, seeds: list[int] | None = None) -> dict:
+    """Train ZEDA and NET once per seed, evaluate every variant, write baselines.{json,md} and the plots under `out`.
+
+    `seeds` vary the students' training (SFT data order, OPD sampling, the learner's init of nothing
+    else): the teacher (`model.teacher_seed`) and the converted checkpoint are the same for all of them,
+    so the spread over seeds is the training noise alone. Rows are means over seeds; each comparison
+    comes with paired 95% intervals over prompts, over seeds and over both (`zeda_rl.stats`).
+    """
     from launch.pipeline import connect_ray, prepare_checkpoints
 
+    seeds = list(seeds) if seeds else [cfg.seed]
     out = Path(out) if out is not None else Path(cfg.output_dir) / f"{cfg.name}-baselines"
     out.mkdir(parents=True, exist_ok=True)
-    zcfg = cfg.model_copy(update={"output_dir": str(out), "name": "zeda"})
-    zcfg.run_dir.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     log = MetricsLog(out / "metrics.jsonl")
     phases = Phases(log)
     t_start = time.time()
     try:
-        teacher, zinit = prepare_checkpoints(zcfg, phases)
-        ncfg = cfg.model_copy(update={"output_dir": str(out), "name": "net", "data": cfg.data.model_copy(
-            update={"sft_rollouts": str(zcfg.run_dir / "rollouts")})})
-        ninit = net_checkpoint(teacher, ncfg.run_dir / "student-init")
+        icfg = cfg.model_copy(update={"output_dir": str(out), "name": "init"})
+        icfg.run_dir.mkdir(parents=True, exist_ok=True)
+        teacher, zinit = prepare_checkpoints(icfg, phases)
+        ninit = net_checkpoint(teacher, icfg.run_dir / "net-init")
         connect_ray(cfg)
-        zsft, zfinal = train(zcfg, teacher, zinit, MetricsLog(zcfg.run_dir / "metrics.jsonl"), phases, "zeda")
-        nsft, nfinal = train(ncfg, teacher, ninit, MetricsLog(ncfg.run_dir / "metrics.jsonl"), phases, "net")
-        rows = {}
-        with phases("eval"):
-            rows["original"] = evaluate_variant("original", teacher, cfg, log)
-            rows["zeda"] = evaluate_variant("zeda", zfinal, cfg, log)
-            rows["zeda_sft"] = evaluate_variant("zeda_sft", zsft, cfg, log)
-            rows["net"] = evaluate_variant("net", nfinal, cfg, log)
-            from zeda_rl.analysis import calibrate_skip_threshold
+        per_seed = []
+        for seed in seeds:
+            tag = f"-s{seed}" if len(seeds) > 1 else ""
+            scfg = cfg.model_copy(update={"seed": seed, "output_dir": str(out)})
+            zcfg = scfg.model_copy(update={"name": f"zeda{tag}"})
+            ncfg = scfg.model_copy(update={"name": f"net{tag}", "data": cfg.data.model_copy(
+                update={"sft_rollouts": str(zcfg.run_dir / "rollouts")})})
+            for c in (zcfg, ncfg):
+                c.run_dir.mkdir(parents=True, exist_ok=True)
+            zsft, zfinal = train(zcfg, teacher, zinit, MetricsLog(zcfg.run_dir / "metrics.jsonl"), phases, f"zeda{tag}")
+            nsft, nfinal = train(ncfg, teacher, ninit, MetricsLog(ncfg.run_dir / "metrics.jsonl"), phases, f"net{tag}")
+            rows = {}
+            with phases(f"eval{tag}"):
+                rows["zeda"] = evaluate_variant("zeda", zfinal, cfg, log)
+                rows["zeda_sft"] = evaluate_variant("zeda_sft", zsft, cfg, log)
+                rows["net"] = evaluate_variant("net", nfinal, cfg, log)
+                from zeda_rl.analysis import calibrate_skip_threshold
 
-            model, tok = load_variant(zinit, mask=True)  # the converted teacher with the mask on: the original model
-            calib = calibrate_skip_threshold(model, tok, calibration_texts(cfg), target=rows["zeda"]["r_ze"])
-            rows["dynamic_skipping"] = evaluate_variant("dynamic_skipping", zinit, cfg, log, model, tok)
-            rows["dynamic_skipping"]["calibration"] = calib
+                model, tok = load_variant(zinit, mask=True)  # the converted teacher with the mask on: the original model
+                calib = calibrate_skip_threshold(model, tok, calibration_texts(scfg), target=rows["zeda"]["r_ze"])
+                rows["dynamic_skipping"] = evaluate_variant("dynamic_skipping", zinit, cfg, log, model, tok)
+                rows["dynamic_skipping"]["calibration"] = calib
+            per_seed.append({"seed": seed, "zeda_checkpoint": str(zfinal), **rows})
+        with phases("eval"):
+            original = evaluate_variant("original", teacher, cfg, log)
         with phases("analysis"):
-            summary = analyse(cfg, zfinal, teacher, min(analysis_per_family, cfg.eval.n_per_family), out)
+            summary = analyse(cfg, Path(per_seed[0]["zeda_checkpoint"]), teacher,
+                              min(analysis_per_family, cfg.eval.n_per_family), out)
         phases.times["total"] = time.time() - t_start
-        result = {"config": cfg.name, "suite": suite_of(cfg), "n_per_family": cfg.eval.n_per_family,
-                  "rows": [rows[v] for v in VARIANTS], "comparison": compare(rows), "analysis": summary,
-                  "phase_seconds": {k: round(v, 1) for k, v in phases.times.items()}}
+        result = summarise(cfg, original, per_seed, summary, phases.times)
         write_outputs(result, out)
         return result
     finally:
         log.close()
 
 
-def compare(rows: dict) -> list[dict]:
-    """ZEDA minus each cheaper variant, in points, with both zero shares: is ZEDA ahead where it skips as much?"""
-    z = rows["zeda"]
-    out = []
-    for name in ("dynamic_skipping", "net", "zeda_sft"):
-        r = rows[name]
-        out.append({"variant": name, "delta_points": 100 * (z["accuracy"]["mean"] - r["accuracy"]["mean"]),
-                    "zeda_r_ze": z["r_ze"], "variant_r_ze": r["r_ze"], "matched": abs(z["r_ze"] - r["r_ze"]) <= MATCHED})
-    return out
+def summarise(cfg: RunConfig, original: dict, per_seed: list[dict], analysis: dict, times: dict) -> dict:
+    """The seed-averaged rows (the table), each variant's spread over seeds, and the paired comparisons."""
+    import numpy as np
+
+    from zeda_rl import stats
+
+    def mean_row(name: str) -> dict:
+        rs = [p[name] for p in per_seed] if name != "original" else [original]
+        acc = {k: float(np.mean([r["accuracy"][k] for r in rs])) for k in rs[0]["accuracy"]}
+        row = {"variant": name, "label": LABELS[name], "accuracy": acc, "r_ze": float(np.mean([r["r_ze"] for r in rs])),
+               "checkpoint": rs[0]["checkpoint"], "spread": stats.spread([r["accuracy"]["mean"] for r in rs]),
+               "per_seed": [{"accuracy": r["accuracy"]["mean"], "r_ze": r["r_ze"]} for r in rs]}
+        if name == "dynamic_skipping":
+            row["calibration"] = rs[0]["calibration"]
+        return row
+
+    def hits(name: str):
+        return [original["hits"]] if name == "original" else [p[name]["hits"] for p in per_seed]
+
+    rows = {v: mean_row(v) for v in VARIANTS}
+    comparisons = []
+    for other in ("zeda_sft", "net", "dynamic_skipping", "original"):
+        c = stats.compare(hits("zeda"), hits(other), "ZEDA", LABELS[other])
+        c.update(variant=other, zeda_r_ze=rows["zeda"]["r_ze"], variant_r_ze=rows[other]["r_ze"],
+                 matched=abs(rows["zeda"]["r_ze"] - rows[other]["r_ze"]) <= MATCHED)
+        comparisons.append(c)
+    return {"config": cfg.name, "suite": suite_of(cfg), "n_per_family": cfg.eval.n_per_family,
+            "seeds": [p["seed"] for p in per_seed], "teacher_seed": cfg.model.teacher_seed,
+            "rows": [rows[v] for v in VARIANTS], "comparison": comparisons, "analysis": analysis,
+            "phase_seconds": {k: round(v, 1) for k, v in times.items()}, "versions": _versions()}
+
+
+def _versions() -> dict:
+    from zeda_rl.versions import library_versions
+
+    return library_versions()
 
 
 # ---- outputs ------------------------------------------------------------------------------------
@@ -227,11 +269,16 @@ def markdown(result: dict) -> str:
     head = "| method | " + " | ".join(fams) + " | Avg. | r_ZE |\n|---|" + "---|" * (len(fams) + 2)
     lines = [f"| {r['label']} | " + " | ".join(f"{100 * r['accuracy'][f]:.1f}" for f in fams)
              + f" | **{100 * r['accuracy']['mean']:.1f}** | {100 * r['r_ze']:.1f}% |" for r in rows]
-    verdict = []
+    verdict = ["| ZEDA vs | difference (points) | per seed | 95% CI, prompts | 95% CI, seeds | 95% CI, both | verdict | r_ZE |",
+               "|---|---|---|---|---|---|---|---|"]
     for c in result["comparison"]:
-        where = "at a matched zero share" if c["matched"] else "zero shares NOT matched"
-        verdict.append(f"- ZEDA vs {LABELS[c['variant']]}: {c['delta_points']:+.1f} points "
-                       f"(r_ZE {100 * c['zeda_r_ze']:.1f}% vs {100 * c['variant_r_ze']:.1f}%, {where})")
+        where = "matched" if c["matched"] else "NOT matched"
+        ci = [f"[{lo:+.1f}, {hi:+.1f}]" if lo == lo else "-" for lo, hi in (c["ci_prompts"], c["ci_seeds"], c["ci"])]
+        verdict.append(f"| {LABELS[c['variant']]} | {c['delta_points']:+.2f} | {', '.join(f'{d:+.1f}' for d in c['per_seed'])} | "
+                       f"{' | '.join(ci)} | **{c['verdict']}** | {100 * c['zeda_r_ze']:.1f}% vs {100 * c['variant_r_ze']:.1f}% ({where}) |")
+    spread = ", ".join(f"{r['label']} {r['spread']['mean']:.1f} +- {r['spread']['std']:.1f} "
+                       f"({r['spread']['min']:.1f}-{r['spread']['max']:.1f})" for r in rows if r["variant"] != "original")
+    v = result.get("versions", {})
     ds = next(r for r in rows if r["variant"] == "dynamic_skipping")["calibration"]
     a = result["analysis"]
     reading = a.get("zero_share_prompt_tokens_per_family") or {}
@@ -242,13 +289,21 @@ def markdown(result: dict) -> str:
     times = ", ".join(f"{k} {v:.0f} s" for k, v in result["phase_seconds"].items())
     return f"""# ZEDA and its baselines ({result['config']}, {result['suite']} tasks)
 
-Held-out exact match (%), {result['n_per_family']} prompts per family, greedy; r_ZE = share of the
+Held-out exact match (%), {result['n_per_family']} prompts per family, greedy, mean over training seeds
+{result.get('seeds', [])} (one teacher, teacher seed {result.get('teacher_seed', 0)}); r_ZE = share of the
 teacher's K routed slots per token that no expert computes (zero experts, skipped or static).
 
 {head}
 {chr(10).join(lines)}
 
+Spread over seeds (mean +- sd, min-max): {spread}.
+
+Paired comparisons on the same held-out prompts (and, per seed, the same training seed). A difference
+whose 95% interval over prompts and seeds together ("both") holds 0 is "no difference".
+
 {chr(10).join(verdict)}
+
+Versions: {', '.join(f'{k} {x}' for k, x in v.items())}.
 
 Dynamic Skipping threshold {ds['threshold']:.4f}: {100 * ds['share']:.1f}% skipped on {ds['calibration_texts']} training-split
 texts for a target of {100 * ds['target']:.1f}% (at most {100 * ds['reachable']:.1f}% can be skipped with K slots: the top one stays).

@@ -135,9 +135,19 @@ def _baselines(a):
 
     cfg = load_run_config(a.config, a.set)
     a.target = a.out or cfg.output_dir
-    result = run_baselines(cfg, a.out, analysis_per_family=a.analysis_n)
+    result = run_baselines(cfg, a.out, analysis_per_family=a.analysis_n, seeds=a.seeds)
     for r in result["rows"]:
         print(f"{r['label']:<22} accuracy {100 * r['accuracy']['mean']:5.1f}%  r_ZE {100 * r['r_ze']:5.1f}%")
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected distinct non-negative integers, e.g. 0,1,2")
+    return seeds
 
 
 def _own_parser(argv: list[str]) -> int:
@@ -216,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     b.add_argument("--out", default=None, help="output directory (default: OUTPUT_DIR/NAME-baselines)")
     b.add_argument("--analysis-n", type=int, default=200, help="held-out prompts per family for the where-tokens-skip analysis")
+    b.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
+                   help="training seeds (e.g. 0,1,2): ZEDA and NET are trained once per seed with one teacher "
+                   "(model.teacher_seed); the table shows means, spreads and paired 95%% intervals (default: the config's seed)")
     b.set_defaults(fn=_baselines)
 
     # listed for --help; its arguments are launch.monitor's own (see main)

@@ -221,3 +221,4 @@ def test_gradients_are_clipped_to_the_global_norm(ckpts):
     assert parallel.grad_norm(learner.model) == pytest.approx(1e-3, rel=1e-3)
     m = make(ckpts["qwen3_moe"], grad_clip=1e-3).train_step(sft_batch())
     assert m["grad_norm"] == pytest.approx(before, rel=1e-4)  # the metric is the norm before clipping
+

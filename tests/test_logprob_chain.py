@@ -212,3 +212,36 @@ def test_teacher_logprobs_match_transformers_static(parts, runs, temp):
     # the teacher is a different model from the student: the OPD advantage is not identically 0
     mask = batch["loss_mask"]
     assert float((teacher - batch["behaviour_logprobs"]).abs()[mask].max()) > 100 * LOGPROB_ATOL
+
+
+def test_teacher_top_k_targets_survive_the_chain(parts, runs):
+    """opd.objective full_kl: the teacher engine's top-k next tokens, packed and through the wire, give
+    the learner the teacher's exact distribution (k = vocabulary) at every response position, in the
+    same columns as the sampled-token logprobs; `score_topk`'s own logprobs equal `score`'s at T=1."""
+    from zeda_rl.losses import topk_reverse_kl
+
+    r = runs[1.0]
+    dicts = [dict(dataclasses.asdict(s), sample_id=i) for i, s in enumerate(r["samples"])]
+    vocab = parts["static_ref"].config.vocab_size
+    top = parts["teacher"].score_topk(r["seqs"], vocab)
+    for t, lp in zip(top, parts["teacher"].score(r["seqs"], temperature=1.0)):
+        np.testing.assert_allclose(t["logprobs"], lp, atol=LOGPROB_ATOL)
+    arrays = pack_samples(dicts, [t["logprobs"] for t in top], pad_id=parts["student"].pad_id, teacher_top=top)
+    frames = wire.encode(wire.TrajectoryBatch.from_arrays(arrays, meta={}))
+    batch = normalise_batch(wire.decode([bytes(f) for f in frames]).arrays, "opd")
+    assert batch["teacher_top_ids"].shape == (*batch["tokens"].shape, vocab)
+    mask = batch["loss_mask"][:, 1:]
+    worst = 0.0
+    for i, seq in enumerate(r["seqs"]):
+        with torch.no_grad():
+            ref = torch.log_softmax(parts["static_ref"](torch.tensor([seq])).logits[0, :-1].float(), -1)
+        got = torch.full_like(ref, float("nan")).scatter(-1, batch["teacher_top_ids"][i, 1 : len(seq)],
+                                                          batch["teacher_top_logprobs"][i, 1 : len(seq)])
+        worst = max(worst, float((got - ref).abs().max()))
+    assert worst <= LOGPROB_ATOL
+    # the learner's KL against those targets is the KL of the two models' full distributions
+    m, tokens = parts["learner"], batch["tokens"]
+    with torch.no_grad(), mdl.replay_routing(m, batch["routed_experts"]):
+        s_all = torch.log_softmax(mdl.forward_logits(m, tokens, ~batch["attention_mask"])[:, :-1].float(), -1)
+    kl = topk_reverse_kl(s_all, batch["teacher_top_ids"][:, 1:], batch["teacher_top_logprobs"][:, 1:])
+    assert bool(torch.isfinite(kl).all()) and float(kl[mask].min()) >= -1e-6 and float(kl[mask].max()) > 1e-3

@@ -299,6 +299,49 @@ def test_opd_gradient_is_the_official_objective(ckpts, agg, tis_cap):
         torch.testing.assert_close(got[name], g, atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("k", [64, 5])
+def test_full_kl_gradient_is_the_reverse_kl_over_the_teachers_top_k(ckpts, k):
+    """opd.objective full_kl: the learner's gradient is that of sum_v p_S(v) (log p_S(v) - log p_T(v)), both
+    renormalised over the teacher's k tokens (k = 64 = the vocabulary: the exact reverse KL), per sample
+    mean, written out here from its definition; the sampled-token metrics are still reported."""
+    learner = make(ckpts["qwen3_moe"], OPDStage(lr=1e-2, objective="full_kl"), alpha=0.0)
+    b = opd_batch(learner)
+    rng = np.random.default_rng(5)
+    teacher_logits = torch.as_tensor(rng.normal(0.0, 2.0, (*b["tokens"].shape, 64)), dtype=torch.float32)
+    t_all = torch.log_softmax(teacher_logits, -1)
+    top_lp, top_ids = t_all.topk(k, -1)
+    b["teacher_top_ids"], b["teacher_top_logprobs"] = top_ids.numpy().astype(np.int32), top_lp.numpy()
+    st = learner.accumulate(b)
+    m = learner._metrics(st, 0.0, 0.0, 1.0)
+    got = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
+
+    model = learner.model
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    tokens = torch.as_tensor(b["tokens"])
+    with mdl.replay_routing(model, torch.as_tensor(b["routed_experts"]).long()):
+        logits = mdl.forward_logits(model, tokens, ~torch.as_tensor(b["attention_mask"]).bool())
+    s_all = torch.log_softmax(logits[:, :-1].float(), -1)
+    ids, t = top_ids[:, 1:], top_lp[:, 1:]
+    s = s_all.gather(-1, ids)
+    s, t = s - s.logsumexp(-1, keepdim=True), t - t.logsumexp(-1, keepdim=True)
+    kl = (s.exp() * (s - t)).sum(-1)
+    if k == 64:  # the whole vocabulary: the textbook reverse KL of the two full distributions
+        torch.testing.assert_close(kl, (s_all.exp() * (s_all - t_all[:, 1:])).sum(-1), atol=1e-5, rtol=1e-5)
+    mask = torch.as_tensor(b["loss_mask"][:, 1:]).float()
+    rows = mask.sum(1) > 0
+    loss = ((kl * mask).sum(1)[rows] / mask.sum(1)[rows]).mean()
+    loss.backward()
+    assert m["full_kl"] == pytest.approx(float((kl.detach() * mask).sum() / mask.sum()), rel=1e-5)
+    assert "reverse_kl" in m and "adv_mean" in m and 0 <= m["adv_pos_frac"] <= 1
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="teacher_top_ids"):  # a full_kl learner given a batch without targets
+        learner.accumulate(opd_batch(learner))
+
+
 def test_behaviour_ratio_clips_what_the_official_ratio_does_not(ckpts):
     learner = make(ckpts["qwen3_moe"], OPDStage(lr=1e-2, ratio="behaviour"), alpha=0.0)
     b = opd_batch(learner)
@@ -327,6 +370,30 @@ def test_run_config_carries_the_switches_with_official_defaults():
         RunConfig.model_validate({"opd": {"tis_cap": 2.0, "ratio": "behaviour"}})
     with pytest.raises(ValueError, match="tis_cap"):
         OPDStage(tis_cap=2.0, ratio="behaviour")
+    # the dense objective is a switch beside the official one, refused where the learner cannot run it
+    assert o.objective == "sampled_token" and learner_part(RunConfig.model_validate(
+        {"opd": {"objective": "full_kl", "teacher_top_k": 8}}).opd).teacher_top_k == 8
+    with pytest.raises(ValueError, match="full_kl needs the whole micro-batch"):
+        RunConfig.model_validate({"opd": {"objective": "full_kl"}, "learner": {"ep": 2, "tp": 2}})
+    with pytest.raises(ValueError, match="full_kl needs the whole micro-batch"):
+        RunConfig.model_validate({"opd": {"objective": "full_kl"}, "learner": {"logits_chunk_tokens": 512}})
+
+
+def test_teacher_scores_at_temperature_one_only():
+    """SGLang computes input-token logprobs at temperature 1 whatever a request says: any other teacher
+    temperature is refused by the config (naming the key) and by the teacher actor itself."""
+    from actors.teacher_pool import check_score_temperature
+
+    assert RunConfig().opd.teacher_temperature == 1.0
+    with pytest.raises(ValueError, match="opd.teacher_temperature"):
+        RunConfig.model_validate({"opd": {"teacher_temperature": 0.7}})
+    check_score_temperature(1.0)
+    with pytest.raises(ValueError, match="opd.teacher_temperature"):
+        check_score_temperature(0.7)
+    # a student sampling at 0.7 is still scored by the teacher at 1: the config takes it
+    assert RunConfig.model_validate({"sampling": {"temperature": 0.7}}).opd.teacher_temperature == 1.0
+    with pytest.raises(ValueError, match="opd.probe_every"):
+        RunConfig.model_validate({"opd": {"probe_every": 10}, "data": {"opd_prompts": "/data/p.jsonl"}})
 
 
 def test_learner_refuses_copy_experts(ckpts, tmp_path):

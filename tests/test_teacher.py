@@ -60,6 +60,7 @@ def test_build_writes_a_loadable_hf_checkpoint_and_reuses_it(tmp_path):
     assert model.config.vocab_size == len(tok)
     meta = json.loads((out / "teacher.json").read_text())
     assert meta["steps"] == 3 and set(meta["heldout_accuracy"]) == {*tasks.FAMILIES, "mean"}
+    assert meta["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0] and "transformers" in meta["versions"]
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     assert teacher.build_teacher(tmp_path / "t", steps=3, progress=False, min_accuracy=0.0) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not retrained
@@ -69,10 +70,20 @@ def test_build_writes_a_loadable_hf_checkpoint_and_reuses_it(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_a_failed_build_leaves_nothing_behind(tmp_path):
-    with pytest.raises(RuntimeError, match="below"):
-        teacher.build_teacher(tmp_path / "t", steps=2, progress=False, min_accuracy=0.99)
+def test_a_failed_build_leaves_nothing_behind_and_says_what_to_try(tmp_path):
+    with pytest.raises(RuntimeError, match="below") as err:
+        teacher.build_teacher(tmp_path / "t", steps=2, progress=False, min_accuracy=0.99, seed=4)
     assert list(tmp_path.iterdir()) == []
+    assert "--seed 5" in str(err.value) and "model.teacher_seed: 5" in str(err.value)
+
+
+def test_the_run_seed_does_not_rebuild_the_teacher():
+    """A study over seeds varies the student's training with one teacher: its seed is a key of its own."""
+    from launch.config import load_config
+
+    cfg = load_config("launch/configs/tiny-cpu-hard.yaml", {"seed": 7})
+    assert cfg.seed == 7 and cfg.model.teacher_seed == 0
+    assert load_config("launch/configs/tiny-cpu-hard.yaml", {"model.teacher_seed": 2}).model.teacher_seed == 2
 
 
 def test_default_location_is_the_cache(tmp_path, monkeypatch):

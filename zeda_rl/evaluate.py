@@ -69,14 +69,16 @@ def evaluate(checkpoint: str | Path, n_per_family: int = 100, batch_size: int = 
         for i in range(0, len(prompts), batch_size):
             completions += greedy_complete(model, tokenizer, prompts[i : i + batch_size], max_new_tokens=max_new, batch_size=batch_size)
             bar.update(len(completions))
+    hits = [int(score(e, c)) for e, c in zip(examples, completions)]
     per_family = {}
     for fam in families(tasks):
-        hits = [score(e, c) for e, c in zip(examples, completions) if e.family == fam]
-        per_family[fam] = sum(hits) / max(len(hits), 1)
+        fam_hits = [h for e, h in zip(examples, hits) if e.family == fam]
+        per_family[fam] = sum(fam_hits) / max(len(fam_hits), 1)
     texts = [e.prompt + c for e, c in zip(examples, completions)]
     return {
         "checkpoint": str(checkpoint),
         "accuracy": {**per_family, "mean": sum(per_family.values()) / len(per_family)},
+        "hits": hits,  # 1/0 per held-out prompt, in make_split's order: what paired comparisons resample
         "zero_ratio": routed_zero_ratio(model, tokenizer, texts, batch_size),
         "n_per_family": n_per_family,
         "tasks": tasks,
