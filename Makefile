@@ -5,13 +5,14 @@ BIN := $(VENV)/bin
 # torch is pinned first so that pip takes the CPU 2.13.0 file and never a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: run test install clean-venv
+.PHONY: run test install clean-venv constraints
 
-$(BIN)/zeda: pyproject.toml
+# constraints.txt pins every other package to the versions the README's numbers were measured with.
+$(BIN)/zeda: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt "$(TORCH)" -e ".[test]"
 	touch $(BIN)/zeda
 
 install: $(BIN)/zeda
@@ -24,6 +25,13 @@ test: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# After a dependency change in pyproject.toml: rebuild .venv without the old pins, then record the new ones.
+constraints:
+	rm -rf $(VENV) && $(PY) -m venv $(VENV) && $(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test]"
+	{ head -3 constraints.txt; $(BIN)/python -m pip freeze | grep -v "^-e\|^zeda\|^torch=="; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	touch $(BIN)/zeda
 
 # The paper's comparison on the embedded default (runs/tiny-cpu-baselines: table, plots, where tokens skip),
 # then the serving speed of the teacher, ZEDA and NET in one engine, then the comparison on the hard suite

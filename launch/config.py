@@ -30,6 +30,9 @@ class ModelSection(_Strict):
     zero_experts: int | None = Field(None, ge=1, description="N_Z per MoE layer; default N/2 (ZEDA)")
     zero_type: Literal["zero", "copy"] = "zero"
     convert_seed: int = 0
+    student: str | None = Field(None, description="start the student from this zero-expert checkpoint (e.g. a run's "
+                                "probe/step_00000, the student after SFT) instead of converting the teacher: OPD "
+                                "studies from one SFT student set sft.steps: 0")
     teacher_seed: int = Field(0, ge=0, description="seed of the embedded teacher's build ('embedded' only). A key of its "
                               "own: the run's `seed` varies the student's training (data order, sampling) with one teacher")
 
@@ -212,6 +215,9 @@ class RunConfig(_Strict):
         if self.opd.objective == "full_kl" and (self.learner.tp > 1 or self.learner.logits_chunk_tokens is not None):
             raise ValueError("opd.objective: full_kl needs the whole micro-batch's logits on one rank: it is not implemented "
                              "with learner.tp > 1 or learner.logits_chunk_tokens yet (use opd.objective: sampled_token)")
+        if self.model.student is not None and not (Path(self.model.student) / "config.json").is_file():
+            raise ValueError(f"model.student ({self.model.student}): no config.json there (expected a zero-expert checkpoint "
+                             "directory, e.g. RUN_DIR/probe/step_00000, or null to convert the teacher)")
         if self.opd.probe_every and self.data.opd_prompts != "embedded":
             raise ValueError("opd.probe_every: the probe grades the built-in tasks (data.opd_prompts: embedded); for other "
                              "data set it to 0 and use eval.suite")

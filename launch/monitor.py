@@ -148,6 +148,9 @@ def render(s: MonitorState):
     z.add_row("overall", "-" if overall is None else f"{100 * overall:.1f}%")
     for i, r in enumerate(s.value("learner", "zero_ratio_per_layer", []) or []):
         z.add_row(f"layer {i}", f"{100 * r:.1f}%")
+    # real experts' load against uniform (max_e (load - mean) / mean): L_GA must leave their routing healthy
+    for i, v in enumerate(s.value("learner", "expert_load_max_violation_per_layer", []) or []):
+        z.add_row(f"load max violation {i}", f"{v:.2f}")
     grid = Table.grid(padding=(0, 2))
     if s.ended:
         grid.add_row(q, z)

@@ -120,6 +120,9 @@ def prepare_checkpoints(cfg: RunConfig, phases: Phases) -> tuple[Path, Path]:
     with phases("teacher"):
         teacher = teacher_dir(cfg, log=phases.log)
         console.print(f"teacher: {teacher}")
+    if cfg.model.student:  # a given student (e.g. after SFT): nothing to convert
+        console.print(f"student: {cfg.model.student} (given by model.student)")
+        return teacher, Path(cfg.model.student)
     with phases("convert"):
         n = _num_experts(teacher)
         nz = cfg.model.zero_experts or n // 2

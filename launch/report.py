@@ -57,6 +57,8 @@ def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict,
     t_acc, s_acc = teacher_eval["accuracy"], student_eval["accuracy"]
     rkl = _series(events, "learner", "reverse_kl")
     zero_steps = _series(events, "learner", "zero_ratio")
+    load_vio = _series(events, "learner", "expert_load_max_violation_per_layer")
+    load_mean = _series(events, "learner", "expert_load_mean_violation_per_layer")
     stale = _series(events, "driver", "dropped_stale")
     too_long = {e.name.split("/", 1)[1]: e.value for e in events if e.component == "data" and e.name.startswith("dropped_too_long/")}
     scored = "mean" in t_acc and "mean" in s_acc
@@ -71,6 +73,9 @@ def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict,
         "expert_flops_eliminated": zr["overall"],
         "reverse_kl": [{"step": s, "value": v} for s, v, _ in rkl],
         "zero_ratio_over_steps": [{"step": s, "value": v} for s, v, _ in zero_steps],
+        # the normal experts' load against uniform, per layer, on the last training step (0: perfectly even)
+        "expert_load_violation": {"max_per_layer": load_vio[-1][1] if load_vio else [],
+                                  "mean_per_layer": load_mean[-1][1] if load_mean else []},
         "opd_starts_at": None if opd_at is None else sum(t < opd_at for _, _, t in zero_steps),  # index in the list above
         "tokens_per_s": throughput(events),
         "phase_seconds": phase_times,
@@ -78,6 +83,7 @@ def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict,
         "dropped_stale": stale[-1][1] if stale else 0,
         "opd_admission": next((e.value for e in reversed(events) if e.component == "driver" and e.name == "admission"), None),
         "faults": faults(events),
+        "versions": _versions(),
         "targets": {
             "zero_ratio_at_least": 0.45,
             "accuracy_within_points": 2.0,
@@ -233,6 +239,12 @@ def _faults_line(f: dict) -> str:
             f"resumed {len(f['resumes'])} time{'' if len(f['resumes']) == 1 else 's'}{f' ({resumes})' if resumes else ''}")
 
 
+def _versions() -> dict:
+    from zeda_rl.versions import library_versions
+
+    return library_versions()
+
+
 def _markdown(r: dict) -> str:
     t, s = r["accuracy"]["teacher"], r["accuracy"]["student"]
     rows = "\n".join(f"| {f} | {100 * t[f]:.1f} | {100 * s[f]:.1f} |" for f in t)
@@ -257,6 +269,7 @@ Student minus teacher: {r['accuracy']['delta_points']:+.1f} points.
 ## Zero experts
 - Routed slots on zero experts: **{100 * r['zero_expert_ratio']['overall']:.1f}%** (per MoE layer: {per})
 - Routed-expert FLOPs eliminated: ~{100 * r['expert_flops_eliminated']:.1f}% (all routed experts have the same size; a shared expert is not counted)
+- Load of the real experts against uniform, last training step, per MoE layer (max / mean relative violation): {", ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(r['expert_load_violation']['max_per_layer'], r['expert_load_violation']['mean_per_layer'])) or "n/a"}
 
 ![zero ratio](zero_ratio.png)
 
@@ -271,6 +284,7 @@ Student minus teacher: {r['accuracy']['delta_points']:+.1f} points.
 
 ## Throughput and time
 - tokens/s: rollout {tps['rollout']:.1f}, teacher {tps['teacher']:.1f}, learner {tps['learner']:.1f}
+- versions: {", ".join(f"{k} {v}" for k, v in r['versions'].items())}
 
 | phase | seconds |
 |---|---|

@@ -222,3 +222,16 @@ def test_gradients_are_clipped_to_the_global_norm(ckpts):
     m = make(ckpts["qwen3_moe"], grad_clip=1e-3).train_step(sft_batch())
     assert m["grad_norm"] == pytest.approx(before, rel=1e-4)  # the metric is the norm before clipping
 
+
+
+def test_expert_load_and_its_violation_of_uniform():
+    """Slots per real expert (zero slots and unrecorded -1 left out) and the max / mean relative violation."""
+    from learner.train import expert_load, load_violation
+
+    ids = torch.tensor([[[[0, 1], [0, 4]], [[2, 3], [-1, -1]]]])  # [L=1, B=2, S=2, K=2], N=4 real, id 4 a zero slot
+    valid = torch.tensor([[[True, True], [True, False]]])[..., None].expand_as(ids)
+    load = expert_load(ids, valid, 4)
+    assert load.tolist() == [[2.0, 1.0, 1.0, 1.0]]
+    v = load_violation(torch.cat([load, torch.tensor([[1.0, 1.0, 1.0, 1.0]]), torch.zeros(1, 4)]))
+    # mean 1.25: max (2 - 1.25) / 1.25 = 0.6, mean |.| = (0.75 + 3 * 0.25) / 4 / 1.25 = 0.3; uniform 0; empty 0
+    assert v["max"] == pytest.approx([0.6, 0.0, 0.0]) and v["mean"] == pytest.approx([0.3, 0.0, 0.0])

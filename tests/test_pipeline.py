@@ -33,6 +33,8 @@ SHORT = {
     "opd.max_staleness": 1,
     "eval.n_per_family": 4,
     "sampling.max_new_tokens": 8,
+    "opd.probe_every": 2,
+    "opd.probe_per_family": 4,
 }
 
 
@@ -121,6 +123,23 @@ def test_report_is_written_with_every_number(run):
     assert set(on_disk["phase_seconds"]) >= {"teacher", "convert", "sft", "opd", "export", "eval", "total"}
     assert all(v > 0 for v in on_disk["tokens_per_s"].values()), on_disk["tokens_per_s"]
     assert len(on_disk["zero_expert_ratio"]["per_layer"]) == 2
+    vio = on_disk["expert_load_violation"]
+    assert len(vio["max_per_layer"]) == 2 and all(m >= a >= 0 for m, a in zip(vio["max_per_layer"], vio["mean_per_layer"]))
+    assert on_disk["versions"]["torch"] and "Load of the real experts" in (cfg.run_dir / "report.md").read_text()
+
+
+def test_opd_probe_measured_the_student_after_sft_and_every_probe_step(run):
+    """opd.probe_every: the student exported at OPD steps 0, 2, 4 and measured on held-out prompts; the
+    learner logged the advantage's statistics on every OPD step."""
+    cfg, _, events, _, _ = run
+    probe = json.loads((cfg.run_dir / "opd_probe.json").read_text())
+    assert [p["step"] for p in probe["points"]] == [0, 2, 4] and (cfg.run_dir / "opd_probe.png").is_file()
+    for p in probe["points"]:
+        assert p["reverse_kl_exact"] >= 0 and p["response_tokens"] > 0 and 0 <= p["accuracy_t1"]["mean"] <= 1
+    for name in ("adv_mean", "adv_std", "adv_pos_frac"):
+        assert len(_values(events, "learner", name)) == cfg.opd.steps, name
+    assert len(_values(events, "learner", "expert_load_max_violation")) == cfg.sft.steps + cfg.opd.steps
+    assert [e.value for e in events if e.component == "teacher" and e.name == "selftest_max_diff"] == [0.0]
 
 
 def test_monitor_showed_live_throughput(run):
