@@ -158,8 +158,18 @@ def _own_parser(argv: list[str]) -> int:
     return main(argv[1:])
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("zeda-rl")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zeda", description="ZEDA: zero-expert self-distillation for MoE LLMs")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("convert", help="inject zero experts into a Hugging Face MoE checkpoint (streaming)")

@@ -58,6 +58,10 @@ def test_parsing_imports_neither_torch_nor_transformers():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
     bad = zeda("eval", "--n", "x")
     assert bad.returncode == 2 and "invalid int value" in bad.stderr
+    v = zeda("--version")
+    assert v.returncode == 0 and v.stdout.strip().startswith("zeda 0.")
+    seeds = zeda("baselines", "--config", "launch/configs/tiny-cpu-hard.yaml", "--seeds", "0,0")
+    assert seeds.returncode == 2 and "distinct" in seeds.stderr
 
 
 def _one_error_line(out: subprocess.CompletedProcess, cmd: str) -> str:
