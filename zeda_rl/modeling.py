@@ -2,10 +2,17 @@
 
 Everything but the MoE block is transformers' own code: the configs and models below
 subclass the stock Qwen3-MoE and GLM-4.7-Flash classes, and only the sparse blocks are
-swapped for zero-expert ones. The router grows to N+N_Z rows; zero slots are handed
-to the fused experts as the skip sentinel id N (weight 0), so the experts module never
-computes them. Config fields follow the released ZEDA checkpoints (zce_nums,
-zce_types, use_zce_mask).
+swapped for zero-expert ones. The router grows to N+N_Z rows. Config fields follow the
+released ZEDA checkpoints (zce_nums, zce_types, use_zce_mask).
+
+Expert compute: by default these models run their experts with `zeda_rl.skip` ("zeda_skip"),
+which compacts the zero slots out before any expert computation and then loops over the
+experts that got tokens, so expert work scales with the routed (token, real expert) pairs.
+It serves inference and is autograd-correct under grad as well (see `zeda_rl.skip`). An
+explicit `experts_implementation="grouped_mm"` or `"eager"` (from_pretrained or
+`set_experts_implementation`) selects transformers' fused experts instead: zero slots then
+go in as the skip sentinel id N with weight 0 and `_is_expert_parallel` set, so those kernels
+skip them (grouped_mm still pays per expert, not per routed pair).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from transformers import (
 from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteMoE, Glm4MoeLiteTopkRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock, Qwen3MoeTopKRouter
 
+from zeda_rl import skip
 from zeda_rl.arch import TARGETS
 from zeda_rl.release import ZCE_KEYS, converted_spec, release_config
 from zeda_rl.routing import RouterSpec, route
@@ -159,7 +167,12 @@ class ZeroExpertGlmRouter(_ZeroExpertRouterMixin, Glm4MoeLiteTopkRouter):
 
 
 class _ZeroExpertBlockMixin:
-    """Routes, records or replays expert ids, and sends only real (token, expert) pairs to the experts."""
+    """Routes, records or replays expert ids, and sends only real (token, expert) pairs to the experts.
+
+    The experts module runs the model's experts implementation: "zeda_skip" (the default of the
+    zero-expert models, `zeda_rl.skip`) drops every id >= N before computing anything; the stock
+    "grouped_mm" / "eager" get zero slots as the sentinel N with weight 0 and skip them themselves.
+    """
 
     def _setup(self, config):
         # A plain attribute, not a buffer: from_pretrained builds modules on the meta device and
@@ -193,7 +206,9 @@ class _ZeroExpertBlockMixin:
         n = self.spec.num_experts
         impl = getattr(self.experts.config, "_experts_implementation", None)
         if impl == "batched_mm":  # it clamps the skip id onto a real expert and multiplies by 0: nothing skipped
-            raise ValueError("experts_implementation 'batched_mm' computes zero-expert slots; use 'grouped_mm' or 'eager'")
+            raise ValueError(
+                f"experts_implementation 'batched_mm' computes zero-expert slots; use '{skip.NAME}', 'grouped_mm' or 'eager'"
+            )
         zero = ids >= n
         out = self.experts(x, ids.masked_fill(zero, n), weights.masked_fill(zero, 0.0).to(x.dtype))
         if self.copy_slots:
@@ -232,6 +247,13 @@ def _swap_blocks(model: nn.Module, stock: type, zero_block: type, config) -> Non
             layer.mlp = zero_block(config)
 
 
+def _default_skipping(config) -> None:
+    """The skipping experts path unless the caller asked for an implementation (None: not asked;
+    transformers would resolve it to grouped_mm in the model's __init__)."""
+    if config._experts_implementation is None:
+        config._experts_implementation = skip.NAME
+
+
 class Qwen3MoePlusPlusForCausalLM(Qwen3MoeForCausalLM):
     config_class = Qwen3MoePlusPlusConfig
     # transformers decides this by grepping the class's module source for its experts decorator;
@@ -239,6 +261,7 @@ class Qwen3MoePlusPlusForCausalLM(Qwen3MoeForCausalLM):
     _can_set_experts_implementation_cached_value = True
 
     def __init__(self, config):
+        _default_skipping(config)
         super().__init__(config)
         _swap_blocks(self, Qwen3MoeSparseMoeBlock, Qwen3MoePlusPlusSparseMoeBlock, config)
         self.post_init()
@@ -249,6 +272,7 @@ class Glm4MoeLitePlusPlusForCausalLM(Glm4MoeLiteForCausalLM):
     _can_set_experts_implementation_cached_value = True  # see Qwen3MoePlusPlusForCausalLM
 
     def __init__(self, config):
+        _default_skipping(config)
         super().__init__(config)
         _swap_blocks(self, Glm4MoeLiteMoE, Glm4MoeLitePlusPlusMoE, config)
         self.post_init()
