@@ -46,15 +46,17 @@ def probe_phase(cfg, teacher_dir: Path, log: MetricsLog) -> dict:
             log.log("probe", "accuracy_t1", r["accuracy_t1"]["mean"], step)
             bar.advance(1)
     events = read_events(log.path)
-    train = {name: [(e.step, e.value) for e in events if e.component == "learner" and e.name == name and e.step > cfg.sft.steps]
+    # SFT and OPD both log learner steps from 1: OPD's start is its first reverse_kl (an OPD-only metric)
+    opd_at = min((e.time for e in events if e.component == "learner" and e.name == "reverse_kl"), default=float("inf"))
+    train = {name: [(e.step, e.value) for e in events if e.component == "learner" and e.name == name and e.time >= opd_at]
              for name in LEARNER_SERIES}
     out = {"per_family": cfg.opd.probe_per_family, "points": points, "train": train}
     (Path(cfg.run_dir) / "opd_probe.json").write_text(json.dumps(out, indent=1) + "\n")
-    plot(out, Path(cfg.run_dir) / "opd_probe.png", cfg.sft.steps)
+    plot(out, Path(cfg.run_dir) / "opd_probe.png")
     return out
 
 
-def plot(result: dict, path: Path, sft_steps: int) -> None:
+def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,10 +77,10 @@ def plot(result: dict, path: Path, sft_steps: int) -> None:
     ax.plot(steps, [p["reverse_kl_sampled"] for p in pts], "s-", label="held-out, sampled-token estimate")
     tr = train.get("reverse_kl") or []
     if tr:
-        ax.plot([s - sft_steps for s, _ in tr], [v for _, v in tr], lw=0.6, alpha=0.6, label="training batches, sampled estimate")
+        ax.plot([s for s, _ in tr], [v for _, v in tr], lw=0.6, alpha=0.6, label="training batches, sampled estimate")
     fk = train.get("full_kl") or []
     if fk:
-        ax.plot([s - sft_steps for s, _ in fk], [v for _, v in fk], lw=0.6, alpha=0.6, label="training batches, top-k KL")
+        ax.plot([s for s, _ in fk], [v for _, v in fk], lw=0.6, alpha=0.6, label="training batches, top-k KL")
     ax.set_xlabel("OPD step")
     ax.set_ylabel("nats per response token")
     ax.set_title("reverse KL to the teacher")
@@ -87,7 +89,7 @@ def plot(result: dict, path: Path, sft_steps: int) -> None:
     ax.plot(steps, [100 * p["zero_ratio"] for p in pts], "o-", label="held-out zero share")
     zr = train.get("zero_ratio") or []
     if zr:
-        ax.plot([s - sft_steps for s, _ in zr], [100 * v for _, v in zr], lw=0.6, alpha=0.6, label="training batches")
+        ax.plot([s for s, _ in zr], [100 * v for _, v in zr], lw=0.6, alpha=0.6, label="training batches")
     ax.set_xlabel("OPD step")
     ax.set_ylabel("routed slots on zero experts (%)")
     ax.set_title("zero share over OPD")
