@@ -16,8 +16,15 @@ from actors.rollout import EngineActor
 
 
 class EvalEngines:
-    def __init__(self, backend: str, checkpoint: str, engines: int = 1, batch_size: int = 32, threads: int = 1,
-                 engine_kwargs: dict | None = None):
+    def __init__(
+        self,
+        backend: str,
+        checkpoint: str,
+        engines: int = 1,
+        batch_size: int = 32,
+        threads: int = 1,
+        engine_kwargs: dict | None = None,
+    ):
         if engines < 0:
             raise ValueError(f"engines must be >= 0, got {engines}")
         if engines == 0 and backend != "torch":
@@ -42,8 +49,11 @@ class EvalEngines:
     def __call__(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
         seed = params.seed
         chunks = [
-            (start, prompts[start : start + self.batch_size],
-             params.model_copy(update={"seed": None if seed is None else seed + start}))  # distinct draws per chunk
+            (
+                start,
+                prompts[start : start + self.batch_size],
+                params.model_copy(update={"seed": None if seed is None else seed + start}),
+            )  # distinct draws per chunk
             for start in range(0, len(prompts), self.batch_size)
         ]
         if self.local is not None:

@@ -150,7 +150,9 @@ class FakeSGLangEngine:
     # ---- weight sync ------------------------------------------------------------------------------
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
-        self.calls["update_weights_from_tensor"].append({"names": [n for n, _ in named_tensors], "flush_cache": flush_cache})
+        self.calls["update_weights_from_tensor"].append(
+            {"names": [n for n, _ in named_tensors], "flush_cache": flush_cache}
+        )
         if load_format is not None:
             return False, f"load_format {load_format!r} is not supported by the fake"
         plan = []
@@ -159,7 +161,10 @@ class FakeSGLangEngine:
             if dst is None:
                 return False, f"Failed to update weights: unknown parameter {name!r}"
             if tuple(dst.shape) != tuple(t.shape):
-                return False, f"Failed to update weights: {name!r} has shape {list(t.shape)}, expected {list(dst.shape)}"
+                return (
+                    False,
+                    f"Failed to update weights: {name!r} has shape {list(t.shape)}, expected {list(dst.shape)}",
+                )
             plan.append((dst, t))
         with torch.no_grad():
             for dst, t in plan:
@@ -179,16 +184,28 @@ class FakeSGLangEngine:
         self.flushes += 1
         return FlushCacheReqOutput()
 
-    def init_weights_update_group(self, master_address, master_port, rank_offset, world_size, group_name, backend="nccl"):
-        self.calls["init_weights_update_group"].append(dict(
-            master_address=master_address, master_port=master_port, rank_offset=rank_offset,
-            world_size=world_size, group_name=group_name, backend=backend,
-        ))
+    def init_weights_update_group(
+        self, master_address, master_port, rank_offset, world_size, group_name, backend="nccl"
+    ):
+        self.calls["init_weights_update_group"].append(
+            dict(
+                master_address=master_address,
+                master_port=master_port,
+                rank_offset=rank_offset,
+                world_size=world_size,
+                group_name=group_name,
+                backend=backend,
+            )
+        )
         self.groups[group_name] = join_group(backend, master_address, master_port, world_size, rank_offset, group_name)
         return True, "Succeeded to initialize custom process group."
 
-    def update_weights_from_distributed(self, names, dtypes, shapes, group_name="weight_update_group", flush_cache=True, load_format=None):
-        self.calls["update_weights_from_distributed"].append(dict(names=names, dtypes=dtypes, shapes=shapes, group_name=group_name))
+    def update_weights_from_distributed(
+        self, names, dtypes, shapes, group_name="weight_update_group", flush_cache=True, load_format=None
+    ):
+        self.calls["update_weights_from_distributed"].append(
+            dict(names=names, dtypes=dtypes, shapes=shapes, group_name=group_name)
+        )
         received = []
         for name, dtype, shape in zip(names, dtypes, shapes):
             t = torch.empty(shape, dtype=TORCH_DTYPES[dtype])

@@ -40,7 +40,12 @@ class EngineActor:
         self.tokens_out = 0
 
     def health(self) -> dict:
-        return {"pid": os.getpid(), "version": self.engine.version, "uptime_s": time.time() - self.started, "tokens": self.tokens_out}
+        return {
+            "pid": os.getpid(),
+            "version": self.engine.version,
+            "uptime_s": time.time() - self.started,
+            "tokens": self.tokens_out,
+        }
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, sample_ids: list[int]) -> list[dict]:
         samples = self.engine.generate(prompts, params)
@@ -97,7 +102,9 @@ class RolloutActor(EngineActor):
     def init_weight_groups(self, groups: list[dict], rank_offset: int, world_size: int) -> None:
         """Join every publishing learner rank's broadcast group, in the given order (the same on every engine)."""
         for g in groups:
-            self.engine.init_distributed_weight_sync(g["address"], g["port"], rank_offset, world_size, g["group"], g["backend"])
+            self.engine.init_distributed_weight_sync(
+                g["address"], g["port"], rank_offset, world_size, g["group"], g["backend"]
+            )
 
     @ray.method(concurrency_group="weights")
     def update_weights_from_distributed(self, version: int, buckets: list) -> int:
@@ -105,8 +112,14 @@ class RolloutActor(EngineActor):
         self._switched()
         return version
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, sample_ids: list[int],
-                 min_version: int | None = None, wait_s: float = 600.0) -> list[dict]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        sample_ids: list[int],
+        min_version: int | None = None,
+        wait_s: float = 600.0,
+    ) -> list[dict]:
         """Sample `prompts`; with `min_version`, first wait until that version is served.
 
         Updates run in a concurrency group of their own, so a call submitted after a push may
@@ -118,8 +131,10 @@ class RolloutActor(EngineActor):
         if min_version is not None and self.synced:
             with self.served:
                 if not self.served.wait_for(lambda: self.engine.version >= min_version, timeout=wait_s):
-                    raise TimeoutError(f"rollout engine still serves v{self.engine.version} after {wait_s:.0f} s; "
-                                       f"the call needs v{min_version} (a weight push that never switched in)")
+                    raise TimeoutError(
+                        f"rollout engine still serves v{self.engine.version} after {wait_s:.0f} s; "
+                        f"the call needs v{min_version} (a weight push that never switched in)"
+                    )
         out = super().generate(prompts, params, sample_ids)
         if not self.synced:
             for d in out:

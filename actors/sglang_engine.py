@@ -145,11 +145,16 @@ def validate_server_options(options: dict, zero_experts: bool, family: str | Non
     if opts.get("enable_eplb"):
         refuse("enable_eplb", "EPLB remaps expert ids through logical->physical tables that have no entry for -1")
     if int(opts.get("ep_num_redundant_experts") or 0) > 0:
-        refuse(f"ep_num_redundant_experts={opts['ep_num_redundant_experts']}", "redundant experts need EPLB's id remapping")
+        refuse(
+            f"ep_num_redundant_experts={opts['ep_num_redundant_experts']}", "redundant experts need EPLB's id remapping"
+        )
     if int(opts.get("ep_size") or 1) > 1:
         refuse(f"ep_size={opts['ep_size']}", "the expert-parallel local id table would map -1 to the last expert")
     if opts.get("speculative_algorithm"):
-        refuse(f"speculative_algorithm={opts['speculative_algorithm']!r}", "the draft (MTP) model has no zero-expert router")
+        refuse(
+            f"speculative_algorithm={opts['speculative_algorithm']!r}",
+            "the draft (MTP) model has no zero-expert router",
+        )
     runner = opts.get("moe_runner_backend")
     if runner in (None, "auto"):
         opts["moe_runner_backend"] = "triton"
@@ -165,7 +170,9 @@ def validate_server_options(options: dict, zero_experts: bool, family: str | Non
 # ---- format conversions ------------------------------------------------------------------------
 
 
-def decode_routed_experts(value, n_tokens: int, num_hidden_layers: int, top_k: int, moe_layers: list[int]) -> np.ndarray:
+def decode_routed_experts(
+    value, n_tokens: int, num_hidden_layers: int, top_k: int, moe_layers: list[int]
+) -> np.ndarray:
     """SGLang's routed experts ([n_tokens-1, all layers, K], base64 int32) -> int16 [L_moe, n_tokens, K]."""
     if isinstance(value, (str, bytes, bytearray)):
         arr = np.frombuffer(base64.b64decode(value), dtype=np.int32)
@@ -204,7 +211,9 @@ def to_checkpoint_layout(named_tensors):
                 yield f"{p}.{e}.down_proj.weight", t[e]
 
 
-def tempered_logprobs(lp: np.ndarray, ids: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, temperature: float) -> np.ndarray:
+def tempered_logprobs(
+    lp: np.ndarray, ids: np.ndarray, top_lp: np.ndarray, top_ids: np.ndarray, temperature: float
+) -> np.ndarray:
     """log p_T(y) renormalised over the top-k tokens and y, from temperature-1 logprobs.
 
     lp, ids: [n] logprob and id of each scored token; top_lp, top_ids: [n, k].
@@ -229,10 +238,14 @@ def _result(ret) -> tuple[bool, str]:
 def _launch_sglang(**server_args):
     """The real engine. sglang is imported only here, so this module imports without it."""
     if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes"):
-        raise ValueError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: behaviour logprobs must be at the sampling temperature")
+        raise ValueError(
+            "SGLANG_RETURN_ORIGINAL_LOGPROB is set: behaviour logprobs must be at the sampling temperature"
+        )
     current = os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE")
     if current and current != PLUGIN_PACKAGE:
-        raise ValueError(f"SGLANG_EXTERNAL_MODEL_PACKAGE={current!r} is set; the zero-expert models need {PLUGIN_PACKAGE!r}")
+        raise ValueError(
+            f"SGLANG_EXTERNAL_MODEL_PACKAGE={current!r} is set; the zero-expert models need {PLUGIN_PACKAGE!r}"
+        )
     os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = PLUGIN_PACKAGE  # inherited by the scheduler processes
     import sglang
 
@@ -305,7 +318,9 @@ class SGLangEngine:
             sp["stop_token_ids"] = [int(t) for t in params.stop_token_ids]
         else:  # ignore_eos disables every stop id, which is what an empty stop set means here
             sp["ignore_eos"] = True
-        per_request = [dict(sp, sampling_seed=params.seed + i) for i in range(len(prompts))] if params.seed is not None else sp
+        per_request = (
+            [dict(sp, sampling_seed=params.seed + i) for i in range(len(prompts))] if params.seed is not None else sp
+        )
         outs = self._engine.generate(
             input_ids=[[int(t) for t in p] for p in prompts],
             sampling_params=per_request,
@@ -328,8 +343,11 @@ class SGLangEngine:
         routed = None
         if self._routed:
             routed = decode_routed_experts(
-                meta["routed_experts"], len(prompt) + len(output_ids),
-                self.info.num_hidden_layers, self.info.top_k, self.info.moe_layers,
+                meta["routed_experts"],
+                len(prompt) + len(output_ids),
+                self.info.num_hidden_layers,
+                self.info.top_k,
+                self.info.moe_layers,
             )
         return Sample(
             prompt_ids=prompt,
@@ -386,22 +404,34 @@ class SGLangEngine:
         if k < 1:
             raise ValueError(f"score_topk: k must be >= 1, got {k}")
         with self._serving.call():
-            results = [{"logprobs": np.zeros(0, np.float32), "top_ids": np.zeros((0, k), np.int32),
-                        "top_logprobs": np.zeros((0, k), np.float32)} for _ in sequences]
+            results = [
+                {
+                    "logprobs": np.zeros(0, np.float32),
+                    "top_ids": np.zeros((0, k), np.int32),
+                    "top_logprobs": np.zeros((0, k), np.float32),
+                }
+                for _ in sequences
+            ]
             todo = [i for i, s in enumerate(sequences) if len(s) >= 2]
             if not todo:
                 return results
             outs = self._engine.generate(
-                input_ids=[[int(t) for t in sequences[i]] for i in todo], sampling_params={"max_new_tokens": 0, "temperature": 1.0},
-                return_logprob=True, logprob_start_len=0, top_logprobs_num=int(k))
+                input_ids=[[int(t) for t in sequences[i]] for i in todo],
+                sampling_params={"max_new_tokens": 0, "temperature": 1.0},
+                return_logprob=True,
+                logprob_start_len=0,
+                top_logprobs_num=int(k),
+            )
             outs = [outs] if isinstance(outs, dict) else outs
             for i, out in zip(todo, outs):
                 seq, meta = sequences[i], out["meta_info"]
                 entries = _align(meta["input_token_logprobs"], len(seq), "input_token_logprobs")
                 tops = _align(meta["input_top_logprobs"], len(seq), "input_top_logprobs")
-                results[i] = {"logprobs": np.asarray([e[0] for e in entries], dtype=np.float32),
-                              "top_ids": np.asarray([[int(e[1]) for e in row] for row in tops], dtype=np.int32),
-                              "top_logprobs": np.asarray([[e[0] for e in row] for row in tops], dtype=np.float32)}
+                results[i] = {
+                    "logprobs": np.asarray([e[0] for e in entries], dtype=np.float32),
+                    "top_ids": np.asarray([[int(e[1]) for e in row] for row in tops], dtype=np.int32),
+                    "top_logprobs": np.asarray([[e[0] for e in row] for row in tops], dtype=np.float32),
+                }
             return results
 
     # ---- weight sync ----------------------------------------------------------------------------
@@ -435,15 +465,26 @@ class SGLangEngine:
         return int(self.server_options.get("tp_size", 1))
 
     def init_distributed_weight_sync(
-        self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-        group_name: str = "zeda_weight_sync", backend: str = "nccl",
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str = "zeda_weight_sync",
+        backend: str = "nccl",
     ) -> None:
         """Join one learner rank's weight-broadcast group (that rank is 0, this engine's TP workers
         from rank_offset on); blocks until the whole group has joined."""
-        ok, msg = _result(self._engine.init_weights_update_group(
-            master_address=master_address, master_port=int(master_port), rank_offset=int(rank_offset),
-            world_size=int(world_size), group_name=group_name, backend=backend,
-        ))
+        ok, msg = _result(
+            self._engine.init_weights_update_group(
+                master_address=master_address,
+                master_port=int(master_port),
+                rank_offset=int(rank_offset),
+                world_size=int(world_size),
+                group_name=group_name,
+                backend=backend,
+            )
+        )
         if not ok:
             raise RuntimeError(f"SGLang could not join weight group {group_name!r}: {msg}")
         self._groups.add(group_name)
@@ -453,17 +494,24 @@ class SGLangEngine:
         them, in this order, then serve `version`. A bucket SGLang fails on leaves version -1."""
         for group, tensors in buckets:
             if group not in self._groups:
-                raise RuntimeError(f"update_weights_from_distributed: group {group!r} not joined (init_distributed_weight_sync)")
+                raise RuntimeError(
+                    f"update_weights_from_distributed: group {group!r} not joined (init_distributed_weight_sync)"
+                )
             fused = [n for n, _, _ in tensors if _FUSED_EXPERTS.match(n)]
             if fused:
                 raise ValueError(f"broadcast tensors must use checkpoint names (per-expert), got fused {fused[:2]}")
         failed = None
         with self._serving.updating(), self._serving.lock:
             for n, (group, tensors) in enumerate(buckets):  # every bucket is received: a sender never waits forever
-                ok, msg = _result(self._engine.update_weights_from_distributed(
-                    names=[t[0] for t in tensors], dtypes=[str(t[1]).removeprefix("torch.") for t in tensors],
-                    shapes=[list(map(int, t[2])) for t in tensors], group_name=group, flush_cache=False,
-                ))
+                ok, msg = _result(
+                    self._engine.update_weights_from_distributed(
+                        names=[t[0] for t in tensors],
+                        dtypes=[str(t[1]).removeprefix("torch.") for t in tensors],
+                        shapes=[list(map(int, t[2])) for t in tensors],
+                        group_name=group,
+                        flush_cache=False,
+                    )
+                )
                 failed = failed or (None if ok else f"bucket {n}: {msg}")
             if failed:
                 self.version = -1

@@ -21,8 +21,10 @@ def check_score_temperature(temperature: float) -> None:
     """The teacher scores at temperature 1 only: SGLang computes input-token logprobs at 1 whatever a request
     asks, so another value would mean one thing on GPU and another on CPU."""
     if temperature != 1.0:
-        raise ValueError(f"teacher scoring temperature {temperature}: expected 1.0 (opd.teacher_temperature); SGLang "
-                         "computes input-token logprobs at temperature 1 whatever the request says")
+        raise ValueError(
+            f"teacher scoring temperature {temperature}: expected 1.0 (opd.teacher_temperature); SGLang "
+            "computes input-token logprobs at temperature 1 whatever the request says"
+        )
 
 
 @ray.remote(max_restarts=3, max_task_retries=0)
@@ -34,8 +36,9 @@ class TeacherActor(EngineActor):
         self.pusher = None
         self.scored_tokens = 0
 
-    def score_and_push(self, samples: list[dict], temperature: float = 1.0, push_timeout_s: float = 60.0,
-                       top_k: int = 0) -> dict:
+    def score_and_push(
+        self, samples: list[dict], temperature: float = 1.0, push_timeout_s: float = 60.0, top_k: int = 0
+    ) -> dict:
         """Teacher logprobs for every sampled token (and, with `top_k`, its top-k next tokens at every position,
         for opd.objective full_kl), then PUSH the packed batch to the learner."""
         from zeda_rl.transport import Pusher
@@ -49,12 +52,20 @@ class TeacherActor(EngineActor):
         arrays = pack_samples(samples, teacher, pad_id=self.pad_id, teacher_top=top)
         if self.pusher is None:
             self.pusher = Pusher(self.endpoint)
-        batch = TrajectoryBatch.from_arrays(arrays, meta={"temperature": temperature, **({"run": self.run} if self.run else {})})
+        batch = TrajectoryBatch.from_arrays(
+            arrays, meta={"temperature": temperature, **({"run": self.run} if self.run else {})}
+        )
         sent = self.pusher.send(batch, timeout_s=push_timeout_s)
         n_tokens = sum(len(x) for x in seqs)
         self.scored_tokens += n_tokens
         out_tokens = sum(len(s["output_ids"]) for s in samples)
-        return {"samples": len(samples), "tokens": n_tokens, "output_tokens": out_tokens, "seconds": time.time() - t0, "sent": bool(sent)}
+        return {
+            "samples": len(samples),
+            "tokens": n_tokens,
+            "output_tokens": out_tokens,
+            "seconds": time.time() - t0,
+            "sent": bool(sent),
+        }
 
     def answer_to_shard(self, items: list[dict], params, path: str) -> dict:
         """Rollouts job: answer `items` ({id, messages, prompt_ids}) and write them as one JSONL shard.
@@ -78,12 +89,22 @@ class TeacherActor(EngineActor):
                 out = out[:-1]
             truncated += s["finish_reason"] != "stop"
             tokens += len(s["output_ids"])
-            lines.append(json.dumps({
-                "id": it["id"],
-                "messages": [*it["messages"], {"role": "assistant", "content": tok.decode(out, skip_special_tokens=False)}],
-                "finish_reason": s["finish_reason"], "prompt_tokens": len(it["prompt_ids"]),
-                "response_tokens": len(s["output_ids"]), "sampling": recorded,
-            }, ensure_ascii=False))
+            lines.append(
+                json.dumps(
+                    {
+                        "id": it["id"],
+                        "messages": [
+                            *it["messages"],
+                            {"role": "assistant", "content": tok.decode(out, skip_special_tokens=False)},
+                        ],
+                        "finish_reason": s["finish_reason"],
+                        "prompt_tokens": len(it["prompt_ids"]),
+                        "response_tokens": len(s["output_ids"]),
+                        "sampling": recorded,
+                    },
+                    ensure_ascii=False,
+                )
+            )
         final = Path(path)
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
         with tmp.open("w", encoding="utf-8") as f:
@@ -91,7 +112,13 @@ class TeacherActor(EngineActor):
             f.flush()
             os.fsync(f.fileno())
         tmp.rename(final)
-        return {"records": len(lines), "tokens": tokens, "truncated": truncated, "shard": final.name, "pid": os.getpid()}
+        return {
+            "records": len(lines),
+            "tokens": tokens,
+            "truncated": truncated,
+            "shard": final.name,
+            "pid": os.getpid(),
+        }
 
     def _tokenizer(self):
         if getattr(self, "tokenizer", None) is None:

@@ -26,7 +26,13 @@ from zeda_rl.modeling import moe_blocks, record_routing
 
 
 class TorchEngine:
-    def __init__(self, checkpoint: str | Path, dtype: str = "float32", threads: int | None = None, pad_token_id: int | None = None):
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        dtype: str = "float32",
+        threads: int | None = None,
+        pad_token_id: int | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         hf_logging.disable_progress_bar()
@@ -63,9 +69,13 @@ class TorchEngine:
         with record_routing(self.model) as routed:
             for _ in range(params.max_new_tokens):
                 pos = (step_mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1] :]
-                logits = self.model(
-                    input_ids=step_ids, attention_mask=step_mask, position_ids=pos, cache=cache, use_cache=True
-                ).logits[:, -1].float()
+                logits = (
+                    self.model(
+                        input_ids=step_ids, attention_mask=step_mask, position_ids=pos, cache=cache, use_cache=True
+                    )
+                    .logits[:, -1]
+                    .float()
+                )
                 tok, lp = _sample(logits, params.temperature, params.top_p, gen, params.top_k)
                 tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
                 out_ids.append(tok)
@@ -117,9 +127,14 @@ class TorchEngine:
             for chunk, ids, logp in self._log_softmax(sequences, 1.0, batch_size):
                 lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
                 top_lp, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
-                out.extend({"logprobs": lp[i, : len(x) - 1].numpy().astype(np.float32),
-                            "top_ids": top_ids[i, : len(x) - 1].numpy().astype(np.int32),
-                            "top_logprobs": top_lp[i, : len(x) - 1].numpy().astype(np.float32)} for i, x in enumerate(chunk))
+                out.extend(
+                    {
+                        "logprobs": lp[i, : len(x) - 1].numpy().astype(np.float32),
+                        "top_ids": top_ids[i, : len(x) - 1].numpy().astype(np.int32),
+                        "top_logprobs": top_lp[i, : len(x) - 1].numpy().astype(np.float32),
+                    }
+                    for i, x in enumerate(chunk)
+                )
             return out
 
     def _score(self, sequences: list[list[int]], temperature: float, batch_size: int) -> list[np.ndarray]:
@@ -159,7 +174,9 @@ class TorchEngine:
         return self.version
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen, top_k: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, gen, top_k: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token and its logprob under the temperature-scaled distribution (greedy at T=0).
 
     Truncation follows SGLang's sampler, which this engine is the reference for: the top-p

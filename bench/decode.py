@@ -85,7 +85,10 @@ class StepClock:
 
 def _paths(a) -> dict[str, Path]:
     if a.baselines:
-        rows = {r["variant"]: Path(r["checkpoint"]) for r in json.loads((Path(a.baselines) / "baselines.json").read_text())["rows"]}
+        rows = {
+            r["variant"]: Path(r["checkpoint"])
+            for r in json.loads((Path(a.baselines) / "baselines.json").read_text())["rows"]
+        }
         return {"teacher": rows["original"], "zeda": rows["zeda"], "net": rows["net"]}
     out = {"teacher": Path(a.teacher), "zeda": Path(a.student)}
     if a.net:
@@ -103,7 +106,9 @@ def half_teacher(teacher: Path, out: Path) -> Path:
     k = int(raw["num_experts_per_tok"])
     if k < 2:
         raise ValueError(f"{teacher}: top_k {k} cannot be halved")
-    cfg = release_config(raw, spec_for(raw, str(teacher / "config.json")), zce_nums=[0], zce_types=["zero"], use_zce_mask=False)
+    cfg = release_config(
+        raw, spec_for(raw, str(teacher / "config.json")), zce_nums=[0], zce_types=["zero"], use_zce_mask=False
+    )
     cfg["static_top_k"] = k // 2
     out.mkdir(parents=True, exist_ok=True)
     for f in teacher.iterdir():
@@ -134,7 +139,11 @@ def _skipped(samples, num_experts: int | None, top_k: int) -> tuple[float, float
         skipped = seen = 0
         for s in samples:
             p, o = len(s.prompt_ids), len(s.output_ids)
-            r = np.asarray(s.routed_experts)[:, :p] if part == "prefill" else np.asarray(s.routed_experts)[:, p : p + o - 1]
+            r = (
+                np.asarray(s.routed_experts)[:, :p]
+                if part == "prefill"
+                else np.asarray(s.routed_experts)[:, p : p + o - 1]
+            )
             rows = (r >= 0).all(-1)  # recorded tokens ([L, T]); -1 rows were never fed
             skipped += int(((r >= num_experts) & rows[..., None]).sum())
             seen += int(rows.sum()) * top_k
@@ -145,7 +154,6 @@ def _skipped(samples, num_experts: int | None, top_k: int) -> tuple[float, float
 def _measure(engines, timers, clocks, prompts, a) -> dict:
     """Median prefill/decode wall, CPU and expert seconds per model over `a.repeats` interleaved generations."""
     from actors.engine import SamplingParams
-
     from zeda_rl.modeling import moe_blocks
 
     full = SamplingParams(temperature=0.0, max_new_tokens=a.new, stop_token_ids=())
@@ -161,7 +169,9 @@ def _measure(engines, timers, clocks, prompts, a) -> dict:
             samples[name] = e.generate(prompts, full)
             t1, c1 = time.perf_counter(), time.process_time()
             w_pre, c_pre, x_pre = clocks[name].marks[0]
-            for k, v in zip(keys, (w_pre - t0, t1 - w_pre, c_pre - c0, c1 - c_pre, x_pre, timers[name].seconds - x_pre)):
+            for k, v in zip(
+                keys, (w_pre - t0, t1 - w_pre, c_pre - c0, c1 - c_pre, x_pre, timers[name].seconds - x_pre)
+            ):
                 t[name][k].append(v)
     res = {}
     prompt_tokens, batch = sum(map(len, prompts)), len(prompts)
@@ -170,8 +180,13 @@ def _measure(engines, timers, clocks, prompts, a) -> dict:
         blocks = moe_blocks(e.model)
         top_k = int(e.model.config.num_experts_per_tok)
         skip_pre, skip_dec = _skipped(samples[name], blocks[0].spec.num_experts if blocks else None, top_k)
-        res[name] = {**med, "skip_prefill": skip_pre, "skip_decode": skip_dec,
-                     "prefill_tok_s": prompt_tokens / med["prefill"], "decode_tok_s": batch * (a.new - 1) / med["decode"]}
+        res[name] = {
+            **med,
+            "skip_prefill": skip_pre,
+            "skip_decode": skip_dec,
+            "prefill_tok_s": prompt_tokens / med["prefill"],
+            "decode_tok_s": batch * (a.new - 1) / med["decode"],
+        }
     base = res["teacher"]
     for r in res.values():
         for ph in ("prefill", "decode"):
@@ -187,14 +202,20 @@ def _measure(engines, timers, clocks, prompts, a) -> dict:
 
 def _print(res: dict, batch: int, length: int, prompt_tokens: int, a) -> None:
     what = f"prompts of {length} tokens" if length else f"held-out prompts ({prompt_tokens} tokens)"
-    print(f"\nbatch {batch}, {what}, {a.new} new tokens, greedy, {a.threads} threads, experts {a.experts}, median of {a.repeats}")
-    print(f"{'model':<11} {'phase':<7} {'tok/s':>8} {'x':>6} {'cpu x':>6} {'skip':>6} {'exp share':>9} "
-          f"{'expert x':>8} {'limit':>6} {'eff':>5} {'bound x':>7}")
+    print(
+        f"\nbatch {batch}, {what}, {a.new} new tokens, greedy, {a.threads} threads, experts {a.experts}, median of {a.repeats}"
+    )
+    print(
+        f"{'model':<11} {'phase':<7} {'tok/s':>8} {'x':>6} {'cpu x':>6} {'skip':>6} {'exp share':>9} "
+        f"{'expert x':>8} {'limit':>6} {'eff':>5} {'bound x':>7}"
+    )
     for name, r in res.items():
         for ph in ("prefill", "decode"):
-            print(f"{name:<11} {ph:<7} {r[f'{ph}_tok_s']:8.0f} {r[f'{ph}_x']:6.2f} {r[f'cpu_{ph}_x']:6.2f} "
-                  f"{100 * r[f'skip_{ph}']:5.1f}% {100 * r[f'expert_share_{ph}']:8.1f}% {r[f'expert_{ph}_x']:8.2f} "
-                  f"{r[f'expert_{ph}_limit']:6.2f} {r[f'expert_{ph}_eff']:5.2f} {r[f'{ph}_bound']:7.2f}")
+            print(
+                f"{name:<11} {ph:<7} {r[f'{ph}_tok_s']:8.0f} {r[f'{ph}_x']:6.2f} {r[f'cpu_{ph}_x']:6.2f} "
+                f"{100 * r[f'skip_{ph}']:5.1f}% {100 * r[f'expert_share_{ph}']:8.1f}% {r[f'expert_{ph}_x']:8.2f} "
+                f"{r[f'expert_{ph}_limit']:6.2f} {r[f'expert_{ph}_eff']:5.2f} {r[f'{ph}_bound']:7.2f}"
+            )
 
 
 def main() -> None:
@@ -204,12 +225,18 @@ def main() -> None:
     ap.add_argument("--student")
     ap.add_argument("--net")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--prompt-len", type=int, nargs="+", default=[16, 256], help="0: the held-out task prompts as they are")
+    ap.add_argument(
+        "--prompt-len", type=int, nargs="+", default=[16, 256], help="0: the held-out task prompts as they are"
+    )
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 gives the steadiest ratios, SKIP-NOTES)")
-    ap.add_argument("--experts", default="zeda_skip", choices=["zeda_skip", "grouped_mm", "eager"],
-                    help="experts implementation of every model (zeda_skip: the skipping path, the zero-expert default)")
+    ap.add_argument(
+        "--experts",
+        default="zeda_skip",
+        choices=["zeda_skip", "grouped_mm", "eager"],
+        help="experts implementation of every model (zeda_skip: the skipping path, the zero-expert default)",
+    )
     ap.add_argument("--no-half-teacher", action="store_true", help="leave out the static top-K/2 teacher")
     ap.add_argument("--json", action="store_true", help="also print the numbers as one JSON object")
     a = ap.parse_args()
@@ -219,8 +246,9 @@ def main() -> None:
         a.baselines = None
     torch.set_num_threads(a.threads)
 
-    from actors.torch_engine import TorchEngine
     from transformers import AutoTokenizer
+
+    from actors.torch_engine import TorchEngine
 
     paths = _paths(a)
     tok = AutoTokenizer.from_pretrained(paths["teacher"])
@@ -240,9 +268,11 @@ def main() -> None:
                 res = _measure(engines, timers, clocks, prompts, a)
                 _print(res, batch, length, sum(map(len, prompts)), a)
                 results[f"batch{batch}_prompt{length}"] = res
-    print("\nx = teacher's time / the model's (> 1: faster); cpu x the same in process CPU time; skip = share of the "
-          "teacher's K slots per token no expert computes; expert x = teacher's time in the routed experts / the "
-          "model's, limit = 1/(1 - skip), eff = expert x / limit; bound x = 1/(1 - teacher's expert share x skip)")
+    print(
+        "\nx = teacher's time / the model's (> 1: faster); cpu x the same in process CPU time; skip = share of the "
+        "teacher's K slots per token no expert computes; expert x = teacher's time in the routed experts / the "
+        "model's, limit = 1/(1 - skip), eff = expert x / limit; bound x = 1/(1 - teacher's expert share x skip)"
+    )
     if a.json:
         print(json.dumps({"settings": vars(a), "results": results}, indent=2, default=str))
 

@@ -32,13 +32,36 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SMALL = {
-    "qwen3_moe": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, head_dim=32, num_experts=16, num_experts_per_tok=4,
-                      max_position_embeddings=1024),
-    "glm4_moe_lite": dict(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=8, num_key_value_heads=8, n_routed_experts=16, num_experts_per_tok=4,
-                          kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
-                          max_position_embeddings=1024),
+    "qwen3_moe": dict(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        num_experts=16,
+        num_experts_per_tok=4,
+        max_position_embeddings=1024,
+    ),
+    "glm4_moe_lite": dict(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        kv_lora_rank=64,
+        q_lora_rank=96,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        max_position_embeddings=1024,
+    ),
 }
 
 
@@ -57,7 +80,7 @@ def measured_gemm_peak(threads: int, n: int = 1024, reps: int = 10) -> float:
 def active_flops_per_token(model, info, zero_share: float, seq: int) -> float:
     """Training FLOPs per token (6 x active params + attention scores), see the module docstring."""
     c = info.hf_config
-    dense, expert_one, n_layers_attn = 0, 0, 0
+    dense, expert_one = 0, 0
     for name, p in model.named_parameters():
         if p.dim() < 2 or name.startswith("embedding."):
             continue
@@ -82,12 +105,21 @@ def _rank(rank, world, ep, port, ckpt, args, out):
 
     threads = max(1, args.threads)
     torch.set_num_threads(threads)
-    learner = Learner(ckpt, LearnerSection(ep=ep, micro_batch_tokens=args.token_budget),
-                      SFTStage(lr=1e-4, schedule="constant", warmup_frac=0.0), rank=rank, world_size=world, master_port=port)
+    learner = Learner(
+        ckpt,
+        LearnerSection(ep=ep, micro_batch_tokens=args.token_budget),
+        SFTStage(lr=1e-4, schedule="constant", warmup_frac=0.0),
+        rank=rank,
+        world_size=world,
+        master_port=port,
+    )
     vocab = learner.info.vocab_size
     rng = np.random.default_rng(rank)
     rows = args.batch_size // world
-    batch = {"tokens": rng.integers(0, vocab, (rows, args.seq_len)), "loss_mask": np.ones((rows, args.seq_len), np.uint8)}
+    batch = {
+        "tokens": rng.integers(0, vocab, (rows, args.seq_len)),
+        "loss_mask": np.ones((rows, args.seq_len), np.uint8),
+    }
     for _ in range(args.warmup):
         learner.train_step(batch)
     learner.barrier()
@@ -107,11 +139,21 @@ def _rank(rank, world, ep, port, ckpt, args, out):
             peak_kind = "measured fp32 GEMM"
         achieved = fpt * tokens / dt
         res = {
-            "family": learner.info.family, "world": world, "ep": ep, "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "dispatcher": learner.model.config.moe_token_dispatcher_type, "steps": args.steps,
-            "tokens_per_step": ms[0]["tokens"], "step_time_s": dt / args.steps, "tokens_per_s": tokens / dt,
-            "zero_share": zero, "model_flops_per_token": fpt, "model_tflops": achieved / 1e12,
-            "peak_tflops": peak / 1e12, "peak_kind": peak_kind, "mfu": achieved / peak,
+            "family": learner.info.family,
+            "world": world,
+            "ep": ep,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "dispatcher": learner.model.config.moe_token_dispatcher_type,
+            "steps": args.steps,
+            "tokens_per_step": ms[0]["tokens"],
+            "step_time_s": dt / args.steps,
+            "tokens_per_s": tokens / dt,
+            "zero_share": zero,
+            "model_flops_per_token": fpt,
+            "model_tflops": achieved / 1e12,
+            "peak_tflops": peak / 1e12,
+            "peak_kind": peak_kind,
+            "mfu": achieved / peak,
         }
         (out / "bench.json").write_text(json.dumps(res))
     learner.close()
@@ -135,7 +177,11 @@ def main() -> None:
 
     world = a.world or a.ep
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(a.checkpoint) if a.checkpoint else tiny_checkpoint(a.family, Path(tmp) / "ckpt", zero_experts=8, **SMALL[a.family])
+        ckpt = (
+            Path(a.checkpoint)
+            if a.checkpoint
+            else tiny_checkpoint(a.family, Path(tmp) / "ckpt", zero_experts=8, **SMALL[a.family])
+        )
         out = Path(tmp)
         if world == 1:
             _rank(0, 1, a.ep, free_port(), ckpt, a, out)
@@ -143,9 +189,11 @@ def main() -> None:
             mp.spawn(_rank, args=(world, a.ep, free_port(), ckpt, a, out), nprocs=world, join=True)
         res = json.loads((out / "bench.json").read_text())
     print(json.dumps(res, indent=2))
-    print(f"{res['family']} on {res['world']} {res['device']} rank(s), EP={res['ep']} ({res['dispatcher']}): "
-          f"{res['tokens_per_s']:.0f} tokens/s, {res['model_tflops'] * 1e3:.2f} GFLOP/s model, "
-          f"MFU {100 * res['mfu']:.1f}% of {res['peak_kind']} peak, zero share {100 * res['zero_share']:.1f}%")
+    print(
+        f"{res['family']} on {res['world']} {res['device']} rank(s), EP={res['ep']} ({res['dispatcher']}): "
+        f"{res['tokens_per_s']:.0f} tokens/s, {res['model_tflops'] * 1e3:.2f} GFLOP/s model, "
+        f"MFU {100 * res['mfu']:.1f}% of {res['peak_kind']} peak, zero share {100 * res['zero_share']:.1f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def run_mode(cfg, teacher_dir: Path, student_dir: Path, data, asynchronous: bool
     cfg = cfg.model_copy(update={"opd": cfg.opd.model_copy(update={"asynchronous": asynchronous})})
     learner = LearnerGroup.from_run_config(cfg, student_dir)
     endpoint = learner.open_inbox(cfg.cluster.bind_host)
-    rollouts, teachers, pg = start_actors(cfg, teacher_dir, student_dir, endpoint, data.format.tokenizer.pad_token_id or 0)
+    rollouts, teachers, pg = start_actors(
+        cfg, teacher_dir, student_dir, endpoint, data.format.tokenizer.pad_token_id or 0
+    )
     try:
         t0 = time.perf_counter()
         opd_phase(cfg, rollouts, teachers, learner, data, log)
@@ -68,8 +70,10 @@ def main() -> None:
             results[name].append(run_mode(cfg, teacher_dir, student_dir, data, asynchronous, log))
     ray.shutdown()
     o = cfg.opd
-    print(f"config {a.config}: {o.steps} OPD steps x {o.prompts_per_step} prompts x {o.samples_per_prompt} samples, "
-          f"sync_every {o.sync_every}, max_staleness {o.max_staleness}, {a.rounds} round(s)")
+    print(
+        f"config {a.config}: {o.steps} OPD steps x {o.prompts_per_step} prompts x {o.samples_per_prompt} samples, "
+        f"sync_every {o.sync_every}, max_staleness {o.max_staleness}, {a.rounds} round(s)"
+    )
     best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in results.items()}
     for k, r in best.items():
         print(f"{k:5s}: {r['wall_s']:7.1f} s  {r['steps_per_s']:.3f} steps/s  {r['samples_per_s']:.1f} samples/s")

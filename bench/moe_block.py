@@ -35,7 +35,9 @@ def main() -> None:
 def bench(a, impl: str) -> None:
     torch.manual_seed(0)
     n, k = a.experts, a.top_k
-    base = tiny_qwen3_moe_config(hidden_size=a.hidden, moe_intermediate_size=a.inter, num_experts=n, num_experts_per_tok=k).to_dict()
+    base = tiny_qwen3_moe_config(
+        hidden_size=a.hidden, moe_intermediate_size=a.inter, num_experts=n, num_experts_per_tok=k
+    ).to_dict()
     base.pop("model_type")
     cfg = Qwen3MoePlusPlusConfig(**base, zce_nums=[n // 2], zce_types=["zero"], use_zce_mask=False)
     cfg._experts_implementation = impl
@@ -72,7 +74,9 @@ def bench(a, impl: str) -> None:
                 fn()
                 times[name].append(time.perf_counter() - t0)
     s, d = statistics.median(times["static"]), statistics.median(times["dynamic"])
-    print(f"config: tokens={a.tokens} hidden={a.hidden} inter={a.inter} N={n} N_Z={n // 2} K={k} impl={impl} threads={torch.get_num_threads()}")
+    print(
+        f"config: tokens={a.tokens} hidden={a.hidden} inter={a.inter} N={n} N_Z={n // 2} K={k} impl={impl} threads={torch.get_num_threads()}"
+    )
     print(f"static (mask on, K real experts/token): {s * 1e3:8.2f} ms (median of {a.repeats})")
     print(f"dynamic (50% zero slots)             : {d * 1e3:8.2f} ms")
     print(f"time ratio dynamic/static            : {d / s:.3f}  (ideal ~0.5 + router overhead)")

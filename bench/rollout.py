@@ -30,7 +30,9 @@ def _default_checkpoint(tmp: Path, experts: int) -> Path:
     from zeda_rl.tiny import tiny_qwen3_moe_config
 
     torch.manual_seed(0)
-    cfg = tiny_qwen3_moe_config(vocab_size=64, hidden_size=128, moe_intermediate_size=64, num_hidden_layers=4, num_experts=experts)
+    cfg = tiny_qwen3_moe_config(
+        vocab_size=64, hidden_size=128, moe_intermediate_size=64, num_hidden_layers=4, num_experts=experts
+    )
     Qwen3MoeForCausalLM(cfg).save_pretrained(tmp / "static")
     return convert_checkpoint(tmp / "static", tmp / "student", zero_experts=experts // 2)
 
@@ -65,8 +67,13 @@ def main() -> None:
         @torch.no_grad()
         def run_hf() -> int:
             out = model.generate(
-                input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=a.new,
-                min_new_tokens=a.new, pad_token_id=0, eos_token_id=None,
+                input_ids=prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=False,
+                max_new_tokens=a.new,
+                min_new_tokens=a.new,
+                pad_token_id=0,
+                eos_token_id=None,
             )
             return int(out[:, a.prompt_len :].numel())
 
@@ -81,7 +88,9 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         tps = {k: tokens[k] / med[k] for k in med}
         print(f"checkpoint {ckpt.name}: batch {a.batch}, prompt {a.prompt_len}, new {a.new}, threads {a.threads}")
-        print(f"torch engine      : {tps['engine']:9.1f} tok/s  (median {med['engine'] * 1e3:.1f} ms, with logprobs + routed experts)")
+        print(
+            f"torch engine      : {tps['engine']:9.1f} tok/s  (median {med['engine'] * 1e3:.1f} ms, with logprobs + routed experts)"
+        )
         print(f"transformers gen. : {tps['hf']:9.1f} tok/s  (median {med['hf'] * 1e3:.1f} ms)")
         print(f"engine / transformers throughput ratio: {tps['engine'] / tps['hf']:.2f}")
 

@@ -37,8 +37,10 @@ def routers(model) -> list[torch.nn.Module]:
     """The top-K routers of a static Qwen3-MoE or GLM-4.7-Flash (Qwen3MoeTopKRouter, Glm4MoeLiteTopkRouter)."""
     out = [m for m in model.modules() if type(m).__name__.lower().endswith("topkrouter") and hasattr(m, "top_k")]
     if not out:
-        raise ValueError("no top-K router found: expected a static Qwen3-MoE or GLM-4.7-Flash checkpoint "
-                         "(the teacher, not a converted one)")
+        raise ValueError(
+            "no top-K router found: expected a static Qwen3-MoE or GLM-4.7-Flash checkpoint "
+            "(the teacher, not a converted one)"
+        )
     return out
 
 
@@ -76,19 +78,24 @@ def skipping(model, mode: str, renorm: bool = False, seed: int = 0):
             h.remove()
 
 
-def measure(model, tokenizer, examples, modes=MODES, renorms=(False, True), seed: int = 0, batch_size: int = 64) -> dict:
+def measure(
+    model, tokenizer, examples, modes=MODES, renorms=(False, True), seed: int = 0, batch_size: int = 64
+) -> dict:
     """Accuracy per family (and mean) and the skipped share, for every (mode, renorm) asked for."""
     from zeda_rl.generate import accuracy
 
     out = {}
     for mode in modes:
-        for renorm in ((False,) if mode == "none" else renorms):
+        for renorm in (False,) if mode == "none" else renorms:
             t0 = time.time()
             with skipping(model, mode, renorm, seed) as count:
                 acc = accuracy(model, tokenizer, examples, batch_size=batch_size)
             name = mode if mode == "none" else f"{mode}/{'renorm' if renorm else 'as-is'}"
-            out[name] = {"accuracy": acc, "skipped_share": count["skipped"] / max(count["routed"], 1),
-                         "seconds": round(time.time() - t0, 1)}
+            out[name] = {
+                "accuracy": acc,
+                "skipped_share": count["skipped"] / max(count["routed"], 1),
+                "seconds": round(time.time() - t0, 1),
+            }
     return out
 
 
@@ -100,7 +107,9 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="hard", choices=sorted(tasks.SUITES), help="built-in task suite")
-    p.add_argument("--checkpoint", default=None, help="static checkpoint (default: the suite's embedded teacher, built if missing)")
+    p.add_argument(
+        "--checkpoint", default=None, help="static checkpoint (default: the suite's embedded teacher, built if missing)"
+    )
     p.add_argument("--n", type=int, default=500, help="held-out prompts per family")
     p.add_argument("--seed", type=int, default=0, help="seed of the random skipping")
     p.add_argument("--threads", type=int, default=2)
@@ -110,8 +119,14 @@ def main(argv=None) -> int:
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     tok = AutoTokenizer.from_pretrained(ckpt)
     examples = tasks.make_split("heldout", a.n, suite=a.tasks)
-    result = {"checkpoint": str(ckpt), "tasks": a.tasks, "n_per_family": a.n, "top_k": routers(model)[0].top_k,
-              "num_experts": routers(model)[0].num_experts, "modes": measure(model, tok, examples, seed=a.seed)}
+    result = {
+        "checkpoint": str(ckpt),
+        "tasks": a.tasks,
+        "n_per_family": a.n,
+        "top_k": routers(model)[0].top_k,
+        "num_experts": routers(model)[0].num_experts,
+        "modes": measure(model, tok, examples, seed=a.seed),
+    }
     print(json.dumps(result, indent=2))
     return 0
 

@@ -38,7 +38,9 @@ def main(argv=None) -> None:
     from zeda_rl.versions import library_versions
 
     model_kw, recipe = _recipe(a.tasks)
-    recipe = dict(recipe, **{k: v for k, v in (("lr", a.lr), ("batch_size", a.batch_size), ("warmup", a.warmup)) if v is not None})
+    recipe = dict(
+        recipe, **{k: v for k, v in (("lr", a.lr), ("batch_size", a.batch_size), ("warmup", a.warmup)) if v is not None}
+    )
     steps = a.steps or recipe["steps"]
     heldout = tasks.make_split("heldout", a.n, suite=a.tasks)
     for seed in a.seeds:
@@ -53,10 +55,27 @@ def main(argv=None) -> None:
 
         tok_box = [build_tokenizer()]
         t0 = time.time()
-        _train(steps, seed, False, suite=a.tasks, model_kw=model_kw, recipe=dict(recipe, steps=steps), probe=(a.every, probe))
-        row = {"tasks": a.tasks, "seed": seed, "steps": steps, "recipe": recipe, "seconds": round(time.time() - t0),
-               "final": curve[-1], "curve": curve, "n_per_family": a.n, "machine": platform.processor() or platform.machine(),
-               "versions": library_versions()}
+        _train(
+            steps,
+            seed,
+            False,
+            suite=a.tasks,
+            model_kw=model_kw,
+            recipe=dict(recipe, steps=steps),
+            probe=(a.every, probe),
+        )
+        row = {
+            "tasks": a.tasks,
+            "seed": seed,
+            "steps": steps,
+            "recipe": recipe,
+            "seconds": round(time.time() - t0),
+            "final": curve[-1],
+            "curve": curve,
+            "n_per_family": a.n,
+            "machine": platform.processor() or platform.machine(),
+            "versions": library_versions(),
+        }
         print(json.dumps(row), flush=True)
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -139,8 +139,10 @@ def main() -> None:
         for layers in a.layers:
             batch = make_batch(a.batch, a.seq, layers, a.top_k)
             gb = batch.nbytes * a.batches / 1e9
-            print(f"\nbatch {a.batch}x{a.seq}, routed experts [{layers},{a.batch},{a.seq},{a.top_k}] int16: "
-                  f"{batch.nbytes / 1e6:.1f} MB/batch, {a.batches} batches per round, {a.repeats} rounds")
+            print(
+                f"\nbatch {a.batch}x{a.seq}, routed experts [{layers},{a.batch},{a.seq},{a.top_k}] int16: "
+                f"{batch.nbytes / 1e6:.1f} MB/batch, {a.batches} batches per round, {a.repeats} rounds"
+            )
             run_zmq(batch, 2, puller, pusher)  # warm up: connection, page faults
             run_zmq_pickle(batch, 2, pull, push)
             runs = {"zmq": [], "zmq+pickle": [], "copy": [], "join": [], "pickle": []}
@@ -154,9 +156,11 @@ def main() -> None:
             best = {k: gb / min(v) for k, v in runs.items()}
             for k in runs:
                 print(f"  {k:10s} {rate[k]:6.2f} GB/s (median)  {best[k]:6.2f} GB/s (best)")
-            print(f"  ratios (median): zmq/copy {rate['zmq'] / rate['copy']:.2f}  zmq/join {rate['zmq'] / rate['join']:.2f}  "
-                  f"zmq/pickle {rate['zmq'] / rate['pickle']:.2f}  zmq/(zmq+pickle) {rate['zmq'] / rate['zmq+pickle']:.2f}  "
-                  f"pickle/copy {rate['pickle'] / rate['copy']:.2f}")
+            print(
+                f"  ratios (median): zmq/copy {rate['zmq'] / rate['copy']:.2f}  zmq/join {rate['zmq'] / rate['join']:.2f}  "
+                f"zmq/pickle {rate['zmq'] / rate['pickle']:.2f}  zmq/(zmq+pickle) {rate['zmq'] / rate['zmq+pickle']:.2f}  "
+                f"pickle/copy {rate['pickle'] / rate['copy']:.2f}"
+            )
         print(f"\npuller: {puller.stats()}")
     push.close(linger=0)
     pull.close(linger=0)

@@ -82,9 +82,19 @@ def main() -> None:
     from zeda_rl.metrics import MetricsLog
 
     work = Path(tempfile.mkdtemp(prefix="zeda-ws-bench-"))
-    ckpt = tiny_checkpoint("qwen3_moe", work / "ckpt", num_hidden_layers=args.layers, num_experts=args.experts,
-                           hidden_size=256, moe_intermediate_size=512, intermediate_size=512, vocab_size=4096,
-                           num_attention_heads=8, num_key_value_heads=4, head_dim=32)
+    ckpt = tiny_checkpoint(
+        "qwen3_moe",
+        work / "ckpt",
+        num_hidden_layers=args.layers,
+        num_experts=args.experts,
+        hidden_size=256,
+        moe_intermediate_size=512,
+        intermediate_size=512,
+        vocab_size=4096,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+    )
     nbytes = _model_bytes(ckpt)
     bucket = args.bucket_mb << 20
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -95,8 +105,10 @@ def main() -> None:
     if not args.no_gloo:
         from actors.fake_sglang import FakeSGLangEngine
 
-        fakes = [RolloutActor.options(num_cpus=0.25).remote("sglang", str(ckpt), 1, {"_engine_factory": FakeSGLangEngine})
-                 for _ in range(args.engines)]
+        fakes = [
+            RolloutActor.options(num_cpus=0.25).remote("sglang", str(ckpt), 1, {"_engine_factory": FakeSGLangEngine})
+            for _ in range(args.engines)
+        ]
     ends = [_Bytes.options(num_cpus=0.25).remote(nbytes) for _ in range(2)]
     ray.get([e.health.remote() for e in engines + fakes])
     ray_sync = WeightSync(group, engines, log)
@@ -131,17 +143,33 @@ def main() -> None:
             times["gloo push"].append(time.perf_counter() - t0)
 
     gb = nbytes * len(engines) / 1e9  # bytes delivered per push (every engine gets the whole model)
-    qwen = param_count(arch_from_hf(json.loads((Path(__file__).parents[1] / "tests/fixtures/configs/qwen3-30b-a3b.json").read_text()))) * 2
+    qwen = (
+        param_count(
+            arch_from_hf(
+                json.loads((Path(__file__).parents[1] / "tests/fixtures/configs/qwen3-30b-a3b.json").read_text())
+            )
+        )
+        * 2
+    )
     best = {k: min(v) for k, v in times.items()}
-    print(f"model: {nbytes / 1e6:.0f} MB (fp32, {args.layers} layers x {args.experts} experts), learner EP=2, "
-          f"{len(engines)} engine(s), buckets of {args.bucket_mb} MB, best of {args.repeats}")
-    print(f"{'path':<20} {'s/push':>8} {'s/GB':>7} {'GB/s':>7} {'vs memcpy':>10} {'vs put/get':>11} {'Qwen3-30B-A3B':>14}")
+    print(
+        f"model: {nbytes / 1e6:.0f} MB (fp32, {args.layers} layers x {args.experts} experts), learner EP=2, "
+        f"{len(engines)} engine(s), buckets of {args.bucket_mb} MB, best of {args.repeats}"
+    )
+    print(
+        f"{'path':<20} {'s/push':>8} {'s/GB':>7} {'GB/s':>7} {'vs memcpy':>10} {'vs put/get':>11} {'Qwen3-30B-A3B':>14}"
+    )
     for k, t in best.items():
         bw = gb / t
-        print(f"{k:<20} {t:8.3f} {t / gb:7.3f} {bw:7.2f} {best['memcpy'] / t:10.2f} {best['ray put/get'] / t:11.2f} "
-              f"{qwen / 1e9 / bw:12.1f} s")
-    print(f"(Qwen3-30B-A3B: {qwen / 1e9:.1f} GB in bf16, launch.plan; spread of the repeats: "
-          + ", ".join(f"{k} {statistics.pstdev(v):.3f} s" for k, v in times.items()) + ")")
+        print(
+            f"{k:<20} {t:8.3f} {t / gb:7.3f} {bw:7.2f} {best['memcpy'] / t:10.2f} {best['ray put/get'] / t:11.2f} "
+            f"{qwen / 1e9 / bw:12.1f} s"
+        )
+    print(
+        f"(Qwen3-30B-A3B: {qwen / 1e9:.1f} GB in bf16, launch.plan; spread of the repeats: "
+        + ", ".join(f"{k} {statistics.pstdev(v):.3f} s" for k, v in times.items())
+        + ")"
+    )
     print("anchors (GPU clusters, Qwen3-30B-A3B-class):")
     for name, value in ANCHORS:
         print(f"  {name:<55} {value}")

@@ -35,8 +35,17 @@ class Call:
 
 
 class Admission:
-    def __init__(self, prompts_per_step: int, samples_per_prompt: int, window: int, engines: int, rollout_batch: int,
-                 start_step: int = 0, end_step: int | None = None, per_engine_queue: int = 2):
+    def __init__(
+        self,
+        prompts_per_step: int,
+        samples_per_prompt: int,
+        window: int,
+        engines: int,
+        rollout_batch: int,
+        start_step: int = 0,
+        end_step: int | None = None,
+        per_engine_queue: int = 2,
+    ):
         if engines < 1:
             raise ValueError("admission needs at least one rollout engine")
         self.pps, self.spp, self.window, self.engines = prompts_per_step, samples_per_prompt, window, engines
@@ -163,7 +172,13 @@ class Admission:
 
     def summary(self) -> dict:
         dropped = sum(self.dropped.values())
-        return {"admitted": self.admitted, "trained": self.trained, "dropped": dict(self.dropped),
-                "drop_share": dropped / max(self.admitted, 1), "engine_utilisation": self.utilisation(),
-                "engine_calls": list(self.calls_per_engine),
-                "call_prompts": self.call_prompts, "window_steps": self.window}
+        return {
+            "admitted": self.admitted,
+            "trained": self.trained,
+            "dropped": dict(self.dropped),
+            "drop_share": dropped / max(self.admitted, 1),
+            "engine_utilisation": self.utilisation(),
+            "engine_calls": list(self.calls_per_engine),
+            "call_prompts": self.call_prompts,
+            "window_steps": self.window,
+        }

@@ -29,8 +29,13 @@ from launch.runlog import Phases, console
 from zeda_rl.metrics import MetricsLog
 
 VARIANTS = ("original", "dynamic_skipping", "net", "zeda_sft", "zeda")
-LABELS = {"original": "Original (teacher)", "dynamic_skipping": "Dynamic Skipping", "net": "NET (static top-K/2)",
-          "zeda_sft": "ZEDA (SFT only)", "zeda": "ZEDA"}
+LABELS = {
+    "original": "Original (teacher)",
+    "dynamic_skipping": "Dynamic Skipping",
+    "net": "NET (static top-K/2)",
+    "zeda_sft": "ZEDA (SFT only)",
+    "zeda": "ZEDA",
+}
 MATCHED = 0.03  # zero shares this close count as matched
 
 
@@ -131,10 +136,24 @@ def evaluate_variant(name: str, checkpoint: Path, cfg: RunConfig, log: MetricsLo
     if model is None:
         model, tok = load_variant(checkpoint)
     t0 = time.time()
-    r = evaluate(checkpoint, n_per_family=cfg.eval.n_per_family, model=model, tokenizer=tok, log=log, label=f"eval {name}",
-                 tasks=suite_of(cfg))
-    return {"variant": name, "label": LABELS[name], "checkpoint": str(checkpoint), "accuracy": r["accuracy"],
-            "r_ze": r["zero_ratio"]["overall"], "zero_ratio_per_layer": r["zero_ratio"]["per_layer"], "eval_seconds": round(time.time() - t0, 1)}
+    r = evaluate(
+        checkpoint,
+        n_per_family=cfg.eval.n_per_family,
+        model=model,
+        tokenizer=tok,
+        log=log,
+        label=f"eval {name}",
+        tasks=suite_of(cfg),
+    )
+    return {
+        "variant": name,
+        "label": LABELS[name],
+        "checkpoint": str(checkpoint),
+        "accuracy": r["accuracy"],
+        "r_ze": r["zero_ratio"]["overall"],
+        "zero_ratio_per_layer": r["zero_ratio"]["per_layer"],
+        "eval_seconds": round(time.time() - t0, 1),
+    }
 
 
 def calibration_texts(cfg: RunConfig, n_per_family: int = 64) -> list[str]:
@@ -163,7 +182,9 @@ def analyse(cfg: RunConfig, zeda: Path, teacher: Path, n_per_family: int, out: P
 # ---- the whole comparison ------------------------------------------------------------------------
 
 
-def run_baselines(cfg: RunConfig, out: Path | None = None, analysis_per_family: int = 200, seeds: list[int] | None = None) -> dict:
+def run_baselines(
+    cfg: RunConfig, out: Path | None = None, analysis_per_family: int = 200, seeds: list[int] | None = None
+) -> dict:
     """Train ZEDA and NET once per seed, evaluate every variant, write baselines.{json,md} and the plots under `out`.
 
     `seeds` vary the students' training (SFT data order, OPD sampling, the learner's init of nothing
@@ -191,8 +212,12 @@ def run_baselines(cfg: RunConfig, out: Path | None = None, analysis_per_family: 
             tag = f"-s{seed}" if len(seeds) > 1 else ""
             scfg = cfg.model_copy(update={"seed": seed, "output_dir": str(out)})
             zcfg = scfg.model_copy(update={"name": f"zeda{tag}"})
-            ncfg = scfg.model_copy(update={"name": f"net{tag}", "data": cfg.data.model_copy(
-                update={"sft_rollouts": str(zcfg.run_dir / "rollouts")})})
+            ncfg = scfg.model_copy(
+                update={
+                    "name": f"net{tag}",
+                    "data": cfg.data.model_copy(update={"sft_rollouts": str(zcfg.run_dir / "rollouts")}),
+                }
+            )
             for c in (zcfg, ncfg):
                 c.run_dir.mkdir(parents=True, exist_ok=True)
             zsft, zfinal = train(zcfg, teacher, zinit, MetricsLog(zcfg.run_dir / "metrics.jsonl"), phases, f"zeda{tag}")
@@ -204,7 +229,9 @@ def run_baselines(cfg: RunConfig, out: Path | None = None, analysis_per_family: 
                 rows["net"] = evaluate_variant("net", nfinal, cfg, log)
                 from zeda_rl.analysis import calibrate_skip_threshold
 
-                model, tok = load_variant(zinit, mask=True)  # the converted teacher with the mask on: the original model
+                model, tok = load_variant(
+                    zinit, mask=True
+                )  # the converted teacher with the mask on: the original model
                 calib = calibrate_skip_threshold(model, tok, calibration_texts(scfg), target=rows["zeda"]["r_ze"])
                 rows["dynamic_skipping"] = evaluate_variant("dynamic_skipping", zinit, cfg, log, model, tok)
                 rows["dynamic_skipping"]["calibration"] = calib
@@ -212,8 +239,9 @@ def run_baselines(cfg: RunConfig, out: Path | None = None, analysis_per_family: 
         with phases("eval"):
             original = evaluate_variant("original", teacher, cfg, log)
         with phases("analysis"):
-            summary = analyse(cfg, Path(per_seed[0]["zeda_checkpoint"]), teacher,
-                              min(analysis_per_family, cfg.eval.n_per_family), out)
+            summary = analyse(
+                cfg, Path(per_seed[0]["zeda_checkpoint"]), teacher, min(analysis_per_family, cfg.eval.n_per_family), out
+            )
         phases.times["total"] = time.time() - t_start
         result = summarise(cfg, original, per_seed, summary, phases.times)
         write_outputs(result, out)
@@ -231,9 +259,15 @@ def summarise(cfg: RunConfig, original: dict, per_seed: list[dict], analysis: di
     def mean_row(name: str) -> dict:
         rs = [p[name] for p in per_seed] if name != "original" else [original]
         acc = {k: float(np.mean([r["accuracy"][k] for r in rs])) for k in rs[0]["accuracy"]}
-        row = {"variant": name, "label": LABELS[name], "accuracy": acc, "r_ze": float(np.mean([r["r_ze"] for r in rs])),
-               "checkpoint": rs[0]["checkpoint"], "spread": stats.spread([r["accuracy"]["mean"] for r in rs]),
-               "per_seed": [{"accuracy": r["accuracy"]["mean"], "r_ze": r["r_ze"]} for r in rs]}
+        row = {
+            "variant": name,
+            "label": LABELS[name],
+            "accuracy": acc,
+            "r_ze": float(np.mean([r["r_ze"] for r in rs])),
+            "checkpoint": rs[0]["checkpoint"],
+            "spread": stats.spread([r["accuracy"]["mean"] for r in rs]),
+            "per_seed": [{"accuracy": r["accuracy"]["mean"], "r_ze": r["r_ze"]} for r in rs],
+        }
         if name == "dynamic_skipping":
             row["calibration"] = rs[0]["calibration"]
         return row
@@ -245,13 +279,25 @@ def summarise(cfg: RunConfig, original: dict, per_seed: list[dict], analysis: di
     comparisons = []
     for other in ("zeda_sft", "net", "dynamic_skipping", "original"):
         c = stats.compare(hits("zeda"), hits(other), "ZEDA", LABELS[other])
-        c.update(variant=other, zeda_r_ze=rows["zeda"]["r_ze"], variant_r_ze=rows[other]["r_ze"],
-                 matched=abs(rows["zeda"]["r_ze"] - rows[other]["r_ze"]) <= MATCHED)
+        c.update(
+            variant=other,
+            zeda_r_ze=rows["zeda"]["r_ze"],
+            variant_r_ze=rows[other]["r_ze"],
+            matched=abs(rows["zeda"]["r_ze"] - rows[other]["r_ze"]) <= MATCHED,
+        )
         comparisons.append(c)
-    return {"config": cfg.name, "suite": suite_of(cfg), "n_per_family": cfg.eval.n_per_family,
-            "seeds": [p["seed"] for p in per_seed], "teacher_seed": cfg.model.teacher_seed,
-            "rows": [rows[v] for v in VARIANTS], "comparison": comparisons, "analysis": analysis,
-            "phase_seconds": {k: round(v, 1) for k, v in times.items()}, "versions": _versions()}
+    return {
+        "config": cfg.name,
+        "suite": suite_of(cfg),
+        "n_per_family": cfg.eval.n_per_family,
+        "seeds": [p["seed"] for p in per_seed],
+        "teacher_seed": cfg.model.teacher_seed,
+        "rows": [rows[v] for v in VARIANTS],
+        "comparison": comparisons,
+        "analysis": analysis,
+        "phase_seconds": {k: round(v, 1) for k, v in times.items()},
+        "versions": _versions(),
+    }
 
 
 def _versions() -> dict:
@@ -267,30 +313,44 @@ def markdown(result: dict) -> str:
     rows = result["rows"]
     fams = [f for f in rows[0]["accuracy"] if f != "mean"]
     head = "| method | " + " | ".join(fams) + " | Avg. | r_ZE |\n|---|" + "---|" * (len(fams) + 2)
-    lines = [f"| {r['label']} | " + " | ".join(f"{100 * r['accuracy'][f]:.1f}" for f in fams)
-             + f" | **{100 * r['accuracy']['mean']:.1f}** | {100 * r['r_ze']:.1f}% |" for r in rows]
-    verdict = ["| ZEDA vs | difference (points) | per seed | 95% CI, prompts | 95% CI, seeds | 95% CI, both | verdict | r_ZE |",
-               "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| {r['label']} | "
+        + " | ".join(f"{100 * r['accuracy'][f]:.1f}" for f in fams)
+        + f" | **{100 * r['accuracy']['mean']:.1f}** | {100 * r['r_ze']:.1f}% |"
+        for r in rows
+    ]
+    verdict = [
+        "| ZEDA vs | difference (points) | per seed | 95% CI, prompts | 95% CI, seeds | 95% CI, both | verdict | r_ZE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in result["comparison"]:
         where = "matched" if c["matched"] else "NOT matched"
         ci = [f"[{lo:+.1f}, {hi:+.1f}]" if lo == lo else "-" for lo, hi in (c["ci_prompts"], c["ci_seeds"], c["ci"])]
-        verdict.append(f"| {LABELS[c['variant']]} | {c['delta_points']:+.2f} | {', '.join(f'{d:+.1f}' for d in c['per_seed'])} | "
-                       f"{' | '.join(ci)} | **{c['verdict']}** | {100 * c['zeda_r_ze']:.1f}% vs {100 * c['variant_r_ze']:.1f}% ({where}) |")
-    spread = ", ".join(f"{r['label']} {r['spread']['mean']:.1f} +- {r['spread']['std']:.1f} "
-                       f"({r['spread']['min']:.1f}-{r['spread']['max']:.1f})" for r in rows if r["variant"] != "original")
+        verdict.append(
+            f"| {LABELS[c['variant']]} | {c['delta_points']:+.2f} | {', '.join(f'{d:+.1f}' for d in c['per_seed'])} | "
+            f"{' | '.join(ci)} | **{c['verdict']}** | {100 * c['zeda_r_ze']:.1f}% vs {100 * c['variant_r_ze']:.1f}% ({where}) |"
+        )
+    spread = ", ".join(
+        f"{r['label']} {r['spread']['mean']:.1f} +- {r['spread']['std']:.1f} "
+        f"({r['spread']['min']:.1f}-{r['spread']['max']:.1f})"
+        for r in rows
+        if r["variant"] != "original"
+    )
     v = result.get("versions", {})
     ds = next(r for r in rows if r["variant"] == "dynamic_skipping")["calibration"]
     a = result["analysis"]
     reading = a.get("zero_share_prompt_tokens_per_family") or {}
-    fam_z = ", ".join(f"{f} {100 * v:.1f}% (prompt tokens {100 * reading[f]:.1f}%)" if f in reading else f"{f} {100 * v:.1f}%"
-                      for f, v in a["zero_share_per_family"].items())
+    fam_z = ", ".join(
+        f"{f} {100 * v:.1f}% (prompt tokens {100 * reading[f]:.1f}%)" if f in reading else f"{f} {100 * v:.1f}%"
+        for f, v in a["zero_share_per_family"].items()
+    )
     ent = ", ".join(f"{p['x']:.2g}: {100 * p['y']:.0f}%" for p in a["zero_share_by_entropy"])
     gap = ", ".join(f"{p['x']:.2g}: {100 * p['y']:.0f}%" for p in a["zero_share_by_teacher_gap"])
     times = ", ".join(f"{k} {v:.0f} s" for k, v in result["phase_seconds"].items())
-    return f"""# ZEDA and its baselines ({result['config']}, {result['suite']} tasks)
+    return f"""# ZEDA and its baselines ({result["config"]}, {result["suite"]} tasks)
 
-Held-out exact match (%), {result['n_per_family']} prompts per family, greedy, mean over training seeds
-{result.get('seeds', [])} (one teacher, teacher seed {result.get('teacher_seed', 0)}); r_ZE = share of the
+Held-out exact match (%), {result["n_per_family"]} prompts per family, greedy, mean over training seeds
+{result.get("seeds", [])} (one teacher, teacher seed {result.get("teacher_seed", 0)}); r_ZE = share of the
 teacher's K routed slots per token that no expert computes (zero experts, skipped or static).
 
 {head}
@@ -303,18 +363,18 @@ whose 95% interval over prompts and seeds together ("both") holds 0 is "no diffe
 
 {chr(10).join(verdict)}
 
-Versions: {', '.join(f'{k} {x}' for k, x in v.items())}.
+Versions: {", ".join(f"{k} {x}" for k, x in v.items())}.
 
-Dynamic Skipping threshold {ds['threshold']:.4f}: {100 * ds['share']:.1f}% skipped on {ds['calibration_texts']} training-split
-texts for a target of {100 * ds['target']:.1f}% (at most {100 * ds['reachable']:.1f}% can be skipped with K slots: the top one stays).
+Dynamic Skipping threshold {ds["threshold"]:.4f}: {100 * ds["share"]:.1f}% skipped on {ds["calibration_texts"]} training-split
+texts for a target of {100 * ds["target"]:.1f}% (at most {100 * ds["reachable"]:.1f}% can be skipped with K slots: the top one stays).
 
 ![accuracy and zero share](baselines.png)
 
-## Where the ZEDA student skips ({a['tokens']} generated tokens)
+## Where the ZEDA student skips ({a["tokens"]} generated tokens)
 
 - zero share of the steps that generate, per family (and of the prompt tokens the model only reads): {fam_z}
-- zero share by student entropy (bin mean in nats: share): {ent}; Spearman {a['spearman_zero_entropy']:+.2f}
-- zero share by |teacher - student| logprob (bin mean: share): {gap}; Spearman {a['spearman_zero_teacher_gap']:+.2f}
+- zero share by student entropy (bin mean in nats: share): {ent}; Spearman {a["spearman_zero_entropy"]:+.2f}
+- zero share by |teacher - student| logprob (bin mean: share): {gap}; Spearman {a["spearman_zero_teacher_gap"]:+.2f}
 
 ![where tokens skip](skip_analysis.png)
 
@@ -335,7 +395,9 @@ def bar_plot(result: dict, path: Path) -> None:
     width = 0.8 / len(rows)
     xs = np.arange(len(fams))
     for i, r in enumerate(rows):
-        bars = ax.bar(xs + (i - (len(rows) - 1) / 2) * width, [100 * r["accuracy"][f] for f in fams], width, label=r["label"])
+        bars = ax.bar(
+            xs + (i - (len(rows) - 1) / 2) * width, [100 * r["accuracy"][f] for f in fams], width, label=r["label"]
+        )
         ax.bar_label(bars, labels=[f"{100 * r['accuracy'][f]:.1f}" for f in fams], padding=1, fontsize=5.5, rotation=90)
     ax.set_xticks(xs, [f if f != "mean" else "Avg." for f in fams])
     ax.set_ylabel("held-out exact match (%)")
@@ -349,7 +411,9 @@ def bar_plot(result: dict, path: Path) -> None:
     ax.set_title("accuracy per task family")
     bars = zx.bar(range(len(rows)), [100 * r["r_ze"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
     zx.bar_label(bars, labels=[f"{100 * r['r_ze']:.1f}" for r in rows], padding=2, fontsize=8)
-    zx.set_xticks(range(len(rows)), [r["label"].replace(" (", "\n(") for r in rows], rotation=30, ha="right", fontsize=7)
+    zx.set_xticks(
+        range(len(rows)), [r["label"].replace(" (", "\n(") for r in rows], rotation=30, ha="right", fontsize=7
+    )
     zx.set_ylabel("r_ZE: routed slots not computed (%)")
     zx.set_ylim(0, 100)
     zx.set_title("zero / skipped share")

@@ -19,8 +19,13 @@ def _convert(a):
 
     a.target = a.output_dir
     out = convert_checkpoint(
-        a.input_dir, a.output_dir, zero_experts=a.zero_experts, zero_type=a.zero_type, seed=a.seed,
-        overwrite=a.overwrite, progress=True,
+        a.input_dir,
+        a.output_dir,
+        zero_experts=a.zero_experts,
+        zero_type=a.zero_type,
+        seed=a.seed,
+        overwrite=a.overwrite,
+        progress=True,
     )
     print(f"converted checkpoint written to {out}")
 
@@ -75,7 +80,8 @@ def _run_suite(a, checkpoint, suite):
 
 def _train(a):
     from launch.config import ConfigError
-    from launch.train import load_run_config, main as train_main
+    from launch.train import load_run_config
+    from launch.train import main as train_main
 
     try:  # where the run writes, for an error that names no path (a full disk)
         a.target = load_run_config(a.config, a.set).run_dir
@@ -92,8 +98,9 @@ def _plan(a):
 
     cfg = load_run_config(a.config, a.set)
     cluster = yaml.safe_load(open(a.cluster)) if a.cluster else None
-    p = make_plan(cfg, load_hf_config(cfg, a.hf_config), gpu=a.gpu, cluster=cluster, margin=a.margin,
-                  bandwidth=a.bandwidth * 1e9)
+    p = make_plan(
+        cfg, load_hf_config(cfg, a.hf_config), gpu=a.gpu, cluster=cluster, margin=a.margin, bandwidth=a.bandwidth * 1e9
+    )
     if a.json:
         print(json.dumps(p, indent=2))
     else:
@@ -187,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--out", default=None, help="output directory (default: the cache)")
     tb.add_argument("--seed", type=int, default=0)
     tb.add_argument("--force", action="store_true", help="rebuild even if cached")
-    tb.add_argument("--tasks", choices=["basic", "hard"], default="basic", help="built-in task suite the teacher learns")
+    tb.add_argument(
+        "--tasks", choices=["basic", "hard"], default="basic", help="built-in task suite the teacher learns"
+    )
     tb.set_defaults(fn=_teacher_build)
 
     e = sub.add_parser("eval", help="accuracy and zero-expert ratio: the built-in tasks, or a benchmark suite")
@@ -199,17 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--teacher", help="a second checkpoint evaluated the same way, shown side by side")
     e.add_argument("--out", help="directory for eval.json, eval.md and samples.jsonl")
     e.add_argument("--backend", choices=["torch", "sglang"], default="torch", help="engine backend (suites)")
-    e.add_argument("--engines", type=int, default=1, help="engine actors on Ray (suites); 0: one torch engine in process")
+    e.add_argument(
+        "--engines", type=int, default=1, help="engine actors on Ray (suites); 0: one torch engine in process"
+    )
     e.add_argument("--threads", type=int, default=1, help="torch threads per engine actor")
     e.set_defaults(fn=_eval)
 
     tr = sub.add_parser("train", help="run the ZEDA pipeline from a typed YAML config")
     tr.add_argument("--config", required=True)
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. opd.steps=5")
+    tr.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. opd.steps=5"
+    )
     tr.add_argument("--resume", action="store_true")
     tr.set_defaults(fn=_train)
 
-    pl = sub.add_parser("plan", help="memory per learner rank, engine and weight push, and whether it fits (exit 2: it does not)")
+    pl = sub.add_parser(
+        "plan", help="memory per learner rank, engine and weight push, and whether it fits (exit 2: it does not)"
+    )
     pl.add_argument("config")
     pl.add_argument("--cluster", help="cluster YAML (launch/cluster-h200.yaml): its GPU type and nodes")
     pl.add_argument("--json", action="store_true")
@@ -220,31 +235,51 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     pl.set_defaults(fn=_plan)
 
-    d = sub.add_parser("doctor", help="what a run of CONFIG needs, checked without starting it: the config against the teacher "
-                       "and this machine, the plan, Ray, ports, GPU extras (exit 2: a check fails)")
+    d = sub.add_parser(
+        "doctor",
+        help="what a run of CONFIG needs, checked without starting it: the config against the teacher "
+        "and this machine, the plan, Ray, ports, GPU extras (exit 2: a check fails)",
+    )
     d.add_argument("config")
     d.add_argument("--hf-config", help="the static teacher's config.json or checkpoint dir (default: model.teacher's)")
     d.add_argument("--cluster", help="cluster YAML (launch/cluster-h200.yaml): the plan's GPU type and nodes")
-    d.add_argument("--gpu", default="H200", choices=["H200", "H100"], help="GPU the plan checks against without --cluster")
+    d.add_argument(
+        "--gpu", default="H200", choices=["H200", "H100"], help="GPU the plan checks against without --cluster"
+    )
     d.add_argument("--json", action="store_true")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     d.set_defaults(fn=_doctor)
 
-    b = sub.add_parser("baselines", help="ZEDA vs Dynamic Skipping, NET (static top-K/2) and SFT-only ZEDA, trained and "
-                       "evaluated the same way: a table in the paper's layout, plots, where tokens skip")
+    b = sub.add_parser(
+        "baselines",
+        help="ZEDA vs Dynamic Skipping, NET (static top-K/2) and SFT-only ZEDA, trained and "
+        "evaluated the same way: a table in the paper's layout, plots, where tokens skip",
+    )
     b.add_argument("--config", required=True, help="run config YAML (its recipe trains ZEDA and NET)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     b.add_argument("--out", default=None, help="output directory (default: OUTPUT_DIR/NAME-baselines)")
-    b.add_argument("--analysis-n", type=int, default=200, help="held-out prompts per family for the where-tokens-skip analysis")
-    b.add_argument("--seeds", type=_seed_list, default=None, metavar="S,S,...",
-                   help="training seeds (e.g. 0,1,2): ZEDA and NET are trained once per seed with one teacher "
-                   "(model.teacher_seed); the table shows means, spreads and paired 95%% intervals (default: the config's seed)")
+    b.add_argument(
+        "--analysis-n", type=int, default=200, help="held-out prompts per family for the where-tokens-skip analysis"
+    )
+    b.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        metavar="S,S,...",
+        help="training seeds (e.g. 0,1,2): ZEDA and NET are trained once per seed with one teacher "
+        "(model.teacher_seed); the table shows means, spreads and paired 95%% intervals (default: the config's seed)",
+    )
     b.set_defaults(fn=_baselines)
 
     # listed for --help; its arguments are launch.monitor's own (see main)
-    sub.add_parser("rollouts", help="the teacher engines answer the SFT prompts into sharded JSONL, resumable (zeda rollouts -h)",
-                   add_help=False)
-    sub.add_parser("monitor", help="live rollout/teacher/learner throughput view of a run (zeda monitor -h)", add_help=False)
+    sub.add_parser(
+        "rollouts",
+        help="the teacher engines answer the SFT prompts into sharded JSONL, resumable (zeda rollouts -h)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "monitor", help="live rollout/teacher/learner throughput view of a run (zeda monitor -h)", add_help=False
+    )
     return p
 
 

@@ -30,11 +30,18 @@ class ModelSection(_Strict):
     zero_experts: int | None = Field(None, ge=1, description="N_Z per MoE layer; default N/2 (ZEDA)")
     zero_type: Literal["zero", "copy"] = "zero"
     convert_seed: int = 0
-    student: str | None = Field(None, description="start the student from this zero-expert checkpoint (e.g. a run's "
-                                "probe/step_00000, the student after SFT) instead of converting the teacher: OPD "
-                                "studies from one SFT student set sft.steps: 0")
-    teacher_seed: int = Field(0, ge=0, description="seed of the embedded teacher's build ('embedded' only). A key of its "
-                              "own: the run's `seed` varies the student's training (data order, sampling) with one teacher")
+    student: str | None = Field(
+        None,
+        description="start the student from this zero-expert checkpoint (e.g. a run's "
+        "probe/step_00000, the student after SFT) instead of converting the teacher: OPD "
+        "studies from one SFT student set sft.steps: 0",
+    )
+    teacher_seed: int = Field(
+        0,
+        ge=0,
+        description="seed of the embedded teacher's build ('embedded' only). A key of its "
+        "own: the run's `seed` varies the student's training (data order, sampling) with one teacher",
+    )
 
 
 class EngineSection(_Strict):
@@ -57,7 +64,9 @@ class SFTSection(SFTStage):
     """The learner's SFT stage (steps, lr, schedule, warmup_frac) plus what the driver feeds it."""
 
     batch_size: int = Field(32, ge=1)
-    prompts: int | None = Field(2000, ge=1, description="training prompts the teacher answers (None: every prompt of data.sft_prompts once)")
+    prompts: int | None = Field(
+        2000, ge=1, description="training prompts the teacher answers (None: every prompt of data.sft_prompts once)"
+    )
     teacher_temperature: float = Field(0.0, ge=0)
 
     @field_validator("lr")
@@ -82,26 +91,43 @@ class OPDSection(OPDStage):
     asynchronous: bool = True
     routing_replay: bool = True
     rollout_batch: int = Field(8, ge=1, description="prompts per generation call")
-    weight_sync: Literal["ray", "nccl"] = Field("ray", description="how weight pushes reach the engines: Ray's object "
-                                                "store, or a broadcast group per learner rank (nccl on GPU, gloo on CPU; "
-                                                "SGLang engines)")
-    teacher_temperature: float = Field(1.0, description="temperature the teacher scores the samples at: 1.0 only (SGLang "
-                                       "computes input-token logprobs at temperature 1 whatever a request says)")
-    teacher_selftest_repeats: int = Field(3, ge=0, description="times each teacher engine scores the same sequences "
-                                          "before OPD starts (0: no self-test)")
-    teacher_selftest_tol: float = Field(1e-2, ge=0, description="max |logprob difference| (nats) the self-test allows "
-                                        "between repeats and engines before it refuses to train")
-    probe_every: int = Field(0, ge=0, description="OPD steps between held-out probes of the student (built-in tasks "
-                             "only; 0: off): greedy and T=1 accuracy, held-out reverse KL, zero share (launch/probe.py)")
+    weight_sync: Literal["ray", "nccl"] = Field(
+        "ray",
+        description="how weight pushes reach the engines: Ray's object "
+        "store, or a broadcast group per learner rank (nccl on GPU, gloo on CPU; "
+        "SGLang engines)",
+    )
+    teacher_temperature: float = Field(
+        1.0,
+        description="temperature the teacher scores the samples at: 1.0 only (SGLang "
+        "computes input-token logprobs at temperature 1 whatever a request says)",
+    )
+    teacher_selftest_repeats: int = Field(
+        3, ge=0, description="times each teacher engine scores the same sequences before OPD starts (0: no self-test)"
+    )
+    teacher_selftest_tol: float = Field(
+        1e-2,
+        ge=0,
+        description="max |logprob difference| (nats) the self-test allows "
+        "between repeats and engines before it refuses to train",
+    )
+    probe_every: int = Field(
+        0,
+        ge=0,
+        description="OPD steps between held-out probes of the student (built-in tasks "
+        "only; 0: off): greedy and T=1 accuracy, held-out reverse KL, zero share (launch/probe.py)",
+    )
     probe_per_family: int = Field(200, ge=1, description="held-out prompts per family of each probe")
 
     @field_validator("teacher_temperature")
     @classmethod
     def _teacher_t(cls, v: float) -> float:
         if v != 1.0:
-            raise ValueError(f"opd.teacher_temperature ({v}): the teacher scores at 1.0 only. SGLang computes input-token "
-                             "logprobs at temperature 1 whatever the request says, so any other value would be silently ignored "
-                             "on GPU and obeyed on CPU")
+            raise ValueError(
+                f"opd.teacher_temperature ({v}): the teacher scores at 1.0 only. SGLang computes input-token "
+                "logprobs at temperature 1 whatever the request says, so any other value would be silently ignored "
+                "on GPU and obeyed on CPU"
+            )
         return v
 
     @field_validator("lr")
@@ -120,11 +146,20 @@ class FieldsSection(_Strict):
 
 
 class DataSection(_Strict):
-    sft_prompts: str = Field("embedded", description="'embedded' (the built-in tasks) or a .jsonl/.parquet file, shard dir or saved dataset: the prompts the teacher answers for SFT")
-    sft_rollouts: str | None = Field(None, description="file/dir of teacher answers (prompt/response or messages ending with the assistant turn): SFT trains on them, no generation")
+    sft_prompts: str = Field(
+        "embedded",
+        description="'embedded' (the built-in tasks) or a .jsonl/.parquet file, shard dir or saved dataset: the prompts the teacher answers for SFT",
+    )
+    sft_rollouts: str | None = Field(
+        None,
+        description="file/dir of teacher answers (prompt/response or messages ending with the assistant turn): SFT trains on them, no generation",
+    )
     opd_prompts: str = Field("embedded", description="'embedded' or a file/dir: the OPD prompts")
-    tasks: Literal["basic", "hard"] = Field("basic", description="the built-in task suite (zeda_rl.tasks.SUITES) behind "
-                                            "every 'embedded': the embedded teacher's, the embedded prompts' and the built-in eval's")
+    tasks: Literal["basic", "hard"] = Field(
+        "basic",
+        description="the built-in task suite (zeda_rl.tasks.SUITES) behind "
+        "every 'embedded': the embedded teacher's, the embedded prompts' and the built-in eval's",
+    )
     fields: FieldsSection = Field(default_factory=FieldsSection)
     enable_thinking: bool = Field(True, description="passed to the chat template (ZEDA ran with thinking on)")
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are dropped and counted, never cut")
@@ -133,8 +168,11 @@ class DataSection(_Strict):
 
 class EvalSection(_Strict):
     n_per_family: int = Field(100, ge=1)
-    suite: str | None = Field(None, description="benchmark suite to evaluate on (zeda_rl.suites); None: the built-in tasks, "
-                              "run only when the tokenizer is the embedded one")
+    suite: str | None = Field(
+        None,
+        description="benchmark suite to evaluate on (zeda_rl.suites); None: the built-in tasks, "
+        "run only when the tokenizer is the embedded one",
+    )
 
 
 ALL_INTERFACES = ("0.0.0.0", "*")
@@ -143,11 +181,17 @@ ALL_INTERFACES = ("0.0.0.0", "*")
 class ClusterSection(_Strict):
     address: str | None = Field(None, description="Ray address; None starts a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: this machine's)")
-    bind_host: str = Field("127.0.0.1", description="IPv4 address of this machine the learner's ZMQ inbox binds to; "
-                           "'auto': the learner node's cluster address; 0.0.0.0 only with allow_all_interfaces")
+    bind_host: str = Field(
+        "127.0.0.1",
+        description="IPv4 address of this machine the learner's ZMQ inbox binds to; "
+        "'auto': the learner node's cluster address; 0.0.0.0 only with allow_all_interfaces",
+    )
     inbox_port: int = Field(0, ge=0, le=65535, description="port of the learner's ZMQ inbox (0: any free port)")
-    allow_all_interfaces: bool = Field(False, description="let bind_host be 0.0.0.0: the inbox then listens on every "
-                                       "network, public ones included (it has no authentication)")
+    allow_all_interfaces: bool = Field(
+        False,
+        description="let bind_host be 0.0.0.0: the inbox then listens on every "
+        "network, public ones included (it has no authentication)",
+    )
 
     @field_validator("bind_host")
     @classmethod
@@ -157,28 +201,36 @@ class ClusterSection(_Strict):
         try:
             ipaddress.IPv4Address(v)
         except ValueError:
-            raise ValueError("expected 'auto', 'localhost' or an IPv4 address of this machine "
-                             "(the inbox binds tcp://HOST:PORT)") from None
+            raise ValueError(
+                "expected 'auto', 'localhost' or an IPv4 address of this machine (the inbox binds tcp://HOST:PORT)"
+            ) from None
         return v
 
     @model_validator(mode="after")
     def _all_interfaces(self):
         if self.bind_host in ALL_INTERFACES and not self.allow_all_interfaces:
-            raise ValueError(f"cluster.bind_host: {self.bind_host} listens on every interface, public ones included; "
-                             "set cluster.allow_all_interfaces: true to mean it, or use 'auto' (the node's cluster address)")
+            raise ValueError(
+                f"cluster.bind_host: {self.bind_host} listens on every interface, public ones included; "
+                "set cluster.allow_all_interfaces: true to mean it, or use 'auto' (the node's cluster address)"
+            )
         return self
 
 
 class RunConfig(_Strict):
-    name: str = Field("tiny-cpu", description="the run's directory under output_dir and its metrics hub's name: one plain "
-                      "path component")
+    name: str = Field(
+        "tiny-cpu",
+        description="the run's directory under output_dir and its metrics hub's name: one plain path component",
+    )
     seed: int = 0
     output_dir: str = "runs"
     model: ModelSection = Field(default_factory=ModelSection)
     rollout: EngineSection = Field(default_factory=EngineSection)
     teacher: EngineSection = Field(default_factory=EngineSection)
-    sampling: SamplingParams = Field(default_factory=SamplingParams, description="OPD sampling (the teacher and "
-                                     "learner score at its temperature); stop ids and seeds are set per call")
+    sampling: SamplingParams = Field(
+        default_factory=SamplingParams,
+        description="OPD sampling (the teacher and "
+        "learner score at its temperature); stop ids and seeds are set per call",
+    )
     learner: LearnerSection = Field(default_factory=LearnerSection)
     sft: SFTSection = Field(default_factory=SFTSection)
     opd: OPDSection = Field(default_factory=OPDSection)
@@ -190,16 +242,20 @@ class RunConfig(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not v or v in (".", "..") or not all(c.isalnum() or c in "._-+" for c in v) or v.startswith("-"):
-            raise ValueError("expected one plain path component (letters, digits, '.', '_', '-', '+'; not '.' or '..' "
-                             "and no '/'): the run writes under output_dir/name")
+            raise ValueError(
+                "expected one plain path component (letters, digits, '.', '_', '-', '+'; not '.' or '..' "
+                "and no '/'): the run writes under output_dir/name"
+            )
         return v
 
     @model_validator(mode="after")
     def _check(self):
         world, tp = self.learner.ep * self.learner.dp, self.learner.tp
         if world % tp:
-            raise ValueError(f"learner.tp ({tp}) must divide the learner ranks, learner.ep x learner.dp = "
-                             f"{self.learner.ep} x {self.learner.dp} = {world}: tensor-parallel groups are carved out of them")
+            raise ValueError(
+                f"learner.tp ({tp}) must divide the learner ranks, learner.ep x learner.dp = "
+                f"{self.learner.ep} x {self.learner.dp} = {world}: tensor-parallel groups are carved out of them"
+            )
         if self.model.teacher != "embedded" and not self.model.teacher:
             raise ValueError("model.teacher: expected 'embedded' or a checkpoint directory")
         if self.opd.rollout_batch > self.opd.prompts_per_step:
@@ -208,22 +264,34 @@ class RunConfig(_Strict):
                 "admission control could never start a generation call"
             )
         if self.sft.prompts is None and self.data.sft_prompts == "embedded" and not self.data.sft_rollouts:
-            raise ValueError("sft.prompts: a number is needed with data.sft_prompts: embedded (the built-in tasks are generated)")
+            raise ValueError(
+                "sft.prompts: a number is needed with data.sft_prompts: embedded (the built-in tasks are generated)"
+            )
         if self.eval.suite is not None and not Path(self.eval.suite).is_file():
-            raise ValueError(f"eval.suite ({self.eval.suite!r}): no such suite file (a YAML naming benchmark files and graders, "
-                             "e.g. launch/suites/paper.yaml)")
+            raise ValueError(
+                f"eval.suite ({self.eval.suite!r}): no such suite file (a YAML naming benchmark files and graders, "
+                "e.g. launch/suites/paper.yaml)"
+            )
         if self.opd.objective == "full_kl" and (self.learner.tp > 1 or self.learner.logits_chunk_tokens is not None):
-            raise ValueError("opd.objective: full_kl needs the whole micro-batch's logits on one rank: it is not implemented "
-                             "with learner.tp > 1 or learner.logits_chunk_tokens yet (use opd.objective: sampled_token)")
+            raise ValueError(
+                "opd.objective: full_kl needs the whole micro-batch's logits on one rank: it is not implemented "
+                "with learner.tp > 1 or learner.logits_chunk_tokens yet (use opd.objective: sampled_token)"
+            )
         if self.model.student is not None and not (Path(self.model.student) / "config.json").is_file():
-            raise ValueError(f"model.student ({self.model.student}): no config.json there (expected a zero-expert checkpoint "
-                             "directory, e.g. RUN_DIR/probe/step_00000, or null to convert the teacher)")
+            raise ValueError(
+                f"model.student ({self.model.student}): no config.json there (expected a zero-expert checkpoint "
+                "directory, e.g. RUN_DIR/probe/step_00000, or null to convert the teacher)"
+            )
         if self.opd.probe_every and self.data.opd_prompts != "embedded":
-            raise ValueError("opd.probe_every: the probe grades the built-in tasks (data.opd_prompts: embedded); for other "
-                             "data set it to 0 and use eval.suite")
+            raise ValueError(
+                "opd.probe_every: the probe grades the built-in tasks (data.opd_prompts: embedded); for other "
+                "data set it to 0 and use eval.suite"
+            )
         if self.sampling.temperature <= 0:
-            raise ValueError(f"sampling.temperature ({self.sampling.temperature}) must be > 0: the teacher and the "
-                             "learner score the rollouts at it")
+            raise ValueError(
+                f"sampling.temperature ({self.sampling.temperature}) must be > 0: the teacher and the "
+                "learner score the rollouts at it"
+            )
         if self.sampling.max_new_tokens > self.data.max_response_tokens:
             raise ValueError(
                 f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must be <= data.max_response_tokens "
@@ -256,7 +324,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                where = ".".join(parents[:depth + 1])
+                where = ".".join(parents[: depth + 1])
                 raise ConfigError(f"--set {dotted}: {where} is {node!r} in {path}, not a section with keys")
         node[leaf] = value
     try:
@@ -293,8 +361,12 @@ def _paths(cfg: RunConfig) -> list[str]:
     d = cfg.data
     given = [("data.sft_rollouts", d.sft_rollouts)] if d.sft_rollouts else [("data.sft_prompts", d.sft_prompts)]
     given.append(("data.opd_prompts", d.opd_prompts))
-    return [f"{key} ({value}): no such file or directory (expected 'embedded' or a .jsonl/.parquet file, shard dir "
-            "or saved dataset)" for key, value in given if value != "embedded" and not Path(value).exists()]
+    return [
+        f"{key} ({value}): no such file or directory (expected 'embedded' or a .jsonl/.parquet file, shard dir "
+        "or saved dataset)"
+        for key, value in given
+        if value != "embedded" and not Path(value).exists()
+    ]
 
 
 def _bind_host(cfg: RunConfig) -> list[str]:
@@ -304,8 +376,10 @@ def _bind_host(cfg: RunConfig) -> list[str]:
     mine = local_addresses()
     if host in mine:
         return []
-    return [f"cluster.bind_host ({host}): not an address of this machine (its IPv4 addresses: {', '.join(sorted(mine))}); "
-            "use one of them, or 'auto' for the learner node's cluster address"]
+    return [
+        f"cluster.bind_host ({host}): not an address of this machine (its IPv4 addresses: {', '.join(sorted(mine))}); "
+        "use one of them, or 'auto' for the learner node's cluster address"
+    ]
 
 
 def local_addresses() -> set[str]:
@@ -326,10 +400,18 @@ def _teacher_config(cfg: RunConfig) -> tuple[dict | None, str, list[str]]:
         return load_hf_config(cfg), f"the embedded teacher's recipe (zeda_rl.teacher.{recipe})", []
     path = Path(cfg.model.teacher)
     if not path.is_dir():
-        return None, "", [f"model.teacher ({path}): no such directory (expected 'embedded' or a Hugging Face checkpoint directory)"]
+        return (
+            None,
+            "",
+            [f"model.teacher ({path}): no such directory (expected 'embedded' or a Hugging Face checkpoint directory)"],
+        )
     file = path / "config.json"
     if not file.is_file():
-        return None, "", [f"model.teacher ({path}): no config.json in it (expected a Hugging Face checkpoint directory)"]
+        return (
+            None,
+            "",
+            [f"model.teacher ({path}): no config.json in it (expected a Hugging Face checkpoint directory)"],
+        )
     try:
         return json.loads(file.read_text()), str(file), []
     except (OSError, ValueError) as err:
@@ -349,21 +431,29 @@ def _against_teacher(cfg: RunConfig, hf: dict, source: str) -> list[str]:
     lc, out = cfg.learner, []
     if a.experts % lc.ep:
         divisors = [d for d in range(1, a.experts + 1) if a.experts % d == 0]
-        out.append(f"learner.ep ({lc.ep}) does not divide the teacher's {a.experts} experts ({source}): expected one of {divisors}")
+        out.append(
+            f"learner.ep ({lc.ep}) does not divide the teacher's {a.experts} experts ({source}): expected one of {divisors}"
+        )
     heads = [("num_attention_heads", a.heads)] + ([] if a.mla else [("num_key_value_heads", a.kv_heads)])
     for key, n in heads:
         if n % lc.tp:
-            out.append(f"learner.tp ({lc.tp}) does not divide the teacher's {key} ({n}, {source}): each tensor-parallel "
-                       "rank holds whole heads")
+            out.append(
+                f"learner.tp ({lc.tp}) does not divide the teacher's {key} ({n}, {source}): each tensor-parallel "
+                "rank holds whole heads"
+            )
     budget = cfg.sampling.max_new_tokens
     what = f"sampling.max_new_tokens ({budget})"
-    if "max_prompt_tokens" in cfg.data.model_fields_set:  # the config names its prompt budget: the two must fit together
+    if (
+        "max_prompt_tokens" in cfg.data.model_fields_set
+    ):  # the config names its prompt budget: the two must fit together
         budget += cfg.data.max_prompt_tokens
         what += f" + data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) = {budget}"
     else:
         budget += 1  # at least one prompt token
         what += " + a 1-token prompt"
     if budget > a.max_positions:
-        out.append(f"{what} exceeds the teacher's max_position_embeddings ({a.max_positions}, {source}): the "
-                   "rollouts could not be scored")
+        out.append(
+            f"{what} exceeds the teacher's max_position_embeddings ({a.max_positions}, {source}): the "
+            "rollouts could not be scored"
+        )
     return out

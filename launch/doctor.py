@@ -24,15 +24,18 @@ class Check:
     detail: str
 
 
-def config_checks(cfg, hf_config: dict | None = None, hf_source: str | None = None, cluster: dict | None = None,
-                  gpu: str = "H200") -> list[Check]:
+def config_checks(
+    cfg, hf_config: dict | None = None, hf_source: str | None = None, cluster: dict | None = None, gpu: str = "H200"
+) -> list[Check]:
     """The checks `zeda train` refuses on: preflight, the learner knobs not implemented yet, the plan's verdict."""
     from launch.config import preflight
     from launch.plan import load_hf_config, make_plan, refusal
     from learner.config import not_implemented
 
     problems = preflight(cfg, hf_config, hf_source)
-    out = [Check(_key(p), FAIL, p) for p in problems] or [Check("config vs teacher and machine", OK, _summary(cfg, hf_source))]
+    out = [Check(_key(p), FAIL, p) for p in problems] or [
+        Check("config vs teacher and machine", OK, _summary(cfg, hf_source))
+    ]
     knobs = not_implemented(cfg.learner)
     out += [Check(_key(k), FAIL, k) for k in knobs] or [Check("learner knobs", OK, "all implemented by the learner")]
     try:
@@ -43,8 +46,14 @@ def config_checks(cfg, hf_config: dict | None = None, hf_source: str | None = No
         return out
     if p["fits"]:
         worst = max(p["verdicts"], key=lambda v: v["need"] / max(v["capacity"], 1))
-        out.append(Check("plan", OK, f"fits ({p['device']['name']}); tightest: {worst['placement']} "
-                                     f"{worst['need'] / 2**30:.1f} of {worst['capacity'] / 2**30:.1f} GiB"))
+        out.append(
+            Check(
+                "plan",
+                OK,
+                f"fits ({p['device']['name']}); tightest: {worst['placement']} "
+                f"{worst['need'] / 2**30:.1f} of {worst['capacity'] / 2**30:.1f} GiB",
+            )
+        )
     else:
         out.append(Check("plan", FAIL, f"does not fit: {refusal(p)} (zeda plan shows every figure)"))
     return out
@@ -62,8 +71,10 @@ def _key(message: str) -> str:
 
 def _summary(cfg, hf_source: str | None) -> str:
     teacher = "embedded (built on demand)" if cfg.model.teacher == "embedded" else cfg.model.teacher
-    return (f"teacher {teacher}{f' ({hf_source})' if hf_source else ''}; learner EP {cfg.learner.ep} x DP {cfg.learner.dp}, "
-            f"TP {cfg.learner.tp}; data paths exist; bind host {cfg.cluster.bind_host}")
+    return (
+        f"teacher {teacher}{f' ({hf_source})' if hf_source else ''}; learner EP {cfg.learner.ep} x DP {cfg.learner.dp}, "
+        f"TP {cfg.learner.tp}; data paths exist; bind host {cfg.cluster.bind_host}"
+    )
 
 
 # ---- the environment ------------------------------------------------------------------------
@@ -85,8 +96,12 @@ def ray_check(cfg) -> Check:
         with socket.create_connection((host, int(port)), timeout=3):
             pass
     except (OSError, ValueError, ConnectionError) as err:
-        return Check("ray", FAIL, f"{where}: not reachable ({type(err).__name__}: {err}); start the cluster (ray up / "
-                                  "ray start --head) or leave cluster.address null for a local Ray")
+        return Check(
+            "ray",
+            FAIL,
+            f"{where}: not reachable ({type(err).__name__}: {err}); start the cluster (ray up / "
+            "ray start --head) or leave cluster.address null for a local Ray",
+        )
     return Check("ray", OK, f"{where}: {target} accepts connections")
 
 
@@ -101,8 +116,12 @@ def _local_ray(cfg) -> Check:
     try:
         placement.pack(placement.plan(cfg), [("local", node)])
     except placement.Unplaceable as err:
-        return Check("ray", FAIL, f"local Ray will be started with {cpus} CPUs and {gpus} GPUs, which cannot hold the run: "
-                                  f"{err} (cluster.num_cpus, or fewer replicas / cpus)")
+        return Check(
+            "ray",
+            FAIL,
+            f"local Ray will be started with {cpus} CPUs and {gpus} GPUs, which cannot hold the run: "
+            f"{err} (cluster.num_cpus, or fewer replicas / cpus)",
+        )
     return Check("ray", OK, f"local Ray will be started (num_cpus={cpus}, {gpus} GPUs): the run's placement groups fit")
 
 
@@ -131,15 +150,23 @@ def ports_check(cfg) -> Check:
     host = bind_address(cfg)
     port = cfg.cluster.inbox_port
     where = f"learner inbox tcp://{host}:{port or '*'}"
-    remote = " (checked on this machine; the learner's rank 0 may run on another node)" if cfg.cluster.bind_host == "auto" else ""
+    remote = (
+        " (checked on this machine; the learner's rank 0 may run on another node)"
+        if cfg.cluster.bind_host == "auto"
+        else ""
+    )
     if not port:
         return Check("ports", OK, f"{where}: a free port picked at start; Ray and the learner rendezvous pick theirs")
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, port))
     except OSError as err:
-        return Check("ports", FAIL, f"{where}: cannot bind ({err.strerror or err}){remote}; free it or set "
-                                    "cluster.inbox_port (0: any free port)")
+        return Check(
+            "ports",
+            FAIL,
+            f"{where}: cannot bind ({err.strerror or err}){remote}; free it or set "
+            "cluster.inbox_port (0: any free port)",
+        )
     return Check("ports", OK, f"{where}: free{remote}")
 
 
@@ -155,19 +182,30 @@ def gpu_checks(cfg) -> list[Check]:
 
             out.append(Check("sglang", OK, f"imports ({', '.join(roles)} backend)"))
         except Exception as err:  # noqa: BLE001 - a broken install raises anything
-            out.append(Check("sglang", miss, f"{', '.join(r + '.backend' for r in roles)}: sglang, but `import sglang` fails "
-                                             f"({type(err).__name__}: {err}); install the gpu extra (pip install -e '.[gpu]')"))
+            out.append(
+                Check(
+                    "sglang",
+                    miss,
+                    f"{', '.join(r + '.backend' for r in roles)}: sglang, but `import sglang` fails "
+                    f"({type(err).__name__}: {err}); install the gpu extra (pip install -e '.[gpu]')",
+                )
+            )
     wants = ([f"learner.gpus_per_rank {cfg.learner.gpus_per_rank} (nccl)"] if cfg.learner.gpus_per_rank > 0 else []) + [
-        f"{role}.gpus {getattr(cfg, role).gpus}" for role in ("rollout", "teacher") if getattr(cfg, role).gpus > 0]
+        f"{role}.gpus {getattr(cfg, role).gpus}" for role in ("rollout", "teacher") if getattr(cfg, role).gpus > 0
+    ]
     if wants:
         n = _cuda_devices()
-        out.append(Check("cuda", OK, f"{n} CUDA devices for {', '.join(wants)}") if n else
-                   Check("cuda", miss, f"{', '.join(wants)}: no CUDA device here (torch.cuda.is_available() is False)"))
+        out.append(
+            Check("cuda", OK, f"{n} CUDA devices for {', '.join(wants)}")
+            if n
+            else Check("cuda", miss, f"{', '.join(wants)}: no CUDA device here (torch.cuda.is_available() is False)")
+        )
     return out or [Check("gpu", SKIP, "the run asks for no GPU")]
 
 
-def doctor(cfg, hf_config: dict | None = None, hf_source: str | None = None, cluster: dict | None = None,
-           gpu: str = "H200") -> list[Check]:
+def doctor(
+    cfg, hf_config: dict | None = None, hf_source: str | None = None, cluster: dict | None = None, gpu: str = "H200"
+) -> list[Check]:
     checks = [Check("config", OK, "loads and validates")]
     checks += config_checks(cfg, hf_config, hf_source, cluster, gpu)
     checks += [ray_check(cfg), ports_check(cfg)] + gpu_checks(cfg)

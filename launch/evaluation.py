@@ -10,8 +10,9 @@ from launch.streams import RunData
 from zeda_rl.metrics import MetricsLog
 
 
-def evaluate_phase(cfg: RunConfig, teacher_dir: Path, student_dir: Path, data: RunData, log: MetricsLog,
-                   engines: dict | None = None) -> tuple[dict, dict]:
+def evaluate_phase(
+    cfg: RunConfig, teacher_dir: Path, student_dir: Path, data: RunData, log: MetricsLog, engines: dict | None = None
+) -> tuple[dict, dict]:
     """Teacher and student on the benchmark suite (eval.suite), else on the built-in tasks, which only
     mean something with the embedded tokenizer.
 
@@ -32,22 +33,30 @@ def evaluate_phase(cfg: RunConfig, teacher_dir: Path, student_dir: Path, data: R
         log.log("eval", "teacher_accuracy", teacher_eval["accuracy"]["mean"])
         log.log("eval", "student_accuracy", student_eval["accuracy"]["mean"])
     else:
-        reason = ("the teacher's tokenizer has a chat template, so the built-in tasks (the embedded tokenizer's plain "
-                  "prompts) would not measure it; set eval.suite for benchmark accuracy")
+        reason = (
+            "the teacher's tokenizer has a chat template, so the built-in tasks (the embedded tokenizer's plain "
+            "prompts) would not measure it; set eval.suite for benchmark accuracy"
+        )
         console.print(f"[yellow]accuracy eval skipped: {reason}")
         log.log("eval", "skipped", reason)
         model, tok = load(student_dir)
         texts = [data.format.prompt_text(r) for r in data.opd.records[: cfg.eval.n_per_family]]
         zr = routed_zero_ratio(model, tok, texts)
         zr["note"] = f"teacher-forced over {len(texts)} OPD prompts (no completions)"
-        teacher_eval = {"checkpoint": str(teacher_dir), "accuracy": {}, "skipped": reason,
-                        "zero_ratio": {"overall": 0.0, "per_layer": [0.0] * len(zr["per_layer"]), "note": "static model"}}
+        teacher_eval = {
+            "checkpoint": str(teacher_dir),
+            "accuracy": {},
+            "skipped": reason,
+            "zero_ratio": {"overall": 0.0, "per_layer": [0.0] * len(zr["per_layer"]), "note": "static model"},
+        }
         student_eval = {"checkpoint": str(student_dir), "accuracy": {}, "skipped": reason, "zero_ratio": zr}
     log.log("eval", "student_zero_ratio", student_eval["zero_ratio"]["overall"])
     return teacher_eval, student_eval
 
 
-def _suite_eval(cfg: RunConfig, teacher_dir: Path, student_dir: Path, log: MetricsLog, engines: dict) -> tuple[dict, dict]:
+def _suite_eval(
+    cfg: RunConfig, teacher_dir: Path, student_dir: Path, log: MetricsLog, engines: dict
+) -> tuple[dict, dict]:
     """eval.suite on the run's engines; returned in the report's shape (accuracy per benchmark, mean, r_ZE)."""
     from actors.eval_pool import EvalEngines
     from zeda_rl.suites import load_suite, run_suite, write_outputs
@@ -62,11 +71,23 @@ def _suite_eval(cfg: RunConfig, teacher_dir: Path, student_dir: Path, log: Metri
     out = []
     for who in ("teacher", "student"):
         r = runs[who]
-        per_layer = [sum(b["r_ze"]["per_layer"][i] for b in r["benchmarks"]) / len(r["benchmarks"])
-                     for i in range(len(r["benchmarks"][0]["r_ze"]["per_layer"]))]
+        per_layer = [
+            sum(b["r_ze"]["per_layer"][i] for b in r["benchmarks"]) / len(r["benchmarks"])
+            for i in range(len(r["benchmarks"][0]["r_ze"]["per_layer"]))
+        ]
         acc = {b["name"]: b["accuracy"] for b in r["benchmarks"]} | {"mean": r["average"]["accuracy"]}
         log.log("eval", f"{who}_accuracy", acc["mean"])
-        out.append({"checkpoint": str(r["checkpoint"]), "accuracy": acc, "suite": suite.name,
-                    "zero_ratio": {"overall": r["average"]["r_ze"], "per_layer": per_layer, "note": "per request, over the suite"}})
+        out.append(
+            {
+                "checkpoint": str(r["checkpoint"]),
+                "accuracy": acc,
+                "suite": suite.name,
+                "zero_ratio": {
+                    "overall": r["average"]["r_ze"],
+                    "per_layer": per_layer,
+                    "note": "per request, over the suite",
+                },
+            }
+        )
     log.log("eval", "student_zero_ratio", out[1]["zero_ratio"]["overall"])
     return out[0], out[1]

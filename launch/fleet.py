@@ -29,7 +29,13 @@ class WeightSync:
     def __init__(self, learner, rollouts: list, log: MetricsLog, transport: str = "ray", timeout_s: float = 600.0):
         if transport not in ("ray", "nccl"):
             raise ValueError(f"weight_sync {transport!r}: expected 'ray' or 'nccl'")
-        self.learner, self.rollouts, self.log, self.transport, self.timeout_s = learner, rollouts, log, transport, timeout_s
+        self.learner, self.rollouts, self.log, self.transport, self.timeout_s = (
+            learner,
+            rollouts,
+            log,
+            transport,
+            timeout_s,
+        )
         self.latest = None  # WeightPush of the newest version (ray), for resyncs
         self.version = None
         self._buckets = None  # nccl: [(group, spec)] in the order every engine receives them
@@ -67,7 +73,9 @@ class WeightSync:
             return acks
         except ray.exceptions.RayError as err:  # a dead member, a refused bucket, or a timeout
             self.transport = "ray"
-            self.log.log("driver", "weight_sync_fallback", f"broadcast failed, weights go through Ray: {str(err)[:200]}")
+            self.log.log(
+                "driver", "weight_sync_fallback", f"broadcast failed, weights go through Ray: {str(err)[:200]}"
+            )
             return None
 
     def _join(self) -> None:
@@ -149,10 +157,14 @@ def teacher_selftest(teachers: list, sequences: list[list[int]], repeats: int, t
     ref = runs[0]
     diff = max(float(abs(a - b).max()) if len(a) else 0.0 for run in runs for a, b in zip(run, ref))
     log.log("teacher", "selftest_max_diff", diff)
-    msg = (f"teacher determinism self-test: {len(seqs)} sequences scored {repeats}x on each of {len(teachers)} teacher "
-           f"engine(s): max |logprob difference| {diff:.3g} nats, bound {tol:g} (opd.teacher_selftest_tol)")
+    msg = (
+        f"teacher determinism self-test: {len(seqs)} sequences scored {repeats}x on each of {len(teachers)} teacher "
+        f"engine(s): max |logprob difference| {diff:.3g} nats, bound {tol:g} (opd.teacher_selftest_tol)"
+    )
     if diff > tol:
-        raise RuntimeError(msg + ": the teacher's scores are not reproducible, so OPD would train on noise; refusing to train")
+        raise RuntimeError(
+            msg + ": the teacher's scores are not reproducible, so OPD would train on noise; refusing to train"
+        )
     console.print(msg)
     return diff
 
@@ -162,7 +174,9 @@ def engine_kwargs(section) -> dict:
     return {**section.engine_kwargs, "dtype": section.dtype}
 
 
-def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint: str, pad_id: int, run: str | None = None):
+def start_actors(
+    cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint: str, pad_id: int, run: str | None = None
+):
     """Rollout and teacher actors in one placement group (PACK: one node when it fits); the teachers
     stamp their batches with `run`, the id the learner's inbox accepts."""
     from ray.util.placement_group import placement_group
@@ -170,24 +184,33 @@ def start_actors(cfg: RunConfig, teacher_dir: Path, student_dir: Path, endpoint:
 
     from actors.rollout import RolloutActor
     from actors.teacher_pool import TeacherActor, TeacherPool
-
     from launch.placement import engine_bundles
 
     pg = placement_group(engine_bundles(cfg), strategy="PACK")
     ray.get(pg.ready(), timeout=600)
 
     def opts(e, i):
-        return dict(num_cpus=e.cpus, num_gpus=e.gpus,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+        return dict(
+            num_cpus=e.cpus,
+            num_gpus=e.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        )
 
     rollouts = [
-        RolloutActor.options(**opts(cfg.rollout, i)).remote(cfg.rollout.backend, str(student_dir), cfg.rollout.threads, engine_kwargs(cfg.rollout))
+        RolloutActor.options(**opts(cfg.rollout, i)).remote(
+            cfg.rollout.backend, str(student_dir), cfg.rollout.threads, engine_kwargs(cfg.rollout)
+        )
         for i in range(cfg.rollout.replicas)
     ]
     base = cfg.rollout.replicas
     teachers = [
         TeacherActor.options(**opts(cfg.teacher, base + i)).remote(
-            cfg.teacher.backend, str(teacher_dir), cfg.teacher.threads, engine_kwargs(cfg.teacher), learner_endpoint=endpoint, pad_id=pad_id,
+            cfg.teacher.backend,
+            str(teacher_dir),
+            cfg.teacher.threads,
+            engine_kwargs(cfg.teacher),
+            learner_endpoint=endpoint,
+            pad_id=pad_id,
             run=run,
         )
         for i in range(cfg.teacher.replicas)

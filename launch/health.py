@@ -77,7 +77,8 @@ class Health:
                 if (g, i) not in waiting:
                     self.pending[actor.health.remote()] = (g, i, now)
             alive = sum(
-                1 for i in range(len(actors))
+                1
+                for i in range(len(actors))
                 if now - self.last_ok[(g, i)] < self.grace_s or now - waiting.get((g, i), -1e18) < self.grace_s
             )
             self.log.log("driver", f"alive/{g}", alive)

@@ -160,8 +160,11 @@ def find_hub(run: str | None = None, wait_s: float = 0.0):
     """The hub of `run`, or of the only run live on the cluster; waits up to `wait_s` for it."""
     deadline = time.time() + wait_s
     while True:
-        names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                       if a["namespace"] == NAMESPACE and a["name"].startswith(PREFIX))
+        names = sorted(
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE and a["name"].startswith(PREFIX)
+        )
         if run is not None and hub_name(run) in names:
             return ray.get_actor(hub_name(run), namespace=NAMESPACE)
         if run is None and len(names) == 1:
@@ -170,5 +173,7 @@ def find_hub(run: str | None = None, wait_s: float = 0.0):
             runs = [n.removeprefix(PREFIX) for n in names]
             if run is not None:
                 raise LookupError(f"no live run named {run!r} on this Ray cluster (live runs: {runs or 'none'})")
-            raise LookupError(f"{'no live run' if not runs else f'several live runs {runs}, pick one with --run'} on this Ray cluster")
+            raise LookupError(
+                f"{'no live run' if not runs else f'several live runs {runs}, pick one with --run'} on this Ray cluster"
+            )
         time.sleep(0.5)

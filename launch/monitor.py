@@ -101,8 +101,11 @@ class MonitorState:
         """(group, "alive/total, N restarts") for every actor group the driver watches."""
         groups = sorted(n.removeprefix("total/") for c, n in self.last if c == "driver" and n.startswith("total/"))
         return [
-            (g, f"{self.value('driver', 'alive/' + g, 0):.0f}/{self.value('driver', 'total/' + g, 0):.0f} up, "
-                f"{self.value('driver', 'restarts/' + g, 0):.0f} restarts")
+            (
+                g,
+                f"{self.value('driver', 'alive/' + g, 0):.0f}/{self.value('driver', 'total/' + g, 0):.0f} up, "
+                f"{self.value('driver', 'restarts/' + g, 0):.0f} restarts",
+            )
             for g in groups
         ]
 
@@ -276,9 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zeda monitor", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", nargs="?", help="run directory (runs/<name>) or its metrics.jsonl")
     ap.add_argument("--replay", action="store_true", help="render a finished run once and exit")
-    ap.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                    help="attach to a live run through Ray (default address: auto, the local or RAY_ADDRESS cluster; "
-                         "ray://HOST:10001 through a tunnel)")
+    ap.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="ADDRESS",
+        help="attach to a live run through Ray (default address: auto, the local or RAY_ADDRESS cluster; "
+        "ray://HOST:10001 through a tunnel)",
+    )
     ap.add_argument("--run", default=None, help="with --ray: the run's name (needed when several runs are live)")
     ap.add_argument("--wait", type=float, default=60.0, help="with --ray: seconds to wait for the run to appear")
     ap.add_argument("--refresh", type=float, default=0.5, help="seconds between redraws (<= 1)")

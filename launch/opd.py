@@ -18,15 +18,25 @@ import ray
 
 from launch.admission import Admission
 from launch.config import RunConfig
-from launch.probe import snapshot_dir
 from launch.fleet import Resync, WeightSync, probe_rollouts, settle, teacher_selftest
+from launch.probe import snapshot_dir
 from launch.runlog import console, log_first_row, log_step
 from launch.streams import RunData
 from zeda_rl.metrics import MetricsLog
 
 
-def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, log: MetricsLog,
-              version: int = 0, start: int = 0, prompts_at: int = 0, skipped: int = 0) -> int:
+def opd_phase(
+    cfg: RunConfig,
+    rollouts: list,
+    teachers,
+    learner,
+    data: RunData,
+    log: MetricsLog,
+    version: int = 0,
+    start: int = 0,
+    prompts_at: int = 0,
+    skipped: int = 0,
+) -> int:
     """Train opd.steps steps from step `start` (prompt stream at `prompts_at`); returns the final policy version.
 
     Prompts in flight when a checkpoint was written are skipped on resume, not repeated: their
@@ -63,10 +73,16 @@ def opd_phase(cfg: RunConfig, rollouts: list, teachers, learner, data: RunData, 
         if ids is None:
             continue
         bump = int((step + 1) % o.sync_every == 0)
-        cursor = {"stage": "opd", "step": step + 1, "version": version + bump, "prompts": data.opd.position,
-                  "inflight": len(adm.outstanding()) - len(ids)}  # admitted for later steps: skipped if resumed here
-        metrics, report = learner.train_from_inbox(o, ids, version, o.max_staleness, cursor,
-                                                   replay=o.routing_replay, first_row=step == start)
+        cursor = {
+            "stage": "opd",
+            "step": step + 1,
+            "version": version + bump,
+            "prompts": data.opd.position,
+            "inflight": len(adm.outstanding()) - len(ids),
+        }  # admitted for later steps: skipped if resumed here
+        metrics, report = learner.train_from_inbox(
+            o, ids, version, o.max_staleness, cursor, replay=o.routing_replay, first_row=step == start
+        )
         adm.trained_step(step, report)
         _log_inbox(log, adm, report, step, resync, len(rollouts))
         if metrics is None:  # none of the step's samples could be trained: admit the step again
@@ -97,10 +113,17 @@ def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync,
         prompts, positions = data.opd.take(n)
         seed += 1
         ids = adm.sample_ids(positions)
-        gen = rollouts[engine].generate.remote([p for p in prompts for _ in range(adm.spp)],
-                                               params.model_copy(update={"seed": seed}), ids, version)
-        adm.submitted(teachers.submit("score_and_push", gen, o.teacher_temperature,
-                                      top_k=o.teacher_top_k if o.objective == "full_kl" else 0), engine, step, positions)
+        gen = rollouts[engine].generate.remote(
+            [p for p in prompts for _ in range(adm.spp)], params.model_copy(update={"seed": seed}), ids, version
+        )
+        adm.submitted(
+            teachers.submit(
+                "score_and_push", gen, o.teacher_temperature, top_k=o.teacher_top_k if o.objective == "full_kl" else 0
+            ),
+            engine,
+            step,
+            positions,
+        )
     return seed
 
 
@@ -145,7 +168,9 @@ def _log_inbox(log: MetricsLog, adm: Admission, report: dict, step: int, resync:
         log_first_row(log, "opd", report["first_row"]["tokens"], report["first_row"]["loss_mask"])
 
 
-def _finish(cfg, adm: Admission, learner, rollouts, sync: WeightSync, acks, probe, log: MetricsLog, version: int, step: int) -> int:
+def _finish(
+    cfg, adm: Admission, learner, rollouts, sync: WeightSync, acks, probe, log: MetricsLog, version: int, step: int
+) -> int:
     """Let the last calls finish (no actor left mid-call), give every engine the final weights, account for every sample."""
     for ref in list(adm.calls):
         try:
@@ -168,6 +193,8 @@ def _finish(cfg, adm: Admission, learner, rollouts, sync: WeightSync, acks, prob
     log.log("driver", "dropped_malformed", inbox["dropped_malformed"], step)
     log.log("driver", "malformed_reasons", inbox.get("malformed_reasons", {}), step)
     log.log("driver", "admission", summary, step)
-    console.print(f"OPD samples: {summary['admitted']} admitted, {summary['trained']} trained, dropped {summary['dropped']}; "
-                  f"engine utilisation {', '.join(f'{100 * u:.0f}%' for u in summary['engine_utilisation'])}")
+    console.print(
+        f"OPD samples: {summary['admitted']} admitted, {summary['trained']} trained, dropped {summary['dropped']}; "
+        f"engine utilisation {', '.join(f'{100 * u:.0f}%' for u in summary['engine_utilisation'])}"
+    )
     return version

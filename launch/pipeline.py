@@ -37,7 +37,6 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     Whatever ends it (an error, Ctrl-C, `ray job stop`'s SIGTERM), the learner ranks and
     sockets are closed and the run's last phase event says how it ended.
     """
-    from transformers import AutoTokenizer
 
     from launch.health import Health
     from launch.metrics_hub import start_hub
@@ -70,18 +69,32 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                 log.log("driver", "resumed", {"from": str(ckpt), "learner_step": learner.state()["step"], **cursor})
             pad = data.format.tokenizer.pad_token_id or 0
             rollouts, teachers, _pg = start_actors(cfg, teacher_dir, student_dir, endpoint, pad, run=run_id)
-            health = Health({"rollout": rollouts, "teacher": teachers.actors, "learner": learner.actors}, log,
-                            no_restarts=("learner",)).start()
+            health = Health(
+                {"rollout": rollouts, "teacher": teachers.actors, "learner": learner.actors},
+                log,
+                no_restarts=("learner",),
+            ).start()
 
         in_opd = cursor.get("stage") == "opd"
         with phases("sft"):
-            sft_phase(cfg, teachers, learner, teacher_dir, data, log, start=cfg.sft.steps if in_opd else cursor.get("step", 0))
+            sft_phase(
+                cfg, teachers, learner, teacher_dir, data, log, start=cfg.sft.steps if in_opd else cursor.get("step", 0)
+            )
             _save(cfg, learner)
         with phases("opd"):
             at = cursor if in_opd else {}
-            version = opd_phase(cfg, rollouts, teachers, learner, data, log,
-                                version=at.get("version", 0), start=at.get("step", 0), prompts_at=at.get("prompts", 0),
-                                skipped=at.get("inflight", 0))
+            version = opd_phase(
+                cfg,
+                rollouts,
+                teachers,
+                learner,
+                data,
+                log,
+                version=at.get("version", 0),
+                start=at.get("step", 0),
+                prompts_at=at.get("prompts", 0),
+                skipped=at.get("inflight", 0),
+            )
             _save(cfg, learner)
         if cfg.opd.probe_every:
             with phases("probe"):
@@ -89,10 +102,13 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         with phases("export"):
             final = learner.export_hf(cfg.run_dir / "student")
         with phases("eval"):
-            teacher_eval, student_eval = evaluate_phase(cfg, teacher_dir, final, data, log,
-                                                        engines={"teacher": teachers.actors, "student": rollouts})
+            teacher_eval, student_eval = evaluate_phase(
+                cfg, teacher_dir, final, data, log, engines={"teacher": teachers.actors, "student": rollouts}
+            )
         phases.times["total"] = time.time() - t_start
-        result = write_report(cfg, teacher_eval, student_eval, phases.times, cfg.run_dir / "metrics.jsonl", final_version=version)
+        result = write_report(
+            cfg, teacher_eval, student_eval, phases.times, cfg.run_dir / "metrics.jsonl", final_version=version
+        )
         ending = "finished"
         return result
     except (KeyboardInterrupt, SystemExit):
@@ -127,8 +143,14 @@ def prepare_checkpoints(cfg: RunConfig, phases: Phases) -> tuple[Path, Path]:
         n = _num_experts(teacher)
         nz = cfg.model.zero_experts or n // 2
         student = convert_checkpoint(
-            teacher, cfg.run_dir / "student-init", zero_experts=nz, zero_type=cfg.model.zero_type,
-            seed=cfg.model.convert_seed, overwrite=True, progress=True, log=phases.log,
+            teacher,
+            cfg.run_dir / "student-init",
+            zero_experts=nz,
+            zero_type=cfg.model.zero_type,
+            seed=cfg.model.convert_seed,
+            overwrite=True,
+            progress=True,
+            log=phases.log,
         )
         console.print(f"student: {student} (N={n}, N_Z={nz})")
     return teacher, Path(student)
@@ -143,9 +165,15 @@ def prepare_data(cfg: RunConfig, teacher: Path, log: MetricsLog) -> streams.RunD
         from zeda_rl.suites import load_suite
 
         load_suite(cfg.eval.suite)
-    console.print(f"data: {len(data.opd.ids)} OPD prompts, SFT "
-                  + (f"{num_rows(data.sft_records)} given answers" if data.sft_records is not None else f"{data.sft_count} prompts")
-                  + f", chat template {'on' if data.format.templated else 'off'}; dropped as too long: {data.dropped}")
+    console.print(
+        f"data: {len(data.opd.ids)} OPD prompts, SFT "
+        + (
+            f"{num_rows(data.sft_records)} given answers"
+            if data.sft_records is not None
+            else f"{data.sft_count} prompts"
+        )
+        + f", chat template {'on' if data.format.templated else 'off'}; dropped as too long: {data.dropped}"
+    )
     return data
 
 
@@ -162,8 +190,11 @@ def _resume_hint(cfg: RunConfig, log: MetricsLog, err) -> str:
 
     ckpt = latest(cfg.run_dir / "learner")
     step = read_meta(ckpt)["step"] if ckpt is not None else None
-    log.log("driver", "learner_lost", {"ranks": err.ranks, "during": err.what, "resume_from": str(ckpt) if ckpt else None,
-                                       "resume_step": step})
+    log.log(
+        "driver",
+        "learner_lost",
+        {"ranks": err.ranks, "during": err.what, "resume_from": str(ckpt) if ckpt else None, "resume_step": step},
+    )
     if ckpt is None:
         return "The run stopped with no learner checkpoint to resume from (learner.checkpoint_every saves them during a phase)"
     return f"The run stopped; `zeda train --resume` goes on from {ckpt} (learner step {step})"

@@ -25,7 +25,7 @@ weights in the engine dtype to every rollout replica, and the time at a stated b
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 GIB = 1 << 30
 RUNTIME_GPU_BYTES = 4 * GIB  # CUDA context ~0.6 GiB, NCCL/cuBLAS buffers, allocator fragmentation: not measured here
@@ -42,7 +42,9 @@ class Gpu:
 
 
 GPUS = {
-    "H200": Gpu("H200", 139 * GIB, "141 GB nominal, 143771 MiB (140.4 GiB) in nvidia-smi; planned against 139 GiB usable"),
+    "H200": Gpu(
+        "H200", 139 * GIB, "141 GB nominal, 143771 MiB (140.4 GiB) in nvidia-smi; planned against 139 GiB usable"
+    ),
     "H100": Gpu("H100", 78 * GIB, "80 GB nominal, 81559 MiB (79.6 GiB) in nvidia-smi; planned against 78 GiB usable"),
 }
 # instance type -> (GPU, GPUs per node, host memory)
@@ -90,19 +92,34 @@ def arch_from_hf(cfg: dict, zero_experts: int | None = None) -> Arch:
     spec = spec_for(cfg)
     n = spec.num_experts(cfg)
     common = dict(
-        hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]), moe_layers=tuple(spec.moe_layers(cfg)),
-        experts=n, zero=n // 2 if zero_experts is None else int(zero_experts), top_k=int(cfg["num_experts_per_tok"]),
-        moe_ffn=int(cfg["moe_intermediate_size"]), ffn=int(cfg["intermediate_size"]), heads=int(cfg["num_attention_heads"]),
-        vocab=int(cfg["vocab_size"]), max_positions=int(cfg["max_position_embeddings"]),
+        hidden=int(cfg["hidden_size"]),
+        layers=int(cfg["num_hidden_layers"]),
+        moe_layers=tuple(spec.moe_layers(cfg)),
+        experts=n,
+        zero=n // 2 if zero_experts is None else int(zero_experts),
+        top_k=int(cfg["num_experts_per_tok"]),
+        moe_ffn=int(cfg["moe_intermediate_size"]),
+        ffn=int(cfg["intermediate_size"]),
+        heads=int(cfg["num_attention_heads"]),
+        vocab=int(cfg["vocab_size"]),
+        max_positions=int(cfg["max_position_embeddings"]),
         tied=bool(cfg.get("tie_word_embeddings", False)),
     )
     if spec.source_model_type == "qwen3_moe":
         hd = cfg.get("head_dim") or common["hidden"] // common["heads"]
         return Arch("qwen3_moe", shared_ffn=0, kv_heads=int(cfg["num_key_value_heads"]), head_dim=int(hd), **common)
-    return Arch("glm4_moe_lite", shared_ffn=common["moe_ffn"] * int(cfg.get("n_shared_experts") or 0),
-                kv_heads=common["heads"], head_dim=int(cfg["qk_nope_head_dim"]) + int(cfg["qk_rope_head_dim"]),
-                q_lora=cfg.get("q_lora_rank"), kv_lora=int(cfg["kv_lora_rank"]), qk_nope=int(cfg["qk_nope_head_dim"]),
-                qk_rope=int(cfg["qk_rope_head_dim"]), v_head=int(cfg["v_head_dim"]), **common)
+    return Arch(
+        "glm4_moe_lite",
+        shared_ffn=common["moe_ffn"] * int(cfg.get("n_shared_experts") or 0),
+        kv_heads=common["heads"],
+        head_dim=int(cfg["qk_nope_head_dim"]) + int(cfg["qk_rope_head_dim"]),
+        q_lora=cfg.get("q_lora_rank"),
+        kv_lora=int(cfg["kv_lora_rank"]),
+        qk_nope=int(cfg["qk_nope_head_dim"]),
+        qk_rope=int(cfg["qk_rope_head_dim"]),
+        v_head=int(cfg["v_head_dim"]),
+        **common,
+    )
 
 
 def param_groups(a: Arch) -> dict[str, int]:
@@ -167,9 +184,18 @@ def knobs(cfg, arch: Arch) -> Knobs:
     when longer than micro_batch_tokens, the micro-batch (a row is never cut: learner.train.plan_micro_batches)."""
     lc = cfg.learner
     seq = min(cfg.data.max_prompt_tokens + cfg.data.max_response_tokens, arch.max_positions)
-    return Knobs(ep=lc.ep, dp=lc.dp, tp=lc.tp, precision=lc.precision, recompute=lc.recompute, optimizer=lc.optimizer,
-                 attention=lc.attention, logits_chunk=lc.logits_chunk_tokens,
-                 micro_tokens=max(lc.micro_batch_tokens, seq), seq=seq)
+    return Knobs(
+        ep=lc.ep,
+        dp=lc.dp,
+        tp=lc.tp,
+        precision=lc.precision,
+        recompute=lc.recompute,
+        optimizer=lc.optimizer,
+        attention=lc.attention,
+        logits_chunk=lc.logits_chunk_tokens,
+        micro_tokens=max(lc.micro_batch_tokens, seq),
+        seq=seq,
+    )
 
 
 def _layer_elems(a: Arch, k: Knobs, moe: bool, act: int) -> tuple[float, float]:
@@ -231,9 +257,16 @@ def learner_rank(a: Arch, k: Knobs) -> dict[str, int]:
     host = 0
     if k.optimizer == "cpu_offload":
         host, master, adam = master + adam + 4 * local, 0, 0
-    out = dict(params=local, weights=weights, grads=4 * local, master=master, optimizer=adam,
-               activations=activations(a, k), activations_no_recompute=activations(a, k, "none"),
-               logits=logits_bytes(a, k))
+    out = dict(
+        params=local,
+        weights=weights,
+        grads=4 * local,
+        master=master,
+        optimizer=adam,
+        activations=activations(a, k),
+        activations_no_recompute=activations(a, k, "none"),
+        logits=logits_bytes(a, k),
+    )
     out = {key: int(v) for key, v in out.items()}
     out["total"] = sum(out[key] for key in ("weights", "grads", "master", "optimizer", "activations", "logits"))
     out["host"] = int(host)
@@ -242,8 +275,17 @@ def learner_rank(a: Arch, k: Knobs) -> dict[str, int]:
 
 # knob changes tried, in this order, when a rank does not fit (field, value); not optimizer: cpu_offload, which the
 # learner refuses (learner.config.not_implemented) although its memory is budgeted here
-KNOB_STEPS = [("precision", "bf16"), ("optimizer", "distributed"), ("recompute", "full"),
-              ("recompute", "selective"), ("attention", "flash"), ("tp", 2), ("tp", 4), ("tp", 8), ("logits_chunk", 4096)]
+KNOB_STEPS = [
+    ("precision", "bf16"),
+    ("optimizer", "distributed"),
+    ("recompute", "full"),
+    ("recompute", "selective"),
+    ("attention", "flash"),
+    ("tp", 2),
+    ("tp", 4),
+    ("tp", 8),
+    ("logits_chunk", 4096),
+]
 _YAML = {"logits_chunk": "logits_chunk_tokens"}
 
 
@@ -253,7 +295,9 @@ def knobs_to_fit(a: Arch, k: Knobs, capacity: int, overhead: int) -> list[tuple[
     while learner_rank(a, cur)["total"] + overhead > capacity:
         options = []
         for name, value in KNOB_STEPS:
-            if getattr(cur, name) == value or (name == "tp" and (cur.world % value or a.heads % value or value < cur.tp)):
+            if getattr(cur, name) == value or (
+                name == "tp" and (cur.world % value or a.heads % value or value < cur.tp)
+            ):
                 continue
             nxt = replace(cur, **{name: value})
             options.append((learner_rank(a, nxt)["total"], name, value, nxt))
@@ -289,8 +333,15 @@ def engine(a: Arch, section, seqs: int, context: int) -> dict[str, int | float]:
     tp = int(section.engine_kwargs.get("tp_size", 1))
     weights = param_count(a) * dtype / tp
     kv = kv_bytes_per_token(a, dtype, tp) * context * seqs
-    return dict(tp=tp, weights=int(weights), kv=int(kv), kv_per_seq=kv_bytes_per_token(a, dtype, tp) * context,
-                seqs=seqs, context=context, mem_fraction=float(section.engine_kwargs.get("mem_fraction", 0.8)))
+    return dict(
+        tp=tp,
+        weights=int(weights),
+        kv=int(kv),
+        kv_per_seq=kv_bytes_per_token(a, dtype, tp) * context,
+        seqs=seqs,
+        context=context,
+        mem_fraction=float(section.engine_kwargs.get("mem_fraction", 0.8)),
+    )
 
 
 def push(a: Arch, cfg, bandwidth: float) -> dict[str, float]:
@@ -304,12 +355,26 @@ def push(a: Arch, cfg, bandwidth: float) -> dict[str, float]:
 
 
 def _verdict(name: str, need: float, capacity: float, knob: str = "", note: str = "") -> dict:
-    return dict(placement=name, need=int(need), capacity=int(capacity), fits=need <= capacity, knob="" if need <= capacity else knob,
-                note=note)
+    return dict(
+        placement=name,
+        need=int(need),
+        capacity=int(capacity),
+        fits=need <= capacity,
+        knob="" if need <= capacity else knob,
+        note=note,
+    )
 
 
-def make_plan(cfg, hf_config: dict, *, gpu: str = "H200", cluster: dict | None = None, host_memory: int | None = None,
-              margin: float = MARGIN, bandwidth: float = 10e9) -> dict:
+def make_plan(
+    cfg,
+    hf_config: dict,
+    *,
+    gpu: str = "H200",
+    cluster: dict | None = None,
+    host_memory: int | None = None,
+    margin: float = MARGIN,
+    bandwidth: float = 10e9,
+) -> dict:
     """Every figure and a verdict per placement (JSON-able). A GPU run is checked against `gpu` (or the GPU of the
     cluster YAML's instance type); a CPU run (no GPUs asked) against `host_memory` (default: this machine's)."""
     student, teacher = arch_from_hf(hf_config, cfg.model.zero_experts), arch_from_hf(hf_config, 0)
@@ -317,9 +382,21 @@ def make_plan(cfg, hf_config: dict, *, gpu: str = "H200", cluster: dict | None =
     rank = learner_rank(student, k)
     context = min(cfg.data.max_prompt_tokens + cfg.sampling.max_new_tokens, student.max_positions)
     seqs = concurrency(cfg)
-    eng = {"rollout": engine(student, cfg.rollout, seqs, context), "teacher": engine(teacher, cfg.teacher, seqs, context)}
-    out = dict(arch=asdict(student), params=param_count(student), teacher_params=param_count(teacher), knobs=asdict(k),
-               learner=rank, engines=eng, push=push(student, cfg, bandwidth), margin=margin, verdicts=[])
+    eng = {
+        "rollout": engine(student, cfg.rollout, seqs, context),
+        "teacher": engine(teacher, cfg.teacher, seqs, context),
+    }
+    out = dict(
+        arch=asdict(student),
+        params=param_count(student),
+        teacher_params=param_count(teacher),
+        knobs=asdict(k),
+        learner=rank,
+        engines=eng,
+        push=push(student, cfg, bandwidth),
+        margin=margin,
+        verdicts=[],
+    )
     gpu_run = cfg.learner.gpus_per_rank > 0 or cfg.rollout.gpus > 0 or cfg.teacher.gpus > 0
     per_node_host = None
     if cluster is not None:
@@ -340,10 +417,22 @@ def make_plan(cfg, hf_config: dict, *, gpu: str = "H200", cluster: dict | None =
         total = host_memory or psutil.virtual_memory().total
         out["device"] = dict(kind="cpu", name="host memory", usable=total, note="this machine's memory (psutil)")
         procs = k.world + cfg.rollout.replicas + cfg.teacher.replicas
-        need = (k.world * (rank["total"] + rank["host"] + RUNTIME_CPU_BYTES) + procs * CPU_PROCESS_BYTES
-                + sum(cfg_e.replicas * (e["weights"] + e["kv"]) for cfg_e, e in ((cfg.rollout, eng["rollout"]), (cfg.teacher, eng["teacher"]))))
-        out["verdicts"].append(_verdict(f"host ({procs} processes)", need, total * (1 - margin),
-                                        "learner.micro_batch_tokens (or fewer replicas)"))
+        need = (
+            k.world * (rank["total"] + rank["host"] + RUNTIME_CPU_BYTES)
+            + procs * CPU_PROCESS_BYTES
+            + sum(
+                cfg_e.replicas * (e["weights"] + e["kv"])
+                for cfg_e, e in ((cfg.rollout, eng["rollout"]), (cfg.teacher, eng["teacher"]))
+            )
+        )
+        out["verdicts"].append(
+            _verdict(
+                f"host ({procs} processes)",
+                need,
+                total * (1 - margin),
+                "learner.micro_batch_tokens (or fewer replicas)",
+            )
+        )
     out["fits"] = all(v["fits"] for v in out["verdicts"])
     return out
 
@@ -356,7 +445,9 @@ def _cluster_hardware(cluster: dict, default: str) -> tuple[str, int | None]:
     return default, None
 
 
-def _gpu_verdicts(cfg, a: Arch, k: Knobs, rank: dict, eng: dict, g: Gpu, margin: float, node_host: int | None) -> list[dict]:
+def _gpu_verdicts(
+    cfg, a: Arch, k: Knobs, rank: dict, eng: dict, g: Gpu, margin: float, node_host: int | None
+) -> list[dict]:
     cap = g.usable * max(1.0, cfg.learner.gpus_per_rank) * (1 - margin)
     steps = knobs_to_fit(a, k, cap, RUNTIME_GPU_BYTES)
     knob = ", then ".join(f"{s} ({s_b / GIB:.0f} GiB)" for s, s_b in steps) or "no single knob is enough: more EP ranks"
@@ -364,17 +455,36 @@ def _gpu_verdicts(cfg, a: Arch, k: Knobs, rank: dict, eng: dict, g: Gpu, margin:
     if rank["host"]:
         per_node = min(k.world, 8)  # 8 GPUs a node
         host = node_host or 2048 * GIB
-        out.append(_verdict(f"learner host ({per_node} ranks a node)", per_node * rank["host"], host * (1 - margin),
-                            "learner.optimizer: distributed (keeps the state on the GPUs)"))
+        out.append(
+            _verdict(
+                f"learner host ({per_node} ranks a node)",
+                per_node * rank["host"],
+                host * (1 - margin),
+                "learner.optimizer: distributed (keeps the state on the GPUs)",
+            )
+        )
     for role, section in (("rollout", cfg.rollout), ("teacher", cfg.teacher)):
         e = eng[role]
         pool = e["mem_fraction"] * g.usable * max(1.0, section.gpus) / e["tp"] - e["weights"]
         holds = max(0, int(pool // e["kv_per_seq"]))
         e["pool"], e["pool_seqs"] = int(pool), holds
-        note = "" if holds >= e["seqs"] else (f"KV pool holds {holds} of {e['seqs']} full-length sequences: the rest queue "
-                                               f"(more: {role}.engine_kwargs.tp_size with as many gpus, or mem_fraction)")
-        out.append(_verdict(f"{role} engine", e["weights"] + e["kv_per_seq"], e["mem_fraction"] * g.usable * max(1.0, section.gpus) / e["tp"],
-                            f"{role}.engine_kwargs.tp_size: 2 with {role}.gpus: 2", note))
+        note = (
+            ""
+            if holds >= e["seqs"]
+            else (
+                f"KV pool holds {holds} of {e['seqs']} full-length sequences: the rest queue "
+                f"(more: {role}.engine_kwargs.tp_size with as many gpus, or mem_fraction)"
+            )
+        )
+        out.append(
+            _verdict(
+                f"{role} engine",
+                e["weights"] + e["kv_per_seq"],
+                e["mem_fraction"] * g.usable * max(1.0, section.gpus) / e["tp"],
+                f"{role}.engine_kwargs.tp_size: 2 with {role}.gpus: 2",
+                note,
+            )
+        )
     return out
 
 
@@ -397,9 +507,11 @@ def load_hf_config(cfg, override: str | None = None) -> dict:
 def refusal(p: dict) -> str:
     """One line naming every placement that does not fit and the knob to turn ('' when all fit)."""
     bad = [v for v in p["verdicts"] if not v["fits"]]
-    return "; ".join(f"{v['placement']} needs {v['need'] / GIB:.1f} GiB of {v['capacity'] / GIB:.1f} GiB "
-                     f"({p['device']['name']}, {p['margin']:.0%} margin){': ' + v['note'] if v['note'] else ''}; turn {v['knob']}"
-                     for v in bad)
+    return "; ".join(
+        f"{v['placement']} needs {v['need'] / GIB:.1f} GiB of {v['capacity'] / GIB:.1f} GiB "
+        f"({p['device']['name']}, {p['margin']:.0%} margin){': ' + v['note'] if v['note'] else ''}; turn {v['knob']}"
+        for v in bad
+    )
 
 
 def render(p: dict):
@@ -411,9 +523,11 @@ def render(p: dict):
         return f"{b / GIB:.2f}"
 
     k, r = p["knobs"], p["learner"]
-    t1 = Table(title=f"learner rank (of {k['ep'] * k['dp']}: EP {k['ep']} x DP {k['dp']}, TP {k['tp']}; {k['precision']}, "
-                     f"recompute {k['recompute']}, optimizer {k['optimizer']}, attention {k['attention']}; "
-                     f"{k['micro_tokens']} tokens a micro-batch, rows of {k['seq']})")
+    t1 = Table(
+        title=f"learner rank (of {k['ep'] * k['dp']}: EP {k['ep']} x DP {k['dp']}, TP {k['tp']}; {k['precision']}, "
+        f"recompute {k['recompute']}, optimizer {k['optimizer']}, attention {k['attention']}; "
+        f"{k['micro_tokens']} tokens a micro-batch, rows of {k['seq']})"
+    )
     t1.add_column("item"), t1.add_column("GiB", justify="right")
     t1.add_row("parameters on the rank", f"{r['params'] / 1e9:.3f} B ({p['params'] / 1e9:.3f} B in all)")
     for key in ("weights", "grads", "master", "optimizer", "activations", "logits", "total"):
@@ -435,7 +549,11 @@ def render(p: dict):
     for c in ("placement", "need GiB", "capacity GiB", "verdict", "knob / note"):
         t4.add_column(c)
     for v in p["verdicts"]:
-        t4.add_row(v["placement"], gib(v["need"]), gib(v["capacity"]), "[green]fits" if v["fits"] else "[red]does not fit",
-                   " ".join(x for x in (v["knob"], v["note"]) if x))
+        t4.add_row(
+            v["placement"],
+            gib(v["need"]),
+            gib(v["capacity"]),
+            "[green]fits" if v["fits"] else "[red]does not fit",
+            " ".join(x for x in (v["knob"], v["note"]) if x),
+        )
     return Group(t1, t2, t3, t4)
-

@@ -16,8 +16,17 @@ from pathlib import Path
 
 from zeda_rl.metrics import MetricsLog, read_events
 
-LEARNER_SERIES = ("reverse_kl", "full_kl", "adv_mean", "adv_std", "adv_pos_frac", "response_tokens", "zero_ratio", "aux_loss",
-                  "expert_load_max_violation")
+LEARNER_SERIES = (
+    "reverse_kl",
+    "full_kl",
+    "adv_mean",
+    "adv_std",
+    "adv_pos_frac",
+    "response_tokens",
+    "zero_ratio",
+    "aux_loss",
+    "expert_load_max_violation",
+)
 
 
 def snapshot_dir(run_dir: Path, step: int) -> Path:
@@ -48,8 +57,10 @@ def probe_phase(cfg, teacher_dir: Path, log: MetricsLog) -> dict:
     events = read_events(log.path)
     # SFT and OPD both log learner steps from 1: OPD's start is its first reverse_kl (an OPD-only metric)
     opd_at = min((e.time for e in events if e.component == "learner" and e.name == "reverse_kl"), default=float("inf"))
-    train = {name: [(e.step, e.value) for e in events if e.component == "learner" and e.name == name and e.time >= opd_at]
-             for name in LEARNER_SERIES}
+    train = {
+        name: [(e.step, e.value) for e in events if e.component == "learner" and e.name == name and e.time >= opd_at]
+        for name in LEARNER_SERIES
+    }
     out = {"per_family": cfg.opd.probe_per_family, "points": points, "train": train}
     (Path(cfg.run_dir) / "opd_probe.json").write_text(json.dumps(out, indent=1) + "\n")
     plot(out, Path(cfg.run_dir) / "opd_probe.png")

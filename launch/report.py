@@ -37,10 +37,13 @@ def throughput(events) -> dict[str, float]:
 def faults(events) -> dict:
     """What went wrong and was survived: actor restarts (launch.health), failures the driver saw,
     malformed inbox messages dropped (by reason), resumes (from which checkpoint and step)."""
+
     def last(name, default):
         return next((e.value for e in reversed(events) if e.component == "driver" and e.name == name), default)
 
-    groups = sorted({e.name.split("/", 1)[1] for e in events if e.component == "driver" and e.name.startswith("restarts/")})
+    groups = sorted(
+        {e.name.split("/", 1)[1] for e in events if e.component == "driver" and e.name.startswith("restarts/")}
+    )
     return {
         "restarts": {g: last(f"restarts/{g}", 0) for g in groups},
         "failures_seen": sum(1 for e in events if e.component == "driver" and e.name == "actor_restart"),
@@ -50,7 +53,9 @@ def faults(events) -> dict:
     }
 
 
-def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict, metrics_path: Path, final_version: int = 0) -> dict:
+def write_report(
+    cfg, teacher_eval: dict, student_eval: dict, phase_times: dict, metrics_path: Path, final_version: int = 0
+) -> dict:
     run = Path(cfg.run_dir)
     events = read_events(metrics_path)
     zr = student_eval["zero_ratio"]
@@ -60,12 +65,20 @@ def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict,
     load_vio = _series(events, "learner", "expert_load_max_violation_per_layer")
     load_mean = _series(events, "learner", "expert_load_mean_violation_per_layer")
     stale = _series(events, "driver", "dropped_stale")
-    too_long = {e.name.split("/", 1)[1]: e.value for e in events if e.component == "data" and e.name.startswith("dropped_too_long/")}
+    too_long = {
+        e.name.split("/", 1)[1]: e.value
+        for e in events
+        if e.component == "data" and e.name.startswith("dropped_too_long/")
+    }
     scored = "mean" in t_acc and "mean" in s_acc
     opd_at = next((e.time for e in events if e.component == "driver" and e.name == "phase" and e.value == "opd"), None)
     result = {
         "name": cfg.name,
-        "accuracy": {"teacher": t_acc, "student": s_acc, "delta_points": 100 * (s_acc["mean"] - t_acc["mean"]) if scored else None},
+        "accuracy": {
+            "teacher": t_acc,
+            "student": s_acc,
+            "delta_points": 100 * (s_acc["mean"] - t_acc["mean"]) if scored else None,
+        },
         "eval_skipped": student_eval.get("skipped"),
         "suite": student_eval.get("suite"),
         "dropped_too_long": too_long,
@@ -74,14 +87,20 @@ def write_report(cfg, teacher_eval: dict, student_eval: dict, phase_times: dict,
         "reverse_kl": [{"step": s, "value": v} for s, v, _ in rkl],
         "zero_ratio_over_steps": [{"step": s, "value": v} for s, v, _ in zero_steps],
         # the normal experts' load against uniform, per layer, on the last training step (0: perfectly even)
-        "expert_load_violation": {"max_per_layer": load_vio[-1][1] if load_vio else [],
-                                  "mean_per_layer": load_mean[-1][1] if load_mean else []},
-        "opd_starts_at": None if opd_at is None else sum(t < opd_at for _, _, t in zero_steps),  # index in the list above
+        "expert_load_violation": {
+            "max_per_layer": load_vio[-1][1] if load_vio else [],
+            "mean_per_layer": load_mean[-1][1] if load_mean else [],
+        },
+        "opd_starts_at": None
+        if opd_at is None
+        else sum(t < opd_at for _, _, t in zero_steps),  # index in the list above
         "tokens_per_s": throughput(events),
         "phase_seconds": phase_times,
         "final_policy_version": final_version,
         "dropped_stale": stale[-1][1] if stale else 0,
-        "opd_admission": next((e.value for e in reversed(events) if e.component == "driver" and e.name == "admission"), None),
+        "opd_admission": next(
+            (e.value for e in reversed(events) if e.component == "driver" and e.name == "admission"), None
+        ),
         "faults": faults(events),
         "versions": _versions(),
         "targets": {
@@ -147,7 +166,9 @@ def _zero_ratio_plot(run: Path, r: dict) -> None:
     per, target = r["zero_expert_ratio"]["per_layer"], 100 * r["targets"]["zero_ratio_at_least"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     vals = [100 * v for v in per] + [100 * r["zero_expert_ratio"]["overall"]]
-    bars = ax.bar([f"layer {i}" for i in range(len(per))] + ["all"], vals, color=["tab:blue"] * len(per) + ["tab:purple"])
+    bars = ax.bar(
+        [f"layer {i}" for i in range(len(per))] + ["all"], vals, color=["tab:blue"] * len(per) + ["tab:purple"]
+    )
     _label_bars(ax, bars)
     ax.axhline(target, ls="--", c="tab:red", lw=1, label=f"target >= {target:g}%")
     ax.set_ylim(0, max(vals + [target]) * 1.25 + 1)
@@ -184,7 +205,14 @@ def _training_plot(run: Path, r: dict) -> None:
         zr.axhline(100 * r["targets"]["zero_ratio_at_least"], ls="--", c="tab:red", lw=1, label="target")
         if r.get("opd_starts_at"):
             zr.axvline(r["opd_starts_at"] + 0.5, c="gray", ls=":", lw=1.5)
-            zr.annotate("OPD starts", (r["opd_starts_at"], 2), xytext=(4, 0), textcoords="offset points", fontsize=8, color="gray")
+            zr.annotate(
+                "OPD starts",
+                (r["opd_starts_at"], 2),
+                xytext=(4, 0),
+                textcoords="offset points",
+                fontsize=8,
+                color="gray",
+            )
         zr.set_ylim(0, 100)
         zr.legend(fontsize=8, loc="upper left")
     zr.set_title("zero-expert share during training (%)")
@@ -225,18 +253,24 @@ def _admission_line(a: dict | None) -> str:
     if not a:
         return "- OPD admission: no OPD samples"
     util = ", ".join(f"{100 * u:.0f}%" for u in a["engine_utilisation"])
-    return (f"- OPD samples: {a['admitted']} admitted, {a['trained']} trained, {100 * a['drop_share']:.1f}% dropped "
-            f"({', '.join(f'{k}: {v}' for k, v in a['dropped'].items()) or 'none'}); rollout engines busy {util} of the phase, "
-            f"calls per engine {a['engine_calls']}")
+    return (
+        f"- OPD samples: {a['admitted']} admitted, {a['trained']} trained, {100 * a['drop_share']:.1f}% dropped "
+        f"({', '.join(f'{k}: {v}' for k, v in a['dropped'].items()) or 'none'}); rollout engines busy {util} of the phase, "
+        f"calls per engine {a['engine_calls']}"
+    )
 
 
 def _faults_line(f: dict) -> str:
     restarts = ", ".join(f"{g} {n}" for g, n in f["restarts"].items()) or "none seen"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(f["malformed_reasons"].items()))
-    resumes = "; ".join(f"from learner step {r.get('learner_step')} (OPD step {r.get('step', '-')})" for r in f["resumes"])
-    return (f"- Faults survived: actor restarts {restarts}; engine failures seen by the driver {f['failures_seen']}; "
-            f"malformed inbox messages dropped {f['malformed_dropped']}{f' ({reasons})' if reasons else ''}; "
-            f"resumed {len(f['resumes'])} time{'' if len(f['resumes']) == 1 else 's'}{f' ({resumes})' if resumes else ''}")
+    resumes = "; ".join(
+        f"from learner step {r.get('learner_step')} (OPD step {r.get('step', '-')})" for r in f["resumes"]
+    )
+    return (
+        f"- Faults survived: actor restarts {restarts}; engine failures seen by the driver {f['failures_seen']}; "
+        f"malformed inbox messages dropped {f['malformed_dropped']}{f' ({reasons})' if reasons else ''}; "
+        f"resumed {len(f['resumes'])} time{'' if len(f['resumes']) == 1 else 's'}{f' ({resumes})' if resumes else ''}"
+    )
 
 
 def _versions() -> dict:
@@ -253,38 +287,42 @@ def _markdown(r: dict) -> str:
     ph = "\n".join(f"| {k} | {v:.1f} |" for k, v in r["phase_seconds"].items())
     tg = r["targets"]
     rkl = r["reverse_kl"]
-    accuracy = f"""| {'benchmark' if r.get('suite') else 'task family'} | teacher | student |
+    accuracy = (
+        f"""| {"benchmark" if r.get("suite") else "task family"} | teacher | student |
 |---|---|---|
 {rows}
 
-Student minus teacher: {r['accuracy']['delta_points']:+.1f} points.
+Student minus teacher: {r["accuracy"]["delta_points"]:+.1f} points.
 
-![accuracy](accuracy.png)""" if not r["eval_skipped"] else f"Evaluation skipped: {r['eval_skipped']}."
+![accuracy](accuracy.png)"""
+        if not r["eval_skipped"]
+        else f"Evaluation skipped: {r['eval_skipped']}."
+    )
     dropped = r["dropped_too_long"]
-    return f"""# ZEDA run report: {r['name']}
+    return f"""# ZEDA run report: {r["name"]}
 
-## Accuracy ({f"benchmark suite {r['suite']}, avg@k, %; per-benchmark r_ZE in [eval/eval.md](eval/eval.md)" if r.get('suite') else "held-out exact match, %"})
+## Accuracy ({f"benchmark suite {r['suite']}, avg@k, %; per-benchmark r_ZE in [eval/eval.md](eval/eval.md)" if r.get("suite") else "held-out exact match, %"})
 {accuracy}
 
 ## Zero experts
-- Routed slots on zero experts: **{100 * r['zero_expert_ratio']['overall']:.1f}%** (per MoE layer: {per})
-- Routed-expert FLOPs eliminated: ~{100 * r['expert_flops_eliminated']:.1f}% (all routed experts have the same size; a shared expert is not counted)
-- Load of the real experts against uniform, last training step, per MoE layer (max / mean relative violation): {", ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(r['expert_load_violation']['max_per_layer'], r['expert_load_violation']['mean_per_layer'])) or "n/a"}
+- Routed slots on zero experts: **{100 * r["zero_expert_ratio"]["overall"]:.1f}%** (per MoE layer: {per})
+- Routed-expert FLOPs eliminated: ~{100 * r["expert_flops_eliminated"]:.1f}% (all routed experts have the same size; a shared expert is not counted)
+- Load of the real experts against uniform, last training step, per MoE layer (max / mean relative violation): {", ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(r["expert_load_violation"]["max_per_layer"], r["expert_load_violation"]["mean_per_layer"])) or "n/a"}
 
 ![zero ratio](zero_ratio.png)
 
 ## Training
 - OPD reverse KL: {f"{rkl[0]['value']:.4f} -> {rkl[-1]['value']:.4f}" if rkl else "n/a"} over {len(rkl)} steps
-- Final policy version: {r['final_policy_version']}; samples dropped as too stale: {r['dropped_stale']}
-{_admission_line(r['opd_admission'])}
-{_faults_line(r['faults'])}
+- Final policy version: {r["final_policy_version"]}; samples dropped as too stale: {r["dropped_stale"]}
+{_admission_line(r["opd_admission"])}
+{_faults_line(r["faults"])}
 - Records dropped as longer than data.max_prompt_tokens / data.max_response_tokens: {sum(dropped.values())}{f" ({', '.join(f'{k}: {v}' for k, v in dropped.items())})" if dropped else ""}
 
 ![training](training.png)
 
 ## Throughput and time
-- tokens/s: rollout {tps['rollout']:.1f}, teacher {tps['teacher']:.1f}, learner {tps['learner']:.1f}
-- versions: {", ".join(f"{k} {v}" for k, v in r['versions'].items())}
+- tokens/s: rollout {tps["rollout"]:.1f}, teacher {tps["teacher"]:.1f}, learner {tps["learner"]:.1f}
+- versions: {", ".join(f"{k} {v}" for k, v in r["versions"].items())}
 
 | phase | seconds |
 |---|---|
@@ -293,6 +331,6 @@ Student minus teacher: {r['accuracy']['delta_points']:+.1f} points.
 ![throughput](throughput_time.png)
 
 ## Targets (embedded default)
-- zero share >= 45%: {'met' if tg['met_zero'] else 'NOT met: raise learner.w (r* = wN_Z/(N+wN_Z)) or alpha, or train longer (sft.steps)'}
-- accuracy within 2 points of the teacher: {'met' if tg['met_accuracy'] else 'NOT met: more SFT steps or prompts, then more OPD steps; a lower w trades zero share for accuracy'}
+- zero share >= 45%: {"met" if tg["met_zero"] else "NOT met: raise learner.w (r* = wN_Z/(N+wN_Z)) or alpha, or train longer (sft.steps)"}
+- accuracy within 2 points of the teacher: {"met" if tg["met_accuracy"] else "NOT met: more SFT steps or prompts, then more OPD steps; a lower w trades zero share for accuracy"}
 """

@@ -34,7 +34,9 @@ def shard_name(attempt: int, index: int) -> str:
 def sampling_params(cfg, eos_id: int):
     """What the teacher samples with for SFT data (recorded in every record and the manifest): the
     run's sampling at sft.teacher_temperature, stopping at the end of turn."""
-    return cfg.sampling.model_copy(update={"temperature": cfg.sft.teacher_temperature, "stop_token_ids": (int(eos_id),)})
+    return cfg.sampling.model_copy(
+        update={"temperature": cfg.sft.teacher_temperature, "stop_token_ids": (int(eos_id),)}
+    )
 
 
 def plan(stream, n: int) -> list[dict]:
@@ -49,7 +51,9 @@ def plan(stream, n: int) -> list[dict]:
         rec = stream.records[i]
         k = seen.get(rec.id, 0)
         seen[rec.id] = k + 1
-        items.append({"id": rec.id if k == 0 else f"{rec.id}#{k}", "messages": list(rec.messages), "prompt_ids": stream.ids[i]})
+        items.append(
+            {"id": rec.id if k == 0 else f"{rec.id}#{k}", "messages": list(rec.messages), "prompt_ids": stream.ids[i]}
+        )
     return items
 
 
@@ -60,8 +64,10 @@ def _shard_ids(shard: Path) -> list[str]:
             try:
                 out.append(json.loads(line)["id"])
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{shard}:{n}: not a rollout record ({err!r}); the directory holds something "
-                                 "other than this job's shards") from None
+                raise ValueError(
+                    f"{shard}:{n}: not a rollout record ({err!r}); the directory holds something "
+                    "other than this job's shards"
+                ) from None
     return out
 
 
@@ -105,8 +111,15 @@ def fingerprint(teacher: Path) -> str:
 
 
 def _manifest(cfg, teacher: Path, params, total: int) -> dict:
-    return {"teacher": str(teacher), "teacher_fingerprint": fingerprint(teacher), "sft_prompts": cfg.data.sft_prompts,
-            "prompts": total, "enable_thinking": cfg.data.enable_thinking, "sampling": params.recorded(), "seed": cfg.seed}
+    return {
+        "teacher": str(teacher),
+        "teacher_fingerprint": fingerprint(teacher),
+        "sft_prompts": cfg.data.sft_prompts,
+        "prompts": total,
+        "enable_thinking": cfg.data.enable_thinking,
+        "sampling": params.recorded(),
+        "seed": cfg.seed,
+    }
 
 
 def _check_manifest(out: Path, want: dict) -> int:
@@ -116,8 +129,10 @@ def _check_manifest(out: Path, want: dict) -> int:
         have = json.loads(path.read_text())
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if diff:
-            raise ValueError(f"{path}: these rollouts were made differently ({diff}, as (there, now)); "
-                             "resume with the same config, or choose another output directory")
+            raise ValueError(
+                f"{path}: these rollouts were made differently ({diff}, as (there, now)); "
+                "resume with the same config, or choose another output directory"
+            )
     elif any(out.glob("rollouts-*.jsonl")):
         raise ValueError(f"{out}: holds rollout shards but no {MANIFEST}; not this job's directory")
     else:
@@ -129,8 +144,9 @@ def _check_manifest(out: Path, want: dict) -> int:
     return have["attempts"]
 
 
-def write_rollouts(cfg, teachers, items: list[dict], params, teacher: Path, out: Path, log=None, chunk: int = CHUNK,
-                   progress=None) -> dict:
+def write_rollouts(
+    cfg, teachers, items: list[dict], params, teacher: Path, out: Path, log=None, chunk: int = CHUNK, progress=None
+) -> dict:
     """Answer every item of `plan` not yet in `out`; returns counts. `teachers`: a TeacherPool."""
     import ray
 
@@ -173,8 +189,17 @@ def write_rollouts(cfg, teachers, items: list[dict], params, teacher: Path, out:
             if progress is not None:
                 progress(answered + len(done), len(items), tokens / max(time.time() - t0, 1e-9))
     duplicates = dedupe(out)  # what engines of a killed attempt wrote after this one had started
-    result = {"out": str(out), "duplicates_removed": duplicates, "prompts": len(items), "already_done": len(done), "answered": answered,
-              "truncated": truncated, "tokens": tokens, "seconds": time.time() - t0, "per_engine": sorted(engines.values())}
+    result = {
+        "out": str(out),
+        "duplicates_removed": duplicates,
+        "prompts": len(items),
+        "already_done": len(done),
+        "answered": answered,
+        "truncated": truncated,
+        "tokens": tokens,
+        "seconds": time.time() - t0,
+        "per_engine": sorted(engines.values()),
+    }
     if log is not None:
         log.log("data", "rollouts_truncated", truncated)
     return result
@@ -205,8 +230,11 @@ def start_teachers(cfg, teacher: Path, pad_id: int):
 
     kw = engine_kwargs(t)
     actors = [
-        TeacherActor.options(num_cpus=t.cpus, num_gpus=t.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pg, placement_group_bundle_index=i)).remote(t.backend, str(teacher), t.threads, kw, pad_id=pad_id)
+        TeacherActor.options(
+            num_cpus=t.cpus,
+            num_gpus=t.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(t.backend, str(teacher), t.threads, kw, pad_id=pad_id)
         for i in range(t.replicas)
     ]
     ray.get([a.health.remote() for a in actors])
@@ -217,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     """`zeda rollouts --config FILE [--set KEY=VALUE] [--out DIR]`."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="zeda rollouts", description="the teacher engines answer the SFT prompts into sharded JSONL")
+    ap = argparse.ArgumentParser(
+        prog="zeda rollouts", description="the teacher engines answer the SFT prompts into sharded JSONL"
+    )
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None, help="output directory (default: RUN_DIR/rollouts); rerun to resume")
@@ -228,10 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from transformers import AutoTokenizer
 
+    from launch.config import ConfigError
     from launch.pipeline import connect_ray
     from launch.train import load_run_config
-
-    from launch.config import ConfigError
 
     try:
         cfg = load_run_config(a.config, a.set)
@@ -254,10 +283,20 @@ def main(argv: list[str] | None = None) -> int:
         ids = {it["id"] for it in items}
         before = len(ids & done_ids(out)) if out.is_dir() else 0  # a resumed job: its rate counts only new answers
         with Progress("rollouts", len(items), "prompts", done=before) as bar:
-            r = write_rollouts(cfg, pool, items, params, teacher, out, chunk=a.chunk,
-                               progress=lambda done, total, rate: bar.update(done, note=f"{rate:.0f} tokens/s"))
+            r = write_rollouts(
+                cfg,
+                pool,
+                items,
+                params,
+                teacher,
+                out,
+                chunk=a.chunk,
+                progress=lambda done, total, rate: bar.update(done, note=f"{rate:.0f} tokens/s"),
+            )
     finally:
         ray.shutdown()
-    console.print(f"rollouts: {r['answered']} answered now, {r['already_done']} already done, "
-                  f"{r['truncated']} cut at max_new_tokens (SFT drops them); {out}")
+    console.print(
+        f"rollouts: {r['answered']} answered now, {r['already_done']} already done, "
+        f"{r['truncated']} cut at max_new_tokens (SFT drops them); {out}"
+    )
     return 0

@@ -53,10 +53,20 @@ def teacher_answers(cfg: RunConfig, teachers, data: RunData, teacher: Path, log:
 
     items = rollouts.plan(data.sft, data.sft_count)
     with Progress("teacher rollouts", len(items), "prompts", log=log) as bar:
-        r = rollouts.write_rollouts(cfg, teachers, items, rollouts.sampling_params(cfg, data.format.eos_id), teacher, out, log,
-                                    progress=lambda done, total, rate: bar.update(done))
-    console.print(f"teacher answered {r['answered']} prompts in {r['seconds']:.1f}s ({r['already_done']} already in {out}, "
-                  f"{r['truncated']} cut at max_new_tokens)")
+        r = rollouts.write_rollouts(
+            cfg,
+            teachers,
+            items,
+            rollouts.sampling_params(cfg, data.format.eos_id),
+            teacher,
+            out,
+            log,
+            progress=lambda done, total, rate: bar.update(done),
+        )
+    console.print(
+        f"teacher answered {r['answered']} prompts in {r['seconds']:.1f}s ({r['already_done']} already in {out}, "
+        f"{r['truncated']} cut at max_new_tokens)"
+    )
     answers = streams.sft_records(cfg, data.format, data.dropped, source=str(out))
     for key in ("sft_rollouts", "sft_rollouts_cut_at_max_new_tokens"):
         if key in data.dropped:

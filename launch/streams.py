@@ -82,8 +82,9 @@ def _fields(cfg) -> Fields:
     return Fields(**cfg.data.fields.model_dump())
 
 
-def _prompt_stream(cfg, fmt: ChatFormat, source: str, n_embedded: int, seed: int, key: str, dropped: dict,
-                   cache: dict | None = None) -> PromptStream:
+def _prompt_stream(
+    cfg, fmt: ChatFormat, source: str, n_embedded: int, seed: int, key: str, dropped: dict, cache: dict | None = None
+) -> PromptStream:
     """`cache`: one read and tokenization per file when SFT and OPD share it (60k templated prompts take seconds)."""
     if source == EMBEDDED:  # the built-in tasks, balanced over the families (what the embedded teacher learned)
         kept, ids, n_dropped = _encode(cfg, fmt, _embedded(n_embedded, seed, key, cfg.data.tasks))
@@ -95,8 +96,10 @@ def _prompt_stream(cfg, fmt: ChatFormat, source: str, n_embedded: int, seed: int
             cache[source] = kept, ids, n_dropped
     dropped[key] = n_dropped
     if not kept:
-        raise DataError(f"data.{key} ({source}): every one of its {n_dropped} prompts is longer than "
-                        f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens})")
+        raise DataError(
+            f"data.{key} ({source}): every one of its {n_dropped} prompts is longer than "
+            f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens})"
+        )
     return PromptStream(kept, ids, seed)
 
 
@@ -106,8 +109,10 @@ def _embedded(n: int, seed: int, key: str, suite: str = "basic") -> list[Record]
     try:
         return embedded_records("train", max(1, n // len(families(suite))), seed, suite)
     except ValueError as err:
-        raise DataError(f"data.{key}: embedded: {n} prompts asked of the built-in tasks ({err}); "
-                        "lower sft.prompts or point the source at a prompt file") from None
+        raise DataError(
+            f"data.{key}: embedded: {n} prompts asked of the built-in tasks ({err}); "
+            "lower sft.prompts or point the source at a prompt file"
+        ) from None
 
 
 def _encode(cfg, fmt: ChatFormat, records: list[Record]) -> tuple[list[Record], list[list[int]], int]:
@@ -121,17 +126,25 @@ def _encode(cfg, fmt: ChatFormat, records: list[Record]) -> tuple[list[Record], 
     return kept, ids, len(records) - len(kept)
 
 
-def sft_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None, cache: dict | None = None) -> tuple[PromptStream, int]:
+def sft_prompts(
+    cfg, fmt: ChatFormat, dropped: dict | None = None, cache: dict | None = None
+) -> tuple[PromptStream, int]:
     """The prompts the teacher answers for SFT, and how many of them (sft.prompts; None: all once)."""
     dropped = {} if dropped is None else dropped
-    stream = _prompt_stream(cfg, fmt, cfg.data.sft_prompts, cfg.sft.prompts or 0, cfg.seed, "sft_prompts", dropped, cache)
+    stream = _prompt_stream(
+        cfg, fmt, cfg.data.sft_prompts, cfg.sft.prompts or 0, cfg.seed, "sft_prompts", dropped, cache
+    )
     if cfg.data.sft_prompts == EMBEDDED:
         return stream, cfg.sft.prompts
     n = cfg.sft.prompts if cfg.sft.prompts is not None else len(stream.ids)
     if n > len(stream.ids):
         raise DataError(
             f"sft.prompts is {n} but data.sft_prompts ({cfg.data.sft_prompts}) has {len(stream.ids)} prompts"
-            + (f" within data.max_prompt_tokens ({dropped['sft_prompts']} longer ones dropped)" if dropped["sft_prompts"] else "")
+            + (
+                f" within data.max_prompt_tokens ({dropped['sft_prompts']} longer ones dropped)"
+                if dropped["sft_prompts"]
+                else ""
+            )
             + ": lower sft.prompts, or set it to null to answer every prompt once"
         )
     return stream, n
@@ -140,7 +153,9 @@ def sft_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None, cache: dict |
 def opd_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None, cache: dict | None = None) -> PromptStream:
     """The OPD prompt stream (seeded apart from SFT's, so OPD does not replay SFT's order)."""
     dropped = {} if dropped is None else dropped
-    return _prompt_stream(cfg, fmt, cfg.data.opd_prompts, max(cfg.sft.prompts or 0, 64), cfg.seed + 1, "opd_prompts", dropped, cache)
+    return _prompt_stream(
+        cfg, fmt, cfg.data.opd_prompts, max(cfg.sft.prompts or 0, 64), cfg.seed + 1, "opd_prompts", dropped, cache
+    )
 
 
 def sft_records(cfg, fmt: ChatFormat, dropped: dict | None = None, source: str | None = None) -> dict[str, np.ndarray]:
@@ -167,9 +182,11 @@ def sft_records(cfg, fmt: ChatFormat, dropped: dict | None = None, source: str |
     if cut:
         dropped["sft_rollouts_cut_at_max_new_tokens"] = cut
     if not samples:
-        raise DataError(f"data.sft_rollouts ({source}): none of its {len(records)} records is usable: {cut} were cut at "
-                        f"the token cap, the rest are longer than data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) "
-                        f"or data.max_response_tokens ({cfg.data.max_response_tokens})")
+        raise DataError(
+            f"data.sft_rollouts ({source}): none of its {len(records)} records is usable: {cut} were cut at "
+            f"the token cap, the rest are longer than data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) "
+            f"or data.max_response_tokens ({cfg.data.max_response_tokens})"
+        )
     return pack_samples(samples, None, pad_id=fmt.tokenizer.pad_token_id or 0)
 
 

@@ -46,8 +46,13 @@ def load_run_config(path: str, sets: list[str]):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="launch.train", description="run the ZEDA pipeline from a typed YAML config")
     ap.add_argument("--config", required=True, help="run config YAML (see launch/configs/)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set opd.steps=5 (value parsed as YAML)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set opd.steps=5 (value parsed as YAML)",
+    )
     ap.add_argument("--resume", action="store_true", help="resume from the run's learner checkpoint")
     a = ap.parse_args(argv)
 
@@ -69,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     result = run(cfg, resume=a.resume)
     console.print(f"[bold green]done[/]: report at {cfg.run_dir / 'report.md'}")
     acc = result["accuracy"]
-    scored = f"teacher {100 * acc['teacher']['mean']:.1f}% | student {100 * acc['student']['mean']:.1f}% | " if "mean" in acc["student"] else ""
+    scored = (
+        f"teacher {100 * acc['teacher']['mean']:.1f}% | student {100 * acc['student']['mean']:.1f}% | "
+        if "mean" in acc["student"]
+        else ""
+    )
     console.print(f"{scored}zero experts {100 * result['zero_expert_ratio']['overall']:.1f}%")
     return 0
 

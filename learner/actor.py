@@ -24,8 +24,16 @@ import numpy as np
 import ray
 
 # Fields the learner reads; others (sample ids, versions...) stay on the driver.
-_BATCH_KEYS = ("tokens", "loss_mask", "attention_mask", "behaviour_logprobs", "teacher_logprobs", "routed_experts",
-               "teacher_top_ids", "teacher_top_logprobs")
+_BATCH_KEYS = (
+    "tokens",
+    "loss_mask",
+    "attention_mask",
+    "behaviour_logprobs",
+    "teacher_logprobs",
+    "routed_experts",
+    "teacher_top_ids",
+    "teacher_top_logprobs",
+)
 
 
 def shard_rows(batch: dict, world_size: int, tp: int = 1) -> list[dict]:
@@ -66,11 +74,24 @@ class LearnerActor:
     def init(self, checkpoint_dir: str, config, stage, options: dict, master_addr: str, master_port: int) -> dict:
         from learner.train import Learner
 
-        self.learner = Learner(checkpoint_dir, config, stage, **options, rank=self.rank, world_size=self.world_size,
-                               master_addr=master_addr, master_port=master_port)
+        self.learner = Learner(
+            checkpoint_dir,
+            config,
+            stage,
+            **options,
+            rank=self.rank,
+            world_size=self.world_size,
+            master_addr=master_addr,
+            master_port=master_port,
+        )
         self.tp = self.learner.config.tp
         info = self.learner.info
-        return {"rank": self.rank, "family": info.family, "moe_layers": len(info.moe_layers), "num_experts": info.num_experts}
+        return {
+            "rank": self.rank,
+            "family": info.family,
+            "moe_layers": len(info.moe_layers),
+            "num_experts": info.num_experts,
+        }
 
     def set_stage(self, stage, reset_optimizer: bool) -> dict:
         return self.learner.set_stage(stage, reset_optimizer).model_dump(mode="json")
@@ -90,8 +111,9 @@ class LearnerActor:
         self.inbox = LearnerInbox(f"tcp://{host}:{port}", run=run)
         return self.inbox.endpoint
 
-    def inbox_take(self, ids: list[int], version: int, max_staleness: int, replay: bool = True,
-                   first_row: bool = False) -> tuple[dict, list]:
+    def inbox_take(
+        self, ids: list[int], version: int, max_staleness: int, replay: bool = True, first_row: bool = False
+    ) -> tuple[dict, list]:
         """A step's batch from the inbox, cut into one shard per rank, each put in the object store
         here: the driver gets the report and references, never the trajectories."""
         batch, report = self.inbox.take(ids, version, max_staleness)
@@ -129,8 +151,9 @@ class LearnerActor:
             return None
         if getattr(self, "weight_group", None) is not None:
             self.weight_group.close()
-        self.weight_group = WeightGroup(self.learner.model, bucket_bytes, f"{group_prefix}-{self.rank}",
-                                        ray.util.get_node_ip_address(), free_port())
+        self.weight_group = WeightGroup(
+            self.learner.model, bucket_bytes, f"{group_prefix}-{self.rank}", ray.util.get_node_ip_address(), free_port()
+        )
         return self.weight_group.endpoint()
 
     def join_weight_group(self, world_size: int, timeout_s: float) -> None:
@@ -209,7 +232,11 @@ class LearnerGroup:
         ]
         addr, port = ray.get(self.actors[0].rendezvous.remote())
         # paths are resolved here: the actors' working directory need not be the driver's
-        options = {"temperature": temperature, "seed": seed, "save_dir": str(Path(save_dir).resolve()) if save_dir else None}
+        options = {
+            "temperature": temperature,
+            "seed": seed,
+            "save_dir": str(Path(save_dir).resolve()) if save_dir else None,
+        }
         ckpt = str(Path(checkpoint_dir).resolve())
         self.info = self._all([a.init.remote(ckpt, c, stage, options, addr, port) for a in self.actors], "start")[0]
         if resume is not None:
@@ -218,8 +245,15 @@ class LearnerGroup:
     @classmethod
     def from_run_config(cls, cfg, checkpoint_dir: str | Path, resume: str | Path | None = None) -> "LearnerGroup":
         """The learner of a `launch.config.RunConfig`: its `learner:` section, SFT first, at the sampling temperature."""
-        return cls(checkpoint_dir, cfg.learner, cfg.sft, temperature=cfg.sampling.temperature, seed=cfg.seed,
-                   save_dir=cfg.run_dir / "learner", resume=resume)
+        return cls(
+            checkpoint_dir,
+            cfg.learner,
+            cfg.sft,
+            temperature=cfg.sampling.temperature,
+            seed=cfg.seed,
+            save_dir=cfg.run_dir / "learner",
+            resume=resume,
+        )
 
     # -- training --
 
@@ -253,13 +287,23 @@ class LearnerGroup:
         With `run`, batches whose meta names another run are dropped (zeda_rl.transport.Puller)."""
         return ray.get(self.actors[0].open_inbox.remote(bind_host, port, run))
 
-    def train_from_inbox(self, stage, ids: list[int], version: int, max_staleness: int, data_cursor=None,
-                         replay: bool = True, first_row: bool = False) -> tuple[dict | None, dict]:
+    def train_from_inbox(
+        self,
+        stage,
+        ids: list[int],
+        version: int,
+        max_staleness: int,
+        data_cursor=None,
+        replay: bool = True,
+        first_row: bool = False,
+    ) -> tuple[dict | None, dict]:
         """One step of `stage` (its section) on the samples `ids` from rank 0's inbox: (metrics or None if
         none was trainable, inbox report)."""
         if stage.name != self.stage:
             self.set_stage(stage)
-        report, refs = self._all([self.actors[0].inbox_take.remote(ids, version, max_staleness, replay, first_row)], "an inbox take")[0]
+        report, refs = self._all(
+            [self.actors[0].inbox_take.remote(ids, version, max_staleness, replay, first_row)], "an inbox take"
+        )[0]
         if not refs:
             return None, report
         out = self._all([a.train_step.remote(r, data_cursor) for a, r in zip(self.actors, refs)], "a training step")
@@ -308,7 +352,9 @@ class LearnerGroup:
         return [a.broadcast_weights.remote() for a in self._senders]
 
     def export_hf(self, out_dir: str | Path) -> Path:
-        return Path(self._all([a.export_hf.remote(str(Path(out_dir).resolve())) for a in self.actors], "the HF export")[0])
+        return Path(
+            self._all([a.export_hf.remote(str(Path(out_dir).resolve())) for a in self.actors], "the HF export")[0]
+        )
 
     # -- state --
 

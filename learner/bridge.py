@@ -93,8 +93,16 @@ class HFCheckpoint:
 
 
 _SAFE_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -134,8 +142,11 @@ def tp_dims(model: torch.nn.Module) -> dict[str, int]:
     """Megatron name -> the dim its TP shards split (only tensors Megatron splits, only under TP > 1)."""
     if _tp()[1] == 1:
         return {}
-    return {n: int(p.partition_dim) for n, p in model.named_parameters()
-            if getattr(p, "tensor_model_parallel", False) and not is_expert_param(n)}  # experts: expert TP = 1
+    return {
+        n: int(p.partition_dim)
+        for n, p in model.named_parameters()
+        if getattr(p, "tensor_model_parallel", False) and not is_expert_param(n)
+    }  # experts: expert TP = 1
 
 
 def tp_shard(full: torch.Tensor, dim: int, rank: int, size: int, blocks: int, local_len: int) -> torch.Tensor:
@@ -247,13 +258,36 @@ def rules(info: ModelInfo, ep_rank: int = 0, ep_size: int = 1) -> list[Rule]:
                 out += [
                     _direct(f"{sa}.linear_q_down_proj.weight", f"{ha}.q_a_proj.weight"),
                     _direct(f"{sa}.q_layernorm.weight", f"{ha}.q_a_layernorm.weight"),
-                    _rope_rows(f"{sa}.linear_q_up_proj.weight", f"{ha}.q_b_proj.weight", qk, c.qk_rope_head_dim, c.qk_nope_head_dim, inter),
+                    _rope_rows(
+                        f"{sa}.linear_q_up_proj.weight",
+                        f"{ha}.q_b_proj.weight",
+                        qk,
+                        c.qk_rope_head_dim,
+                        c.qk_nope_head_dim,
+                        inter,
+                    ),
                 ]
             else:
-                out.append(_rope_rows(f"{sa}.linear_q_proj.weight", f"{ha}.q_proj.weight", qk, c.qk_rope_head_dim, c.qk_nope_head_dim, inter))
+                out.append(
+                    _rope_rows(
+                        f"{sa}.linear_q_proj.weight",
+                        f"{ha}.q_proj.weight",
+                        qk,
+                        c.qk_rope_head_dim,
+                        c.qk_nope_head_dim,
+                        inter,
+                    )
+                )
             kv_rows = c.kv_lora_rank + c.qk_rope_head_dim
             out += [
-                _rope_rows(f"{sa}.linear_kv_down_proj.weight", f"{ha}.kv_a_proj_with_mqa.weight", kv_rows, c.qk_rope_head_dim, c.kv_lora_rank, inter),
+                _rope_rows(
+                    f"{sa}.linear_kv_down_proj.weight",
+                    f"{ha}.kv_a_proj_with_mqa.weight",
+                    kv_rows,
+                    c.qk_rope_head_dim,
+                    c.kv_lora_rank,
+                    inter,
+                ),
                 _direct(f"{sa}.kv_layernorm.weight", f"{ha}.kv_a_layernorm.weight"),
                 _direct(f"{sa}.linear_kv_up_proj.weight", f"{ha}.kv_b_proj.weight"),
                 _direct(f"{sa}.linear_proj.weight", f"{ha}.o_proj.weight"),
@@ -297,12 +331,16 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ---- HF -> Megatron -----------------------------------------------------------------------------
 
 
-def hf_to_megatron(info: ModelInfo, get: Callable[[str], torch.Tensor], ep_rank: int = 0, ep_size: int = 1) -> dict[str, torch.Tensor]:
+def hf_to_megatron(
+    info: ModelInfo, get: Callable[[str], torch.Tensor], ep_rank: int = 0, ep_size: int = 1
+) -> dict[str, torch.Tensor]:
     """This rank's Megatron state (local experts only) from an HF tensor getter."""
     return {r.megatron: r.to_megatron([get(h) for h in r.hf]) for r in rules(info, ep_rank, ep_size)}
 
 
-def load_hf(model: torch.nn.Module, checkpoint_dir: str | Path, ep_rank: int | None = None, ep_size: int | None = None) -> dict[str, torch.dtype]:
+def load_hf(
+    model: torch.nn.Module, checkpoint_dir: str | Path, ep_rank: int | None = None, ep_size: int | None = None
+) -> dict[str, torch.dtype]:
     """Copy an HF checkpoint into the model (this rank's experts only); returns the on-disk dtypes.
 
     Every parameter and persistent buffer of the model must be covered and every shape
@@ -336,7 +374,9 @@ def load_hf(model: torch.nn.Module, checkpoint_dir: str | Path, ep_rank: int | N
                 d = split[r.megatron]
                 src = tp_shard(src, d, tp_rank, tp_size, r.blocks, dst.shape[d])
             if tuple(src.shape) != tuple(dst.shape):
-                raise ValueError(f"{r.megatron}: HF {r.hf} give shape {tuple(src.shape)}, the model has {tuple(dst.shape)}")
+                raise ValueError(
+                    f"{r.megatron}: HF {r.hf} give shape {tuple(src.shape)}, the model has {tuple(dst.shape)}"
+                )
             dst.copy_(src.to(dst.dtype))
     model.zeda_hf_dtypes = dtypes
     model.zeda_source = Path(checkpoint_dir)
@@ -363,7 +403,11 @@ def _source(model: torch.nn.Module, grads: bool) -> dict[str, torch.Tensor]:
 
 
 def local_hf_state(
-    model: torch.nn.Module, ep_rank: int | None = None, ep_size: int | None = None, cast: bool = True, grads: bool = False,
+    model: torch.nn.Module,
+    ep_rank: int | None = None,
+    ep_size: int | None = None,
+    cast: bool = True,
+    grads: bool = False,
     dense: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of this rank's tensors: dense ones and its own experts, in export order.
@@ -464,7 +508,10 @@ def fuse_experts(named: Iterator[tuple[str, torch.Tensor]], num_experts: int) ->
         layer = pending.setdefault(prefix, {})
         layer[(e, which)] = t
         if len(layer) == 3 * num_experts:
-            yield f"{prefix}.gate_up_proj", torch.stack([torch.cat([layer[(i, "gate_proj")], layer[(i, "up_proj")]]) for i in range(num_experts)])
+            yield (
+                f"{prefix}.gate_up_proj",
+                torch.stack([torch.cat([layer[(i, "gate_proj")], layer[(i, "up_proj")]]) for i in range(num_experts)]),
+            )
             yield f"{prefix}.down_proj", torch.stack([layer[(i, "down_proj")] for i in range(num_experts)])
             del pending[prefix]
     if pending:
@@ -475,7 +522,11 @@ LAYOUTS = ("fused", "checkpoint")
 
 
 def export_buckets(
-    model: torch.nn.Module, version: int, bucket_bytes: int = 256 << 20, cast: bool = True, layout: str = "fused",
+    model: torch.nn.Module,
+    version: int,
+    bucket_bytes: int = 256 << 20,
+    cast: bool = True,
+    layout: str = "fused",
     keep: bool = True,
 ) -> WeightUpdate:
     """Weights v`version` as ordered buckets of (name, tensor), experts gathered from the EP ranks.
@@ -571,7 +622,9 @@ def export_hf_checkpoint(
                 (tmp / f"part-{k:05d}").rename(tmp / fname)
                 weight_map.update(dict.fromkeys(names, fname))
             total = sum(sum(p.values()) for p in parts)
-            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+            (tmp / INDEX).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+            )
         for p in sorted(src.iterdir()):
             if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES and not p.name.endswith(".index.json"):
                 shutil.copyfile(p, tmp / p.name)

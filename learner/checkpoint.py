@@ -136,7 +136,11 @@ def load(learner, path: str | Path) -> dict:
     path = Path(path)
     meta = read_meta(path)
     saved_tp = meta.get("tp_size", 1)
-    if meta["world_size"] != learner.world_size or meta["ep_size"] != learner.config.ep or saved_tp != learner.config.tp:
+    if (
+        meta["world_size"] != learner.world_size
+        or meta["ep_size"] != learner.config.ep
+        or saved_tp != learner.config.tp
+    ):
         raise ValueError(
             f"{path}: saved with world={meta['world_size']} EP={meta['ep_size']} TP={saved_tp}, this learner has "
             f"world={learner.world_size} EP={learner.config.ep} TP={learner.config.tp}; resume with the same layout "
@@ -149,7 +153,9 @@ def load(learner, path: str | Path) -> dict:
     saved_cfg = LearnerSection(**meta["config"])
     for k in ("dispatcher", "alpha", "w", "precision", "optimizer"):
         if getattr(saved_cfg, k) != getattr(learner.config, k):
-            raise ValueError(f"{path}: saved with {k}={getattr(saved_cfg, k)!r}, this learner has {getattr(learner.config, k)!r}")
+            raise ValueError(
+                f"{path}: saved with {k}={getattr(saved_cfg, k)!r}, this learner has {getattr(learner.config, k)!r}"
+            )
     learner.config = saved_cfg.model_copy(update={"checkpoint_every": learner.config.checkpoint_every})
     stage = dict(meta["stage"])
     learner.stage = STAGES[stage.pop("name")](**stage)

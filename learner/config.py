@@ -38,15 +38,30 @@ class LearnerSection(_Strict):
     bucket_bytes: int = Field(32 << 20, ge=1024)
     # Memory knobs `zeda plan` (launch.plan) budgets with; the defaults are the CPU learner's layout.
     # Values the learner cannot run yet are refused by `not_implemented`.
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: bf16 weights, fp32 router, fp32 grads, master weights and Adam state")
-    tp: int = Field(1, ge=1, description="tensor-parallel size (with sequence parallelism), carved out of the ep x dp ranks: "
-                    "TP peers are consecutive ranks sharing rows, experts stay whole (expert TP 1)")
-    recompute: Literal["none", "selective", "full"] = Field("none", description="activation recompute: none, core attention, every layer")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: bf16 weights, fp32 router, fp32 grads, master weights and Adam state"
+    )
+    tp: int = Field(
+        1,
+        ge=1,
+        description="tensor-parallel size (with sequence parallelism), carved out of the ep x dp ranks: "
+        "TP peers are consecutive ranks sharing rows, experts stay whole (expert TP 1)",
+    )
+    recompute: Literal["none", "selective", "full"] = Field(
+        "none", description="activation recompute: none, core attention, every layer"
+    )
     optimizer: Literal["local", "distributed", "cpu_offload"] = Field(
-        "local", description="where master weights and Adam state live: each rank, sharded over data-parallel ranks, host memory")
-    attention: Literal["local", "flash"] = Field("local", description="core attention: local (materialises S x S scores) or "
-                                                 "flash (TransformerEngine's, needs it on a GPU: refused by the learner otherwise)")
-    logits_chunk_tokens: int | None = Field(None, ge=1, description="tokens per log-softmax chunk (None: the whole micro-batch)")
+        "local",
+        description="where master weights and Adam state live: each rank, sharded over data-parallel ranks, host memory",
+    )
+    attention: Literal["local", "flash"] = Field(
+        "local",
+        description="core attention: local (materialises S x S scores) or "
+        "flash (TransformerEngine's, needs it on a GPU: refused by the learner otherwise)",
+    )
+    logits_chunk_tokens: int | None = Field(
+        None, ge=1, description="tokens per log-softmax chunk (None: the whole micro-batch)"
+    )
 
 
 # knob -> the only value the learner runs (knobs not listed run every value they accept)
@@ -55,9 +70,12 @@ _IMPLEMENTED: dict[str, object] = {}
 
 # knob -> (value, why the learner cannot run it)
 _UNSUPPORTED = {
-    "optimizer": ("cpu_offload", "megatron-core 0.16.1's HybridDeviceOptimizer cannot take the distributed optimizer's "
-                  "shard views of fp32 parameters (the fp32 zero-expert routers) and, without CUDA, host parameters; "
-                  "use optimizer: distributed"),
+    "optimizer": (
+        "cpu_offload",
+        "megatron-core 0.16.1's HybridDeviceOptimizer cannot take the distributed optimizer's "
+        "shard views of fp32 parameters (the fp32 zero-expert routers) and, without CUDA, host parameters; "
+        "use optimizer: distributed",
+    ),
 }
 
 
@@ -67,14 +85,22 @@ def not_implemented(section: LearnerSection) -> list[str]:
     They are typed config fields so that `zeda plan` can budget the settings a large run needs before the
     learner has them; the driver refuses to start a run that sets one, rather than train with another layout.
     """
-    out = [f"learner.{k}: {getattr(section, k)} is planned but not implemented yet (the learner runs {v})"
-           for k, v in _IMPLEMENTED.items() if getattr(section, k) != v]
-    out += [f"learner.{k}: {v} is planned but not runnable: {why}" for k, (v, why) in _UNSUPPORTED.items()
-            if getattr(section, k) == v]
+    out = [
+        f"learner.{k}: {getattr(section, k)} is planned but not implemented yet (the learner runs {v})"
+        for k, v in _IMPLEMENTED.items()
+        if getattr(section, k) != v
+    ]
+    out += [
+        f"learner.{k}: {v} is planned but not runnable: {why}"
+        for k, (v, why) in _UNSUPPORTED.items()
+        if getattr(section, k) == v
+    ]
     if section.tp > 1 and section.logits_chunk_tokens is not None:
-        out.append(f"learner.logits_chunk_tokens: {section.logits_chunk_tokens} with learner.tp: {section.tp} is not "
-                   "implemented yet (the chunked logprob is not vocab-parallel; TP already splits the logits by TP): "
-                   "unset one of them")
+        out.append(
+            f"learner.logits_chunk_tokens: {section.logits_chunk_tokens} with learner.tp: {section.tp} is not "
+            "implemented yet (the chunked logprob is not vocab-parallel; TP already splits the logits by TP): "
+            "unset one of them"
+        )
     return out
 
 
@@ -110,25 +136,40 @@ class OPDStage(_Strict):
     lr: float = Field(5e-6, ge=0)
     clip_eps: float = Field(0.2, gt=0)
     ratio: Literal["recomputed", "behaviour"] = Field(
-        "recomputed", description="importance ratio against the learner's own logprobs before its update (official: "
+        "recomputed",
+        description="importance ratio against the learner's own logprobs before its update (official: "
         "1 for one update per rollout, the clip never acts) or the rollout engine's (a bf16 engine then clips fp32 "
-        "gradients)")
-    tis_cap: float | None = Field(None, gt=0, description="truncated importance weight min(exp(learner - engine "
-                                  "logprob), cap) on each token's loss, for stale samples; null: off (official)")
+        "gradients)",
+    )
+    tis_cap: float | None = Field(
+        None,
+        gt=0,
+        description="truncated importance weight min(exp(learner - engine "
+        "logprob), cap) on each token's loss, for stale samples; null: off (official)",
+    )
     loss_agg: Literal["sample_mean", "token_mean"] = Field(
-        "sample_mean", description="per-sample token mean averaged over samples (official OPD) or per-token mean")
+        "sample_mean", description="per-sample token mean averaged over samples (official OPD) or per-token mean"
+    )
     objective: Literal["sampled_token", "full_kl"] = Field(
-        "sampled_token", description="sampled_token (official): clipped policy loss with A_t = log p_T(y_t) - log p_S(y_t) "
+        "sampled_token",
+        description="sampled_token (official): clipped policy loss with A_t = log p_T(y_t) - log p_S(y_t) "
         "at the sampled token; full_kl: the reverse KL(p_S || p_T) over the teacher's top-k next tokens at every "
-        "student prefix, differentiated directly (GKD-style; exact when teacher_top_k covers the vocabulary)")
-    teacher_top_k: int = Field(64, ge=1, description="full_kl: next tokens the teacher sends per position (both "
-                               "distributions renormalised over them); >= the vocabulary size is the exact KL")
+        "student prefix, differentiated directly (GKD-style; exact when teacher_top_k covers the vocabulary)",
+    )
+    teacher_top_k: int = Field(
+        64,
+        ge=1,
+        description="full_kl: next tokens the teacher sends per position (both "
+        "distributions renormalised over them); >= the vocabulary size is the exact KL",
+    )
 
     @model_validator(mode="after")
     def _check(self):
         if self.tis_cap is not None and self.ratio == "behaviour":
-            raise ValueError("opd.tis_cap needs opd.ratio: recomputed (with the engine's ratio the weight would "
-                             "correct for the engine twice)")
+            raise ValueError(
+                "opd.tis_cap needs opd.ratio: recomputed (with the engine's ratio the weight would "
+                "correct for the engine twice)"
+            )
         return self
 
     def lr_at(self, step: int) -> float:

@@ -44,7 +44,9 @@ class LearnerInbox:
                 self.received += len(arrays["sample_ids"])
                 self.cond.notify_all()
 
-    def take(self, ids: list[int], version: int, max_staleness: int, timeout_s: float = 120.0) -> tuple[dict | None, dict]:
+    def take(
+        self, ids: list[int], version: int, max_staleness: int, timeout_s: float = 120.0
+    ) -> tuple[dict | None, dict]:
         """The batch of samples `ids` (in that order) for a step at `version`, and what happened to each id.
 
         Waits up to `timeout_s` for ids not yet here (the driver asks only once their calls returned,
@@ -67,9 +69,14 @@ class LearnerInbox:
                 kept.append(take_rows(arrays, [row]))
                 lags.append(version - v)
         dropped = set(stale) | set(unsynced)
-        report = {"trained": [sid for sid, _ in found if sid not in dropped],
-                  "stale": stale, "unsynced": unsynced, "missing": missing,
-                  "staleness_mean": float(np.mean(lags)) if lags else 0.0, "staleness_max": int(max(lags, default=0))}
+        report = {
+            "trained": [sid for sid, _ in found if sid not in dropped],
+            "stale": stale,
+            "unsynced": unsynced,
+            "missing": missing,
+            "staleness_mean": float(np.mean(lags)) if lags else 0.0,
+            "staleness_max": int(max(lags, default=0)),
+        }
         return (concat_batches(kept) if kept else None), report
 
     def discard(self, ids) -> int:
@@ -79,8 +86,12 @@ class LearnerInbox:
 
     def stats(self) -> dict:
         with self.cond:
-            return {"received": self.received, "waiting": len(self.rows), "dropped_malformed": int(self.puller.dropped),
-                    "malformed_reasons": dict(self.puller.drop_reasons)}
+            return {
+                "received": self.received,
+                "waiting": len(self.rows),
+                "dropped_malformed": int(self.puller.dropped),
+                "malformed_reasons": dict(self.puller.drop_reasons),
+            }
 
     def close(self) -> None:
         self.closed = True

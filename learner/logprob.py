@@ -58,8 +58,9 @@ class ChunkedLogprob(torch.autograd.Function):
         return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk: int,
-                   temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk: int, temperature: float = 1.0
+) -> torch.Tensor:
     """log p(tokens[:, t+1] | ..t) [B, S-1] fp32 from hidden states [B, S, H] (zeda_rl.losses.token_logprobs' contract)."""
     b, s, h = hidden.shape
     x = hidden[:, :-1].reshape(-1, h)

@@ -53,19 +53,19 @@ from learner import cpu_shims
 cpu_shims.apply()
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.models.gpt.gpt_model import GPTModel  # noqa: E402
 from megatron.core.tensor_parallel.mappings import (  # noqa: E402
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
-from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
-from megatron.core.utils import get_pg_rank, get_pg_size  # noqa: E402
-from megatron.core.models.gpt.gpt_model import GPTModel  # noqa: E402
 from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
 from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
 from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.torch_norm import WrappedTorchNorm  # noqa: E402
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig  # noqa: E402
+from megatron.core.utils import get_pg_rank, get_pg_size  # noqa: E402
 
 import zeda_rl  # noqa: E402,F401  (registers the zero-expert configs with AutoConfig)
 from zeda_rl.arch import TARGETS  # noqa: E402
@@ -132,7 +132,9 @@ def model_info(hf_config) -> ModelInfo:
 def _rope_theta(hf_config) -> float:
     rp = getattr(hf_config, "rope_parameters", None) or {}
     if rp.get("rope_type", "default") not in ("default", None):
-        raise NotImplementedError(f"rope type {rp.get('rope_type')!r} is not supported by the learner yet (only default RoPE)")
+        raise NotImplementedError(
+            f"rope type {rp.get('rope_type')!r} is not supported by the learner yet (only default RoPE)"
+        )
     theta = rp.get("rope_theta", getattr(hf_config, "rope_theta", None))
     if theta is None:
         raise ValueError("config has no rope_theta")
@@ -154,11 +156,15 @@ def check_tp(info: ModelInfo, tp_size: int) -> None:
     if len(info.moe_layers) < info.num_layers:
         shapes["intermediate_size (dense layers)"] = c.intermediate_size
     if info.family == "glm4_moe_lite" and getattr(c, "n_shared_experts", 0):
-        shapes["moe_intermediate_size x n_shared_experts (shared expert)"] = c.moe_intermediate_size * int(c.n_shared_experts)
+        shapes["moe_intermediate_size x n_shared_experts (shared expert)"] = c.moe_intermediate_size * int(
+            c.n_shared_experts
+        )
     bad = [f"{k}={v}" for k, v in shapes.items() if v % tp_size]
     if bad:
-        raise ValueError(f"learner.tp={tp_size} does not divide {', '.join(bad)} of this {info.family} model: "
-                         "choose a TP size that does")
+        raise ValueError(
+            f"learner.tp={tp_size} does not divide {', '.join(bad)} of this {info.family} model: "
+            "choose a TP size that does"
+        )
 
 
 def padded_vocab(info: ModelInfo, tp_size: int = 1) -> int:
@@ -283,7 +289,9 @@ class ZeroExpertRouter(TopKRouter):
     def __init__(self, config, pg_collection=None, *, spec: RouterSpec, alpha: float = 0.1, w: float = 2.0):
         super().__init__(config=config, pg_collection=pg_collection)
         if spec.num_experts != config.num_moe_experts or spec.top_k != config.moe_router_topk:
-            raise ValueError(f"router spec {spec} does not match Megatron's {config.num_moe_experts} experts / top-{config.moe_router_topk}")
+            raise ValueError(
+                f"router spec {spec} does not match Megatron's {config.num_moe_experts} experts / top-{config.moe_router_topk}"
+            )
         self.spec = spec
         self.alpha, self.w = float(alpha), float(w)
         # N+N_Z gate rows, always fp32 (the router runs in fp32 whatever the model dtype).
@@ -363,8 +371,16 @@ class ZeroExpertRouter(TopKRouter):
             reduce = None
             if sp > 1:  # the statistics of the whole micro-batch, every TP rank seeing its shard
                 reduce = functools.partial(reduce_from_tensor_model_parallel_region, group=self.tp_group)
-            aux = group_aux_loss(r.probs, n, self.spec.num_zero, self.spec.top_k, alpha=self.alpha, w=self.w,
-                                 token_mask=token_mask, reduce=reduce)
+            aux = group_aux_loss(
+                r.probs,
+                n,
+                self.spec.num_zero,
+                self.spec.top_k,
+                alpha=self.alpha,
+                w=self.w,
+                token_mask=token_mask,
+                reduce=reduce,
+            )
             self.last_aux_loss = aux.detach()
             probs = MoEAuxLossAutoScaler.apply(probs, aux)
         return probs.contiguous(), routing_map.contiguous()
@@ -397,14 +413,21 @@ def _own_norms(layer_spec: ModuleSpec) -> ModuleSpec:
     swap = lambda m: RMSNorm if m is WrappedTorchNorm else m  # noqa: E731
     attn = layer_spec.submodules.self_attention
     attn_sub = attn.submodules
-    norm_fields = {f.name: swap(getattr(attn_sub, f.name)) for f in dataclasses.fields(attn_sub) if f.name.endswith("layernorm")}
-    attn = ModuleSpec(module=attn.module, params=dict(attn.params), submodules=dataclasses.replace(attn_sub, **norm_fields))
+    norm_fields = {
+        f.name: swap(getattr(attn_sub, f.name)) for f in dataclasses.fields(attn_sub) if f.name.endswith("layernorm")
+    }
+    attn = ModuleSpec(
+        module=attn.module, params=dict(attn.params), submodules=dataclasses.replace(attn_sub, **norm_fields)
+    )
     return ModuleSpec(
         module=layer_spec.module,
         params=dict(layer_spec.params),
-        submodules=dataclasses.replace(layer_spec.submodules, self_attention=attn,
-                                       input_layernorm=swap(layer_spec.submodules.input_layernorm),
-                                       pre_mlp_layernorm=swap(layer_spec.submodules.pre_mlp_layernorm)),
+        submodules=dataclasses.replace(
+            layer_spec.submodules,
+            self_attention=attn,
+            input_layernorm=swap(layer_spec.submodules.input_layernorm),
+            pre_mlp_layernorm=swap(layer_spec.submodules.pre_mlp_layernorm),
+        ),
         metainfo=dict(getattr(layer_spec, "metainfo", {}) or {}),
     )
 
@@ -412,7 +435,9 @@ def _own_norms(layer_spec: ModuleSpec) -> ModuleSpec:
 def _with_router(layer_spec: ModuleSpec, router) -> ModuleSpec:
     mlp = layer_spec.submodules.mlp
     moe = dataclasses.replace(mlp.submodules, router=router)
-    mlp = ModuleSpec(module=mlp.module, params=dict(mlp.params), submodules=moe, metainfo=dict(getattr(mlp, "metainfo", {}) or {}))
+    mlp = ModuleSpec(
+        module=mlp.module, params=dict(mlp.params), submodules=moe, metainfo=dict(getattr(mlp, "metainfo", {}) or {})
+    )
     return ModuleSpec(
         module=layer_spec.module,
         params=dict(layer_spec.params),
@@ -428,13 +453,32 @@ class MLACoreAttention(DotProductAttention):
     maths is head-dim agnostic except the output width, which must be heads x v_channels.
     """
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                 softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None, pg_collection=None):
+    def __init__(
+        self,
+        config,
+        layer_number,
+        attn_mask_type,
+        attention_type,
+        attention_dropout=None,
+        softmax_scale=None,
+        k_channels=None,
+        v_channels=None,
+        cp_comm_type=None,
+        pg_collection=None,
+    ):
         if v_channels is not None and config.kv_channels != v_channels:
             config = copy.copy(config)
             config.kv_channels = v_channels
-        super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout=attention_dropout,
-                         softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        super().__init__(
+            config,
+            layer_number,
+            attn_mask_type,
+            attention_type,
+            attention_dropout=attention_dropout,
+            softmax_scale=softmax_scale,
+            cp_comm_type=cp_comm_type,
+            pg_collection=pg_collection,
+        )
 
 
 def _duplicated_linear() -> type:
@@ -451,8 +495,10 @@ def _duplicated_linear() -> type:
     import megatron.core.transformer.multi_latent_attention as mla
 
     if mla.Linear is None:
-        raise NotImplementedError("MLA under tensor parallelism needs megatron.core.post_training.modelopt.layers.Linear, "
-                                  "which megatron-core did not import here")
+        raise NotImplementedError(
+            "MLA under tensor parallelism needs megatron.core.post_training.modelopt.layers.Linear, "
+            "which megatron-core did not import here"
+        )
     return mla.Linear
 
 
@@ -465,7 +511,9 @@ def _attention_spec(layer_spec: ModuleSpec, core_attention, norm=None, down_proj
         sub.update(q_layernorm=norm, kv_layernorm=norm)
     if down_proj is not None:
         sub.update(linear_q_down_proj=down_proj, linear_kv_down_proj=down_proj)
-    attn = ModuleSpec(module=attn.module, params=dict(attn.params), submodules=dataclasses.replace(attn.submodules, **sub))
+    attn = ModuleSpec(
+        module=attn.module, params=dict(attn.params), submodules=dataclasses.replace(attn.submodules, **sub)
+    )
     return ModuleSpec(
         module=layer_spec.module,
         params=dict(layer_spec.params),
@@ -502,18 +550,23 @@ def core_attention(attention: str, mla: bool):
         raise ValueError(f"attention {attention!r}: expected one of {ATTENTION}")
     why = flash_unavailable()
     if why:
-        raise RuntimeError(f"learner.attention: flash needs transformer_engine on a GPU ({why}); use learner.attention: local")
+        raise RuntimeError(
+            f"learner.attention: flash needs transformer_engine on a GPU ({why}); use learner.attention: local"
+        )
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     te = get_gpt_layer_with_transformer_engine_spec(num_experts=None, qk_layernorm=True, multi_latent_attention=mla)
     return te.submodules.self_attention.submodules.core_attention
 
 
-def block_spec(info: ModelInfo, config: TransformerConfig, alpha: float = 0.1, w: float = 2.0,
-               attention: str = "local") -> TransformerBlockSubmodules:
+def block_spec(
+    info: ModelInfo, config: TransformerConfig, alpha: float = 0.1, w: float = 2.0, attention: str = "local"
+) -> TransformerBlockSubmodules:
     """Per-layer local specs: dense or MoE (with ZeroExpertRouter), MLA norms fixed for GLM, the chosen core attention."""
     mla = info.family == "glm4_moe_lite"
-    dense = get_gpt_layer_local_spec(num_experts=None, qk_layernorm=True, multi_latent_attention=mla, normalization="RMSNorm")
+    dense = get_gpt_layer_local_spec(
+        num_experts=None, qk_layernorm=True, multi_latent_attention=mla, normalization="RMSNorm"
+    )
     moe = get_gpt_layer_local_spec(
         num_experts=info.num_experts, qk_layernorm=True, multi_latent_attention=mla, normalization="RMSNorm"
     )
@@ -548,8 +601,9 @@ def build_model(
     `recompute` / `attention`: the `learner:` knobs of those names (see RECOMPUTE, core_attention).
     """
     overrides = {**recompute_config(recompute), **config_overrides}
-    config = transformer_config(info, ep_size=ep_size, dispatcher=dispatcher, params_dtype=params_dtype, tp_size=tp_size,
-                                **overrides)
+    config = transformer_config(
+        info, ep_size=ep_size, dispatcher=dispatcher, params_dtype=params_dtype, tp_size=tp_size, **overrides
+    )
     c = info.hf_config
     model = GPTModel(
         config=config,
@@ -579,8 +633,9 @@ def tp_size_of(model: GPTModel) -> int:
     return int(model.config.tensor_model_parallel_size)
 
 
-def forward_logits(model: GPTModel, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                   gather: bool = True) -> torch.Tensor:
+def forward_logits(
+    model: GPTModel, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None, gather: bool = True
+) -> torch.Tensor:
     """Logits [B, S, V] for token ids [B, S] (causal; right padding only, flagged True in padding_mask).
 
     Under TP, `gather=False` gives this rank's vocab-parallel slice [B, S, V_padded / TP] instead
@@ -591,7 +646,11 @@ def forward_logits(model: GPTModel, tokens: torch.Tensor, padding_mask: torch.Te
     pad = -s % tp  # sequence parallelism splits the sequence evenly over the TP ranks
     if pad:
         tokens = torch.cat([tokens, tokens.new_zeros(b, pad)], 1)
-        mask = padding_mask.bool() if padding_mask is not None else torch.zeros(b, s, dtype=torch.bool, device=tokens.device)
+        mask = (
+            padding_mask.bool()
+            if padding_mask is not None
+            else torch.zeros(b, s, dtype=torch.bool, device=tokens.device)
+        )
         padding_mask = torch.cat([mask, mask.new_ones(b, pad)], 1)
     position_ids = torch.arange(s + pad, device=tokens.device).unsqueeze(0).expand(b, s + pad)
     kwargs = {}

@@ -69,13 +69,21 @@ def wrap(model: torch.nn.Module, section, lr: float) -> tuple[DistributedDataPar
         module=chunk,
     )
     oc = OptimizerConfig(
-        optimizer="adam", lr=lr, weight_decay=section.weight_decay, adam_beta1=section.betas[0],
-        adam_beta2=section.betas[1], adam_eps=section.eps, clip_grad=section.grad_clip,
-        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        optimizer="adam",
+        lr=lr,
+        weight_decay=section.weight_decay,
+        adam_beta1=section.betas[0],
+        adam_beta2=section.betas[1],
+        adam_eps=section.eps,
+        clip_grad=section.grad_clip,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=sharded,
     )
     # Megatron's usual groups: no weight decay on biases and 1-D parameters (wd_mult 0), as the torch path
-    opt = get_megatron_optimizer(oc, [ddp], config_overrides=get_standard_config_overrides(oc), use_gloo_process_groups=False)
+    opt = get_megatron_optimizer(
+        oc, [ddp], config_overrides=get_standard_config_overrides(oc), use_gloo_process_groups=False
+    )
     set_schedule(opt, lr, section.weight_decay)
     return ddp, opt
 
@@ -109,8 +117,12 @@ def state_dict(optimizer) -> list[dict]:
     """
     out = []
     for inner in _inner(optimizer):
-        out.append({"optimizer": inner.state_dict(),
-                    "main": [p.detach().clone() for g in inner.param_groups for p in g["params"]]})
+        out.append(
+            {
+                "optimizer": inner.state_dict(),
+                "main": [p.detach().clone() for g in inner.param_groups for p in g["params"]],
+            }
+        )
     return out
 
 

@@ -65,11 +65,15 @@ def default_dispatcher() -> str:
 def check_layout(world_size: int, ep_size: int = 1, tp_size: int = 1) -> None:
     """Refuse a layout Megatron cannot build, saying which knob to change (before any process group exists)."""
     if world_size % ep_size:
-        raise ValueError(f"world size {world_size} is not a multiple of the expert-parallel size {ep_size} "
-                         "(learner.ep must divide learner.ep x learner.dp)")
+        raise ValueError(
+            f"world size {world_size} is not a multiple of the expert-parallel size {ep_size} "
+            "(learner.ep must divide learner.ep x learner.dp)"
+        )
     if world_size % tp_size:
-        raise ValueError(f"world size {world_size} (learner.ep x learner.dp) is not a multiple of the "
-                         f"tensor-parallel size {tp_size} (learner.tp): TP groups are carved out of the ranks")
+        raise ValueError(
+            f"world size {world_size} (learner.ep x learner.dp) is not a multiple of the "
+            f"tensor-parallel size {tp_size} (learner.tp): TP groups are carved out of the ranks"
+        )
 
 
 def layout(rank: int, world_size: int, tp_size: int = 1) -> dict[str, int]:
@@ -95,9 +99,13 @@ def setup(
     check_layout(world_size, ep_size, tp_size)
     backend = backend or default_backend()
     # Megatron's dispatchers still call the *_tensor collectives torch 2.13 marks deprecated.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    )
     # Under TP the experts' linears (expert TP 1) are told sequence_parallel and say they ignore it: as meant.
-    warnings.filterwarnings("ignore", message=r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1")
+    warnings.filterwarnings(
+        "ignore", message=r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1"
+    )
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
@@ -141,7 +149,9 @@ def tp_group():
 
 
 def tp_size() -> int:
-    return parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    return (
+        parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    )
 
 
 def tp_rank() -> int:
@@ -270,8 +280,10 @@ def check_tp_peers_agree(batch: dict[str, torch.Tensor]) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=tp_group())
     n = len(fp)
     if not torch.equal(t[:n], -t[n:]):
-        raise ValueError(f"tensor parallelism: the {tp_size()} TP ranks of one data-parallel rank got different batch "
-                         "shares; give every TP peer the same rows (learner.actor.shard_rows with tp)")
+        raise ValueError(
+            f"tensor parallelism: the {tp_size()} TP ranks of one data-parallel rank got different batch "
+            "shares; give every TP peer the same rows (learner.actor.shard_rows with tp)"
+        )
 
 
 def all_reduce_max(values: list[int], group=None) -> list[int]:

@@ -46,7 +46,9 @@ def gathers_dense() -> bool:
     """Whether this rank takes part in building the dense stream: global rank 0, and under TP its TP peers."""
     if not dist.is_initialized():
         return True
-    return dist.get_rank() < parallel.tp_size()  # Megatron's order: TP peers are consecutive, TP group 0 = ranks 0..TP-1
+    return (
+        dist.get_rank() < parallel.tp_size()
+    )  # Megatron's order: TP peers are consecutive, TP group 0 = ranks 0..TP-1
 
 
 def owned_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -79,14 +81,21 @@ class WeightGroup:
             raise NotImplementedError(
                 f"weight broadcast with learner.tp {parallel.tp_size()} > learner.ep {parallel.ep_size()}: rank "
                 f"{dist.get_rank()} helps gather the dense tensors but sends nothing, so it would not be driven; "
-                "use learner.tp <= learner.ep or the ray weight transport")
+                "use learner.tp <= learner.ep or the ray weight transport"
+            )
         self.model, self.bucket_bytes, self.name, self.address, self.port = model, bucket_bytes, name, address, port
         self.backend = parallel.default_backend()
         self.plan = plan(model, bucket_bytes)
         self.group = None
 
     def endpoint(self) -> dict:
-        return {"group": self.name, "address": self.address, "port": self.port, "backend": self.backend, "plan": self.plan}
+        return {
+            "group": self.name,
+            "address": self.address,
+            "port": self.port,
+            "backend": self.backend,
+            "plan": self.plan,
+        }
 
     def join(self, world_size: int, timeout_s: float) -> None:
         self.group = join_group(self.backend, self.address, self.port, world_size, 0, self.name, timeout_s)

@@ -22,7 +22,9 @@ class RankLost(RuntimeError):
     def __init__(self, ranks: list[int], world_size: int, what: str, cause: str):
         self.ranks, self.world_size, self.what, self.cause = ranks, world_size, what, cause
         who = ", ".join(str(r) for r in ranks)
-        super().__init__(f"learner rank{'s' if len(ranks) > 1 else ''} {who} of {world_size} died during {what}: {cause}")
+        super().__init__(
+            f"learner rank{'s' if len(ranks) > 1 else ''} {who} of {world_size} died during {what}: {cause}"
+        )
 
 
 def cause(err: BaseException) -> str:

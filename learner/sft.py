@@ -36,9 +36,13 @@ def synthetic_batch(step: int, batch_size: int, seq_len: int, vocab: int, seed: 
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m learner.sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m learner.sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="converted (zero-expert) HF checkpoint directory")
-    p.add_argument("--make-tiny", choices=["qwen3_moe", "glm4_moe_lite"], help="first write a tiny converted checkpoint there")
+    p.add_argument(
+        "--make-tiny", choices=["qwen3_moe", "glm4_moe_lite"], help="first write a tiny converted checkpoint there"
+    )
     p.add_argument("--ep", type=int, default=2, help="expert-parallel size (default 2)")
     p.add_argument("--world", type=int, default=None, help="ranks in all (EP x DP); default = --ep")
     p.add_argument("--steps", type=int, default=5)
@@ -64,8 +68,8 @@ def main(argv=None) -> int:
     import ray
 
     from learner.actor import LearnerGroup
-    from learner.model import load_hf_config
     from learner.config import LearnerSection, SFTStage
+    from learner.model import load_hf_config
 
     ckpt = Path(a.checkpoint)
     if a.make_tiny:
@@ -80,9 +84,18 @@ def main(argv=None) -> int:
     if world % a.ep:
         print(f"error: --world {world} is not a multiple of --ep {a.ep}", file=sys.stderr)
         return 2
-    cfg = LearnerSection(ep=a.ep, dp=world // a.ep, cpus_per_rank=a.cpus_per_rank, micro_batch_tokens=a.token_budget,
-                         alpha=a.alpha, w=a.w, precision=a.precision, recompute=a.recompute, optimizer=a.optimizer,
-                         logits_chunk_tokens=a.logits_chunk_tokens)
+    cfg = LearnerSection(
+        ep=a.ep,
+        dp=world // a.ep,
+        cpus_per_rank=a.cpus_per_rank,
+        micro_batch_tokens=a.token_budget,
+        alpha=a.alpha,
+        w=a.w,
+        precision=a.precision,
+        recompute=a.recompute,
+        optimizer=a.optimizer,
+        logits_chunk_tokens=a.logits_chunk_tokens,
+    )
     steps = max(2, a.steps)
     stage = SFTStage(steps=steps, lr=a.lr, schedule="cosine", warmup_frac=1 / steps)  # one warmup step
     started = False
@@ -90,14 +103,20 @@ def main(argv=None) -> int:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(include_dashboard=False, log_to_driver=False)
         else:  # a fresh local Ray of our own, never someone else's cluster on this machine
-            ray.init(address="local", num_cpus=max(2, int(world * a.cpus_per_rank + 0.999)), include_dashboard=False,
-                     log_to_driver=False)
+            ray.init(
+                address="local",
+                num_cpus=max(2, int(world * a.cpus_per_rank + 0.999)),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
         started = True
     t0 = time.time()
     group = LearnerGroup(ckpt, cfg, stage)
-    print(f"{group.info['family']}: {world} ranks, EP={a.ep} ({group.info['num_experts'] // a.ep} of "
-          f"{group.info['num_experts']} experts per rank), {world} data-parallel shards, {group.info['moe_layers']} MoE layers; "
-          f"ready in {time.time() - t0:.1f}s")
+    print(
+        f"{group.info['family']}: {world} ranks, EP={a.ep} ({group.info['num_experts'] // a.ep} of "
+        f"{group.info['num_experts']} experts per rank), {world} data-parallel shards, {group.info['moe_layers']} MoE layers; "
+        f"ready in {time.time() - t0:.1f}s"
+    )
     try:
         for step in range(a.steps):
             m = group.train_step(synthetic_batch(step, a.batch_size, a.seq_len, vocab), data_cursor={"step": step + 1})
@@ -105,9 +124,11 @@ def main(argv=None) -> int:
                 print(json.dumps(m))
             else:
                 zl = " ".join(f"{z:.2f}" for z in m["zero_ratio_per_layer"])
-                print(f"step {m['step']:>3}  loss {m['loss']:.4f}  nll {m['sft_loss']:.4f}  L_GA {m['aux_loss']:.4f}  "
-                      f"zero {100 * m['zero_ratio']:.1f}% [{zl}]  |g| {m['grad_norm']:.3f}  lr {m['lr']:.2e}  "
-                      f"{m['tokens_per_s']:.0f} tok/s")
+                print(
+                    f"step {m['step']:>3}  loss {m['loss']:.4f}  nll {m['sft_loss']:.4f}  L_GA {m['aux_loss']:.4f}  "
+                    f"zero {100 * m['zero_ratio']:.1f}% [{zl}]  |g| {m['grad_norm']:.3f}  lr {m['lr']:.2e}  "
+                    f"{m['tokens_per_s']:.0f} tok/s"
+                )
         if a.save:
             print(f"saved learner state to {group.save(a.save)}")
         if a.export:

@@ -17,6 +17,7 @@ import torch
 
 import zeda_rl  # noqa: F401  (registers the zero-expert architectures)
 
+
 def tiny_checkpoint(
     family: str, out: str | Path, zero_experts: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
 ) -> Path:
@@ -61,8 +62,10 @@ def tiny_checkpoints(root: str | Path, overrides: dict[str, dict] | None = None)
     between layouts does not flip top-k choices; `overrides` maps a family to its config overrides.
     """
     root = Path(root)
-    return {f: tiny_checkpoint(f, root / f, initializer_range=0.1, **(overrides or {}).get(f, {}))
-            for f in ("qwen3_moe", "glm4_moe_lite")}
+    return {
+        f: tiny_checkpoint(f, root / f, initializer_range=0.1, **(overrides or {}).get(f, {}))
+        for f in ("qwen3_moe", "glm4_moe_lite")
+    }
 
 
 def load_hf_reference(path: str | Path, dtype: torch.dtype = torch.float32):

@@ -70,7 +70,6 @@ from learner import model as mdl  # noqa: E402
 from learner.config import LearnerSection, SFTStage, Stage, learner_part, not_implemented  # noqa: E402
 from zeda_rl.losses import opd_token_loss, token_logprobs, token_weights, topk_reverse_kl  # noqa: E402
 
-
 # ---- batches --------------------------------------------------------------------------------------
 
 
@@ -102,8 +101,10 @@ def normalise_batch(batch: dict, stage: str) -> dict[str, torch.Tensor]:
             out["teacher_top_ids"] = _tensor(batch["teacher_top_ids"], torch.long)
             out["teacher_top_logprobs"] = _tensor(batch["teacher_top_logprobs"], torch.float32)
             if out["teacher_top_ids"].shape != out["teacher_top_logprobs"].shape or out["teacher_top_ids"].dim() != 3:
-                raise ValueError(f"teacher_top_ids {tuple(out['teacher_top_ids'].shape)} and teacher_top_logprobs "
-                                 f"{tuple(out['teacher_top_logprobs'].shape)}: expected the same [B, S, k]")
+                raise ValueError(
+                    f"teacher_top_ids {tuple(out['teacher_top_ids'].shape)} and teacher_top_logprobs "
+                    f"{tuple(out['teacher_top_logprobs'].shape)}: expected the same [B, S, k]"
+                )
     if batch.get("routed_experts") is not None:
         out["routed_experts"] = _tensor(batch["routed_experts"], torch.long)
     for k, v in out.items():
@@ -115,7 +116,9 @@ def normalise_batch(batch: dict, stage: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def plan_micro_batches(lengths: list[list[int]], rank: int, token_budget: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+def plan_micro_batches(
+    lengths: list[list[int]], rank: int, token_budget: int
+) -> tuple[list[list[int]], list[tuple[int, int]]]:
     """One micro-batch plan for the whole world, from every rank's row lengths.
 
     Every rank runs the same sequence of forward shapes (EP collectives need it), so the
@@ -197,8 +200,18 @@ def _padding_batch(rows: int, seq: int, stage: str) -> dict[str, torch.Tensor]:
     return out
 
 
-SUM_KEYS = ("main", "nll", "reverse_kl", "clip_frac", "ratio_sum", "beh_ratio_sum", "beh_clip", "adv_sq", "adv_pos",
-            "full_kl")
+SUM_KEYS = (
+    "main",
+    "nll",
+    "reverse_kl",
+    "clip_frac",
+    "ratio_sum",
+    "beh_ratio_sum",
+    "beh_clip",
+    "adv_sq",
+    "adv_pos",
+    "full_kl",
+)
 
 
 def expert_load(ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -247,7 +260,9 @@ class Learner:
         self.stage = learner_part(stage or SFTStage())
         self.temperature, self.seed, self.save_dir = float(temperature), int(seed), save_dir
         if world_size > 1 and not master_port:  # each rank would pick its own free port and wait forever
-            raise ValueError("Learner: world_size > 1 needs the master_port every rank rendezvous on (LearnerGroup passes it)")
+            raise ValueError(
+                "Learner: world_size > 1 needs the master_port every rank rendezvous on (LearnerGroup passes it)"
+            )
         parallel.setup(rank, world_size, c.ep, master_addr, master_port, backend, seed=self.seed, tp_size=c.tp)
         self.rank, self.world_size = rank, world_size
         self.source = Path(checkpoint_dir)
@@ -255,10 +270,21 @@ class Learner:
         if self.info.num_experts % c.ep:
             raise ValueError(f"{self.info.num_experts} experts cannot be split over EP={c.ep} ranks")
         dispatcher = parallel.default_dispatcher() if c.dispatcher == "auto" else c.dispatcher
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
         dtype = torch.bfloat16 if c.precision == "bf16" else torch.float32
-        self.model = mdl.build_model(self.info, ep_size=c.ep, dispatcher=dispatcher, params_dtype=dtype, alpha=c.alpha,
-                                     w=c.w, recompute=c.recompute, attention=c.attention, tp_size=c.tp)
+        self.model = mdl.build_model(
+            self.info,
+            ep_size=c.ep,
+            dispatcher=dispatcher,
+            params_dtype=dtype,
+            alpha=c.alpha,
+            w=c.w,
+            recompute=c.recompute,
+            attention=c.attention,
+            tp_size=c.tp,
+        )
         self.model.to(self.device)
         bridge.load_hf(self.model, checkpoint_dir)
         # Megatron's DDP + optimiser for bf16 / sharded / offloaded layouts (learner.optim), else torch AdamW
@@ -284,8 +310,12 @@ class Learner:
 
     def settings(self) -> dict:
         """What this learner runs with, as plain data (saved with every checkpoint)."""
-        return {"config": self.config.model_dump(mode="json"), "stage": {"name": self.stage.name, **self.stage.model_dump(mode="json")},
-                "temperature": self.temperature, "seed": self.seed}
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "stage": {"name": self.stage.name, **self.stage.model_dump(mode="json")},
+            "temperature": self.temperature,
+            "seed": self.seed,
+        }
 
     def save(self, path: str | Path) -> Path:
         """Full state, atomically (collective); see learner.checkpoint."""
@@ -343,7 +373,9 @@ class Learner:
             raise ValueError("train_step: the global batch has no rows")
         mask = b["loss_mask"]
         local = [float(mask.sum()), float(mask.any(1).sum()), float(len(groups)), float(b["attention_mask"].sum())]
-        resp_total, samples_total, real_mb_total, valid_total = parallel.all_reduce_sum(local, group=parallel.dp_group())
+        resp_total, samples_total, real_mb_total, valid_total = parallel.all_reduce_sum(
+            local, group=parallel.dp_group()
+        )
         resp_total = max(resp_total, 1.0)
         agg = self.stage.loss_agg if stage == "opd" else "token_mean"  # the official SFT is a per-token mean
         b["loss_weight"] = token_weights(mask, agg, n_tokens=resp_total, n_samples=samples_total)
@@ -368,8 +400,9 @@ class Learner:
             # the backward stays inside the replay: under full recompute it routes again
             with mdl.replay_routing(self.model, mb.get("routed_experts")):
                 full = stage == "opd" and self.stage.objective == "full_kl"
-                logp, logp_all = self._logprobs(mb["tokens"], ~mb["attention_mask"],
-                                                self.temperature if stage == "opd" else 1.0, full=full)
+                logp, logp_all = self._logprobs(
+                    mb["tokens"], ~mb["attention_mask"], self.temperature if stage == "opd" else 1.0, full=full
+                )
                 m, wt = mb["loss_mask"][:, 1:], mb["loss_weight"][:, 1:]
                 sums["nll"] += float(-logp.detach()[m].sum())
                 if stage == "sft":
@@ -393,12 +426,22 @@ class Learner:
             optim.sum_tp_partial_grads(self.ddp)
         else:
             parallel.sync_grads(self.model)
-        return dict(sums=sums, aux=aux, zero_slots=zero_slots, load=load, routed_slots=routed_slots, n_mb=n_mb,
-                    real_mb_total=real_mb_total, resp_total=resp_total, valid_total=valid_total,
-                    aux_layer_div=aux_layer_div)
+        return dict(
+            sums=sums,
+            aux=aux,
+            zero_slots=zero_slots,
+            load=load,
+            routed_slots=routed_slots,
+            n_mb=n_mb,
+            real_mb_total=real_mb_total,
+            resp_total=resp_total,
+            valid_total=valid_total,
+            aux_layer_div=aux_layer_div,
+        )
 
-    def _logprobs(self, tokens: torch.Tensor, padding: torch.Tensor, temperature: float,
-                  full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _logprobs(
+        self, tokens: torch.Tensor, padding: torch.Tensor, temperature: float, full: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training logprobs [B, S-1] (fp32) of the next tokens at `temperature`, and with `full` the whole
         next-token log-softmax [B, S-1, V] (opd.objective full_kl; refused with TP or chunking by the config).
 
@@ -423,8 +466,15 @@ class Learner:
             return logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1), logp_all
         return token_logprobs(logits, tokens), None
 
-    def _opd_token_loss(self, logp: torch.Tensor, logp_all: torch.Tensor | None, mb: dict, sums: dict, m: torch.Tensor,
-                        real: bool = True) -> torch.Tensor:
+    def _opd_token_loss(
+        self,
+        logp: torch.Tensor,
+        logp_all: torch.Tensor | None,
+        mb: dict,
+        sums: dict,
+        m: torch.Tensor,
+        real: bool = True,
+    ) -> torch.Tensor:
         """OPD per-token loss of one micro-batch (see the module docstring); adds its token sums to `sums`."""
         c = self.stage
         behaviour, teacher = mb["behaviour_logprobs"][:, 1:], mb["teacher_logprobs"][:, 1:]
@@ -438,8 +488,10 @@ class Learner:
             sums["full_kl"] += float(kl.detach()[m].sum())
             loss_t = kl if is_weight is None else kl * is_weight.detach()
         elif logp_all is not None and real:
-            raise ValueError("opd.objective full_kl: the batch carries no teacher_top_ids / teacher_top_logprobs "
-                             "(the teacher pool sends them when the run's opd.objective is full_kl)")
+            raise ValueError(
+                "opd.objective full_kl: the batch carries no teacher_top_ids / teacher_top_logprobs "
+                "(the teacher pool sends them when the run's opd.objective is full_kl)"
+            )
         sums["reverse_kl"] += float(-adv[m].sum())
         sums["adv_sq"] += float((adv[m] ** 2).sum())
         sums["adv_pos"] += float((adv[m] > 0).sum())
@@ -475,8 +527,14 @@ class Learner:
         real_mb_total, resp_total, valid_total = st["real_mb_total"], st["resp_total"], st["valid_total"]
         n_layers = len(self.info.moe_layers)
         keys = SUM_KEYS
-        red = parallel.all_reduce_sum([sums[k] for k in keys] + [routed_slots] + aux.tolist() + zero_slots.tolist()
-                                      + st["load"].flatten().tolist(), group=parallel.dp_group())
+        red = parallel.all_reduce_sum(
+            [sums[k] for k in keys]
+            + [routed_slots]
+            + aux.tolist()
+            + zero_slots.tolist()
+            + st["load"].flatten().tolist(),
+            group=parallel.dp_group(),
+        )
         tot = dict(zip(keys, red))
         main, slots, red = tot["main"], red[len(keys)], red[len(keys) + 1 :]
         aux_l = [a / max(real_mb_total, 1.0) for a in red[:n_layers]]
@@ -506,13 +564,26 @@ class Learner:
         if self.stage.name == "sft":
             m["sft_loss"] = main
         else:  # per-token means over the response tokens
-            m.update(policy_loss=main, **{k: tot[src] / resp_total for k, src in (
-                ("reverse_kl", "reverse_kl"), ("clip_frac", "clip_frac"), ("ratio_mean", "ratio_sum"),
-                ("behaviour_ratio_mean", "beh_ratio_sum"), ("behaviour_clip_frac", "beh_clip"))})
+            m.update(
+                policy_loss=main,
+                **{
+                    k: tot[src] / resp_total
+                    for k, src in (
+                        ("reverse_kl", "reverse_kl"),
+                        ("clip_frac", "clip_frac"),
+                        ("ratio_mean", "ratio_sum"),
+                        ("behaviour_ratio_mean", "beh_ratio_sum"),
+                        ("behaviour_clip_frac", "beh_clip"),
+                    )
+                },
+            )
             # the advantage A_t = log p_T - log p_S (fresh) of the response tokens: its mean is -reverse_kl
             adv_mean = -tot["reverse_kl"] / resp_total
-            m.update(adv_mean=adv_mean, adv_std=max(tot["adv_sq"] / resp_total - adv_mean**2, 0.0) ** 0.5,
-                     adv_pos_frac=tot["adv_pos"] / resp_total)
+            m.update(
+                adv_mean=adv_mean,
+                adv_std=max(tot["adv_sq"] / resp_total - adv_mean**2, 0.0) ** 0.5,
+                adv_pos_frac=tot["adv_pos"] / resp_total,
+            )
             if self.stage.objective == "full_kl":
                 m["full_kl"] = tot["full_kl"] / resp_total
         return m

@@ -61,7 +61,9 @@ def malformed(i: int, foreign_run: str = "another-run") -> tuple[str, list[bytes
     return kind, frames
 
 
-def push_malformed(endpoint: str, n: int, foreign_run: str = "another-run", last: TrajectoryBatch | None = None) -> Counter:
+def push_malformed(
+    endpoint: str, n: int, foreign_run: str = "another-run", last: TrajectoryBatch | None = None
+) -> Counter:
     """Send n malformed messages to a learner inbox from a bare PUSH socket, then `last` (a valid batch:
     once it has arrived, so has everything before it); returns the expected drop reasons."""
     sock = zmq.Context.instance().socket(zmq.PUSH)

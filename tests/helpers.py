@@ -35,7 +35,9 @@ def short_run_config(tmp: Path, overrides: dict):
     from zeda_rl.teacher import build_teacher
 
     teacher = build_teacher(tmp / "teacher", steps=40, progress=False, min_accuracy=0.0)
-    return load_config("launch/configs/tiny-cpu.yaml", {**overrides, "output_dir": str(tmp / "runs"), "model.teacher": str(teacher)})
+    return load_config(
+        "launch/configs/tiny-cpu.yaml", {**overrides, "output_dir": str(tmp / "runs"), "model.teacher": str(teacher)}
+    )
 
 
 def run_on_fresh_ray(cfg) -> dict:

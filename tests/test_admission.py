@@ -46,12 +46,17 @@ def simulate(engines: int, pps: int, spp: int, window: int, rollout_batch: int, 
     return adm, admitted_at, trained_at, trained
 
 
-@pytest.mark.parametrize("shape", [
-    dict(engines=4, pps=16, spp=2, window=2, rollout_batch=16),  # the H200 configs: 4 rollout engines, max_staleness 1
-    dict(engines=1, pps=16, spp=2, window=2, rollout_batch=8),  # the embedded default
-    dict(engines=3, pps=5, spp=3, window=3, rollout_batch=4),
-    dict(engines=2, pps=4, spp=2, window=1, rollout_batch=4),  # synchronous
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(
+            engines=4, pps=16, spp=2, window=2, rollout_batch=16
+        ),  # the H200 configs: 4 rollout engines, max_staleness 1
+        dict(engines=1, pps=16, spp=2, window=2, rollout_batch=8),  # the embedded default
+        dict(engines=3, pps=5, spp=3, window=3, rollout_batch=4),
+        dict(engines=2, pps=4, spp=2, window=1, rollout_batch=4),  # synchronous
+    ],
+)
 def test_every_sample_once_within_the_window_and_every_engine_works(shape):
     adm, admitted_at, trained_at, trained = simulate(**shape, steps=60)
     per_step = shape["pps"] * shape["spp"]
@@ -96,12 +101,26 @@ def test_four_rollout_and_two_teacher_engines_on_cpu(tmp_path):
     from tests.helpers import run_on_fresh_ray, short_run_config
     from zeda_rl.metrics import read_events
 
-    cfg = short_run_config(tmp_path, {
-        "name": "fleet", "sft.steps": 2, "sft.prompts": 64, "sft.batch_size": 16, "opd.steps": 8,
-        "opd.prompts_per_step": 8, "opd.samples_per_prompt": 2, "opd.rollout_batch": 8, "eval.n_per_family": 2,
-        "sampling.max_new_tokens": 8, "rollout.replicas": 4, "rollout.cpus": 0.25, "teacher.replicas": 2,
-        "teacher.cpus": 0.25, "learner.cpus_per_rank": 0.25,
-    })
+    cfg = short_run_config(
+        tmp_path,
+        {
+            "name": "fleet",
+            "sft.steps": 2,
+            "sft.prompts": 64,
+            "sft.batch_size": 16,
+            "opd.steps": 8,
+            "opd.prompts_per_step": 8,
+            "opd.samples_per_prompt": 2,
+            "opd.rollout_batch": 8,
+            "eval.n_per_family": 2,
+            "sampling.max_new_tokens": 8,
+            "rollout.replicas": 4,
+            "rollout.cpus": 0.25,
+            "teacher.replicas": 2,
+            "teacher.cpus": 0.25,
+            "learner.cpus_per_rank": 0.25,
+        },
+    )
     result = run_on_fresh_ray(cfg)
     events = read_events(cfg.run_dir / "metrics.jsonl")
     trained = [p for e in events if e.name == "trained_prompts" for p in e.value]

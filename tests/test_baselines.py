@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import save_static
 from transformers import AutoModelForCausalLM
 
-from helpers import save_static
 from zeda_rl.convert import convert_checkpoint
 from zeda_rl.modeling import moe_blocks, record_routing, set_baseline_options, set_zce_mask
 from zeda_rl.routing import RouterSpec, dynamic_skip, route
@@ -49,8 +49,11 @@ def test_baseline_options_replay_and_refusals():
     replayed = route(logits, spec, replay_ids=torch.tensor([[2, 4], [1, 4], [-1, -1]]))  # NET's k' slots replay
     assert replayed.ids.tolist() == [[2, 4], [1, 4], chosen[2].tolist()]
     with pytest.raises(ValueError, match="inference option"):
-        route(logits, RouterSpec("softmax", num_experts=4, num_zero=0, top_k=2, skip_threshold=0.5),
-              replay_ids=torch.zeros(3, 2, dtype=torch.long))
+        route(
+            logits,
+            RouterSpec("softmax", num_experts=4, num_zero=0, top_k=2, skip_threshold=0.5),
+            replay_ids=torch.zeros(3, 2, dtype=torch.long),
+        )
     with pytest.raises(ValueError, match="static_top_k"):
         route(torch.zeros(3, 4), RouterSpec("softmax", num_experts=4, num_zero=0, top_k=2, static_top_k=3))
 
@@ -87,7 +90,9 @@ def test_calibration_reaches_the_target_share(tmp_path):
     got = calibrate_skip_threshold(m, tok, texts, target=0.3, tol=0.01)
     assert got["reached"] and abs(got["share"] - 0.3) <= 0.01
     tok.padding_side = "right"
-    assert abs(skipped_share(m, [dict(tok(texts, return_tensors="pt", padding=True))]) - got["share"]) < 1e-9  # left set
+    assert (
+        abs(skipped_share(m, [dict(tok(texts, return_tensors="pt", padding=True))]) - got["share"]) < 1e-9
+    )  # left set
     far = calibrate_skip_threshold(m, tok, texts, target=0.9)
     assert not far["reached"] and far["share"] == pytest.approx(0.75) and far["reachable"] == 0.75
 
@@ -109,7 +114,9 @@ def test_net_checkpoint_trains_as_a_top_k_half_moe(tmp_path):
     assert float((ids >= 8).float().mean()) == 0.5  # half of the K slots on the sentinel
     halved = tmp_path / "halved"  # the teacher with top_k halved: the same model
     shutil.copytree(static, halved)
-    (halved / "config.json").write_text(json.dumps({**json.loads((static / "config.json").read_text()), "num_experts_per_tok": 2}))
+    (halved / "config.json").write_text(
+        json.dumps({**json.loads((static / "config.json").read_text()), "num_experts_per_tok": 2})
+    )
     torch.testing.assert_close(ref, _load(halved)(x).logits, atol=1e-5, rtol=0)
     # the learner builds the same router from the same config: same logits, same ids, and it replays them
     parallel.setup(0, 1, 1)
@@ -137,8 +144,12 @@ def test_binning_on_synthetic_input():
     assert all(p["lo"] <= p["x"] <= p["hi"] for p in pts)
     ties = binned(np.zeros(10), np.arange(10.0), bins=5)  # coinciding edges: one bin, no NaN
     assert len(ties) == 1 and ties[0]["y"] == 4.5 and ties[0]["count"] == 10
-    stats = {"prompt": np.array([0, 0, 1, 2]), "zero_share": np.array([0.0, 0.5, 1.0, 0.25]),
-             "entropy": np.array([0.1, 0.2, 0.3, 0.4]), "teacher_gap": np.array([0.0, 0.1, 0.2, 0.3])}
+    stats = {
+        "prompt": np.array([0, 0, 1, 2]),
+        "zero_share": np.array([0.0, 0.5, 1.0, 0.25]),
+        "entropy": np.array([0.1, 0.2, 0.3, 0.4]),
+        "teacher_gap": np.array([0.0, 0.1, 0.2, 0.3]),
+    }
     s = summarize(stats, ["a", "b", "b"], bins=2)
     assert s["zero_share_per_family"] == {"a": 0.25, "b": 0.625}
     assert s["tokens"] == 4 and s["spearman_zero_entropy"] == pytest.approx(0.4)

@@ -52,8 +52,10 @@ def test_errors_name_the_problem_and_keep_the_data(teacher, tmp_path):
 
 
 def test_parsing_imports_neither_torch_nor_transformers():
-    code = ("import sys, launch.cli; launch.cli.build_parser().parse_args(['eval', 'x', '--n', '3']); "
-            "print(sorted(m for m in ('torch', 'transformers', 'ray', 'zeda_rl') if m in sys.modules))")
+    code = (
+        "import sys, launch.cli; launch.cli.build_parser().parse_args(['eval', 'x', '--n', '3']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'ray', 'zeda_rl') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
     bad = zeda("eval", "--n", "x")
@@ -106,8 +108,14 @@ def test_disk_full_during_convert(teacher, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"zeda convert: error: {tmp_path / 'student'}: No space left on device"
     assert list(tmp_path.iterdir()) == []
-    assert cli.describe(OSError(errno.EBUSY, "Device or resource busy", "/mnt/runs")) == "/mnt/runs: Device or resource busy"
-    assert cli.describe(OSError(errno.ENOSPC, "No space left on device"), "/runs/x") == "writing under /runs/x: No space left on device"
+    assert (
+        cli.describe(OSError(errno.EBUSY, "Device or resource busy", "/mnt/runs"))
+        == "/mnt/runs: Device or resource busy"
+    )
+    assert (
+        cli.describe(OSError(errno.ENOSPC, "No space left on device"), "/runs/x")
+        == "writing under /runs/x: No space left on device"
+    )
 
 
 def _interrupt(args, ready: str, on: str = "stderr", env=None) -> subprocess.CompletedProcess:
@@ -115,9 +123,14 @@ def _interrupt(args, ready: str, on: str = "stderr", env=None) -> subprocess.Com
     # SIGINT back to its default in the child, as a terminal gives it: a suite started in the background
     # (`make test &`) inherits SIGINT ignored, Python then installs no KeyboardInterrupt handler, and the
     # child ran to the end with status 0 (two clean-clone runs failed so).
-    p = subprocess.Popen([ZEDA, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "ZEDA_PROGRESS_EVERY": "0", **(env or {})},
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen(
+        [ZEDA, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ZEDA_PROGRESS_EVERY": "0", **(env or {})},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen = []
     for text in getattr(p, on):
         seen.append(text)
@@ -134,8 +147,11 @@ def test_ctrl_c_in_eval_and_train_is_one_line(teacher, tmp_path):
     out = _interrupt(["eval", teacher, "--n", 400], ready="prompts (")  # a progress line: generation under way
     assert out.returncode == 130 and _one_error_line(out, "eval") == "zeda eval: interrupted"
     cfg = Path(__file__).parents[1] / "launch" / "configs" / "tiny-cpu.yaml"
-    out = _interrupt(["train", "--config", cfg, "--set", f"output_dir={tmp_path}", "--set", "model.teacher=" + str(teacher)],
-                     ready="run directory:", on="stdout")
+    out = _interrupt(
+        ["train", "--config", cfg, "--set", f"output_dir={tmp_path}", "--set", "model.teacher=" + str(teacher)],
+        ready="run directory:",
+        on="stdout",
+    )
     assert out.returncode == 130 and _one_error_line(out, "train") == "zeda train: interrupted"
 
 

@@ -25,7 +25,9 @@ def test_config_loads_and_validates(path):
     if "h200" in path.stem:
         # ZEDA.md section 5: alpha 0.1, w 2, SFT lr 2e-5 cosine, OPD lr 5e-6 (Qwen) or 1e-6 (GLM) constant
         assert cfg.learner.alpha == 0.1 and cfg.learner.w == 2.0
-        assert cfg.sft.lr == 2e-5 and cfg.sft.schedule == "cosine" and cfg.opd.lr == (1e-6 if "glm" in path.stem else 5e-6)
+        assert (
+            cfg.sft.lr == 2e-5 and cfg.sft.schedule == "cosine" and cfg.opd.lr == (1e-6 if "glm" in path.stem else 5e-6)
+        )
         assert cfg.rollout.backend == cfg.teacher.backend == "sglang" and cfg.learner.gpus_per_rank >= 1
 
 

@@ -23,26 +23,29 @@ QWEN = ROOT / "launch" / "configs" / "qwen3-30b-a3b-h200.yaml"
 FIX = ROOT / "tests" / "fixtures"
 
 
-@pytest.mark.parametrize("overrides,key,expected", [
-    ({"name": "../.."}, "name", "one plain path component"),
-    ({"name": "/tmp/elsewhere"}, "name", "one plain path component"),
-    ({"name": ".."}, "name", "one plain path component"),
-    ({"name": "a/b"}, "name", "one plain path component"),
-    ({"name": ""}, "name", "one plain path component"),
-    ({"sft.lr": 0}, "sft.lr", "learning rate > 0"),
-    ({"opd.lr": -1e-6}, "opd.lr", "greater than or equal to 0"),
-    ({"opd.lr": 0.0}, "opd.lr", "learning rate > 0"),
-    ({"sft.min_lr": 1.0}, "sft.min_lr (1.0) must be <= sft.lr", "climb"),
-    ({"opd.clip_eps": 0}, "opd.clip_eps", "greater than 0"),
-    ({"learner.grad_clip": -1}, "learner.grad_clip", "greater than or equal to 0"),
-    ({"cluster.num_cpus": -2}, "cluster.num_cpus", "greater than or equal to 1"),
-    ({"cluster.num_cpus": 0}, "cluster.num_cpus", "greater than or equal to 1"),
-    ({"rollout.cpus": -1}, "rollout.cpus", "greater than 0"),
-    ({"learner.tp": 3}, "learner.tp (3) must divide the learner ranks", "2 x 1 = 2"),
-    ({"cluster.bind_host": "0.0.0.0"}, "cluster.bind_host: 0.0.0.0", "cluster.allow_all_interfaces: true"),
-    ({"cluster.bind_host": "*"}, "cluster.bind_host: *", "cluster.allow_all_interfaces: true"),
-    ({"cluster.bind_host": "eth0"}, "cluster.bind_host", "an IPv4 address of this machine"),
-])
+@pytest.mark.parametrize(
+    "overrides,key,expected",
+    [
+        ({"name": "../.."}, "name", "one plain path component"),
+        ({"name": "/tmp/elsewhere"}, "name", "one plain path component"),
+        ({"name": ".."}, "name", "one plain path component"),
+        ({"name": "a/b"}, "name", "one plain path component"),
+        ({"name": ""}, "name", "one plain path component"),
+        ({"sft.lr": 0}, "sft.lr", "learning rate > 0"),
+        ({"opd.lr": -1e-6}, "opd.lr", "greater than or equal to 0"),
+        ({"opd.lr": 0.0}, "opd.lr", "learning rate > 0"),
+        ({"sft.min_lr": 1.0}, "sft.min_lr (1.0) must be <= sft.lr", "climb"),
+        ({"opd.clip_eps": 0}, "opd.clip_eps", "greater than 0"),
+        ({"learner.grad_clip": -1}, "learner.grad_clip", "greater than or equal to 0"),
+        ({"cluster.num_cpus": -2}, "cluster.num_cpus", "greater than or equal to 1"),
+        ({"cluster.num_cpus": 0}, "cluster.num_cpus", "greater than or equal to 1"),
+        ({"rollout.cpus": -1}, "rollout.cpus", "greater than 0"),
+        ({"learner.tp": 3}, "learner.tp (3) must divide the learner ranks", "2 x 1 = 2"),
+        ({"cluster.bind_host": "0.0.0.0"}, "cluster.bind_host: 0.0.0.0", "cluster.allow_all_interfaces: true"),
+        ({"cluster.bind_host": "*"}, "cluster.bind_host: *", "cluster.allow_all_interfaces: true"),
+        ({"cluster.bind_host": "eth0"}, "cluster.bind_host", "an IPv4 address of this machine"),
+    ],
+)
 def test_load_refuses_naming_key_and_expectation(overrides, key, expected):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, overrides)
@@ -51,8 +54,18 @@ def test_load_refuses_naming_key_and_expectation(overrides, key, expected):
 
 
 def test_what_the_checks_allow_still_loads():
-    cfg = load_config(TINY, {"name": "run-1.b_c", "cluster.bind_host": "0.0.0.0", "cluster.allow_all_interfaces": True,
-                             "learner.ep": 4, "learner.dp": 2, "learner.tp": 4, "cluster.num_cpus": 1})
+    cfg = load_config(
+        TINY,
+        {
+            "name": "run-1.b_c",
+            "cluster.bind_host": "0.0.0.0",
+            "cluster.allow_all_interfaces": True,
+            "learner.ep": 4,
+            "learner.dp": 2,
+            "learner.tp": 4,
+            "cluster.num_cpus": 1,
+        },
+    )
     assert cfg.cluster.bind_host == "0.0.0.0" and cfg.learner.tp == 4
     assert RunConfig().cluster.bind_host == "127.0.0.1" and not RunConfig().cluster.allow_all_interfaces
 
@@ -71,20 +84,36 @@ def test_the_shipped_tiny_config_passes_preflight():
     assert preflight(load_config(TINY)) == []
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    ({"learner.ep": 3}, "learner.ep (3) does not divide the teacher's 8 experts (the embedded teacher's recipe "
-                        "(zeda_rl.teacher.MODEL)): expected one of [1, 2, 4, 8]"),
-    ({"learner.ep": 4, "learner.tp": 4}, "learner.tp (4) does not divide the teacher's num_key_value_heads (2"),
-    ({"sampling.max_new_tokens": 64}, "sampling.max_new_tokens (64) + a 1-token prompt exceeds the teacher's "
-                                      "max_position_embeddings (64"),
-    ({"data.max_prompt_tokens": 60}, "sampling.max_new_tokens (12) + data.max_prompt_tokens (60) = 72 exceeds"),
-    ({"model.teacher": "/nonexistent/teacher"}, "model.teacher (/nonexistent/teacher): no such directory"),
-    ({"data.opd_prompts": "/nonexistent/p.jsonl"}, "data.opd_prompts (/nonexistent/p.jsonl): no such file or directory"),
-    ({"data.sft_prompts": "/nonexistent/s.jsonl", "sft.prompts": 4}, "data.sft_prompts (/nonexistent/s.jsonl): no such file"),
-    ({"data.sft_rollouts": "/nonexistent/r"}, "data.sft_rollouts (/nonexistent/r): no such file"),
-    ({"cluster.bind_host": "203.0.113.7"}, "cluster.bind_host (203.0.113.7): not an address of this machine (its IPv4 "
-                                            "addresses: "),
-])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (
+            {"learner.ep": 3},
+            "learner.ep (3) does not divide the teacher's 8 experts (the embedded teacher's recipe "
+            "(zeda_rl.teacher.MODEL)): expected one of [1, 2, 4, 8]",
+        ),
+        ({"learner.ep": 4, "learner.tp": 4}, "learner.tp (4) does not divide the teacher's num_key_value_heads (2"),
+        (
+            {"sampling.max_new_tokens": 64},
+            "sampling.max_new_tokens (64) + a 1-token prompt exceeds the teacher's max_position_embeddings (64",
+        ),
+        ({"data.max_prompt_tokens": 60}, "sampling.max_new_tokens (12) + data.max_prompt_tokens (60) = 72 exceeds"),
+        ({"model.teacher": "/nonexistent/teacher"}, "model.teacher (/nonexistent/teacher): no such directory"),
+        (
+            {"data.opd_prompts": "/nonexistent/p.jsonl"},
+            "data.opd_prompts (/nonexistent/p.jsonl): no such file or directory",
+        ),
+        (
+            {"data.sft_prompts": "/nonexistent/s.jsonl", "sft.prompts": 4},
+            "data.sft_prompts (/nonexistent/s.jsonl): no such file",
+        ),
+        ({"data.sft_rollouts": "/nonexistent/r"}, "data.sft_rollouts (/nonexistent/r): no such file"),
+        (
+            {"cluster.bind_host": "203.0.113.7"},
+            "cluster.bind_host (203.0.113.7): not an address of this machine (its IPv4 addresses: ",
+        ),
+    ],
+)
 def test_preflight_names_the_problem(overrides, expected):
     problems = preflight(load_config(TINY, overrides))
     assert len(problems) == 1 and expected in problems[0], problems
@@ -99,12 +128,18 @@ def test_the_embedded_teacher_needs_no_directory_and_a_given_prompt_budget_that_
 def test_a_teacher_directory_without_config_json_and_a_given_hf_config(tmp_path):
     (tmp_path / "empty").mkdir()
     assert preflight(load_config(TINY, {"model.teacher": str(tmp_path / "empty")})) == [
-        f"model.teacher ({tmp_path / 'empty'}): no config.json in it (expected a Hugging Face checkpoint directory)"]
+        f"model.teacher ({tmp_path / 'empty'}): no config.json in it (expected a Hugging Face checkpoint directory)"
+    ]
     teacher = tmp_path / "qwen"
     teacher.mkdir()
     shutil.copy(FIX / "configs" / "qwen3-30b-a3b.json", teacher / "config.json")
     prompts = str(FIX / "data" / "prompts.jsonl")
-    base = {"model.teacher": str(teacher), "data.sft_prompts": prompts, "data.opd_prompts": prompts, "cluster.bind_host": "auto"}
+    base = {
+        "model.teacher": str(teacher),
+        "data.sft_prompts": prompts,
+        "data.opd_prompts": prompts,
+        "cluster.bind_host": "auto",
+    }
     assert preflight(load_config(QWEN, base)) == []  # the shipped H200 layout fits Qwen3-30B-A3B's shape
     bad = preflight(load_config(QWEN, {**base, "learner.ep": 6, "learner.tp": 3}))
     assert [p.split(" (")[0] for p in bad] == ["learner.ep", "learner.tp", "learner.tp"]
@@ -112,12 +147,16 @@ def test_a_teacher_directory_without_config_json_and_a_given_hf_config(tmp_path)
     assert "num_attention_heads (32" in bad[1] and "num_key_value_heads (4" in bad[2]
     hf = json.loads((teacher / "config.json").read_text())
     long = preflight(load_config(QWEN, {**base, "sampling.max_new_tokens": 40000, "data.max_response_tokens": 40000}))
-    assert long == [f"sampling.max_new_tokens (40000) + data.max_prompt_tokens (4096) = 44096 exceeds the teacher's "
-                    f"max_position_embeddings ({hf['max_position_embeddings']}, {teacher / 'config.json'}): the rollouts "
-                    "could not be scored"]
+    assert long == [
+        f"sampling.max_new_tokens (40000) + data.max_prompt_tokens (4096) = 44096 exceeds the teacher's "
+        f"max_position_embeddings ({hf['max_position_embeddings']}, {teacher / 'config.json'}): the rollouts "
+        "could not be scored"
+    ]
     # an HF config given in place of the teacher's (zeda doctor --hf-config) sets the figures
-    assert "learner.ep (8) does not divide the teacher's 6 experts (mine)" in preflight(
-        load_config(QWEN, base), {**hf, "num_experts": 6}, "mine")[0]
+    assert (
+        "learner.ep (8) does not divide the teacher's 6 experts (mine)"
+        in preflight(load_config(QWEN, base), {**hf, "num_experts": 6}, "mine")[0]
+    )
 
 
 def test_train_refuses_every_problem_at_once_before_any_actor(monkeypatch, capsys):
@@ -125,8 +164,18 @@ def test_train_refuses_every_problem_at_once_before_any_actor(monkeypatch, capsy
         raise AssertionError("the pipeline started")
 
     monkeypatch.setattr(launch.pipeline, "run", no_run)
-    code = train_main(["--config", str(TINY), "--set", "learner.ep=3", "--set", "data.opd_prompts=/nonexistent/p.jsonl",
-                       "--set", "cluster.bind_host=203.0.113.7"])
+    code = train_main(
+        [
+            "--config",
+            str(TINY),
+            "--set",
+            "learner.ep=3",
+            "--set",
+            "data.opd_prompts=/nonexistent/p.jsonl",
+            "--set",
+            "cluster.bind_host=203.0.113.7",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"{TINY}: refused:" in err
     for key in ("learner.ep (3)", "data.opd_prompts (/nonexistent/p.jsonl)", "cluster.bind_host (203.0.113.7)"):

@@ -22,8 +22,12 @@ ROUTER = "model.layers.{}.mlp.gate.weight"
 BIAS = "model.layers.{}.mlp.gate.e_score_correction_bias"
 ROUTER_LAYERS = {"qwen3_moe": [0, 1], "glm4_moe_lite": [1, 2]}
 EXTRA_FILES = {
-    "tokenizer.json": "{}", "tokenizer_config.json": "{}", "special_tokens_map.json": "{}",
-    "vocab.json": "{}", "merges.txt": "#v\n", "chat_template.jinja": "{{ messages }}",
+    "tokenizer.json": "{}",
+    "tokenizer_config.json": "{}",
+    "special_tokens_map.json": "{}",
+    "vocab.json": "{}",
+    "merges.txt": "#v\n",
+    "chat_template.jinja": "{{ messages }}",
 }
 
 
@@ -43,7 +47,9 @@ def write_raw(d: Path, config, tensors: dict[str, torch.Tensor], shards: int = 1
         save_file(part, d / fname, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, fname))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return d
 
 
@@ -104,7 +110,15 @@ def test_routers_widened_everything_else_copied(tmp_path, family, dtype):
     assert cfg["rope_theta"] == src_cfg["rope_parameters"]["rope_theta"]
     n_key = {"qwen3_moe": "num_experts", "glm4_moe_lite": "n_routed_experts"}[family]
     assert cfg[n_key] == 8 and "num_local_experts" not in cfg
-    changed = {"architectures", "zce_nums", "zce_types", "use_zce_mask", "rope_theta", "num_experts", "num_local_experts"}
+    changed = {
+        "architectures",
+        "zce_nums",
+        "zce_types",
+        "use_zce_mask",
+        "rope_theta",
+        "num_experts",
+        "num_local_experts",
+    }
     assert {k: v for k, v in cfg.items() if k not in changed} == {k: v for k, v in src_cfg.items() if k not in changed}
     for name in [*EXTRA_FILES, "generation_config.json"]:
         assert (out / name).read_bytes() == (tmp_path / "static" / name).read_bytes()
@@ -285,8 +299,21 @@ def _output_exists(tmp_path):
 
 @pytest.mark.parametrize(
     "make",
-    [_no_config, _no_moe_dense, _no_moe_zero_experts, _already_converted, _zce_nums_present, _missing_shard,
-     _truncated, _garbage_shard, _unsupported_arch, _router_shape, _missing_router, _missing_bias, _output_exists],
+    [
+        _no_config,
+        _no_moe_dense,
+        _no_moe_zero_experts,
+        _already_converted,
+        _zce_nums_present,
+        _missing_shard,
+        _truncated,
+        _garbage_shard,
+        _unsupported_arch,
+        _router_shape,
+        _missing_router,
+        _missing_bias,
+        _output_exists,
+    ],
 )
 def test_errors_are_clear_and_leave_nothing(tmp_path, make):
     src, exc, words = make(tmp_path)
@@ -301,7 +328,10 @@ def test_errors_are_clear_and_leave_nothing(tmp_path, make):
         assert_no_leftovers(tmp_path, "zeda")
 
 
-@pytest.mark.parametrize("kw,words", [({"zero_type": "constant"}, ["'constant'", "zero", "copy"]), ({"zero_experts": 0}, ["zero_experts", "0"])])
+@pytest.mark.parametrize(
+    "kw,words",
+    [({"zero_type": "constant"}, ["'constant'", "zero", "copy"]), ({"zero_experts": 0}, ["zero_experts", "0"])],
+)
 def test_bad_arguments(tmp_path, kw, words):
     with pytest.raises(ValueError) as info:
         convert_checkpoint(_qwen(tmp_path), tmp_path / "zeda", **{"zero_experts": 4, **kw})
@@ -357,19 +387,28 @@ def test_peak_memory_is_bounded_by_a_tensor_not_the_model(tmp_path):
     weight_map, total, big = {}, 0, 5_000_000  # 20 MB of float32
     for s in range(4):
         fname = f"model-{s + 1:05d}-of-00004.safetensors"
-        part = {f"model.layers.{s % 2}.mlp.experts.{s}{j}.filler": torch.full((big,), float(s * 10 + j)) for j in range(5)}
+        part = {
+            f"model.layers.{s % 2}.mlp.experts.{s}{j}.filler": torch.full((big,), float(s * 10 + j)) for j in range(5)
+        }
         if s < 2:
             part[ROUTER.format(s)] = torch.randn(8, 32)
         save_file(part, src / fname, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, fname))
         total += sum(t.numel() * 4 for t in part.values())
         del part
-    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     assert total > 400e6
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(tmp_path / "zeda")],
-                         capture_output=True, text=True, env=env, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(src), str(tmp_path / "zeda")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     increase = json.loads(run.stdout.strip().splitlines()[-1])["increase"]
     # One tensor at a time needs ~20 MB here; a shard at a time (~100 MB) or the whole model (400 MB) fails.

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch.config import ConfigError, load_config
 from launch import streams
+from launch.config import ConfigError, load_config
 from zeda_rl.chat import ChatFormat, TemplateError
 from zeda_rl.chat_tokenizer import IM_START, build_chat_tokenizer
 from zeda_rl.data import DataError, Fields, read_records, to_record
@@ -76,14 +76,17 @@ def test_field_names_are_configurable(tmp_path):
     assert r.id == "7" and r.messages[0]["content"] == "2+2?" and r.response == "4"
 
 
-@pytest.mark.parametrize("row, msg", [
-    ('{"text": "hi"}', r"bad\.jsonl:2: expected a \{'prompt': str\} or \{'messages'.*got keys \{'text': 'str'\}"),
-    ('not json', r"bad\.jsonl:2: not valid JSON"),
-    ('[1, 2]', r"bad\.jsonl:2: expected .* got a list"),
-    ('{"messages": [{"role": "user"}]}', r"bad\.jsonl:2: messages\[0\] must be \{'role': str, 'content': str\}"),
-    ('{"messages": [{"role": "assistant", "content": "x"}]}', r"bad\.jsonl:2: the prompt must end with a user"),
-    ('{"id": "a", "prompt": "again"}', r"bad\.jsonl:2: id 'a' already used at .*bad\.jsonl:1"),
-])
+@pytest.mark.parametrize(
+    "row, msg",
+    [
+        ('{"text": "hi"}', r"bad\.jsonl:2: expected a \{'prompt': str\} or \{'messages'.*got keys \{'text': 'str'\}"),
+        ("not json", r"bad\.jsonl:2: not valid JSON"),
+        ("[1, 2]", r"bad\.jsonl:2: expected .* got a list"),
+        ('{"messages": [{"role": "user"}]}', r"bad\.jsonl:2: messages\[0\] must be \{'role': str, 'content': str\}"),
+        ('{"messages": [{"role": "assistant", "content": "x"}]}', r"bad\.jsonl:2: the prompt must end with a user"),
+        ('{"id": "a", "prompt": "again"}', r"bad\.jsonl:2: id 'a' already used at .*bad\.jsonl:1"),
+    ],
+)
 def test_bad_rows_are_refused_with_file_line_and_what_was_expected(tmp_path, row, msg):
     p = _jsonl(tmp_path / "bad.jsonl", ['{"id": "a", "prompt": "fine"}', row])
     with pytest.raises(DataError, match=msg):
@@ -131,7 +134,9 @@ def test_sft_answer_is_the_rest_of_the_template_up_to_eos(chat_tok):
 def test_a_template_without_the_prefix_property_is_refused(chat_tok):
     rec = read_records(FIX / "rollouts", need_response=True)[0]
     # thinking off: the generation prompt writes an empty think block the full conversation does not have
-    with pytest.raises(TemplateError, match=r"rollouts-00000\.jsonl:1: the chat template .*enable_thinking=False\) differently"):
+    with pytest.raises(
+        TemplateError, match=r"rollouts-00000\.jsonl:1: the chat template .*enable_thinking=False\) differently"
+    ):
         ChatFormat(chat_tok, enable_thinking=False).sft_ids(rec)
     tok = build_chat_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -186,8 +191,16 @@ def test_too_long_records_are_dropped_and_counted(tmp_path, chat_tok):
     long = "word " * 400
     p = _jsonl(tmp_path / "p.jsonl", [{"prompt": "short one"}, {"prompt": long}, {"prompt": "short two"}])
     r = _jsonl(tmp_path / "r.jsonl", [{"prompt": "q", "response": "a"}, {"prompt": "q2", "response": long}])
-    cfg = load_config(TINY, {"data.sft_prompts": str(p), "data.opd_prompts": str(p), "sft.prompts": None,
-                             "data.max_prompt_tokens": 64, "data.max_response_tokens": 64})
+    cfg = load_config(
+        TINY,
+        {
+            "data.sft_prompts": str(p),
+            "data.opd_prompts": str(p),
+            "sft.prompts": None,
+            "data.max_prompt_tokens": 64,
+            "data.max_response_tokens": 64,
+        },
+    )
     log = MetricsLog(tmp_path / "m.jsonl")
     data = streams.build(cfg, chat_tok, log)
     log.close()
@@ -197,9 +210,13 @@ def test_too_long_records_are_dropped_and_counted(tmp_path, chat_tok):
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sft_rollouts": str(r)})})
     data = streams.build(cfg, chat_tok)
     assert data.sft_records["tokens"].shape[0] == 1 and data.dropped["sft_rollouts"] == 1
-    with pytest.raises(DataError, match=r"sft\.prompts is 3 but data\.sft_prompts .* has 2 prompts .*1 longer ones dropped"):
-        streams.sft_prompts(load_config(TINY, {"data.sft_prompts": str(p), "sft.prompts": 3, "data.max_prompt_tokens": 64}),
-                            streams.chat_format(cfg, chat_tok))
+    with pytest.raises(
+        DataError, match=r"sft\.prompts is 3 but data\.sft_prompts .* has 2 prompts .*1 longer ones dropped"
+    ):
+        streams.sft_prompts(
+            load_config(TINY, {"data.sft_prompts": str(p), "sft.prompts": 3, "data.max_prompt_tokens": 64}),
+            streams.chat_format(cfg, chat_tok),
+        )
 
 
 def test_sft_records_train_only_on_the_answer(chat_tok):
@@ -215,13 +232,19 @@ def test_sft_records_train_only_on_the_answer(chat_tok):
     assert data.sft is None and np.all(b["behaviour_logprobs"] == 0)
 
 
-@pytest.mark.parametrize("over, msg", [
-    ({"sft.data": "x.jsonl"}, r"sft\.data: Extra inputs"),
-    ({"data.sft_prompts": "embedded", "sft.prompts": None}, r"sft\.prompts: a number is needed"),
-    ({"sampling.max_new_tokens": 100, "data.max_response_tokens": 50}, r"sampling\.max_new_tokens \(100\) must be <= data\.max_response_tokens"),
-    ({"eval.suite": "no-such-suite.yaml"}, r"eval\.suite \('no-such-suite\.yaml'\): no such suite file"),
-    ({"data.fields": {"prompt": "q", "answer": "a"}}, r"data\.fields\.answer"),
-])
+@pytest.mark.parametrize(
+    "over, msg",
+    [
+        ({"sft.data": "x.jsonl"}, r"sft\.data: Extra inputs"),
+        ({"data.sft_prompts": "embedded", "sft.prompts": None}, r"sft\.prompts: a number is needed"),
+        (
+            {"sampling.max_new_tokens": 100, "data.max_response_tokens": 50},
+            r"sampling\.max_new_tokens \(100\) must be <= data\.max_response_tokens",
+        ),
+        ({"eval.suite": "no-such-suite.yaml"}, r"eval\.suite \('no-such-suite\.yaml'\): no such suite file"),
+        ({"data.fields": {"prompt": "q", "answer": "a"}}, r"data\.fields\.answer"),
+    ],
+)
 def test_data_config_errors_name_the_key(over, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(TINY, over)

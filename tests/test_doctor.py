@@ -38,8 +38,14 @@ def _json(capsys, *args) -> tuple[int, dict[str, list[dict]]]:
 
 def test_the_tiny_config_is_healthy_on_this_machine_as_a_table():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"COLUMNS": "200"}
-    out = subprocess.run([str(Path(sys.executable).parent / "zeda"), "doctor", str(TINY)], capture_output=True, text=True,
-                         timeout=300, env=env, cwd=ROOT)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "zeda"), "doctor", str(TINY)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     for row in ("config ", "config vs teacher and machine", "learner knobs", "plan ", "ray ", "ports ", "gpu "):
         assert row in out.stdout, out.stdout
@@ -95,7 +101,10 @@ def test_gpu_extras_fail_locally_and_warn_for_a_cluster(monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang", None)  # `import sglang` raises ImportError
     checks = {c.name: c for c in doctor.gpu_checks(load_config(TINY, gpu))}
     assert checks["sglang"].status == checks["cuda"].status == doctor.FAIL
-    assert "rollout.backend: sglang" in checks["sglang"].detail and "learner.gpus_per_rank 1.0 (nccl)" in checks["cuda"].detail
+    assert (
+        "rollout.backend: sglang" in checks["sglang"].detail
+        and "learner.gpus_per_rank 1.0 (nccl)" in checks["cuda"].detail
+    )
     remote = doctor.gpu_checks(load_config(TINY, {**gpu, "cluster.address": "10.0.0.1:6379"}))
     assert {c.status for c in remote} == {doctor.WARN}
     monkeypatch.setattr(doctor, "_cuda_devices", lambda: 8)

@@ -95,7 +95,11 @@ def test_top_k_through_the_sglang_backend(ckpts):
     top1 = eng.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_new_tokens=6, seed=4))
     assert [s.output_ids for s in top1] == [s.output_ids for s in greedy]
     eng.generate(prompts, SamplingParams(temperature=1.0, top_k=0, max_new_tokens=2, seed=4))
-    assert "top_k" not in sent[0] and [sp["top_k"] for sp in sent[1]] == [1, 1] and all("top_k" not in sp for sp in sent[2])
+    assert (
+        "top_k" not in sent[0]
+        and [sp["top_k"] for sp in sent[1]] == [1, 1]
+        and all("top_k" not in sp for sp in sent[2])
+    )
     with pytest.raises(ValueError, match="top_k must be -1"):  # SGLang's own rule, kept by the fake
         eng._engine.generate(input_ids=prompts, sampling_params={"top_k": 0, "max_new_tokens": 1})
 
@@ -116,10 +120,20 @@ def test_suite_files_are_validated(tmp_path):
         for p in patterns:
             assert p in str(err.value), str(err.value)
 
-    refused("name: x\nbenchmarks: [{name: a, path: a.jsonl, grader: math, shots: 4}]\n", "s.yaml", "benchmarks.0.shots", "Extra inputs")
-    refused("name: x\ndecoding: {temprature: 1}\nbenchmarks: [{name: a, path: a.jsonl, grader: math}]\n", "decoding.temprature")
+    refused(
+        "name: x\nbenchmarks: [{name: a, path: a.jsonl, grader: math, shots: 4}]\n",
+        "s.yaml",
+        "benchmarks.0.shots",
+        "Extra inputs",
+    )
+    refused(
+        "name: x\ndecoding: {temprature: 1}\nbenchmarks: [{name: a, path: a.jsonl, grader: math}]\n",
+        "decoding.temprature",
+    )
     refused("name: x\nbenchmarks: [{name: a, path: a.jsonl, grader: regex}]\n", "benchmarks.0.grader", "'math'")
-    refused("name: x\nbenchmarks: [{name: a, path: a, grader: math}, {name: a, path: b, grader: code}]\n", "repeated: ['a']")
+    refused(
+        "name: x\nbenchmarks: [{name: a, path: a, grader: math}, {name: a, path: b, grader: code}]\n", "repeated: ['a']"
+    )
     refused("name: x\ndecoding: {top_p: 0}\nbenchmarks: [{name: a, path: a, grader: math}]\n", "decoding.top_p")
     refused("- just a list\n", "expected a mapping")
     with pytest.raises(FileNotFoundError, match="nope.yaml: suite file not found"):
@@ -179,9 +193,16 @@ def test_suite_end_to_end_teacher_vs_student(ckpts, ray_local, tmp_path):
     assert set(report["table"][0]) == {"benchmark", "teacher_acc", "student_acc", "student_r_ze"}
     assert "samples" not in report["student"] and report["teacher"]["checkpoint"] == str(teacher_ckpt)
     md = files["markdown"].read_text()
-    assert "| Benchmark | Teacher acc | Student acc | Student r_ZE |" in md and "| **Average** |" in md and "| L0 | L1 |" in md
+    assert (
+        "| Benchmark | Teacher acc | Student acc | Student r_ZE |" in md
+        and "| **Average** |" in md
+        and "| L0 | L1 |" in md
+    )
     lines = files["samples"].read_text().splitlines()
-    assert len(lines) == 2 * len(student["samples"]) and {json.loads(x)["model"] for x in lines} == {"teacher", "student"}
+    assert len(lines) == 2 * len(student["samples"]) and {json.loads(x)["model"] for x in lines} == {
+        "teacher",
+        "student",
+    }
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
@@ -205,9 +226,23 @@ def test_cli_suite_side_by_side(ckpts, tmp_path):
     )
     zeda = str(Path(sys.executable).parent / "zeda")
     out = subprocess.run(
-        [zeda, "eval", str(student_ckpt), "--suite", str(tmp_path / "one.yaml"), "--teacher", str(teacher_ckpt),
-         "--engines", "0", "--out", str(tmp_path / "out"), "--json"],
-        capture_output=True, text=True, timeout=300,
+        [
+            zeda,
+            "eval",
+            str(student_ckpt),
+            "--suite",
+            str(tmp_path / "one.yaml"),
+            "--teacher",
+            str(teacher_ckpt),
+            "--engines",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)
@@ -215,7 +250,12 @@ def test_cli_suite_side_by_side(ckpts, tmp_path):
     assert rep["student"]["enable_thinking"] is False and rep["table"][0]["student_r_ze"] > 0
     assert (tmp_path / "out" / "eval.md").is_file()
     (tmp_path / "bad.yaml").write_text("name: x\nbenchmarks: [{name: a, path: a.jsonl, grader: math, extra: 1}]\n")
-    bad = subprocess.run([zeda, "eval", str(student_ckpt), "--suite", str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [zeda, "eval", str(student_ckpt), "--suite", str(tmp_path / "bad.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "benchmarks.0.extra" in bad.stderr
 
 

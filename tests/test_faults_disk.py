@@ -20,27 +20,34 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learner import bridge, checkpoint
+from learner import checkpoint
 from learner.config import LearnerSection, SFTStage
 from learner.testing import tiny_checkpoint
-from zeda_rl.convert import convert_checkpoint
-
 from tests.helpers import save_static
+from zeda_rl.convert import convert_checkpoint
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny static checkpoint, its conversion, and a one-rank learner that has taken a step."""
-    from learner.train import Learner
     import numpy as np
+
+    from learner.train import Learner
 
     root = tmp_path_factory.mktemp("disk")
     save_static("qwen3_moe", root / "static")
     ckpt = tiny_checkpoint("qwen3_moe", root / "converted")
-    learner = Learner(ckpt, LearnerSection(micro_batch_tokens=64), SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0))
+    learner = Learner(
+        ckpt, LearnerSection(micro_batch_tokens=64), SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0)
+    )
     rng = np.random.default_rng(0)
-    learner.train_step({"tokens": rng.integers(0, 64, (2, 8)), "loss_mask": np.ones((2, 8), np.uint8),
-                        "attention_mask": np.ones((2, 8), np.uint8)})
+    learner.train_step(
+        {
+            "tokens": rng.integers(0, 64, (2, 8)),
+            "loss_mask": np.ones((2, 8), np.uint8),
+            "attention_mask": np.ones((2, 8), np.uint8),
+        }
+    )
     yield {"static": root / "static", "learner": learner}
     learner.close()
 
@@ -74,8 +81,10 @@ def disk(tmp_path):
 
 
 def _snapshot(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(d.rglob("*"))}
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(d.rglob("*"))
+    }
 
 
 def _convert(setup, out: Path):
@@ -123,9 +132,11 @@ def test_a_full_or_read_only_disk_fails_clearly_and_keeps_the_previous_output(se
 
 def _fail_midway():
     """A writer that gets part of its bytes out, then finds the disk full."""
+
     def write(obj, f, *a, **kw):
         Path(f).write_bytes(b"\0" * 100)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+
     return write
 
 

@@ -41,7 +41,9 @@ def test_malformed_messages_change_nothing_and_are_each_counted(caplog):
     try:
         with caplog.at_level(logging.WARNING, logger="zeda_rl.transport"):
             last = valid_batch(RUN, ids=(10**6,))  # sent after the garbage on its connection
-            garbage = threading.Thread(target=lambda: expected.update(push_malformed(inbox.endpoint, 10_000, last=last)))
+            garbage = threading.Thread(
+                target=lambda: expected.update(push_malformed(inbox.endpoint, 10_000, last=last))
+            )
             garbage.start()
 
             with Pusher(inbox.endpoint, hwm=64) as pusher:

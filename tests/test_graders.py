@@ -32,7 +32,10 @@ def test_strip_thinking():
 
 def test_math_grader_right_and_wrong():
     g = make_grader("math")
-    for name, golds in (("gsm8k", ["72", "10", "3600"]), ("math500", [r"\left( 3, \frac{\pi}{2} \right)", r"\frac{5}{6}", "9"])):
+    for name, golds in (
+        ("gsm8k", ["72", "10", "3600"]),
+        ("math500", [r"\left( 3, \frac{\pi}{2} \right)", r"\frac{5}{6}", "9"]),
+    ):
         problems = g.load(FIX / f"{name}.jsonl")
         assert [p.data["gold"] for p in problems] == [f"${x}$" for x in golds]
         assert [x.score for x in g.grade(problems, [p.reference for p in problems])] == [1.0] * 3
@@ -97,7 +100,9 @@ def test_code_answers_in_the_shapes_models_give():
     wrong = "```python\ndef truncate_number(number: float) -> float:\n    return number\n```"
     scores = [x.score for x in g.grade([p] * 5, [full, body, unfenced, cut_off, wrong])]
     assert scores == [1.0, 1.0, 1.0, 1.0, 0.0]
-    code, defines = extract_code("```py\nx = 1\n```\n```python\ndef truncate_number(n):\n  return 0\n```", "truncate_number")
+    code, defines = extract_code(
+        "```py\nx = 1\n```\n```python\ndef truncate_number(n):\n  return 0\n```", "truncate_number"
+    )
     assert defines and code.startswith("def truncate_number")
 
 
@@ -108,15 +113,16 @@ def test_sandbox_contains_loops_timeouts_memory_and_the_network(tmp_path):
     assert loop.status == "timeout" and time.monotonic() - t0 < 10
     marker = tmp_path / "child-alive"
     spawner = run_python(
-        "import subprocess, time\n"
-        f"subprocess.Popen(['sh', '-c', 'sleep 3; touch {marker}'])\n"
-        "time.sleep(60)\n", lim,
+        f"import subprocess, time\nsubprocess.Popen(['sh', '-c', 'sleep 3; touch {marker}'])\ntime.sleep(60)\n",
+        lim,
     )
     assert spawner.status == "timeout"
     mem = run_python("x = bytearray(1 << 30)\nprint('allocated')\n", lim)  # 1 GiB against a 512 MiB limit
     assert mem.status == "memory" and "allocated" not in mem.stdout
     assert run_python("x = bytearray(64 << 20)\nprint(len(x))\n", lim).status == "passed"  # below the limit: fine
-    env = run_python("import os, json\nprint(json.dumps([os.getcwd(), sorted(os.environ)]))\nopen('f', 'w').write('x')\n", lim)
+    env = run_python(
+        "import os, json\nprint(json.dumps([os.getcwd(), sorted(os.environ)]))\nopen('f', 'w').write('x')\n", lim
+    )
     cwd, keys = json.loads(env.stdout)
     assert env.status == "passed" and keys == ["HOME", "LANG", "PATH"] and "zeda-sandbox-" in cwd
     assert not Path(cwd).exists()  # its temp dir went with it
@@ -150,20 +156,32 @@ def test_ifeval_refuses_what_it_cannot_grade_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nltk, "download", lambda *a, **k: pytest.fail("nltk.download called"))
     g = make_grader("ifeval")
-    unknown = write_jsonl(tmp_path / "u.jsonl", [{"key": 1, "prompt": "p", "instruction_id_list": ["made:up"], "kwargs": [{}]}])
+    unknown = write_jsonl(
+        tmp_path / "u.jsonl", [{"key": 1, "prompt": "p", "instruction_id_list": ["made:up"], "kwargs": [{}]}]
+    )
     with pytest.raises(ValueError, match=r"u\.jsonl:1: instruction 'made:up' unknown"):
         g.load(unknown)
-    sentences = write_jsonl(tmp_path / "s.jsonl", [{
-        "key": 2, "prompt": "Answer in fewer than 3 sentences.",
-        "instruction_id_list": ["length_constraints:number_sentences"], "kwargs": [{"relation": "less than", "num_sentences": 3}],
-    }])
+    sentences = write_jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {
+                "key": 2,
+                "prompt": "Answer in fewer than 3 sentences.",
+                "instruction_id_list": ["length_constraints:number_sentences"],
+                "kwargs": [{"relation": "less than", "num_sentences": 3}],
+            }
+        ],
+    )
     try:
         nltk.data.find("tokenizers/punkt_tab/english/")
         have_punkt = True
     except LookupError:
         have_punkt = False
     if not have_punkt:
-        with pytest.raises(ValueError, match=r"s\.jsonl:1: instruction 'length_constraints:number_sentences' needs NLTK resource punkt_tab"):
+        with pytest.raises(
+            ValueError,
+            match=r"s\.jsonl:1: instruction 'length_constraints:number_sentences' needs NLTK resource punkt_tab",
+        ):
             g.load(sentences)
         with pytest.raises(ValueError, match="ifbench grader: NLTK data .* not installed"):
             make_grader("ifbench").load(sentences)

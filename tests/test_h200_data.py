@@ -52,8 +52,14 @@ def test_h200_config_builds_its_prompt_streams_from_the_fixture(path, tok):
 
 @pytest.mark.parametrize("path", H200, ids=lambda p: p.stem)
 def test_h200_config_trains_sft_on_a_rollout_directory(path, tok):
-    cfg = load_config(path, {"data.sft_rollouts": str(FIX / "rollouts"), "data.opd_prompts": str(FIX / "chat_prompts.jsonl"),
-                             "data.fields.id": "uuid"})
+    cfg = load_config(
+        path,
+        {
+            "data.sft_rollouts": str(FIX / "rollouts"),
+            "data.opd_prompts": str(FIX / "chat_prompts.jsonl"),
+            "data.fields.id": "uuid",
+        },
+    )
     data = streams.build(cfg, tok)
     b = data.sft_records
     assert b["tokens"].shape[0] == 12 and data.sft is None
@@ -67,5 +73,7 @@ def test_h200_config_trains_sft_on_a_rollout_directory(path, tok):
 def test_h200_config_with_the_built_in_tasks_fails_clearly_not_late(path, tok):
     """The old H200 configs asked the built-in tasks for 60,000 prompts: it must fail at build time, named."""
     cfg = load_config(path, {"data.sft_prompts": "embedded", "data.opd_prompts": "embedded", "sft.prompts": 60000})
-    with pytest.raises(ValueError, match=r"data\.\w+_prompts: embedded: 60000 prompts .*only \d+ distinct 'add' examples exist"):
+    with pytest.raises(
+        ValueError, match=r"data\.\w+_prompts: embedded: 60000 prompts .*only \d+ distinct 'add' examples exist"
+    ):
         streams.build(cfg, tok)

@@ -18,9 +18,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from learner import bridge
+from learner.config import LearnerSection, OPDStage, SFTStage
 from learner.parallel import free_port
 from learner.testing import tiny_checkpoints
-from learner.config import LearnerSection, OPDStage, SFTStage
 from learner.train import Learner
 
 ROWS = 4
@@ -51,7 +51,9 @@ def _worker(rank, world, ep, port, ckpt, dispatcher, out):
         on_disk = load_file(ckpt / "model.safetensors")
     exported = dict(bridge.full_hf_state(learner.model))  # collective: both ranks
     if rank == 0:
-        result["round_trip"] = set(exported) == set(on_disk) and all(torch.equal(exported[k], on_disk[k]) for k in on_disk)
+        result["round_trip"] = set(exported) == set(on_disk) and all(
+            torch.equal(exported[k], on_disk[k]) for k in on_disk
+        )
     upd = learner.export_buckets(3, bucket_bytes=4096, layout="checkpoint")
     if rank == 0:
         names = [n for n, _ in upd.named_tensors()]

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_one_gpu_parity_training_and_export(tmp_path):
     from learner import model as mdl
-    from learner.testing import load_hf_reference, tiny_checkpoint
     from learner.config import SFTStage
+    from learner.testing import load_hf_reference, tiny_checkpoint
     from learner.train import Learner
 
     ckpt = tiny_checkpoint("glm4_moe_lite", tmp_path / "ckpt", initializer_range=0.1)

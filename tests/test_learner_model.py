@@ -77,7 +77,12 @@ def test_routing_replay_matches_transformers(ckpts, variant):
     info = m.zeda_info
     tokens = tokens_for(info, seed=1)
     g = torch.Generator().manual_seed(2)
-    forced = torch.stack([torch.randperm(info.router.total, generator=g)[: info.router.top_k] for _ in range(tokens.numel() * len(info.moe_layers))])
+    forced = torch.stack(
+        [
+            torch.randperm(info.router.total, generator=g)[: info.router.top_k]
+            for _ in range(tokens.numel() * len(info.moe_layers))
+        ]
+    )
     forced = forced.reshape(len(info.moe_layers), *tokens.shape, info.router.top_k)
     forced[:, :, -1] = -1  # last position not recorded: the router chooses
     with torch.no_grad():
@@ -134,7 +139,9 @@ def test_bridge_round_trip_is_bit_exact(tmp_path, family, dtype):
     assert set(out) == set(on_disk)
     for name, t in on_disk.items():
         assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
-        assert torch.equal(out[name].contiguous().view(-1).view(torch.uint8), t.contiguous().view(-1).view(torch.uint8)), name
+        assert torch.equal(
+            out[name].contiguous().view(-1).view(torch.uint8), t.contiguous().view(-1).view(torch.uint8)
+        ), name
     # and back: Megatron state from the exported tensors equals the loaded model's
     state = bridge.hf_to_megatron(m.zeda_info, out.__getitem__)
     own = dict(m.named_parameters()) | dict(m.named_buffers())

@@ -35,7 +35,11 @@ def ckpts(tmp_path_factory):
 
 def batch(seed=0, b=4, s=12, opd=False, routed=None):
     rng = np.random.default_rng(seed)
-    out = {"tokens": rng.integers(0, 64, (b, s)), "loss_mask": np.zeros((b, s), np.uint8), "attention_mask": np.ones((b, s), np.uint8)}
+    out = {
+        "tokens": rng.integers(0, 64, (b, s)),
+        "loss_mask": np.zeros((b, s), np.uint8),
+        "attention_mask": np.ones((b, s), np.uint8),
+    }
     out["loss_mask"][:, 4:] = 1
     out["attention_mask"][1, 9:] = 0
     if opd:
@@ -79,7 +83,9 @@ def test_full_recompute_replays_and_records_routing_once(ckpts):
     none = make(ck, OPDStage(lr=1e-2))
     info = none.info
     rng = np.random.default_rng(1)
-    routed = np.stack([rng.permutation(info.router.total)[: info.router.top_k] for _ in range(len(info.moe_layers) * 48)])
+    routed = np.stack(
+        [rng.permutation(info.router.total)[: info.router.top_k] for _ in range(len(info.moe_layers) * 48)]
+    )
     b = batch(opd=True, routed=routed.reshape(len(info.moe_layers), 4, 12, -1))
     full = make(ck, OPDStage(lr=1e-2), recompute="full")
     assert_same_step(grads_of(full, b), grads_of(none, b))
@@ -166,20 +172,30 @@ def test_bf16_tracks_fp32_keeps_fp32_masters_and_resumes_exactly(tmp_path):
     lo.set_stage(OPDStage(lr=0.0))
     assert all(not o.optimizer.state for o in lo.optimizer.chained_optimizers)
     lo.train_step(batch(opd=True))
-    assert all(torch.equal(a, p.main_param) for a, p in zip(masters, [p for p in lo.model.parameters() if hasattr(p, "main_param")]))
+    assert all(
+        torch.equal(a, p.main_param)
+        for a, p in zip(masters, [p for p in lo.model.parameters() if hasattr(p, "main_param")])
+    )
 
 
 def _dist_worker(rank, world, port, ckpt, out):
     shard = {k: v[rank * 2 : (rank + 1) * 2] for k, v in batch().items()}
     result = {}
-    layouts = {"local": {}, "distributed": dict(optimizer="distributed"),
-               # experts get their own sharded optimiser; full recompute reruns the dispatcher's collectives in the backward
-               "bf16_ep2": dict(optimizer="distributed", precision="bf16", ep=2, recompute="full", logits_chunk_tokens=16)}
+    layouts = {
+        "local": {},
+        "distributed": dict(optimizer="distributed"),
+        # experts get their own sharded optimiser; full recompute reruns the dispatcher's collectives in the backward
+        "bf16_ep2": dict(optimizer="distributed", precision="bf16", ep=2, recompute="full", logits_chunk_tokens=16),
+    }
     for opt, kw in layouts.items():
-        learner = Learner(ckpt, LearnerSection(micro_batch_tokens=24, **kw), SFT, rank=rank, world_size=world,
-                          master_port=port)
+        learner = Learner(
+            ckpt, LearnerSection(micro_batch_tokens=24, **kw), SFT, rank=rank, world_size=world, master_port=port
+        )
         ms = [learner.train_step(shard) for _ in range(2)]
-        result[opt] = ([m["loss"] for m in ms], {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False)})
+        result[opt] = (
+            [m["loss"] for m in ms],
+            {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False)},
+        )
         if opt == "distributed":  # each rank's shard of the master weights and Adam state resumes exactly
             learner.save(out / "ck")
             m3 = learner.train_step(shard)
@@ -208,7 +224,9 @@ def test_flash_needs_te_on_a_gpu_and_plugs_into_the_local_spec(ckpts, monkeypatc
     info = mdl.model_info(mdl.load_hf_config(ckpts["glm4_moe_lite"]))
     cfg = mdl.transformer_config(info)
     local = mdl.block_spec(info, cfg)
-    assert {layer.submodules.self_attention.submodules.core_attention for layer in local.layer_specs} == {mdl.MLACoreAttention}
+    assert {layer.submodules.self_attention.submodules.core_attention for layer in local.layer_specs} == {
+        mdl.MLACoreAttention
+    }
 
     class FakeTECoreAttention:  # what the TE spec would hand over
         pass
@@ -221,14 +239,16 @@ def test_flash_needs_te_on_a_gpu_and_plugs_into_the_local_spec(ckpts, monkeypatc
     monkeypatch.setattr(specs, "get_gpt_layer_with_transformer_engine_spec", lambda **kw: te)
     flash = mdl.block_spec(info, cfg, attention="flash")
     for i, (a, b) in enumerate(zip(flash.layer_specs, local.layer_specs)):
-        sa, sb = a.submodules.self_attention.submodules, b.submodules.self_attention.submodules
+        sa = a.submodules.self_attention.submodules
         assert sa.core_attention is FakeTECoreAttention and sa.q_layernorm is not None
         if i in info.moe_layers:  # the zero-expert router is in the flash spec too
             assert a.submodules.mlp.submodules.router.func is mdl.ZeroExpertRouter
 
 
 def test_the_config_refuses_tp_with_chunked_logprobs_and_cpu_offload_only_and_so_does_the_learner(ckpts):
-    knobs = dict(precision="bf16", recompute="full", optimizer="distributed", attention="flash", logits_chunk_tokens=4096)
+    knobs = dict(
+        precision="bf16", recompute="full", optimizer="distributed", attention="flash", logits_chunk_tokens=4096
+    )
     assert not_implemented(LearnerSection(**knobs)) == []
     assert not_implemented(LearnerSection(**{**knobs, "tp": 4, "logits_chunk_tokens": None})) == []
     refused = not_implemented(LearnerSection(**{**knobs, "tp": 4, "optimizer": "cpu_offload"}))

@@ -14,8 +14,8 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from learner.testing import load_hf_reference, tiny_checkpoint  # noqa: E402
 from learner.config import LearnerSection, OPDStage, SFTStage  # noqa: E402
+from learner.testing import load_hf_reference, tiny_checkpoint  # noqa: E402
 from zeda_rl.weights import apply_update  # noqa: E402
 
 
@@ -34,7 +34,9 @@ def test_learner_group_ep2_trains_and_exports(local_ray, tmp_path):
     from learner.actor import LearnerGroup
 
     ckpt = tiny_checkpoint("qwen3_moe", tmp_path / "ckpt", initializer_range=0.1)
-    group = LearnerGroup(ckpt, LearnerSection(ep=2, bucket_bytes=256 << 20), SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0))
+    group = LearnerGroup(
+        ckpt, LearnerSection(ep=2, bucket_bytes=256 << 20), SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0)
+    )
     try:
         assert group.world_size == 2 and group.info["num_experts"] == 8
         rng = np.random.default_rng(0)
@@ -60,7 +62,9 @@ def test_learner_group_ep2_trains_and_exports(local_ray, tmp_path):
         np.testing.assert_allclose(group.logits(tokens), ref, atol=1e-4, rtol=0)
 
         # OPD through the same group: the stage switches to the section given
-        b = dict(batch, behaviour_logprobs=np.zeros((4, 12), np.float32), teacher_logprobs=np.zeros((4, 12), np.float32))
+        b = dict(
+            batch, behaviour_logprobs=np.zeros((4, 12), np.float32), teacher_logprobs=np.zeros((4, 12), np.float32)
+        )
         m = group.train_step(OPDStage(lr=1e-3), b)
         assert m["lr"] == 1e-3 and "reverse_kl" in m and group.stage == "opd"
     finally:
@@ -89,13 +93,23 @@ def test_tiny_cpu_yaml_reaches_the_learner_unchanged(local_ray, tmp_path):
         rng = np.random.default_rng(0)
         batch = {"tokens": rng.integers(0, 64, (4, 12)), "loss_mask": np.tile(np.r_[[0] * 4 + [1] * 8], (4, 1))}
         m = group.train_step(cfg.sft, batch)
-        assert m["lr"] == pytest.approx(raw["sft"]["lr"] / round(raw["sft"]["warmup_frac"] * raw["sft"]["steps"]))  # warmup step 1
+        assert m["lr"] == pytest.approx(
+            raw["sft"]["lr"] / round(raw["sft"]["warmup_frac"] * raw["sft"]["steps"])
+        )  # warmup step 1
 
-        b = dict(batch, behaviour_logprobs=np.zeros((4, 12), np.float32), teacher_logprobs=np.zeros((4, 12), np.float32))
+        b = dict(
+            batch, behaviour_logprobs=np.zeros((4, 12), np.float32), teacher_logprobs=np.zeros((4, 12), np.float32)
+        )
         m = group.train_step(cfg.opd, b)
         s = group.settings()
-        opd = {k: raw["opd"].get(k, v) for k, v in OPDStage().model_dump().items()}  # the YAML's keys, defaults elsewhere
-        assert s["stage"] == {"name": "opd", **opd} and opd["lr"] == raw["opd"]["lr"] and opd["steps"] == raw["opd"]["steps"]
+        opd = {
+            k: raw["opd"].get(k, v) for k, v in OPDStage().model_dump().items()
+        }  # the YAML's keys, defaults elsewhere
+        assert (
+            s["stage"] == {"name": "opd", **opd}
+            and opd["lr"] == raw["opd"]["lr"]
+            and opd["steps"] == raw["opd"]["steps"]
+        )
         assert m["lr"] == raw["opd"]["lr"] and group.state()["stage"] == "opd"
         assert s["config"] == cfg.learner.model_dump(mode="json") and s["temperature"] == raw["sampling"]["temperature"]
     finally:
@@ -110,8 +124,22 @@ def test_sft_command_runs_two_ep_ranks(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "learner.sft", "--make-tiny", "glm4_moe_lite", "--checkpoint", str(tmp_path / "tiny"),
-           "--ep", "2", "--steps", "3", "--json", "--export", str(tmp_path / "student")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "learner.sft",
+        "--make-tiny",
+        "glm4_moe_lite",
+        "--checkpoint",
+        str(tmp_path / "tiny"),
+        "--ep",
+        "2",
+        "--steps",
+        "3",
+        "--json",
+        "--export",
+        str(tmp_path / "student"),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

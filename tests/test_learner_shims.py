@@ -10,8 +10,15 @@ from learner import cpu_shims
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shims apply only without CUDA")
 
-TESTED = {"rng", "device_streams", "te_general_gemm", "mla_have_te", "alltoall_splits", "cuda_literals",
-          "optimizer_param_types"}
+TESTED = {
+    "rng",
+    "device_streams",
+    "te_general_gemm",
+    "mla_have_te",
+    "alltoall_splits",
+    "cuda_literals",
+    "optimizer_param_types",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -60,7 +60,9 @@ def eval_inputs(info) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pad = torch.zeros(2, 11, dtype=torch.bool)
     pad[1, 8:] = True
     n_layers, k, total = len(info.moe_layers), info.router.top_k, info.router.total
-    forced = torch.stack([torch.randperm(total, generator=g)[:k] for _ in range(n_layers * 2 * 11)]).reshape(n_layers, 2, 11, k)
+    forced = torch.stack([torch.randperm(total, generator=g)[:k] for _ in range(n_layers * 2 * 11)]).reshape(
+        n_layers, 2, 11, k
+    )
     forced[:, 0, 3] = -1  # not recorded: the router chooses
     return tokens, pad, forced
 
@@ -83,8 +85,10 @@ def _steps(learner, rows: dict) -> dict:
     """SFT grads + metrics, then OPD grads + metrics (at a temperature) and one update."""
     st = learner.accumulate(rows)
     gn = parallel.grad_norm(learner.model)
-    sft = dict(metrics=learner._metrics(st, gn, 0.0, 1.0),
-               grads={k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False, grads=True)})
+    sft = dict(
+        metrics=learner._metrics(st, gn, 0.0, 1.0),
+        grads={k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False, grads=True)},
+    )
     learner.set_stage(OPD)
     learner.temperature = TEMPERATURE
     st = learner.accumulate(rows)

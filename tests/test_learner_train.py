@@ -8,8 +8,8 @@ import torch
 
 from learner import bridge, checkpoint
 from learner import model as mdl
-from learner.testing import tiny_checkpoint
 from learner.config import LearnerSection, OPDStage, SFTStage
+from learner.testing import tiny_checkpoint
 from learner.train import Learner
 from zeda_rl.losses import token_logprobs
 
@@ -90,7 +90,9 @@ def test_opd_steps_move_the_student_towards_the_teacher(ckpts, family):
     after = gap()
     assert after < 0.8 * before
     m0 = ms[0]
-    assert m0["reverse_kl"] == pytest.approx(float((behaviour - teacher)[mask].mean()), abs=1e-4)  # fresh = behaviour at step 1
+    assert m0["reverse_kl"] == pytest.approx(
+        float((behaviour - teacher)[mask].mean()), abs=1e-4
+    )  # fresh = behaviour at step 1
     assert m0["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and m0["clip_frac"] == 0.0
     assert m0["loss"] == pytest.approx(m0["policy_loss"] + m0["aux_loss"])
     assert all(m["aux_loss"] > 0 and 0 <= m["zero_ratio"] <= 1 for m in ms)
@@ -105,9 +107,15 @@ def test_opd_with_routing_replay_uses_the_given_experts(ckpts):
     b, s = batch["tokens"].shape
     info = learner.info
     rng = np.random.default_rng(0)
-    routed = np.stack([rng.permutation(info.router.total)[: info.router.top_k] for _ in range(len(info.moe_layers) * b * s)])
+    routed = np.stack(
+        [rng.permutation(info.router.total)[: info.router.top_k] for _ in range(len(info.moe_layers) * b * s)]
+    )
     routed = routed.reshape(len(info.moe_layers), b, s, info.router.top_k).astype(np.int16)
-    batch.update(behaviour_logprobs=np.zeros((b, s), np.float32), teacher_logprobs=np.zeros((b, s), np.float32), routed_experts=routed)
+    batch.update(
+        behaviour_logprobs=np.zeros((b, s), np.float32),
+        teacher_logprobs=np.zeros((b, s), np.float32),
+        routed_experts=routed,
+    )
     m = learner.train_step(batch)
     valid = batch["attention_mask"].astype(bool)
     want = [float((routed[i][valid] >= info.num_experts).mean()) for i in range(len(info.moe_layers))]
@@ -178,7 +186,10 @@ def test_stage_switch_resets_the_schedule(ckpts):
     c = learner.set_stage(OPDStage(lr=5e-3))
     assert c.name == learner.stage.name == "opd" and learner.stage_start == 1
     b = sft_batch()
-    b.update(behaviour_logprobs=np.zeros(b["tokens"].shape, np.float32), teacher_logprobs=np.zeros(b["tokens"].shape, np.float32))
+    b.update(
+        behaviour_logprobs=np.zeros(b["tokens"].shape, np.float32),
+        teacher_logprobs=np.zeros(b["tokens"].shape, np.float32),
+    )
     m = learner.train_step(b)
     assert m["lr"] == 5e-3 and "policy_loss" in m
 
@@ -221,7 +232,6 @@ def test_gradients_are_clipped_to_the_global_norm(ckpts):
     assert parallel.grad_norm(learner.model) == pytest.approx(1e-3, rel=1e-3)
     m = make(ckpts["qwen3_moe"], grad_clip=1e-3).train_step(sft_batch())
     assert m["grad_norm"] == pytest.approx(before, rel=1e-4)  # the metric is the norm before clipping
-
 
 
 def test_expert_load_and_its_violation_of_uniform():

@@ -160,7 +160,9 @@ def test_behaviour_logprobs_match_learner_forward(runs, temp):
     assert int(mask.sum()) == sum(len(s.output_ids) for s in r["samples"]) > 0
     assert len({len(x) for x in r["seqs"]}) > 1  # right padding really happens in the packed batch
     reasons = {s.finish_reason for s in r["samples"]}
-    assert reasons == {"stop", "length"}, f"seed {SEED} no longer gives early stops and full-length samples ({reasons}): pick another"
+    assert reasons == {"stop", "length"}, (
+        f"seed {SEED} no longer gives early stops and full-length samples ({reasons}): pick another"
+    )
     for name in ("logp_replay", "logp_free"):
         diff = _masked_maxdiff(r[name], behaviour, mask)
         assert diff <= LOGPROB_ATOL, f"{name}: behaviour vs learner logprobs differ by {diff:.3g} at T={temp}"
@@ -184,7 +186,9 @@ def test_recorded_experts_match_learner_routing(parts, runs, temp):
     assert bool((rec[~recorded] == -1).all())  # the last token and the padding: -1, all K slots
     sel = recorded[..., None].expand_as(rec)
     n_wrong = int((r["free_ids"][sel] != rec[sel]).sum())
-    assert n_wrong == 0, f"learner routing (no replay) differs from the engine's recorded ids in {n_wrong} slots at T={temp}"
+    assert n_wrong == 0, (
+        f"learner routing (no replay) differs from the engine's recorded ids in {n_wrong} slots at T={temp}"
+    )
     assert torch.equal(r["replayed_ids"][sel], rec[sel])
     # both kinds of slots were recorded, so the comparison covers real and zero experts
     zero_share = float((rec[sel] >= parts["learner"].zeda_info.num_experts).float().mean())
@@ -235,8 +239,9 @@ def test_teacher_top_k_targets_survive_the_chain(parts, runs):
     for i, seq in enumerate(r["seqs"]):
         with torch.no_grad():
             ref = torch.log_softmax(parts["static_ref"](torch.tensor([seq])).logits[0, :-1].float(), -1)
-        got = torch.full_like(ref, float("nan")).scatter(-1, batch["teacher_top_ids"][i, 1 : len(seq)],
-                                                          batch["teacher_top_logprobs"][i, 1 : len(seq)])
+        got = torch.full_like(ref, float("nan")).scatter(
+            -1, batch["teacher_top_ids"][i, 1 : len(seq)], batch["teacher_top_logprobs"][i, 1 : len(seq)]
+        )
         worst = max(worst, float((got - ref).abs().max()))
     assert worst <= LOGPROB_ATOL
     # the learner's KL against those targets is the KL of the two models' full distributions

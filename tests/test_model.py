@@ -26,7 +26,12 @@ def _converted(tmp_path, family, zero=4, zero_type="zero", **overrides):
 @pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
 @pytest.mark.parametrize(
     "family,overrides",
-    [("qwen3_moe", {}), ("qwen3_moe", {"mlp_only_layers": [0]}), ("glm4_moe_lite", {}), ("glm4_moe_lite", {"n_group": 2, "topk_group": 1})],
+    [
+        ("qwen3_moe", {}),
+        ("qwen3_moe", {"mlp_only_layers": [0]}),
+        ("glm4_moe_lite", {}),
+        ("glm4_moe_lite", {"n_group": 2, "topk_group": 1}),
+    ],
 )
 def test_mask_on_reproduces_original(tmp_path, family, overrides, impl):
     static, out = _converted(tmp_path, family, **overrides)
@@ -80,7 +85,12 @@ def test_real_expert_work_falls_with_zero_share(tmp_path, family):
         for impl in ("grouped_mm", "eager"):
             model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, experts_implementation=impl).eval()
             _widen_zero_rows(model, scale)
-            with torch.no_grad(), record_routing(model) as rec, _GroupedRows() as counter, FlopCounterMode(display=False) as flops:
+            with (
+                torch.no_grad(),
+                record_routing(model) as rec,
+                _GroupedRows() as counter,
+                FlopCounterMode(display=False) as flops,
+            ):
                 model(ids)
             real_pairs = int((rec() < 8).sum())
             if impl == "grouped_mm":

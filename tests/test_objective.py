@@ -103,8 +103,15 @@ def reference_backward(learner, b: dict, alpha=ALPHA) -> list[float]:
         valid = attn.T.reshape(-1)
         for r, x in zip(mdl.routers(model), xs):
             logits = x.reshape(-1, x.shape[-1]).float() @ r.weight.float().T
-            total = total + reference_l_ga(logits, info.router.family == "sigmoid", info.num_experts, info.num_zero,
-                                           info.router.top_k, valid, alpha=alpha) / len(MICRO_BATCHES)
+            total = total + reference_l_ga(
+                logits,
+                info.router.family == "sigmoid",
+                info.num_experts,
+                info.num_zero,
+                info.router.top_k,
+                valid,
+                alpha=alpha,
+            ) / len(MICRO_BATCHES)
         ids = mdl.last_routing(model, *tokens.shape)
         zero += float(((ids >= info.num_experts) & attn[None, :, :, None]).sum())
         slots += float(attn.sum()) * ids.shape[0] * ids.shape[-1]
@@ -184,15 +191,20 @@ def test_l_ga_value_and_gradient_pinned_on_a_hand_made_batch(ckpts):
         return v
 
     real, zero, mixed, pad = q(0, 1), q(8, 9), q(2, 10), torch.tensor([0.0] * n + [0.25] * nz) + 1e-9
-    table = torch.stack([torch.stack(row) for row in [[real, real, zero, mixed], [zero, real, pad, pad]]])  # [B, S, slots]
+    table = torch.stack(
+        [torch.stack(row) for row in [[real, real, zero, mixed], [zero, real, pad, pad]]]
+    )  # [B, S, slots]
     x = torch.zeros(4, 2, hidden)  # [S, B, H]
     x[..., : n + nz] = table.log().transpose(0, 1)
     weight = torch.zeros(n + nz, hidden)
     weight[:, : n + nz] = torch.eye(n + nz)
     for r in mdl.routers(learner.model):
         r.weight.data.copy_(weight)
-    b = {"tokens": np.ones((2, 4), np.int64), "loss_mask": np.zeros((2, 4), np.uint8),
-         "attention_mask": np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.uint8)}
+    b = {
+        "tokens": np.ones((2, 4), np.int64),
+        "loss_mask": np.zeros((2, 4), np.uint8),
+        "attention_mask": np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.uint8),
+    }
     with router_inputs(learner.model, replace=x):
         st = learner.accumulate(b)
 
@@ -216,7 +228,9 @@ def test_zero_share_follows_alpha(ckpts):
     so a wrong L_GA scale changes the path, which Adam's scale invariance would hide): with alpha
     the zero share climbs towards r* = 50% along the path of our own L_GA; with alpha = 0 it does
     not move at all."""
-    sgd = dict(stage=SFTStage(lr=300.0, schedule="constant", warmup_frac=0.0), eps=1e3, betas=(0.0, 0.0))  # SGD, step 0.3: 31% -> 43% in 3 steps
+    sgd = dict(
+        stage=SFTStage(lr=300.0, schedule="constant", warmup_frac=0.0), eps=1e3, betas=(0.0, 0.0)
+    )  # SGD, step 0.3: 31% -> 43% in 3 steps
     b = batch(loss_from=12)
     flat = make(ckpts["qwen3_moe"], alpha=0.0, **sgd)
     shares0 = [flat.train_step(b)["zero_ratio"] for _ in range(3)]
@@ -371,8 +385,13 @@ def test_run_config_carries_the_switches_with_official_defaults():
     with pytest.raises(ValueError, match="tis_cap"):
         OPDStage(tis_cap=2.0, ratio="behaviour")
     # the dense objective is a switch beside the official one, refused where the learner cannot run it
-    assert o.objective == "sampled_token" and learner_part(RunConfig.model_validate(
-        {"opd": {"objective": "full_kl", "teacher_top_k": 8}}).opd).teacher_top_k == 8
+    assert (
+        o.objective == "sampled_token"
+        and learner_part(
+            RunConfig.model_validate({"opd": {"objective": "full_kl", "teacher_top_k": 8}}).opd
+        ).teacher_top_k
+        == 8
+    )
     with pytest.raises(ValueError, match="full_kl needs the whole micro-batch"):
         RunConfig.model_validate({"opd": {"objective": "full_kl"}, "learner": {"ep": 2, "tp": 2}})
     with pytest.raises(ValueError, match="full_kl needs the whole micro-batch"):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from tests.helpers import run_on_fresh_ray, short_run_config
 from launch.monitor import MonitorState, follow
+from tests.helpers import run_on_fresh_ray, short_run_config
 from zeda_rl.metrics import read_events
 
 SHORT = {
@@ -59,7 +59,9 @@ class _Screen:
 def run(tmp_path_factory):
     cfg = short_run_config(tmp_path_factory.mktemp("e2e"), SHORT)
     screen, state = _Screen(), MonitorState()
-    monitor = threading.Thread(target=follow, args=(cfg.run_dir / "metrics.jsonl", state, screen, 0.2, 900), daemon=True)
+    monitor = threading.Thread(
+        target=follow, args=(cfg.run_dir / "metrics.jsonl", state, screen, 0.2, 900), daemon=True
+    )
     monitor.start()
     result = run_on_fresh_ray(cfg)
     monitor.join(timeout=10)
@@ -82,9 +84,10 @@ def test_weights_reach_the_rollout_engines(run):
     before, after = np.array(probes[0].value), np.array(probes[-1].value)
     assert np.abs(after - before).max() > 1e-3  # the engines' outputs changed with the pushed weights
     # ... and they are exactly the learner's final weights: score the probe with the exported student
+    from transformers import AutoTokenizer
+
     from actors.torch_engine import TorchEngine
     from launch.streams import chat_format, opd_prompts
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.run_dir / "student")
     probe = opd_prompts(cfg, chat_format(cfg, tok)).ids[:4]
@@ -124,7 +127,9 @@ def test_report_is_written_with_every_number(run):
     assert all(v > 0 for v in on_disk["tokens_per_s"].values()), on_disk["tokens_per_s"]
     assert len(on_disk["zero_expert_ratio"]["per_layer"]) == 2
     vio = on_disk["expert_load_violation"]
-    assert len(vio["max_per_layer"]) == 2 and all(m >= a >= 0 for m, a in zip(vio["max_per_layer"], vio["mean_per_layer"]))
+    assert len(vio["max_per_layer"]) == 2 and all(
+        m >= a >= 0 for m, a in zip(vio["max_per_layer"], vio["mean_per_layer"])
+    )
     assert on_disk["versions"]["torch"] and "Load of the real experts" in (cfg.run_dir / "report.md").read_text()
 
 

@@ -34,8 +34,15 @@ from tests.helpers import run_on_fresh_ray, short_run_config
 from zeda_rl.metrics import read_events
 
 SHORT = {
-    "name": "faults", "sft.steps": 4, "sft.prompts": 64, "sft.batch_size": 16, "opd.steps": 14,
-    "opd.prompts_per_step": 4, "opd.samples_per_prompt": 2, "opd.rollout_batch": 2, "eval.n_per_family": 2,
+    "name": "faults",
+    "sft.steps": 4,
+    "sft.prompts": 64,
+    "sft.batch_size": 16,
+    "opd.steps": 14,
+    "opd.prompts_per_step": 4,
+    "opd.samples_per_prompt": 2,
+    "opd.rollout_batch": 2,
+    "eval.n_per_family": 2,
     "sampling.max_new_tokens": 8,
 }
 MALFORMED = 10_000
@@ -99,7 +106,9 @@ def test_killed_engines_and_malformed_inbox_messages_leave_no_sample_unaccounted
     assert len(_values(events, "learner", "staleness_max")) == cfg.opd.steps
     assert max(_values(events, "learner", "staleness_max")) <= cfg.opd.max_staleness
     final = result["final_policy_version"]
-    assert final == cfg.opd.steps and _values(events, "rollout", "served_versions")[-1] == [final]  # resynced to the end
+    assert final == cfg.opd.steps and _values(events, "rollout", "served_versions")[-1] == [
+        final
+    ]  # resynced to the end
 
     f = result["faults"]  # the report's numbers: restarts, and every malformed message counted by reason
     assert f["restarts"]["rollout"] >= 1 and f["restarts"]["teacher"] >= 1, f
@@ -111,8 +120,10 @@ def test_killed_engines_and_malformed_inbox_messages_leave_no_sample_unaccounted
     assert len(trained) == len(set(trained)) == adm["trained"]
     assert adm["admitted"] == adm["trained"] + sum(adm["dropped"].values()), adm
     assert set(trained) <= set(range(adm["admitted"]))  # ids are stream positions x samples, admitted in order
-    print(f"[faults] engines: killed {seen['rollout']} (rollout), {seen['teacher']} (teacher); restarts {f['restarts']}; "
-          f"admitted {adm['admitted']}, trained {adm['trained']}, dropped {adm['dropped']}; malformed {f['malformed_reasons']}")
+    print(
+        f"[faults] engines: killed {seen['rollout']} (rollout), {seen['teacher']} (teacher); restarts {f['restarts']}; "
+        f"admitted {adm['admitted']}, trained {adm['trained']}, dropped {adm['dropped']}; malformed {f['malformed_reasons']}"
+    )
 
 
 @pytest.mark.timeout(600)
@@ -142,22 +153,36 @@ def test_a_killed_learner_rank_ends_the_run_promptly_with_a_resumable_checkpoint
     ckpt = latest(cfg.run_dir / "learner")
     assert ckpt is not None
     meta = read_meta(ckpt)
-    assert f"of {cfg.learner.ep * cfg.learner.dp} died during" in message and "--resume" in message and str(ckpt) in message, message
+    assert (
+        f"of {cfg.learner.ep * cfg.learner.dp} died during" in message
+        and "--resume" in message
+        and str(ckpt) in message
+    ), message
     events = read_events(metrics)
     assert _values(events, "driver", "phase")[-1] == "failed"
     assert _values(events, "driver", "learner_lost")[-1]["resume_step"] == meta["step"]
     # resumable: complete (every rank's file), in OPD, with the data cursor, and nothing half-written beside it
     assert meta["data_cursor"]["stage"] == "opd" and meta["step"] == cfg.sft.steps + meta["data_cursor"]["step"]
     for r in range(meta["world_size"]):
-        assert set(torch.load(ckpt / f"rank{r:05d}.pt", map_location="cpu", weights_only=False)) >= {"model", "optimizer"}
+        assert set(torch.load(ckpt / f"rank{r:05d}.pt", map_location="cpu", weights_only=False)) >= {
+            "model",
+            "optimizer",
+        }
     assert not [p.name for p in ckpt.parent.iterdir() if p.name.startswith(".")]
     print(f"[faults] learner rank killed (pid {seen['pid']}): ended in {ended - seen['at']:.1f}s: {message[:200]}")
 
 
 def _driver(cfg_sets: dict, resume: bool) -> list[str]:
     sets = [f"--set={k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in cfg_sets.items()]
-    return [sys.executable, "-m", "launch.train", "--config", "launch/configs/tiny-cpu.yaml", *sets,
-            *(["--resume"] if resume else [])]
+    return [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--config",
+        "launch/configs/tiny-cpu.yaml",
+        *sets,
+        *(["--resume"] if resume else []),
+    ]
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -185,12 +210,20 @@ def test_a_killed_driver_resumes_at_the_checkpoint_step_with_its_optimizer_state
     from learner.checkpoint import latest, read_meta
 
     cfg = short_run_config(base, {**SHORT, "name": "driver", "learner.checkpoint_every": 2, "opd.steps": 10})
-    sets = {**SHORT, "name": "driver", "learner.checkpoint_every": 2, "opd.steps": 10,
-            "output_dir": cfg.output_dir, "model.teacher": cfg.model.teacher}
+    sets = {
+        **SHORT,
+        "name": "driver",
+        "learner.checkpoint_every": 2,
+        "opd.steps": 10,
+        "output_dir": cfg.output_dir,
+        "model.teacher": cfg.model.teacher,
+    }
     metrics, root = cfg.run_dir / "metrics.jsonl", cfg.run_dir / "learner"
     logs = base / "driver-logs.txt"
     with logs.open("w") as out:
-        proc = subprocess.Popen(_driver(sets, resume=False), stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+        proc = subprocess.Popen(
+            _driver(sets, resume=False), stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1]
+        )
         try:
             deadline = time.monotonic() + 600
             while proc.poll() is None and time.monotonic() < deadline:  # an OPD checkpoint, then a step past it
@@ -204,20 +237,27 @@ def test_a_killed_driver_resumes_at_the_checkpoint_step_with_its_optimizer_state
             _kill_tree(proc)
     ckpt = latest(root)
     meta = read_meta(ckpt)
-    saved = {r: torch.load(ckpt / f"rank{r:05d}.pt", map_location="cpu", weights_only=False) for r in range(meta["world_size"])}
+    saved = {
+        r: torch.load(ckpt / f"rank{r:05d}.pt", map_location="cpu", weights_only=False)
+        for r in range(meta["world_size"])
+    }
     shutil.copy(metrics, base / "driver-killed-metrics.jsonl")
     killed_events = read_events(metrics)
 
-    done = subprocess.run(_driver(sets, resume=True), capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    done = subprocess.run(
+        _driver(sets, resume=True), capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1]
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     events = read_events(metrics)
-    resumed = events[len(killed_events):]
+    resumed = events[len(killed_events) :]
     assert _values(resumed, "driver", "phase")[-1] == "finished"
     (mark,) = _values(resumed, "driver", "resumed")
     c = meta["data_cursor"]["step"]
     assert mark["learner_step"] == meta["step"] and mark["step"] == c
     # the same step: OPD goes on at c + 1 and trains each later step once
-    assert [e.step for e in resumed if e.component == "learner" and e.name == "staleness_max"] == list(range(c + 1, cfg.opd.steps + 1))
+    assert [e.step for e in resumed if e.component == "learner" and e.name == "staleness_max"] == list(
+        range(c + 1, cfg.opd.steps + 1)
+    )
     # the same optimizer state: the resumed learner's first save (at the checkpoint's step, before any
     # training) holds exactly the tensors of the checkpoint the killed driver left
     again = {r: torch.load(ckpt / f"rank{r:05d}.pt", map_location="cpu", weights_only=False) for r in saved}
@@ -228,20 +268,26 @@ def test_a_killed_driver_resumes_at_the_checkpoint_step_with_its_optimizer_state
 
     # every sample id across both drivers: trained once in the final model's lineage, or dropped and counted
     spp = cfg.opd.samples_per_prompt
-    before = [i for e in killed_events if e.component == "driver" and e.name == "trained_ids" and e.step <= c for i in e.value]
+    before = [
+        i for e in killed_events if e.component == "driver" and e.name == "trained_ids" and e.step <= c for i in e.value
+    ]
     after = _trained_ids(resumed)
     assert len(before) + len(after) == len(set(before) | set(after))  # none trained twice
     upto, inflight = meta["data_cursor"]["prompts"] * spp, meta["data_cursor"]["inflight"]
     assert set(before) <= set(range(upto))  # (the kill may land after step c's save, before its ids are logged)
-    assert upto - inflight == c * cfg.opd.prompts_per_step * spp  # each admitted by step c: trained by then, or in flight
+    assert (
+        upto - inflight == c * cfg.opd.prompts_per_step * spp
+    )  # each admitted by step c: trained by then, or in flight
     assert min(after) >= upto  # the resumed stream starts after every prompt the checkpoint had admitted
     adm = json.loads((cfg.run_dir / "report.json").read_text())["opd_admission"]
     assert adm["admitted"] == adm["trained"] + sum(adm["dropped"].values()) and adm["trained"] == len(after), adm
     assert adm["dropped"].get("resume_skipped", 0) == inflight, adm
     report = json.loads((cfg.run_dir / "report.json").read_text())
     assert len(report["faults"]["resumes"]) == 1
-    print(f"[faults] driver killed after OPD step {_opd_steps(base / 'driver-killed-metrics.jsonl')}, resumed at step {c} "
-          f"(learner step {meta['step']}): {len(before)} + {len(after)} samples trained, {meta['data_cursor']['inflight']} skipped")
+    print(
+        f"[faults] driver killed after OPD step {_opd_steps(base / 'driver-killed-metrics.jsonl')}, resumed at step {c} "
+        f"(learner step {meta['step']}): {len(before)} + {len(after)} samples trained, {meta['data_cursor']['inflight']} skipped"
+    )
 
 
 @pytest.mark.timeout(300)
@@ -251,13 +297,29 @@ def test_synchronous_loop_without_replay_from_a_jsonl_of_teacher_answers(base):
     from zeda_rl.tasks import make_split
 
     data = base / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.answer}) + "\n" for e in make_split("train", 16)))
-    cfg = short_run_config(base, {**SHORT, "name": "sync", "opd.steps": 4, "opd.asynchronous": False,
-                                  "opd.routing_replay": False, "data.sft_rollouts": str(data)})
+    data.write_text(
+        "".join(json.dumps({"prompt": e.prompt, "response": e.answer}) + "\n" for e in make_split("train", 16))
+    )
+    cfg = short_run_config(
+        base,
+        {
+            **SHORT,
+            "name": "sync",
+            "opd.steps": 4,
+            "opd.asynchronous": False,
+            "opd.routing_replay": False,
+            "data.sft_rollouts": str(data),
+        },
+    )
     result = run_on_fresh_ray(cfg)
     events = read_events(cfg.run_dir / "metrics.jsonl")
     stale = [e.value for e in events if e.component == "learner" and e.name == "staleness_max"]
     assert stale == [0] * cfg.opd.steps  # synchronous: every batch sampled by the current policy
-    assert not [e for e in events if e.component == "teacher" and e.name == "tokens" and e.time < min(
-        x.time for x in events if x.name == "phase" and x.value == "opd")]  # SFT: no teacher generation
+    assert not [
+        e
+        for e in events
+        if e.component == "teacher"
+        and e.name == "tokens"
+        and e.time < min(x.time for x in events if x.name == "phase" and x.value == "opd")
+    ]  # SFT: no teacher generation
     assert result["final_policy_version"] == cfg.opd.steps

@@ -22,8 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "configs"
 H200 = {"qwen3-30b-a3b": "qwen3-30b-a3b.json", "glm-4.7-flash": "glm-4.7-flash.json"}
 TOLERANCE = 0.15
-DIMS = dict(vocab_size=512, hidden_size=128, moe_intermediate_size=64, intermediate_size=256, num_attention_heads=4,
-            max_position_embeddings=128)
+DIMS = dict(
+    vocab_size=512,
+    hidden_size=128,
+    moe_intermediate_size=64,
+    intermediate_size=256,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
 EXTRA = {"qwen3_moe": dict(head_dim=32, num_key_value_heads=2), "glm4_moe_lite": {}}
 BUDGETS = [(2048, 64), (8192, 128)]  # (micro-batch tokens, row length)
 
@@ -62,7 +68,9 @@ def _tiny_arch(family: str, zero: int = 4) -> plan.Arch:
 
 
 def _h200(name: str, overrides: dict | None = None):
-    return load_config(ROOT / "launch" / "configs" / f"{name}-h200.yaml", overrides), json.loads((FIX / H200[name]).read_text())
+    return load_config(ROOT / "launch" / "configs" / f"{name}-h200.yaml", overrides), json.loads(
+        (FIX / H200[name]).read_text()
+    )
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe_lite"])
@@ -83,10 +91,19 @@ def test_cpu_peak_memory_matches_plan(tmp_path):
     from learner.testing import tiny_checkpoint
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
-    cks = {f: tiny_checkpoint(f, tmp_path / f, **DIMS, **EXTRA[f]) for f in EXTRA}  # here: the probe's peak is the step's
-    procs = {f: subprocess.Popen([sys.executable, "-c", PROBE, str(cks[f]), json.dumps({**DIMS, **EXTRA[f]}),
-                                  json.dumps(BUDGETS)], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-             for f in EXTRA}
+    cks = {
+        f: tiny_checkpoint(f, tmp_path / f, **DIMS, **EXTRA[f]) for f in EXTRA
+    }  # here: the probe's peak is the step's
+    procs = {
+        f: subprocess.Popen(
+            [sys.executable, "-c", PROBE, str(cks[f]), json.dumps({**DIMS, **EXTRA[f]}), json.dumps(BUDGETS)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for f in EXTRA
+    }
     for family, proc in procs.items():
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, out
@@ -115,13 +132,22 @@ def test_h200_configs_fit_with_planned_knobs(name):
     assert rank["need"] < 0.8 * rank["capacity"]
     arch = p["arch"]
     assert (arch["hidden"], arch["layers"], arch["experts"], arch["vocab"]) == (
-        (2048, 48, 128, 151936) if name.startswith("qwen") else (2048, 47, 64, 154880))
+        (2048, 48, 128, 151936) if name.startswith("qwen") else (2048, 47, 64, 154880)
+    )
 
 
 @pytest.mark.parametrize("name", list(H200))
 def test_todays_learner_layout_is_refused_with_the_knob(name):
-    cfg, hf = _h200(name, {"learner.precision": "fp32", "learner.tp": 1, "learner.recompute": "none",
-                            "learner.optimizer": "local", "learner.attention": "local"})
+    cfg, hf = _h200(
+        name,
+        {
+            "learner.precision": "fp32",
+            "learner.tp": 1,
+            "learner.recompute": "none",
+            "learner.optimizer": "local",
+            "learner.attention": "local",
+        },
+    )
     p = plan.make_plan(cfg, hf)
     assert not p["fits"]
     reason = plan.refusal(p)
@@ -132,15 +158,26 @@ def test_todays_learner_layout_is_refused_with_the_knob(name):
 def test_train_refuses_oversized_and_planned_configs(tmp_path, capsys):
     from launch.train import main
 
-    assert main(["--config", str(ROOT / "launch/configs/tiny-cpu.yaml"), "--set", "learner.micro_batch_tokens=2000000000"]) == 2
+    assert (
+        main(["--config", str(ROOT / "launch/configs/tiny-cpu.yaml"), "--set", "learner.micro_batch_tokens=2000000000"])
+        == 2
+    )
     assert "does not fit: host" in capsys.readouterr().err
     (tmp_path / "config.json").write_text((FIX / H200["qwen3-30b-a3b"]).read_text())
     cfg = ROOT / "launch/configs/qwen3-30b-a3b-h200.yaml"
     assert main(["--config", str(cfg), "--set", f"model.teacher={tmp_path}"]) == 2
     err = capsys.readouterr().err  # refused (its data files are not on this machine), no longer for TP 4
     assert "refused" in err and "learner.tp" not in err
-    sets = [f"model.teacher={tmp_path}"] + [f"learner.{k}={v}" for k, v in
-                                            (("precision", "fp32"), ("tp", 1), ("recompute", "none"), ("optimizer", "local"), ("attention", "local"))]
+    sets = [f"model.teacher={tmp_path}"] + [
+        f"learner.{k}={v}"
+        for k, v in (
+            ("precision", "fp32"),
+            ("tp", 1),
+            ("recompute", "none"),
+            ("optimizer", "local"),
+            ("attention", "local"),
+        )
+    ]
     assert main(["--config", str(cfg), *sum((["--set", s] for s in sets), [])]) == 2
     err = capsys.readouterr().err
     assert "does not fit: learner rank needs" in err and "turn learner." in err
@@ -152,6 +189,11 @@ def test_cli_plan_json_and_exit_code(capsys):
     assert main(["plan", str(ROOT / "launch/configs/tiny-cpu.yaml"), "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["device"]["kind"] == "cpu" and p["fits"] and p["learner"]["total"] > 0
-    args = ["plan", str(ROOT / "launch/configs/glm-4.7-flash-h200.yaml"), "--hf-config", str(FIX / H200["glm-4.7-flash"])]
+    args = [
+        "plan",
+        str(ROOT / "launch/configs/glm-4.7-flash-h200.yaml"),
+        "--hf-config",
+        str(FIX / H200["glm-4.7-flash"]),
+    ]
     assert main(args + ["--cluster", str(ROOT / "launch/cluster-h200.yaml")]) == 0
     assert main(args + ["--set", "learner.recompute=none", "--set", "learner.attention=local"]) == 2

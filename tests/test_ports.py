@@ -34,7 +34,11 @@ OTHER = sorted(a for a in local_addresses() if not a.startswith("127."))
 
 
 def listening(pid: int | None = None) -> set[tuple[str, int]]:
-    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    return {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.Process(pid).net_connections("inet")
+        if c.status == psutil.CONN_LISTEN
+    }
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -48,7 +52,9 @@ def _open_inbox(cfg):
     from learner.actor import LearnerActor
 
     rank0 = SimpleNamespace()
-    endpoint = LearnerActor.__ray_metadata__.modified_class.open_inbox(rank0, cfg.cluster.bind_host, cfg.cluster.inbox_port)
+    endpoint = LearnerActor.__ray_metadata__.modified_class.open_inbox(
+        rank0, cfg.cluster.bind_host, cfg.cluster.inbox_port
+    )
     return rank0.inbox, endpoint
 
 
@@ -58,14 +64,21 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
-@pytest.mark.parametrize("overrides,host", [
-    ({}, lambda: "127.0.0.1"),
-    ({"cluster.bind_host": "auto"}, _node_ip),
-    ({"cluster.bind_host": "localhost"}, lambda: "127.0.0.1"),
-    pytest.param({"cluster.bind_host": OTHER[0] if OTHER else ""}, lambda: OTHER[0],
-                 marks=pytest.mark.skipif(not OTHER, reason="no non-loopback IPv4 address here")),
-    ({"cluster.bind_host": "0.0.0.0", "cluster.allow_all_interfaces": True}, lambda: "0.0.0.0"),
-], ids=["default", "auto", "localhost", "configured", "all-interfaces-when-allowed"])
+@pytest.mark.parametrize(
+    "overrides,host",
+    [
+        ({}, lambda: "127.0.0.1"),
+        ({"cluster.bind_host": "auto"}, _node_ip),
+        ({"cluster.bind_host": "localhost"}, lambda: "127.0.0.1"),
+        pytest.param(
+            {"cluster.bind_host": OTHER[0] if OTHER else ""},
+            lambda: OTHER[0],
+            marks=pytest.mark.skipif(not OTHER, reason="no non-loopback IPv4 address here"),
+        ),
+        ({"cluster.bind_host": "0.0.0.0", "cluster.allow_all_interfaces": True}, lambda: "0.0.0.0"),
+    ],
+    ids=["default", "auto", "localhost", "configured", "all-interfaces-when-allowed"],
+)
 @pytest.mark.parametrize("fixed_port", [False, True], ids=["any-port", "inbox_port"])
 def test_the_inbox_listens_where_the_config_says(overrides, host, fixed_port):
     port = _free_port() if fixed_port else 0
@@ -130,8 +143,10 @@ def test_a_learner_ranks_process_groups_open_nothing_on_every_interface():
 
 
 # A socket a new module binds must be looked at here: where the project binds or serves anything.
-BINDS = re.compile(r"\.bind\(|\.listen\(|TCPStore\(|init_method\s*=\s*f?[\"']tcp|rendezvous\(f?[\"']tcp|"
-                   r"HTTPServer|start_http_server|bind_to_random_port|serve_forever")
+BINDS = re.compile(
+    r"\.bind\(|\.listen\(|TCPStore\(|init_method\s*=\s*f?[\"']tcp|rendezvous\(f?[\"']tcp|"
+    r"HTTPServer|start_http_server|bind_to_random_port|serve_forever"
+)
 KNOWN = {
     "zeda_rl/transport.py": 5,  # Puller's bind; rendezvous_store's bind, listen and TCPStore (rank 0, the others)
     "learner/parallel.py": 1,  # free_port: bound to 127.0.0.1 and closed at once
@@ -149,4 +164,5 @@ def test_every_place_the_project_binds_is_one_of_those_tested_here():
                 found[str(path.relative_to(ROOT))] = n
     assert found == KNOWN, (
         f"{found}: a new place that binds or serves; test where it listens (default 127.0.0.1, the configured "
-        "address otherwise, never every interface unless configured) and list it in KNOWN")
+        "address otherwise, never every interface unless configured) and list it in KNOWN"
+    )

@@ -11,7 +11,9 @@ from launch.monitor import MonitorState, render
 from zeda_rl.metrics import MetricsLog, read_events
 from zeda_rl.progress import Progress, line
 
-PLAIN = re.compile(r"^(?P<label>[\w ]+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w+) \(\d+\.\d \w+/s, ETA (\d\d:\d\d|--:--)\)")
+PLAIN = re.compile(
+    r"^(?P<label>[\w ]+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w+) \(\d+\.\d \w+/s, ETA (\d\d:\d\d|--:--)\)"
+)
 
 
 class _Tty(io.StringIO):
@@ -20,8 +22,13 @@ class _Tty(io.StringIO):
 
 
 def test_plain_line_has_counts_rate_and_eta():
-    assert line("eval student", 500, 2000, 10.0, "prompts") == "eval student: 500/2000 prompts (10.0 prompts/s, ETA 02:30)"
-    assert line("teacher build", 0, 2000, 0.0, "steps", "loss 1.2") == "teacher build: 0/2000 steps (0.0 steps/s, ETA --:--) loss 1.2"
+    assert (
+        line("eval student", 500, 2000, 10.0, "prompts") == "eval student: 500/2000 prompts (10.0 prompts/s, ETA 02:30)"
+    )
+    assert (
+        line("teacher build", 0, 2000, 0.0, "steps", "loss 1.2")
+        == "teacher build: 0/2000 steps (0.0 steps/s, ETA --:--) loss 1.2"
+    )
     assert line("x", 1, 100_000, 1.0, "steps").endswith("ETA 27:46:39)")
 
 

@@ -31,8 +31,14 @@ import pytest
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 SHORT = [
-    "sft.steps=6", "sft.prompts=64", "sft.batch_size=16", "opd.steps=4", "opd.prompts_per_step=4",
-    "opd.rollout_batch=2", "eval.n_per_family=4", "sampling.max_new_tokens=8",
+    "sft.steps=6",
+    "sft.prompts=64",
+    "sft.batch_size=16",
+    "opd.steps=4",
+    "opd.prompts_per_step=4",
+    "opd.rollout_batch=2",
+    "eval.n_per_family=4",
+    "sampling.max_new_tokens=8",
 ]
 
 
@@ -64,17 +70,36 @@ class Head:
         self.temp = Path(tempfile.mkdtemp(prefix="zrj", dir="/tmp"))
         self.log = self.root / "head.log"
         self.proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-             f"--port={self.ports['gcs']}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.ports['dashboard']}",
-             f"--ray-client-server-port={self.ports['client']}", f"--metrics-export-port={self.ports['metrics']}",
-             f"--dashboard-agent-listen-port={self.ports['agent']}", f"--temp-dir={self.temp}"],
-            env=self.env, cwd=REPO, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--num-cpus=2",
+                "--node-ip-address=127.0.0.1",
+                f"--port={self.ports['gcs']}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.ports['dashboard']}",
+                f"--ray-client-server-port={self.ports['client']}",
+                f"--metrics-export-port={self.ports['metrics']}",
+                f"--dashboard-agent-listen-port={self.ports['agent']}",
+                f"--temp-dir={self.temp}",
+            ],
+            env=self.env,
+            cwd=REPO,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def ray(self, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
-        out = subprocess.run([str(BIN / "ray"), *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(
+            [str(BIN / "ray"), *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
         if check and out.returncode:
-            raise AssertionError(f"ray {' '.join(args)} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            raise AssertionError(
+                f"ray {' '.join(args)} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+            )
         return out
 
     def wait_ready(self, timeout_s=180, tries=3):
@@ -90,7 +115,10 @@ class Head:
                 self.stop()
                 self._start()
                 continue
-            if "Ray runtime started" in log and self.ray("job", "list", "--address", self.dashboard, timeout=60, check=False).returncode == 0:
+            if (
+                "Ray runtime started" in log
+                and self.ray("job", "list", "--address", self.dashboard, timeout=60, check=False).returncode == 0
+            ):
                 return
             time.sleep(1)
         raise AssertionError("the head's job server did not come up")
@@ -103,7 +131,9 @@ class Head:
     def stop(self):
         """Stop this head's processes only: `ray start` and its children, and any left by a failed start."""
         mine = [p for p in psutil.process_iter(["cmdline"]) if str(self.temp) in " ".join(p.info["cmdline"] or [])]
-        procs = ([self.proc_info()] + self.proc_info().children(recursive=True) if self.proc.poll() is None else []) + mine
+        procs = (
+            [self.proc_info()] + self.proc_info().children(recursive=True) if self.proc.poll() is None else []
+        ) + mine
         procs = list({p.pid: p for p in procs}.values())
         for p in procs:
             try:
@@ -139,8 +169,23 @@ def head(tmp_path_factory):
 
 def _submit_args(head, name, extra=()):
     sets = [f"--set=name={name}", f"--set=model.teacher={head.teacher}", *(f"--set={s}" for s in [*SHORT, *extra])]
-    return ["job", "submit", "--address", head.dashboard, "--working-dir", ".", "--submission-id", f"{name}-{secrets.token_hex(3)}",
-            "--", "python", "-m", "launch.train", "--config", "launch/configs/tiny-cpu.yaml", *sets]
+    return [
+        "job",
+        "submit",
+        "--address",
+        head.dashboard,
+        "--working-dir",
+        ".",
+        "--submission-id",
+        f"{name}-{secrets.token_hex(3)}",
+        "--",
+        "python",
+        "-m",
+        "launch.train",
+        "--config",
+        "launch/configs/tiny-cpu.yaml",
+        *sets,
+    ]
 
 
 def _strip_ansi(text: str) -> str:
@@ -164,12 +209,29 @@ def test_submit_runs_the_pipeline_with_monitor_and_prometheus(head):
     # the monitor's screen goes to a file (a pipe nobody reads would fill and stall it), drawn as on a terminal
     screen_file = head.root / "monitor.screen"
     monitor = subprocess.Popen(
-        [str(BIN / "zeda"), "monitor", "--ray", head.gcs, "--run", "jobrun", "--wait", "300", "--timeout", "600", "--refresh", "0.5"],
+        [
+            str(BIN / "zeda"),
+            "monitor",
+            "--ray",
+            head.gcs,
+            "--run",
+            "jobrun",
+            "--wait",
+            "300",
+            "--timeout",
+            "600",
+            "--refresh",
+            "0.5",
+        ],
         env={**head.env, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "160", "NO_COLOR": "1"},
-        cwd=REPO, stdout=screen_file.open("w"), stderr=subprocess.STDOUT,
+        cwd=REPO,
+        stdout=screen_file.open("w"),
+        stderr=subprocess.STDOUT,
     )
     stop, seen = threading.Event(), {}
-    scraper = threading.Thread(target=_scrape, args=(f"http://127.0.0.1:{head.ports['metrics']}/metrics", stop, seen), daemon=True)
+    scraper = threading.Thread(
+        target=_scrape, args=(f"http://127.0.0.1:{head.ports['metrics']}/metrics", stop, seen), daemon=True
+    )
     scraper.start()
     try:
         out = head.ray(*_submit_args(head, "jobrun"), timeout=900)
@@ -209,7 +271,8 @@ def test_ray_job_stop_stops_the_run_cleanly(head):
     t0 = time.time()
     while not (metrics.exists() and '"step_done"' in metrics.read_text()):
         assert time.time() - t0 < 300 and head.status(job_id) in ("PENDING", "RUNNING"), head.ray(
-            "job", "logs", "--address", head.dashboard, job_id).stdout[-3000:]
+            "job", "logs", "--address", head.dashboard, job_id
+        ).stdout[-3000:]
         time.sleep(1)
     head.ray("job", "stop", "--address", head.dashboard, job_id, timeout=120)
     t0 = time.time()
@@ -221,10 +284,15 @@ def test_ray_job_stop_stops_the_run_cleanly(head):
     # nothing of the run is left on the cluster: its actors died with the driver
     t0 = time.time()
     while True:
-        listed = head.ray("list", "actors", "--address", head.dashboard, "--filter", "state=ALIVE", "--format", "json").stdout
+        listed = head.ray(
+            "list", "actors", "--address", head.dashboard, "--filter", "state=ALIVE", "--format", "json"
+        ).stdout
         listed = "[]" if listed.startswith("No resource") else listed
-        alive = [a["class_name"] for a in json.loads(listed)
-                 if a["class_name"] in ("LearnerActor", "RolloutActor", "TeacherActor", "MetricsHub")]
+        alive = [
+            a["class_name"]
+            for a in json.loads(listed)
+            if a["class_name"] in ("LearnerActor", "RolloutActor", "TeacherActor", "MetricsHub")
+        ]
         if not alive or time.time() - t0 > 60:
             break
         time.sleep(1)
@@ -232,6 +300,9 @@ def test_ray_job_stop_stops_the_run_cleanly(head):
 
 
 def test_job_server_listens_on_loopback_only(head):
-    listening = [c.laddr.ip for c in psutil.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == head.ports["dashboard"]]
+    listening = [
+        c.laddr.ip
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == head.ports["dashboard"]
+    ]
     assert listening and set(listening) <= {"127.0.0.1", "::1"}, listening

@@ -37,7 +37,9 @@ def official_layout(static, ours, out):
     tensors = load_file(ours / "model.safetensors")  # the same widened rows as ours: logits must match exactly
     save_file(tensors, out / "model.safetensors")  # the official converter's save_file, no metadata
     cfg = json.loads((static / "config.json").read_text())
-    cfg.update(architectures=[TARGET[cfg["model_type"]].__name__], use_zce_mask=False, zce_nums=[NZ], zce_types=["zero"])
+    cfg.update(
+        architectures=[TARGET[cfg["model_type"]].__name__], use_zce_mask=False, zce_nums=[NZ], zce_types=["zero"]
+    )
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 

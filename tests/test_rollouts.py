@@ -33,9 +33,16 @@ def setup(tmp_path_factory):
         for i in range(N_PROMPTS):
             f.write(json.dumps({"id": f"p{i}", "prompt": f"What is {i} + {i % 7}?", "label": str(i + i % 7)}) + "\n")
     overrides = {
-        "name": "rollouts", "output_dir": str(root / "runs"), "model.teacher": str(teacher),
-        "data.sft_prompts": str(prompts), "sft.prompts": None, "sft.teacher_temperature": 1.0,
-        "sampling.max_new_tokens": 6, "teacher.replicas": 2, "teacher.cpus": 0.5, "cluster.num_cpus": 2,
+        "name": "rollouts",
+        "output_dir": str(root / "runs"),
+        "model.teacher": str(teacher),
+        "data.sft_prompts": str(prompts),
+        "sft.prompts": None,
+        "sft.teacher_temperature": 1.0,
+        "sampling.max_new_tokens": 6,
+        "teacher.replicas": 2,
+        "teacher.cpus": 0.5,
+        "cluster.num_cpus": 2,
     }
     return root, teacher, overrides
 
@@ -55,17 +62,33 @@ def _config_file(root, overrides):
 
 @pytest.mark.timeout(600)
 def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
+    from transformers import AutoTokenizer
+
     from launch import streams
     from launch.rollouts import plan, sampling_params, start_teachers, write_rollouts
     from launch.train import load_run_config
-    from transformers import AutoTokenizer
 
     root, teacher, overrides = setup
     out = root / "out"
     cfg_file = _config_file(root, overrides)
     # a real job, killed (SIGKILL, the whole process group: driver and its local Ray) once shards appear
-    job = subprocess.Popen([sys.executable, "-m", "launch.cli", "rollouts", "--config", str(cfg_file), "--out", str(out),
-                            "--chunk", str(CHUNK)], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "rollouts",
+            "--config",
+            str(cfg_file),
+            "--out",
+            str(out),
+            "--chunk",
+            str(CHUNK),
+        ],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and job.poll() is None and len(list(out.glob("rollouts-*.jsonl"))) < 3:
         time.sleep(0.05)
@@ -109,7 +132,9 @@ def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
     stopped = sum(rec["finish_reason"] == "stop" for rec in records)
     assert batch["tokens"].shape[0] == stopped  # answers cut at max_new_tokens are not trained on
     im_start = tok.convert_tokens_to_ids("<|im_start|>")
-    row = batch["tokens"][0][batch["attention_mask"][0].astype(bool)] if "attention_mask" in batch else batch["tokens"][0]
+    row = (
+        batch["tokens"][0][batch["attention_mask"][0].astype(bool)] if "attention_mask" in batch else batch["tokens"][0]
+    )
     assert im_start in row.tolist()
 
 

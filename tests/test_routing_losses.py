@@ -129,7 +129,9 @@ def test_sft_and_opd_losses():
     adv = torch.tensor([[0.0, 0.0, 1.0, 2.0, 3.0], [0.0, 4.0, 6.0, 0.0, 0.0]])
     token_mean, _ = opd_policy_loss(lp, lp.detach(), lp.detach() + adv, mask, agg="token_mean")
     sample_mean, _ = opd_policy_loss(lp, lp.detach(), lp.detach() + adv, mask, agg="sample_mean")
-    assert torch.isclose(token_mean, torch.tensor(-16.0 / 5)) and torch.isclose(sample_mean, torch.tensor(-(6 / 3 + 10 / 2) / 2))
+    assert torch.isclose(token_mean, torch.tensor(-16.0 / 5)) and torch.isclose(
+        sample_mean, torch.tensor(-(6 / 3 + 10 / 2) / 2)
+    )
     # OPD: teacher == student -> zero advantage -> zero loss; teacher better -> pushes logprob up
     loss, stats = opd_policy_loss(lp, lp.detach(), lp.detach(), mask)
     assert abs(loss.item()) < 1e-7 and abs(stats["reverse_kl"]) < 1e-7

@@ -62,7 +62,14 @@ def fake(ckpt, **kw):
 @pytest.mark.parametrize("family", ["softmax", "sigmoid"])
 def test_zero_slots_become_skip_ids_and_keep_real_weights(family):
     torch.manual_seed(0)
-    spec = RouterSpec(family=family, num_experts=8, num_zero=4, top_k=4, norm_topk_prob=True, scaling=1.8 if family == "sigmoid" else 1.0)
+    spec = RouterSpec(
+        family=family,
+        num_experts=8,
+        num_zero=4,
+        top_k=4,
+        norm_topk_prob=True,
+        scaling=1.8 if family == "sigmoid" else 1.0,
+    )
     logits = torch.randn(64, 12) * 2
     bias = torch.randn(12) * 0.1 if family == "sigmoid" else None
     ref = route(logits, spec, bias)
@@ -73,7 +80,9 @@ def test_zero_slots_become_skip_ids_and_keep_real_weights(family):
     assert zero.any() and (~zero).any()
     assert i.dtype == torch.int32 and w.dtype == torch.float32
     assert (i[zero] == -1).all() and (w[zero] == 0).all()
-    assert torch.equal(i[~zero].long(), ref.ids[~zero]) and torch.equal(w[~zero], ref.weights[~zero])  # not renormalised
+    assert torch.equal(i[~zero].long(), ref.ids[~zero]) and torch.equal(
+        w[~zero], ref.weights[~zero]
+    )  # not renormalised
     if family == "sigmoid":  # the stock SGLang contract when the scaling is applied after the experts
         w_unscaled, _ = select(logits, spec, bias, scaling_in_weights=False)
         torch.testing.assert_close(w_unscaled * spec.scaling, ref.weights)
@@ -88,7 +97,9 @@ def test_router_spec_from_config_matches_the_model(student):
     expected = router_spec(AutoConfig.from_pretrained(student))
     assert router_spec_from_config(cfg) == expected  # a raw dict, as in the SGLang view
     static = {k: v for k, v in cfg.items() if not k.startswith("zce_") and k != "use_zce_mask"}
-    assert router_spec_from_config({**static, "architectures": [cfg["architectures"][0].replace("PlusPlus", "")]}) is None
+    assert (
+        router_spec_from_config({**static, "architectures": [cfg["architectures"][0].replace("PlusPlus", "")]}) is None
+    )
     with pytest.raises(ValueError, match="zce_nums"):  # a *PlusPlus config never falls back to a default
         router_spec_from_config({**cfg, "zce_nums": None})
     with pytest.raises(ValueError, match="zero"):
@@ -131,7 +142,10 @@ def test_sampling_seed_stop_and_length(qwen):
 
 def test_score_matches_torch_engine(student):
     ref = torch_ref(student)
-    seqs = [p + s.output_ids for p, s in zip(PROMPTS, ref.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=5)))]
+    seqs = [
+        p + s.output_ids
+        for p, s in zip(PROMPTS, ref.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=5)))
+    ]
     seqs.append([7])  # nothing to score
     exact = fake(student, score_top_k=64)  # 64 = the tiny vocabulary: the renormalisation is exact
     for t in (1.0, 2.0, 0.5):
@@ -178,17 +192,29 @@ def test_tempered_logprobs_from_top_k():
     for t in (0.5, 2.0):
         exact = torch.log_softmax(logits / t, -1).gather(1, ids[:, None])[:, 0]
         top_lp, top_ids = lp1.topk(8, -1)
-        got = tempered_logprobs(lp1.gather(1, ids[:, None])[:, 0].numpy(), ids.numpy(), top_lp.numpy(), top_ids.numpy(), t)
+        got = tempered_logprobs(
+            lp1.gather(1, ids[:, None])[:, 0].numpy(), ids.numpy(), top_lp.numpy(), top_ids.numpy(), t
+        )
         kept = torch.zeros_like(lp1, dtype=torch.bool).scatter(1, top_ids, True).scatter(1, ids[:, None], True)
         mass = (torch.softmax(logits / t, -1) * kept).sum(-1)  # share of p_T the truncated normaliser sees
         np.testing.assert_allclose(got, (exact - mass.log()).numpy(), atol=1e-5)
-        full = tempered_logprobs(lp1.gather(1, ids[:, None])[:, 0].numpy(), ids.numpy(), *[x.numpy() for x in lp1.topk(50, -1)], t)
+        full = tempered_logprobs(
+            lp1.gather(1, ids[:, None])[:, 0].numpy(), ids.numpy(), *[x.numpy() for x in lp1.topk(50, -1)], t
+        )
         np.testing.assert_allclose(full, exact.numpy(), atol=1e-5)
 
 
 def test_checkpoint_layout_split():
     gu, down = torch.randn(3, 8, 5), torch.randn(3, 5, 4)
-    out = dict(to_checkpoint_layout([("m.layers.0.mlp.experts.gate_up_proj", gu), ("m.layers.0.mlp.experts.down_proj", down), ("m.norm.weight", np.ones(5, np.float32))]))
+    out = dict(
+        to_checkpoint_layout(
+            [
+                ("m.layers.0.mlp.experts.gate_up_proj", gu),
+                ("m.layers.0.mlp.experts.down_proj", down),
+                ("m.norm.weight", np.ones(5, np.float32)),
+            ]
+        )
+    )
     assert torch.equal(out["m.layers.0.mlp.experts.2.gate_proj.weight"], gu[2, :4])
     assert torch.equal(out["m.layers.0.mlp.experts.2.up_proj.weight"], gu[2, 4:])
     assert torch.equal(out["m.layers.0.mlp.experts.1.down_proj.weight"], down[1])
@@ -225,15 +251,22 @@ def test_distributed_weight_sync(qwen):
 
     _, ckpt = qwen
     eng = fake(ckpt)
-    sent = {"model.norm.weight": torch.full((32,), 0.5), "model.layers.0.mlp.experts.0.down_proj.weight": torch.randn(32, 16)}
-    buckets = [("g0", [("model.norm.weight", "torch.float32", [32])]),
-               ("g0", [("model.layers.0.mlp.experts.0.down_proj.weight", "float32", [32, 16])])]
+    sent = {
+        "model.norm.weight": torch.full((32,), 0.5),
+        "model.layers.0.mlp.experts.0.down_proj.weight": torch.randn(32, 16),
+    }
+    buckets = [
+        ("g0", [("model.norm.weight", "torch.float32", [32])]),
+        ("g0", [("model.layers.0.mlp.experts.0.down_proj.weight", "float32", [32, 16])]),
+    ]
     with pytest.raises(RuntimeError, match="not joined"):
         eng.update_weights_from_distributed(1, buckets)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    sender = multiprocessing.get_context("spawn").Process(target=_learner_rank, args=(port, list(sent.values())), daemon=True)
+    sender = multiprocessing.get_context("spawn").Process(
+        target=_learner_rank, args=(port, list(sent.values())), daemon=True
+    )
     sender.start()
     eng.init_distributed_weight_sync("127.0.0.1", port, rank_offset=1, world_size=2, group_name="g0", backend="gloo")
     assert eng.update_weights_from_distributed(9, buckets) == 9
@@ -243,9 +276,13 @@ def test_distributed_weight_sync(qwen):
     assert [c["dtypes"] for c in calls] == [["float32"], ["float32"]] and calls[1]["shapes"] == [[32, 16]]
     state = eng._engine.model.state_dict()
     assert torch.equal(state["model.norm.weight"], sent["model.norm.weight"])
-    assert torch.equal(state["model.layers.0.mlp.experts.down_proj"][0], sent["model.layers.0.mlp.experts.0.down_proj.weight"])
+    assert torch.equal(
+        state["model.layers.0.mlp.experts.down_proj"][0], sent["model.layers.0.mlp.experts.0.down_proj.weight"]
+    )
     with pytest.raises(ValueError, match="checkpoint names"):
-        eng.update_weights_from_distributed(10, [("g0", [("model.layers.0.mlp.experts.gate_up_proj", "float32", [8, 32, 32])])])
+        eng.update_weights_from_distributed(
+            10, [("g0", [("model.layers.0.mlp.experts.gate_up_proj", "float32", [8, 32, 32])])]
+        )
 
 
 # ---- options, view, formats ----------------------------------------------------------------------
@@ -315,8 +352,12 @@ def test_decode_routed_experts_checks_the_size():
     import base64
 
     out = decode_routed_experts(base64.b64encode(ids.tobytes()).decode(), 5, 3, 2, [1, 2])
-    assert out.shape == (2, 5, 2) and (out[:, :4] == ids[:, [1, 2]].transpose(1, 0, 2)).all() and (out[:, 4] == -1).all()
-    assert (decode_routed_experts(ids, 5, 3, 2, [0]) == decode_routed_experts(torch.from_numpy(ids), 5, 3, 2, [0])).all()
+    assert (
+        out.shape == (2, 5, 2) and (out[:, :4] == ids[:, [1, 2]].transpose(1, 0, 2)).all() and (out[:, 4] == -1).all()
+    )
+    assert (
+        decode_routed_experts(ids, 5, 3, 2, [0]) == decode_routed_experts(torch.from_numpy(ids), 5, 3, 2, [0])
+    ).all()
     with pytest.raises(ValueError, match="fed tokens"):
         decode_routed_experts(ids, 6, 3, 2, [1, 2])
 
@@ -371,9 +412,13 @@ def _stub_model_class(family):
             super().__init__()
             n = cfg.num_experts if family == "softmax" else cfg.n_routed_experts
             self.layer_id = layer_id
-            self.topk = _StubTopK(cfg.num_experts_per_tok, layer_id=layer_id, apply_routed_scaling_factor_on_output=False)
+            self.topk = _StubTopK(
+                cfg.num_experts_per_tok, layer_id=layer_id, apply_routed_scaling_factor_on_output=False
+            )
             self.experts = _StubExperts(n)
-            self.gate = _StubReplicatedLinear(cfg.hidden_size, n) if family == "softmax" else _StubGlmGate(cfg.hidden_size, n)
+            self.gate = (
+                _StubReplicatedLinear(cfg.hidden_size, n) if family == "softmax" else _StubGlmGate(cfg.hidden_size, n)
+            )
             self.num_fused_shared_experts = getattr(cfg, "fused_shared", 0)
 
     class Model(torch.nn.Module):
@@ -405,11 +450,21 @@ def plugin(monkeypatch):
         m.__dict__.update(attrs)
         monkeypatch.setitem(sys.modules, name, m)
 
-    for name in ("sglang", "sglang.srt", "sglang.srt.layers", "sglang.srt.layers.moe", "sglang.srt.models",
-                 "sglang.srt.model_loader", "sglang.srt.state_capturer"):
+    for name in (
+        "sglang",
+        "sglang.srt",
+        "sglang.srt.layers",
+        "sglang.srt.layers.moe",
+        "sglang.srt.models",
+        "sglang.srt.model_loader",
+        "sglang.srt.state_capturer",
+    ):
         module(name)
-    module("sglang.srt.layers.moe.topk", TopK=_StubTopK,
-           StandardTopKOutput=namedtuple("StandardTopKOutput", "topk_weights topk_ids router_logits"))
+    module(
+        "sglang.srt.layers.moe.topk",
+        TopK=_StubTopK,
+        StandardTopKOutput=namedtuple("StandardTopKOutput", "topk_weights topk_ids router_logits"),
+    )
     module("sglang.srt.model_loader.weight_utils", default_weight_loader=lambda p, w: p.data.copy_(w))
     module("sglang.srt.models.qwen3_moe", Qwen3MoeForCausalLM=_stub_model_class("softmax"))
     module("sglang.srt.models.glm4_moe_lite", Glm4MoeLiteForCausalLM=_stub_model_class("sigmoid"))
@@ -429,7 +484,9 @@ def test_plugin_patches_qwen_blocks(plugin, qwen):
     models, captured = plugin
     _, ckpt = qwen
     assert [c.__name__ for c in models.EntryClass] == ["Qwen3MoePlusPlusForCausalLM", "Glm4MoeLitePlusPlusForCausalLM"]
-    cfg = Qwen3MoeConfig(**{k: v for k, v in json.loads((ckpt / "config.json").read_text()).items() if k != "model_type"})
+    cfg = Qwen3MoeConfig(
+        **{k: v for k, v in json.loads((ckpt / "config.json").read_text()).items() if k != "model_type"}
+    )
     model = models.Qwen3MoePlusPlusForCausalLM(config=cfg)
     params = dict(model.named_parameters())
     assert not any(".topk." in n for n in params)  # the gate keeps its checkpoint name

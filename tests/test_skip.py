@@ -84,11 +84,19 @@ def test_experts_function_equals_stock_on_random_ids(checkpoints, family):
     assert torch.equal(everything_zero, torch.zeros_like(x))
 
 
-CASES = [({}, False), ({"static_top_k": 1}, False), ({"skip_threshold": 0.6}, False), ({}, True), ({"static_top_k": 1}, True)]
+CASES = [
+    ({}, False),
+    ({"static_top_k": 1}, False),
+    ({"skip_threshold": 0.6}, False),
+    ({}, True),
+    ({"static_top_k": 1}, True),
+]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("options,forced", CASES, ids=["plain", "static_top_k", "skip_threshold", "replay", "replay_static_top_k"])
+@pytest.mark.parametrize(
+    "options,forced", CASES, ids=["plain", "static_top_k", "skip_threshold", "replay", "replay_static_top_k"]
+)
 def test_block_and_model_equal_stock_path(checkpoints, family, options, forced):
     """Every MoE block and the whole model, skipping vs the stock fused experts with sentinels,
     with the baselines' routing options, natural routing or a replay that sends some tokens to
@@ -108,7 +116,10 @@ def test_block_and_model_equal_stock_path(checkpoints, family, options, forced):
         with record_routing(model) as rec_new:
             new_logits = model(ids).logits
     # each block on the same random hidden states, with the same routing replayed for both paths
-    xs = [torch.randn(3, 12, blk.experts.hidden_dim, generator=torch.Generator().manual_seed(7 + i)) * 2 for i, blk in enumerate(blocks)]
+    xs = [
+        torch.randn(3, 12, blk.experts.hidden_dim, generator=torch.Generator().manual_seed(7 + i)) * 2
+        for i, blk in enumerate(blocks)
+    ]
     chosen = rec_new()
     block_new = _block_outputs(blocks, xs, chosen if options.get("skip_threshold") is None else None)
 

@@ -80,19 +80,34 @@ def test_baselines_summary_and_table_from_per_seed_results():
 
     def row(name, p):
         hits = (rng.random(n) < p).astype(int).tolist()
-        acc = {"add4": float(np.mean(hits[:100])), "mul": float(np.mean(hits[100:200])), "mul4": float(np.mean(hits[200:]))}
+        acc = {
+            "add4": float(np.mean(hits[:100])),
+            "mul": float(np.mean(hits[100:200])),
+            "mul4": float(np.mean(hits[200:])),
+        }
         acc["mean"] = sum(acc.values()) / 3
         return {"variant": name, "checkpoint": f"/x/{name}", "accuracy": acc, "hits": hits, "r_ze": 0.5}
 
     per_seed = []
     for seed in (0, 1, 2):
         r = {v: row(v, p) for v, p in (("zeda", 0.9), ("zeda_sft", 0.9), ("net", 0.6), ("dynamic_skipping", 0.5))}
-        r["dynamic_skipping"]["calibration"] = {"threshold": 0.1, "share": 0.5, "calibration_texts": 10, "target": 0.5,
-                                                "reachable": 0.75}
+        r["dynamic_skipping"]["calibration"] = {
+            "threshold": 0.1,
+            "share": 0.5,
+            "calibration_texts": 10,
+            "target": 0.5,
+            "reachable": 0.75,
+        }
         per_seed.append({"seed": seed, "zeda_checkpoint": "/x/zeda", **r})
     original = row("original", 0.95)
-    analysis = {"tokens": 10, "zero_share_per_family": {}, "zero_share_by_entropy": [], "zero_share_by_teacher_gap": [],
-                "spearman_zero_entropy": 0.0, "spearman_zero_teacher_gap": 0.0}
+    analysis = {
+        "tokens": 10,
+        "zero_share_per_family": {},
+        "zero_share_by_entropy": [],
+        "zero_share_by_teacher_gap": [],
+        "spearman_zero_entropy": 0.0,
+        "spearman_zero_teacher_gap": 0.0,
+    }
     result = summarise(cfg, original, per_seed, analysis, {"total": 1.0})
     verdicts = {c["variant"]: c["verdict"] for c in result["comparison"]}
     assert verdicts["net"] == "ZEDA better" and verdicts["dynamic_skipping"] == "ZEDA better"

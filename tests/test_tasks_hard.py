@@ -38,7 +38,9 @@ def test_hard_answers_are_correct_and_graded_exactly():
 
 def test_hard_splits_are_deterministic_disjoint_and_leave_basic_unchanged():
     a = tasks.make_split("train", 40, seed=1, suite="hard")
-    assert a == tasks.make_split("train", 40, seed=1, suite="hard") and a != tasks.make_split("train", 40, seed=2, suite="hard")
+    assert a == tasks.make_split("train", 40, seed=1, suite="hard") and a != tasks.make_split(
+        "train", 40, seed=2, suite="hard"
+    )
     held = tasks.make_split("heldout", 500, suite="hard")  # what eval.n_per_family: 500 asks for
     assert len({e.prompt for e in held}) == len(held) == 500 * len(HARD)
     assert not {e.prompt for e in a} & {e.prompt for e in held}
@@ -91,13 +93,17 @@ def test_tiny_cpu_hard_config_selects_the_hard_suite():
     from launch.plan import load_hf_config  # plan and preflight read the hard teacher's own config, not basic's
 
     assert load_hf_config(cfg)["num_hidden_layers"] == teacher.HARD_MODEL["num_hidden_layers"] == 3
-    assert load_hf_config(load_config("launch/configs/tiny-cpu.yaml"))["num_hidden_layers"] == teacher.MODEL["num_hidden_layers"]
+    assert (
+        load_hf_config(load_config("launch/configs/tiny-cpu.yaml"))["num_hidden_layers"]
+        == teacher.MODEL["num_hidden_layers"]
+    )
     assert load_config("launch/configs/tiny-cpu.yaml").data.tasks == "basic"
     recs = embedded_records("train", 3, cfg.seed, cfg.data.tasks)
     assert [r.extra["family"] for r in recs] == [f for f in HARD for _ in range(3)]
     for suite in tasks.SUITES:  # the CLI's choices (it parses before importing anything) are the suites
         assert build_parser().parse_args(["teacher", "build", "--tasks", suite]).tasks == suite
         assert build_parser().parse_args(["eval", "ckpt", "--tasks", suite]).tasks == suite
+
 
 def test_skip_hooks_drop_the_share_they_claim():
     from transformers import Qwen3MoeForCausalLM

@@ -52,7 +52,9 @@ def test_tokenizer_round_trips_and_loads_with_autotokenizer(tmp_path):
 
 def test_build_writes_a_loadable_hf_checkpoint_and_reuses_it(tmp_path):
     out = teacher.build_teacher(tmp_path / "t", steps=3, progress=False, min_accuracy=0.0)
-    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (
+        (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3MoeForCausalLM"]
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -60,7 +62,10 @@ def test_build_writes_a_loadable_hf_checkpoint_and_reuses_it(tmp_path):
     assert model.config.vocab_size == len(tok)
     meta = json.loads((out / "teacher.json").read_text())
     assert meta["steps"] == 3 and set(meta["heldout_accuracy"]) == {*tasks.FAMILIES, "mean"}
-    assert meta["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0] and "transformers" in meta["versions"]
+    assert (
+        meta["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+        and "transformers" in meta["versions"]
+    )
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     assert teacher.build_teacher(tmp_path / "t", steps=3, progress=False, min_accuracy=0.0) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not retrained

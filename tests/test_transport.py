@@ -9,11 +9,10 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from test_wire import assert_same, make_batch
 
 from zeda_rl.transport import Puller, Pusher
 from zeda_rl.wire import SCHEMA_VERSION, TrajectoryBatch, encode
-
-from test_wire import assert_same, make_batch
 
 
 @pytest.fixture

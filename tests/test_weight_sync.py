@@ -40,7 +40,9 @@ def fleet(tmp_path_factory):
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     d = tmp_path_factory.mktemp("ws")
     ckpt = tiny_checkpoint("qwen3_moe", d / "ckpt", initializer_range=0.1)
-    group = LearnerGroup(ckpt, LearnerSection(ep=2, bucket_bytes=8192), SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0))
+    group = LearnerGroup(
+        ckpt, LearnerSection(ep=2, bucket_bytes=8192), SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0)
+    )
     engines = [RolloutActor.options(num_cpus=0.25).remote("torch", str(ckpt)) for _ in range(2)]
     ray.get([e.health.remote() for e in engines])
     rng = np.random.default_rng(0)
@@ -62,7 +64,9 @@ def _learner_tensors(group, out) -> dict[str, torch.Tensor]:
 
 def _engine_tensors(engine, names) -> dict[str, torch.Tensor]:
     def read(actor, names=names):
-        targets = model_tensors(getattr(actor.engine, "_engine", actor.engine).model)  # torch engine, or the fake SGLang's
+        targets = model_tensors(
+            getattr(actor.engine, "_engine", actor.engine).model
+        )  # torch engine, or the fake SGLang's
         return {n: tensor_target(targets, n).detach().clone() for n in names}
 
     return ray.get(engine.__ray_call__.remote(read))
@@ -163,7 +167,9 @@ def test_a_call_naming_a_version_waits_for_its_push(fleet):
     (updates have a concurrency group of their own); with min_version it waits, and says so if it never comes."""
     group, (eng, _) = fleet["group"], fleet["engines"]
     v = max(ray.get(eng.version.remote()), 0) + 1
-    ray.get(eng.update_weights.remote(v - 1, list(group.publish(v - 1).refs)))  # synced (a restarted engine does not wait)
+    ray.get(
+        eng.update_weights.remote(v - 1, list(group.publish(v - 1).refs))
+    )  # synced (a restarted engine does not wait)
     push = group.publish(v)
 
     def slow_update(actor, version=v, refs=list(push.refs)):  # a push that takes 1.5 s to switch in
@@ -188,7 +194,9 @@ def test_the_object_store_returns_to_baseline_after_many_pushes(fleet, tmp_path)
         held = _plasma_objects()
         assert held > baseline  # the buckets are in the store while engines fetch them
         assert ray.get(acks) == [v, v]
-    assert _settles_to(baseline + len(sync.latest.refs)) == baseline + len(sync.latest.refs)  # the latest stays, for resyncs
+    assert _settles_to(baseline + len(sync.latest.refs)) == baseline + len(
+        sync.latest.refs
+    )  # the latest stays, for resyncs
     sync.latest = None
     assert _settles_to(baseline) == baseline
 
@@ -199,8 +207,12 @@ def test_broadcast_path_delivers_the_same_tensors_to_fake_sglang(fleet, tmp_path
     from launch.fleet import WeightSync
 
     group = fleet["group"]
-    fakes = [RolloutActor.options(num_cpus=0.25).remote("sglang", str(fleet["ckpt"]), 1, {"_engine_factory": FakeSGLangEngine})
-             for _ in range(2)]
+    fakes = [
+        RolloutActor.options(num_cpus=0.25).remote(
+            "sglang", str(fleet["ckpt"]), 1, {"_engine_factory": FakeSGLangEngine}
+        )
+        for _ in range(2)
+    ]
     try:
         group.train_step(fleet["batch"])
         sync = WeightSync(group, fakes, MetricsLog(tmp_path / "m.jsonl"), transport="nccl", timeout_s=120)

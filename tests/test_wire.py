@@ -51,7 +51,9 @@ def make_arrays(b=3, s=7, layers=2, k=4, seed=0, mask_dtype=np.uint8, routed_dty
 
 
 def make_batch(**kw) -> TrajectoryBatch:
-    return TrajectoryBatch.from_arrays(make_arrays(**kw), meta={"temperature": 1.0, "actor": "t0", "tags": [1, None, {"a": True}]})
+    return TrajectoryBatch.from_arrays(
+        make_arrays(**kw), meta={"temperature": 1.0, "actor": "t0", "tags": [1, None, {"a": True}]}
+    )
 
 
 def assert_same(a: TrajectoryBatch, b: TrajectoryBatch) -> None:
@@ -171,7 +173,9 @@ def test_empty_message_and_wrong_kind_are_rejected():
 
 def test_schema_version_mismatch():
     frames = rewrite_header(encode(make_batch()), lambda h: h.update(schema=SCHEMA_VERSION + 1))
-    with pytest.raises(SchemaMismatch, match=f"schema version is {SCHEMA_VERSION + 1}, this reader speaks {SCHEMA_VERSION}"):
+    with pytest.raises(
+        SchemaMismatch, match=f"schema version is {SCHEMA_VERSION + 1}, this reader speaks {SCHEMA_VERSION}"
+    ):
         decode(frames)
 
 
@@ -196,8 +200,16 @@ def test_missing_required_field_producer_and_consumer_side():
     "field,value,match",
     [
         ("tokens", np.zeros((3, 7), dtype=np.int64), "'tokens': dtype int64, expected int32"),
-        ("behaviour_logprobs", np.zeros((3, 7), dtype=np.float16), "'behaviour_logprobs': dtype float16, expected float32"),
-        ("routed_experts", np.zeros((2, 3, 7, 4), dtype=np.uint8), "'routed_experts': dtype uint8, expected int16 or int32"),
+        (
+            "behaviour_logprobs",
+            np.zeros((3, 7), dtype=np.float16),
+            "'behaviour_logprobs': dtype float16, expected float32",
+        ),
+        (
+            "routed_experts",
+            np.zeros((2, 3, 7, 4), dtype=np.uint8),
+            "'routed_experts': dtype uint8, expected int16 or int32",
+        ),
         ("extra", np.array([object()] * 3, dtype=object), "'extra': dtype object is not allowed"),
         ("extra", np.zeros(3, dtype=np.complex64), "'extra': dtype complex64 is not allowed"),
     ],
@@ -228,7 +240,9 @@ def test_frame_count_mismatch():
 def test_truncated_frame_byte_length_mismatch():
     frames = as_bytes(encode(make_batch()))
     frames[3] = frames[3][:-5]  # behaviour_logprobs, 3x7 float32 = 84 bytes
-    with pytest.raises(ByteLengthMismatch, match="'behaviour_logprobs': frame has 79 bytes, shape \\[3, 7\\] x 4 B needs 84"):
+    with pytest.raises(
+        ByteLengthMismatch, match="'behaviour_logprobs': frame has 79 bytes, shape \\[3, 7\\] x 4 B needs 84"
+    ):
         decode(frames)
 
 
@@ -270,7 +284,16 @@ def test_validate_rejects_non_arrays_and_all_errors_are_value_errors():
     arrays["tokens"] = arrays["tokens"].tolist()
     with pytest.raises(WireError, match="'tokens': expected a numpy array, got list"):
         validate(TrajectoryBatch(arrays))
-    for cls in (ForeignMessage, SchemaMismatch, MissingField, BadDtype, FrameCountMismatch, ByteLengthMismatch, ShapeMismatch, BadMeta):
+    for cls in (
+        ForeignMessage,
+        SchemaMismatch,
+        MissingField,
+        BadDtype,
+        FrameCountMismatch,
+        ByteLengthMismatch,
+        ShapeMismatch,
+        BadMeta,
+    ):
         assert issubclass(cls, WireError) and issubclass(cls, ValueError)
 
 
@@ -316,8 +339,10 @@ def test_weight_update_round_trip_bf16_and_friends():
         assert name == name2
         want = torch.as_tensor(want)
         assert got.dtype == want.dtype and got.shape == want.shape, name
-        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
-                           want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want), name
+        assert torch.equal(
+            got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+            want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want,
+        ), name
 
 
 def test_decode_update_is_zero_copy_unless_asked():
@@ -375,7 +400,10 @@ def test_apply_update_copies_by_name_and_returns_version():
     [
         (("nope.weight", torch.zeros(3)), "'nope.weight' is not a parameter or buffer of Tiny"),
         (("proj.weight", torch.zeros(4, 5)), "'proj.weight' has shape \\[4, 5\\], model expects \\[4, 4\\]"),
-        (("bias_correction", torch.zeros(4, dtype=torch.bfloat16)), "'bias_correction' has dtype torch.bfloat16, model expects torch.float32"),
+        (
+            ("bias_correction", torch.zeros(4, dtype=torch.bfloat16)),
+            "'bias_correction' has dtype torch.bfloat16, model expects torch.float32",
+        ),
     ],
 )
 def test_apply_update_strict_errors_leave_the_model_unchanged(bad, match):

@@ -20,7 +20,6 @@ import torch
 
 from zeda_rl.modeling import moe_blocks, record_routing, set_baseline_options
 
-
 # ---- Dynamic Skipping: threshold for a target skip share ------------------------------------
 
 
@@ -39,8 +38,9 @@ def skipped_share(model, batches: list[dict]) -> float:
     return skipped / max(total, 1.0)
 
 
-def calibrate_skip_threshold(model, tokenizer, texts: list[str], target: float, tol: float = 0.005,
-                             iters: int = 20, batch_size: int = 64) -> dict:
+def calibrate_skip_threshold(
+    model, tokenizer, texts: list[str], target: float, tol: float = 0.005, iters: int = 20, batch_size: int = 64
+) -> dict:
     """The Dynamic Skipping threshold whose skip share on `texts` is `target` (within `tol`).
 
     The model is left with that threshold set. With K slots at most (K-1)/K can be skipped (the
@@ -48,8 +48,10 @@ def calibrate_skip_threshold(model, tokenizer, texts: list[str], target: float, 
     and the result says the target was out of reach.
     """
     tokenizer.padding_side = "right"
-    batches = [dict(tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True))
-               for i in range(0, len(texts), batch_size)]
+    batches = [
+        dict(tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True))
+        for i in range(0, len(texts), batch_size)
+    ]
     k = moe_blocks(model)[0].spec.top_k
     reachable = (k - 1) / k
     lo, hi = 0.0, 1.0 + 1e-6  # above 1 every slot but the top one is below threshold x top
@@ -66,8 +68,14 @@ def calibrate_skip_threshold(model, tokenizer, texts: list[str], target: float, 
                 break
             lo, hi = (mid, hi) if share < target else (lo, mid)
     set_baseline_options(model, skip_threshold=best[0])
-    return {"threshold": best[0], "share": best[1], "target": target, "reachable": reachable,
-            "reached": abs(best[1] - target) <= tol, "calibration_texts": len(texts)}
+    return {
+        "threshold": best[0],
+        "share": best[1],
+        "target": target,
+        "reachable": reachable,
+        "reached": abs(best[1] - target) <= tol,
+        "calibration_texts": len(texts),
+    }
 
 
 # ---- per generated token: zero share, entropy, teacher gap -----------------------------------
@@ -83,14 +91,27 @@ def token_stats(student, teacher, tokenizer, prompts: list[str], max_new_tokens:
     at position t-1, so the zero share, the entropy and both logprobs are read there.
     """
     n = moe_blocks(student)[0].spec.num_experts
-    out = {"prompt": [], "zero_share": [], "entropy": [], "teacher_gap": [], "student_logprob": [], "teacher_logprob": []}
+    out = {
+        "prompt": [],
+        "zero_share": [],
+        "entropy": [],
+        "teacher_gap": [],
+        "student_logprob": [],
+        "teacher_logprob": [],
+    }
     prompt_zero = []  # per prompt: zero share over its prompt tokens but the last (that one is a generation step)
     tokenizer.padding_side = "left"
     eos = tokenizer.eos_token_id
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        seq = student.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
-                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+        seq = student.generate(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )
         plen = enc.input_ids.shape[1]
         new = seq[:, plen:]
         # generated tokens up to and including the first EOS; what generate pads after it is not one
@@ -115,8 +136,14 @@ def token_stats(student, teacher, tokenizer, prompts: list[str], max_new_tokens:
         zp = (ids[:, :, :plen] >= n).float().mean(dim=(0, 3))
         prompt_zero.append(((zp * reading).sum(1) / reading.sum(1).clamp_min(1)).numpy())
         rows = torch.arange(new.shape[0])[:, None].expand_as(new) + start
-        for key, val in (("prompt", rows), ("zero_share", zero), ("entropy", entropy), ("teacher_gap", (t_tok - s_tok).abs()),
-                         ("student_logprob", s_tok), ("teacher_logprob", t_tok)):
+        for key, val in (
+            ("prompt", rows),
+            ("zero_share", zero),
+            ("entropy", entropy),
+            ("teacher_gap", (t_tok - s_tok).abs()),
+            ("student_logprob", s_tok),
+            ("teacher_logprob", t_tok),
+        ):
             out[key].append(val[gen_mask].numpy())
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in {**out, "prompt_zero_share": prompt_zero}.items()}
 
@@ -131,14 +158,29 @@ def binned(x: np.ndarray, y: np.ndarray, bins: int = 8) -> list[dict]:
         return []
     edges = np.unique(np.quantile(x, np.linspace(0, 1, bins + 1)))
     if edges.size == 1:
-        return [{"lo": float(edges[0]), "hi": float(edges[0]), "x": float(x.mean()), "y": float(y.mean()), "count": int(x.size)}]
+        return [
+            {
+                "lo": float(edges[0]),
+                "hi": float(edges[0]),
+                "x": float(x.mean()),
+                "y": float(y.mean()),
+                "count": int(x.size),
+            }
+        ]
     which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, edges.size - 2)
     out = []
     for b in range(edges.size - 1):
         sel = which == b
         if sel.any():
-            out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "x": float(x[sel].mean()),
-                        "y": float(y[sel].mean()), "count": int(sel.sum())})
+            out.append(
+                {
+                    "lo": float(edges[b]),
+                    "hi": float(edges[b + 1]),
+                    "x": float(x[sel].mean()),
+                    "y": float(y[sel].mean()),
+                    "count": int(sel.sum()),
+                }
+            )
     return out
 
 
@@ -181,8 +223,10 @@ def plot_curves(summary: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, label in ((axes[0], "zero_share_by_entropy", "student entropy (nats)"),
-                           (axes[1], "zero_share_by_teacher_gap", "|teacher - student| logprob of the token")):
+    for ax, key, label in (
+        (axes[0], "zero_share_by_entropy", "student entropy (nats)"),
+        (axes[1], "zero_share_by_teacher_gap", "|teacher - student| logprob of the token"),
+    ):
         pts = summary[key]
         ax.plot([p["x"] for p in pts], [100 * p["y"] for p in pts], "o-", c="tab:purple")
         ax.set_xlabel(label + " (quantile bins)")
@@ -192,8 +236,10 @@ def plot_curves(summary: dict, path) -> None:
         ax.set_xscale("symlog", linthresh=1e-4)  # most greedy steps are near-certain: the bins crowd near 0
     fam, reading = summary["zero_share_per_family"], summary.get("zero_share_prompt_tokens_per_family") or {}
     xs = np.arange(len(fam))
-    for off, vals, label, colour in ((-0.2, fam, "steps that generate", "tab:purple"),
-                                     (0.2, reading, "prompt tokens (read only)", "tab:gray")):
+    for off, vals, label, colour in (
+        (-0.2, fam, "steps that generate", "tab:purple"),
+        (0.2, reading, "prompt tokens (read only)", "tab:gray"),
+    ):
         if vals:
             bars = axes[2].bar(xs + off, [100 * vals[f] for f in fam], 0.4, label=label, color=colour)
             axes[2].bar_label(bars, labels=[f"{100 * vals[f]:.0f}" for f in fam], padding=2, fontsize=7)

@@ -32,7 +32,10 @@ class ChatFormat:
 
     def _render(self, messages, add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=self.enable_thinking
+            list(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=self.enable_thinking,
         )
 
     def _encode(self, text: str) -> list[int]:
@@ -63,20 +66,24 @@ class ChatFormat:
             raise TemplateError(
                 f"{record.where}: the chat template of {self.tokenizer.name_or_path or 'this tokenizer'} renders the prompt "
                 f"(add_generation_prompt=True, enable_thinking={self.enable_thinking}) differently from the start of the "
-                f"full conversation, from character {at}: prompt has {prompt[at:at + 40]!r}, conversation has "
-                f"{full[at:at + 40]!r}. Training on that answer would not match what the model sees when served; "
+                f"full conversation, from character {at}: prompt has {prompt[at : at + 40]!r}, conversation has "
+                f"{full[at : at + 40]!r}. Training on that answer would not match what the model sees when served; "
                 "use a template with the prefix property (or another data.enable_thinking)"
             )
-        rest = full[len(prompt):]
+        rest = full[len(prompt) :]
         end = rest.rfind(self.eos_token)
         if end < 0:
-            raise TemplateError(f"{record.where}: the chat template does not end the assistant turn with the eos token "
-                                f"{self.eos_token!r}, so generation would never stop where the answer ends")
+            raise TemplateError(
+                f"{record.where}: the chat template does not end the assistant turn with the eos token "
+                f"{self.eos_token!r}, so generation would never stop where the answer ends"
+            )
         return self._encode(prompt), self._encode(rest[:end]) + [self.eos_id]
 
 
 def _plain_prompt(record: Record) -> str:
     if len(record.messages) != 1 or record.messages[0]["role"] != "user":
-        raise TemplateError(f"{record.where}: a conversation of {len(record.messages)} turns "
-                            f"({[m['role'] for m in record.messages]}) needs a chat template; this tokenizer has none")
+        raise TemplateError(
+            f"{record.where}: a conversation of {len(record.messages)} turns "
+            f"({[m['role'] for m in record.messages]}) needs a chat template; this tokenizer has none"
+        )
     return record.messages[0]["content"]

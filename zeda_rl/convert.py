@@ -27,8 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from zeda_rl.arch import ArchSpec, spec_for
-from zeda_rl.diskerrors import replace_dir, write_error
 from zeda_rl.checks import check_router_dtype, check_router_values
+from zeda_rl.diskerrors import replace_dir, write_error
 from zeda_rl.release import release_config
 
 ZERO_TYPES = ("zero", "copy")
@@ -38,8 +38,25 @@ SINGLE = "model.safetensors"
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack"}
 # Bytes per element of each safetensors dtype: output headers are written before the data.
 _ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 
 
@@ -88,8 +105,10 @@ def convert_checkpoint(
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"output directory {dst} is the input directory; choose another one")
     if src.resolve() in dst.resolve().parents or dst.resolve() in src.resolve().parents:
-        raise ValueError(f"output directory {dst} and input directory {src} contain one another; replacing the output "
-                         "would move or delete the input. Choose an output outside the input")
+        raise ValueError(
+            f"output directory {dst} and input directory {src} contain one another; replacing the output "
+            "would move or delete the input. Choose an output outside the input"
+        )
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise FileExistsError(f"output directory {dst} already exists and is not empty; pass --overwrite to replace it")
     shards, index = _shards(src)
@@ -299,9 +318,16 @@ def _write_metadata(src, tmp, cfg, spec: ArchSpec, plan, index, nz: int, zero_ty
         meta = dict(index.get("metadata") or {})
         meta["total_size"] = sum(e.nbytes for _, e in entries)
         if "total_parameters" in meta:
-            meta["total_parameters"] += sum(nz * (e.shape[1] if e.widen == "weight" else 1) for _, e in entries if e.widen)
+            meta["total_parameters"] += sum(
+                nz * (e.shape[1] if e.widen == "weight" else 1) for _, e in entries if e.widen
+            )
         weight_map = {e.name: shard for shard, e in sorted(entries, key=lambda se: se[1].name)}
         (tmp / INDEX).write_text(json.dumps({**index, "metadata": meta, "weight_map": weight_map}, indent=2) + "\n")
     for p in sorted(src.iterdir()):
-        if p.is_file() and p.suffix not in _WEIGHT_SUFFIXES and p.name != "config.json" and not p.name.endswith(".index.json"):
+        if (
+            p.is_file()
+            and p.suffix not in _WEIGHT_SUFFIXES
+            and p.name != "config.json"
+            and not p.name.endswith(".index.json")
+        ):
             shutil.copyfile(p, tmp / p.name)

@@ -75,8 +75,10 @@ def iter_rows(source: str | Path) -> Iterator[tuple[str, str, object]]:
     """(where, default id, row) for every row of a file, a shard directory or a saved dataset, in order."""
     path = Path(source)
     if not path.exists():
-        raise DataError(f"{path}: no such file or directory (expected a .jsonl or .parquet file, a directory of them, "
-                        "or a dataset saved with datasets' save_to_disk)")
+        raise DataError(
+            f"{path}: no such file or directory (expected a .jsonl or .parquet file, a directory of them, "
+            "or a dataset saved with datasets' save_to_disk)"
+        )
     if path.is_dir():
         if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
             yield from _saved_dataset_rows(path)
@@ -114,8 +116,10 @@ def _file_rows(path: Path) -> Iterator[tuple[str, str, object]]:
                 yield f"{path} row {n}", f"{path.name}:{n}", row
                 n += 1
     else:
-        raise DataError(f"{path}: unknown data file type {path.suffix!r}; expected .jsonl or .parquet "
-                        "(or a directory of them, or a dataset saved with save_to_disk)")
+        raise DataError(
+            f"{path}: unknown data file type {path.suffix!r}; expected .jsonl or .parquet "
+            "(or a directory of them, or a dataset saved with save_to_disk)"
+        )
 
 
 def _saved_dataset_rows(path: Path) -> Iterator[tuple[str, str, object]]:
@@ -133,10 +137,13 @@ def _saved_dataset_rows(path: Path) -> Iterator[tuple[str, str, object]]:
         yield f"{path} row {n}", f"{path.name}:{n}", row
 
 
-def to_record(row: object, where: str, default_id: str, fields: Fields = Fields(), need_response: bool = False) -> Record:
+def to_record(
+    row: object, where: str, default_id: str, fields: Fields = Fields(), need_response: bool = False
+) -> Record:
     """Check one row's shape and normalise it; the error says where and what was expected."""
-    expected = (f"a {{{fields.prompt!r}: str}} or {{{fields.messages!r}: [{{'role', 'content'}}, ...]}} object"
-                + (f" with an answer ({fields.response!r}, or messages ending with an assistant turn)" if need_response else ""))
+    expected = f"a {{{fields.prompt!r}: str}} or {{{fields.messages!r}: [{{'role', 'content'}}, ...]}} object" + (
+        f" with an answer ({fields.response!r}, or messages ending with an assistant turn)" if need_response else ""
+    )
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected {expected}, got a {type(row).__name__}")
     rid = row.get(fields.id)
@@ -162,8 +169,10 @@ def to_record(row: object, where: str, default_id: str, fields: Fields = Fields(
         response = row[fields.response]
         used.add(fields.response)
     if not messages or messages[-1]["role"] == "assistant":
-        raise DataError(f"{where}: the prompt must end with a user (or system/tool) turn, got "
-                        f"{[m['role'] for m in messages] or 'no turns'}")
+        raise DataError(
+            f"{where}: the prompt must end with a user (or system/tool) turn, got "
+            f"{[m['role'] for m in messages] or 'no turns'}"
+        )
     if need_response and response is None:
         raise DataError(f"{where}: expected {expected}; this row has no answer")
     extra = {k: v for k, v in row.items() if k not in used}
@@ -172,7 +181,9 @@ def to_record(row: object, where: str, default_id: str, fields: Fields = Fields(
 
 def _messages(value: object, where: str, key: str) -> list[dict]:
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: {key!r} must be a non-empty list of {{'role', 'content'}} objects, got {type(value).__name__}")
+        raise DataError(
+            f"{where}: {key!r} must be a non-empty list of {{'role', 'content'}} objects, got {type(value).__name__}"
+        )
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -187,7 +198,11 @@ def embedded_records(split: str, n_per_family: int, seed: int, suite: str = "bas
     from zeda_rl.tasks import make_split
 
     return [
-        Record(id=f"{EMBEDDED}:{e.prompt}", where=f"{EMBEDDED}:{split}:{i}",
-               messages=({"role": "user", "content": e.prompt},), extra={"family": e.family, "answer": e.answer})
+        Record(
+            id=f"{EMBEDDED}:{e.prompt}",
+            where=f"{EMBEDDED}:{split}:{i}",
+            messages=({"role": "user", "content": e.prompt},),
+            extra={"family": e.family, "answer": e.answer},
+        )
         for i, e in enumerate(make_split(split, n_per_family, seed=seed, suite=suite))
     ]

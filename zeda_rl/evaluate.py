@@ -36,8 +36,10 @@ def routed_zero_ratio(model, tokenizer, texts: list[str], batch_size: int = 64) 
     blocks = moe_blocks(model)
     if not blocks:  # a static checkpoint (the teacher): every routed slot is a real expert
         moe = [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
-        count = sum(int(tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt").attention_mask.sum())
-                    for i in range(0, len(texts), batch_size))
+        count = sum(
+            int(tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt").attention_mask.sum())
+            for i in range(0, len(texts), batch_size)
+        )
         return {"overall": 0.0, "per_layer": [0.0] * len(moe), "tokens": count, "note": "static model: no zero experts"}
     n = blocks[0].spec.num_experts
     zero = torch.zeros(len(blocks))
@@ -54,8 +56,17 @@ def routed_zero_ratio(model, tokenizer, texts: list[str], batch_size: int = 64) 
     return {"overall": sum(per_layer) / len(per_layer), "per_layer": per_layer, "tokens": count}
 
 
-def evaluate(checkpoint: str | Path, n_per_family: int = 100, batch_size: int = 64, model=None, tokenizer=None,
-             progress: bool = True, log=None, label: str | None = None, tasks: str = "basic") -> dict:
+def evaluate(
+    checkpoint: str | Path,
+    n_per_family: int = 100,
+    batch_size: int = 64,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+    log=None,
+    label: str | None = None,
+    tasks: str = "basic",
+) -> dict:
     """Accuracy per family of the `tasks` suite and zero-expert ratio. At n_per_family=500 this is minutes per
     checkpoint, so it shows progress per batch (`zeda_rl.progress`; `log`, a MetricsLog, gets the monitor's
     progress events)."""
@@ -67,7 +78,9 @@ def evaluate(checkpoint: str | Path, n_per_family: int = 100, batch_size: int = 
     completions = []
     with Progress(label or f"eval {Path(checkpoint).name}", len(prompts), "prompts", log=log, enabled=progress) as bar:
         for i in range(0, len(prompts), batch_size):
-            completions += greedy_complete(model, tokenizer, prompts[i : i + batch_size], max_new_tokens=max_new, batch_size=batch_size)
+            completions += greedy_complete(
+                model, tokenizer, prompts[i : i + batch_size], max_new_tokens=max_new, batch_size=batch_size
+            )
             bar.update(len(completions))
     hits = [int(score(e, c)) for e, c in zip(examples, completions)]
     per_family = {}
@@ -145,7 +158,11 @@ def mean_zero_ratio(per_request: list) -> dict:
     if not per_request:
         return {"overall": 0.0, "per_layer": [], "requests": 0}
     per_layer = np.mean(np.stack(per_request), axis=0)
-    return {"overall": float(per_layer.mean()) if per_layer.size else 0.0, "per_layer": per_layer.tolist(), "requests": len(per_request)}
+    return {
+        "overall": float(per_layer.mean()) if per_layer.size else 0.0,
+        "per_layer": per_layer.tolist(),
+        "requests": len(per_request),
+    }
 
 
 def builtin_report(result: dict) -> dict:
@@ -157,11 +174,21 @@ def builtin_report(result: dict) -> dict:
     z = result["zero_ratio"]
     rze = {"overall": z["overall"], "per_layer": z["per_layer"]}
     rows = [
-        {"name": fam, "grader": "builtin exact match", "problems": result["n_per_family"], "samples": 1,
-         "accuracy": acc, "r_ze": rze}
-        for fam, acc in result["accuracy"].items() if fam != "mean"
+        {
+            "name": fam,
+            "grader": "builtin exact match",
+            "problems": result["n_per_family"],
+            "samples": 1,
+            "accuracy": acc,
+            "r_ze": rze,
+        }
+        for fam, acc in result["accuracy"].items()
+        if fam != "mean"
     ]
     return {
-        "suite": "builtin", "checkpoint": result["checkpoint"], "decoding": {"temperature": 0.0, "samples": 1},
-        "benchmarks": rows, "average": {"accuracy": result["accuracy"]["mean"], "r_ze": z["overall"]},
+        "suite": "builtin",
+        "checkpoint": result["checkpoint"],
+        "decoding": {"temperature": 0.0, "samples": 1},
+        "benchmarks": rows,
+        "average": {"accuracy": result["accuracy"]["mean"], "r_ze": z["overall"]},
     }

@@ -19,8 +19,12 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
         gen = model.generate(
-            input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         for row in gen[:, enc.input_ids.shape[1] :].tolist():
             if tokenizer.eos_token_id in row:

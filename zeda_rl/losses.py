@@ -71,8 +71,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def token_weights(loss_mask: torch.Tensor, agg: LossAgg, n_tokens: float | None = None,
-                  n_samples: float | None = None) -> torch.Tensor:
+def token_weights(
+    loss_mask: torch.Tensor, agg: LossAgg, n_tokens: float | None = None, n_samples: float | None = None
+) -> torch.Tensor:
     """Per-token weights w [B, S] such that sum(w * loss_t) is the aggregated loss.
 
     "token_mean": every response token of the global batch counts the same (1 / tokens);

@@ -54,7 +54,9 @@ class _ZceConfigMixin:
             raise ValueError(f"config: zce_nums {nums} and zce_types {types} must have the same length")
         for t in types:
             if t not in SUPPORTED_ZCE_TYPES:
-                raise ValueError(f"config: zce_types entry {t!r} is not supported; expected one of {SUPPORTED_ZCE_TYPES}")
+                raise ValueError(
+                    f"config: zce_types entry {t!r} is not supported; expected one of {SUPPORTED_ZCE_TYPES}"
+                )
         return [t for n, t in zip(nums, types) for _ in range(int(n))]
 
     def to_dict(self) -> dict:
@@ -287,7 +289,10 @@ def register() -> None:
     per-expert HF tensors into its grouped expert parameters by model_type, and our model
     types must inherit the stock families' rules or the expert weights would silently not load.
     """
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
 
     for cfg, model, stock_cfg in (
         (Qwen3MoePlusPlusConfig, Qwen3MoePlusPlusForCausalLM, Qwen3MoeConfig),
@@ -354,7 +359,9 @@ def set_zce_mask(model: nn.Module, on: bool) -> None:
         blk.gate.spec = dataclasses.replace(blk.gate.spec, mask_zero=on)
 
 
-def set_baseline_options(model: nn.Module, skip_threshold: float | None = None, static_top_k: int | None = None) -> None:
+def set_baseline_options(
+    model: nn.Module, skip_threshold: float | None = None, static_top_k: int | None = None
+) -> None:
     """Turn a loaded zero-expert model into a baseline without a second model class: Dynamic
     Skipping (`skip_threshold`) or a static top-k' (`static_top_k`, NET); None or 0 switches one off.
 

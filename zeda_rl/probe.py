@@ -19,7 +19,9 @@ from zeda_rl.tasks import Example, score
 
 
 @torch.no_grad()
-def sample_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 64) -> list[list[int]]:
+def sample_ids(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 64
+) -> list[list[int]]:
     """One response per prompt at temperature 1 with no truncation (top-k and top-p off), as OPD samples;
     token ids up to and including the first EOS."""
     tokenizer.padding_side = "left"
@@ -28,17 +30,26 @@ def sample_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: 
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen_rng)))
-        gen = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=eos)
+        gen = model.generate(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )
         for row in gen[:, enc.input_ids.shape[1] :].tolist():
             out.append(row[: row.index(eos) + 1] if eos in row else row)
     return out
 
 
 @torch.no_grad()
-def reverse_kl(student, teacher, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-               batch_size: int = 64) -> dict[str, float]:
+def reverse_kl(
+    student, teacher, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, batch_size: int = 64
+) -> dict[str, float]:
     """Per-response-token means over the student's samples: the sampled-token log ratio
     log p_S(y_t) - log p_T(y_t) (minus OPD's advantage), the exact KL(p_S || p_T), and the share of
     tokens whose advantage log p_T - log p_S is positive."""
@@ -62,8 +73,12 @@ def reverse_kl(student, teacher, prompt_ids: list[list[int]], response_ids: list
         tot["positive"] += float((ratio[resp] < 0).sum())
         tot["tokens"] += float(resp.sum())
     n = max(tot["tokens"], 1.0)
-    return {"reverse_kl_sampled": tot["sampled"] / n, "reverse_kl_exact": tot["exact"] / n,
-            "adv_pos_frac": tot["positive"] / n, "response_tokens": tot["tokens"]}
+    return {
+        "reverse_kl_sampled": tot["sampled"] / n,
+        "reverse_kl_exact": tot["exact"] / n,
+        "adv_pos_frac": tot["positive"] / n,
+        "response_tokens": tot["tokens"],
+    }
 
 
 def probe_checkpoint(student_dir, teacher, tokenizer, examples: list[Example], seed: int = 0) -> dict:
@@ -80,8 +95,10 @@ def probe_checkpoint(student_dir, teacher, tokenizer, examples: list[Example], s
     fams = list(dict.fromkeys(e.family for e in examples))
 
     def acc(outs):
-        per = {f: sum(score(e, c) for e, c in zip(examples, outs) if e.family == f) / sum(e.family == f for e in examples)
-               for f in fams}
+        per = {
+            f: sum(score(e, c) for e, c in zip(examples, outs) if e.family == f) / sum(e.family == f for e in examples)
+            for f in fams
+        }
         return {**per, "mean": sum(per.values()) / len(per)}
 
     prompt_ids = [tokenizer(p).input_ids for p in prompts]

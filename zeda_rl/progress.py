@@ -53,8 +53,18 @@ class _Rate(ProgressColumn):
 class Progress:
     """`with Progress("eval student", 2000, "prompts", log=log) as p: ... p.advance(64)`."""
 
-    def __init__(self, label: str, total: int, unit: str = "steps", *, log=None, enabled: bool = True,
-                 every_s: float | None = None, stream=None, done: int = 0):
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        unit: str = "steps",
+        *,
+        log=None,
+        enabled: bool = True,
+        every_s: float | None = None,
+        stream=None,
+        done: int = 0,
+    ):
         self.label, self.total, self.unit, self.log, self.enabled = label, int(total), unit, log, enabled
         self.every_s = float(os.environ.get("ZEDA_PROGRESS_EVERY", 10)) if every_s is None else every_s
         self.stream = stream if stream is not None else sys.stderr
@@ -78,8 +88,14 @@ class Progress:
             console = Console(file=self.stream)
             if console.is_terminal:
                 bar = _RichProgress(
-                    TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
-                    _Rate(self.unit), TimeRemainingColumn(), TextColumn("{task.fields[note]}"), console=console,
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn(self.unit),
+                    _Rate(self.unit),
+                    TimeRemainingColumn(),
+                    TextColumn("{task.fields[note]}"),
+                    console=console,
                 )
                 try:
                     bar.start()

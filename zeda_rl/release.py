@@ -48,7 +48,9 @@ def converted_spec(cfg: dict, where: str = "config.json") -> ArchSpec | None:
             )
     nums, types = cfg["zce_nums"], cfg["zce_types"]
     if not isinstance(nums, list) or not isinstance(types, list) or len(nums) != len(types) or not nums:
-        raise ValueError(f"{where}: zce_nums {nums!r} and zce_types {types!r} must be non-empty lists of the same length")
+        raise ValueError(
+            f"{where}: zce_nums {nums!r} and zce_types {types!r} must be non-empty lists of the same length"
+        )
     if not isinstance(cfg["use_zce_mask"], bool):
         raise ValueError(f"{where}: use_zce_mask must be true or false, got {cfg['use_zce_mask']!r}")
     return spec

@@ -28,7 +28,9 @@ class RouterSpec:
     mask_zero: bool = False  # use_zce_mask: zero slots never chosen -> the original model exactly
     # The paper's baselines, applied after the choice above; a skipped or unfilled slot gets the
     # skip sentinel id N, so every consumer counts and skips it like a zero slot and shapes keep K.
-    skip_threshold: float = 0.0  # Dynamic Skipping (inference only): drop a selected expert below threshold x the top weight
+    skip_threshold: float = (
+        0.0  # Dynamic Skipping (inference only): drop a selected expert below threshold x the top weight
+    )
     static_top_k: int | None = None  # NET: a static top-k' < K; slots k'..K-1 hold the sentinel (trainable, replayable)
 
     @property
@@ -83,7 +85,9 @@ def route(
     if not 1 <= k <= spec.top_k:
         raise ValueError(f"static_top_k {spec.static_top_k} must be between 1 and top_k {spec.top_k}")
     if replay_ids is not None and spec.skip_threshold > 0:
-        raise ValueError("skip_threshold (Dynamic Skipping) is an inference option; routing replay (training) does not take it")
+        raise ValueError(
+            "skip_threshold (Dynamic Skipping) is an inference option; routing replay (training) does not take it"
+        )
     ids = torch.topk(choice, k, dim=-1).indices
     if replay_ids is not None:
         if replay_ids.shape != (logits.shape[0], spec.top_k):

@@ -95,7 +95,9 @@ def expert_mlp(experts, e: int, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def skip_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def skip_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """The experts forward with the signature of transformers' implementations: [T, H], [T, K], [T, K] -> [T, H]."""
     pairs = compact(top_k_index, self.num_experts)
     out = torch.zeros_like(hidden_states)  # rows no pair writes (0 real experts) stay exactly 0

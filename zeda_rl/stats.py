@@ -15,15 +15,24 @@ from __future__ import annotations
 import numpy as np
 
 
-def paired_prompt_ci(a: np.ndarray, b: np.ndarray, level: float = 0.95, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
+def paired_prompt_ci(
+    a: np.ndarray, b: np.ndarray, level: float = 0.95, n_boot: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
     """Interval of mean(a - b) over prompts, in points, from per-prompt scores a, b [n_prompts] (paired bootstrap)."""
     from scipy.stats import bootstrap
 
     d = 100.0 * (np.asarray(a, float) - np.asarray(b, float))
     if np.all(d == d[0]):  # no spread: the bootstrap is degenerate, the interval is the point
         return float(d[0]), float(d[0])
-    r = bootstrap((d,), np.mean, confidence_level=level, n_resamples=n_boot, method="percentile",
-                  random_state=np.random.default_rng(seed), vectorized=True)
+    r = bootstrap(
+        (d,),
+        np.mean,
+        confidence_level=level,
+        n_resamples=n_boot,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+        vectorized=True,
+    )
     return float(r.confidence_interval.low), float(r.confidence_interval.high)
 
 
@@ -38,7 +47,9 @@ def seed_ci(diffs: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(d.mean() - half), float(d.mean() + half)
 
 
-def hierarchical_ci(a: np.ndarray, b: np.ndarray, level: float = 0.95, n_boot: int = 4_000, seed: int = 0) -> tuple[float, float]:
+def hierarchical_ci(
+    a: np.ndarray, b: np.ndarray, level: float = 0.95, n_boot: int = 4_000, seed: int = 0
+) -> tuple[float, float]:
     """Interval of the mean difference (points) from per-seed, per-prompt scores a, b [n_seeds, n_prompts]:
     each resample draws seeds with replacement, then prompts with replacement (the same prompts for
     both variants and every drawn seed: the pairing is kept)."""
@@ -71,20 +82,35 @@ def compare(a: np.ndarray, b: np.ndarray, a_name: str, b_name: str, level: float
     """
     a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{a_name} has {a.shape[1]} prompts, {b_name} {b.shape[1]}: a paired comparison needs the same prompts")
+        raise ValueError(
+            f"{a_name} has {a.shape[1]} prompts, {b_name} {b.shape[1]}: a paired comparison needs the same prompts"
+        )
     n = max(len(a), len(b))
     a, b = (np.repeat(x, n, axis=0) if len(x) == 1 else x for x in (a, b))
     if len(a) != len(b):
         raise ValueError(f"{a_name} has {len(a)} seeds, {b_name} {len(b)}")
     per_seed = 100.0 * (a.mean(1) - b.mean(1))
     both = hierarchical_ci(a, b, level)
-    return {"a": a_name, "b": b_name, "delta_points": float(per_seed.mean()), "per_seed": per_seed.tolist(),
-            "ci_prompts": paired_prompt_ci(a.mean(0), b.mean(0), level), "ci_seeds": seed_ci(per_seed, level),
-            "ci": both, "level": level, "verdict": verdict(both, a_name, b_name)}
+    return {
+        "a": a_name,
+        "b": b_name,
+        "delta_points": float(per_seed.mean()),
+        "per_seed": per_seed.tolist(),
+        "ci_prompts": paired_prompt_ci(a.mean(0), b.mean(0), level),
+        "ci_seeds": seed_ci(per_seed, level),
+        "ci": both,
+        "level": level,
+        "verdict": verdict(both, a_name, b_name),
+    }
 
 
 def spread(acc: list[float]) -> dict:
     """Mean, sample standard deviation, min and max of a variant's accuracy over seeds (points)."""
     v = 100.0 * np.asarray(acc, float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()),
-            "max": float(v.max()), "seeds": len(v)}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "seeds": len(v),
+    }

@@ -101,7 +101,9 @@ def load_suite(path: str | Path) -> Suite:
 
 def render_prompt(tokenizer, text: str, enable_thinking: bool) -> list[int]:
     """Token ids of one user turn, exactly as training renders a prompt (`zeda_rl.chat.ChatFormat`)."""
-    return ChatFormat(tokenizer, enable_thinking).prompt_ids(Record(id="", where="", messages=({"role": "user", "content": text},)))
+    return ChatFormat(tokenizer, enable_thinking).prompt_ids(
+        Record(id="", where="", messages=({"role": "user", "content": text},))
+    )
 
 
 def stop_ids(tokenizer, checkpoint: str | Path) -> tuple[int, ...]:
@@ -123,8 +125,15 @@ def response_text(tokenizer, output_ids: list[int], stops: tuple[int, ...]) -> s
 Generate = Callable[[list[list[int]], SamplingParams], list]  # (prompt ids, sampling) -> Samples
 
 
-def run_suite(checkpoint: str | Path, suite: Suite, generate: Generate, tokenizer=None, progress: bool = True, log=None,
-              label: str | None = None) -> dict:
+def run_suite(
+    checkpoint: str | Path,
+    suite: Suite,
+    generate: Generate,
+    tokenizer=None,
+    progress: bool = True,
+    log=None,
+    label: str | None = None,
+) -> dict:
     """Every benchmark of `suite` on one checkpoint: the report dict (with every sample under "samples").
 
     Progress (`zeda_rl.progress`) counts samples, one benchmark's worth at a time (`generate` answers a
@@ -144,17 +153,29 @@ def run_suite(checkpoint: str | Path, suite: Suite, generate: Generate, tokenize
             raise ValueError(f"{bench.path}: benchmark {bench.name!r} has no records")
         loaded.append((bench, grader, problems, bench.samples or suite.decoding.samples))
     rows, samples_out = [], []
-    bar = Progress(label or f"eval {Path(checkpoint).name}", sum(len(p) * k for _, _, p, k in loaded), "samples",
-                   log=log, enabled=bool(progress))
+    bar = Progress(
+        label or f"eval {Path(checkpoint).name}",
+        sum(len(p) * k for _, _, p, k in loaded),
+        "samples",
+        log=log,
+        enabled=bool(progress),
+    )
     with bar:
         for bench, grader, problems, k in loaded:
             bar.update(bar.done, note=f"{bench.name}: {len(problems)} problems x {k}")
-            rows.append(_run_benchmark(bench, grader, problems, k, suite, generate, tokenizer, stops, n_experts, n_layers,
-                                       samples_out))
+            rows.append(
+                _run_benchmark(
+                    bench, grader, problems, k, suite, generate, tokenizer, stops, n_experts, n_layers, samples_out
+                )
+            )
             bar.advance(len(problems) * k)
     return {
-        "suite": suite.name, "checkpoint": str(checkpoint), "decoding": suite.decoding.model_dump(exclude={"stop_token_ids"}),
-        "enable_thinking": suite.enable_thinking, "num_experts": n_experts, "moe_layers": n_layers,
+        "suite": suite.name,
+        "checkpoint": str(checkpoint),
+        "decoding": suite.decoding.model_dump(exclude={"stop_token_ids"}),
+        "enable_thinking": suite.enable_thinking,
+        "num_experts": n_experts,
+        "moe_layers": n_layers,
         "benchmarks": rows,
         "average": {
             "accuracy": sum(r["accuracy"] for r in rows) / len(rows),
@@ -164,24 +185,41 @@ def run_suite(checkpoint: str | Path, suite: Suite, generate: Generate, tokenize
     }
 
 
-def _run_benchmark(bench, grader, problems, k, suite, generate, tokenizer, stops, n_experts, n_layers, samples_out) -> dict:
+def _run_benchmark(
+    bench, grader, problems, k, suite, generate, tokenizer, stops, n_experts, n_layers, samples_out
+) -> dict:
     """One benchmark: generate k samples per problem, grade them; its row (its samples appended to samples_out)."""
     template = bench.prompt_template or grader.template
-    prompts = [render_prompt(tokenizer, template.replace("{prompt}", p.prompt), suite.enable_thinking) for p in problems]
-    params = suite.decoding.model_copy(update={"max_new_tokens": bench.max_new_tokens or suite.decoding.max_new_tokens,
-                                               "stop_token_ids": stops})
+    prompts = [
+        render_prompt(tokenizer, template.replace("{prompt}", p.prompt), suite.enable_thinking) for p in problems
+    ]
+    params = suite.decoding.model_copy(
+        update={"max_new_tokens": bench.max_new_tokens or suite.decoding.max_new_tokens, "stop_token_ids": stops}
+    )
     outs = generate([p for p in prompts for _ in range(k)], params)
     texts = [response_text(tokenizer, s.output_ids, stops) for s in outs]
     grades = grader.grade([p for p in problems for _ in range(k)], [strip_thinking(t) for t in texts])
     shares = [request_zero_shares(s.routed_experts, n_experts, n_layers) for s in outs]
     scores = [g.score for g in grades]
     for i, (s, text, g, z) in enumerate(zip(outs, texts, grades, shares)):
-        samples_out.append({
-            "benchmark": bench.name, "problem": problems[i // k].id, "sample": i % k, "response": text,
-            "score": g.score, "detail": g.detail, "finish": s.finish_reason, "r_ze": float(z.mean()) if z.size else 0.0,
-        })
+        samples_out.append(
+            {
+                "benchmark": bench.name,
+                "problem": problems[i // k].id,
+                "sample": i % k,
+                "response": text,
+                "score": g.score,
+                "detail": g.detail,
+                "finish": s.finish_reason,
+                "r_ze": float(z.mean()) if z.size else 0.0,
+            }
+        )
     return {
-        "name": bench.name, "grader": bench.grader, "path": str(bench.path), "problems": len(problems), "samples": k,
+        "name": bench.name,
+        "grader": bench.grader,
+        "path": str(bench.path),
+        "problems": len(problems),
+        "samples": k,
         "accuracy": sum(scores) / len(scores),
         "r_ze": {key: v for key, v in mean_zero_ratio(shares).items() if key != "requests"},
         "finish": {r: sum(s.finish_reason == r for s in outs) for r in ("stop", "length")},
@@ -197,13 +235,22 @@ def table(student: dict, teacher: dict | None = None) -> list[dict]:
     """Table 1's rows: per benchmark (and an average row) teacher acc, student acc, student r_ZE."""
     t_acc = {r["name"]: r["accuracy"] for r in teacher["benchmarks"]} if teacher else {}
     rows = [
-        {"benchmark": r["name"], "teacher_acc": t_acc.get(r["name"]), "student_acc": r["accuracy"], "student_r_ze": r["r_ze"]["overall"]}
+        {
+            "benchmark": r["name"],
+            "teacher_acc": t_acc.get(r["name"]),
+            "student_acc": r["accuracy"],
+            "student_r_ze": r["r_ze"]["overall"],
+        }
         for r in student["benchmarks"]
     ]
-    rows.append({
-        "benchmark": "Average", "teacher_acc": teacher["average"]["accuracy"] if teacher else None,
-        "student_acc": student["average"]["accuracy"], "student_r_ze": student["average"]["r_ze"],
-    })
+    rows.append(
+        {
+            "benchmark": "Average",
+            "teacher_acc": teacher["average"]["accuracy"] if teacher else None,
+            "student_acc": student["average"]["accuracy"],
+            "student_r_ze": student["average"]["r_ze"],
+        }
+    )
     return rows
 
 
@@ -231,9 +278,13 @@ def render_markdown(student: dict, teacher: dict | None = None) -> str:
             lines.append(f"| {name} | {pct(r['student_acc'])} | {pct(r['student_r_ze'])} |")
     n_layers = max((len(r["r_ze"]["per_layer"]) for r in student["benchmarks"]), default=0)
     if n_layers:
-        lines += ["", "r_ZE per MoE layer (%):", "",
-                  "| Benchmark | " + " | ".join(f"L{i}" for i in range(n_layers)) + " |",
-                  "| --- |" + " ---: |" * n_layers]
+        lines += [
+            "",
+            "r_ZE per MoE layer (%):",
+            "",
+            "| Benchmark | " + " | ".join(f"L{i}" for i in range(n_layers)) + " |",
+            "| --- |" + " ---: |" * n_layers,
+        ]
         for r in student["benchmarks"]:
             lines.append(f"| {r['name']} | " + " | ".join(pct(x) for x in r["r_ze"]["per_layer"]) + " |")
     return "\n".join(lines) + "\n"

@@ -68,14 +68,23 @@ def _add4(rng: random.Random) -> Example:
 
 def _times(family: str, digits: int):
     """A `digits`-digit number times one digit from 2 to 9 (mul: 3 digits, mul4: 4)."""
+
     def make(rng: random.Random) -> Example:
-        a, b = rng.randrange(10 ** (digits - 1), 10 ** digits), rng.randrange(2, 10)
+        a, b = rng.randrange(10 ** (digits - 1), 10**digits), rng.randrange(2, 10)
         return Example(family, f"{a}*{b}=", str(a * b))
+
     return make
 
 
-_MAKERS = {"add": _add, "reverse": _reverse, "sort": _sort, "pattern": _pattern,
-           "add4": _add4, "mul": _times("mul", 3), "mul4": _times("mul4", 4)}
+_MAKERS = {
+    "add": _add,
+    "reverse": _reverse,
+    "sort": _sort,
+    "pattern": _pattern,
+    "add4": _add4,
+    "mul": _times("mul", 3),
+    "mul4": _times("mul4", 4),
+}
 
 
 def families(suite: str = "basic") -> tuple[str, ...]:

@@ -25,9 +25,21 @@ from zeda_rl.tiny import tiny_qwen3_moe_config
 from zeda_rl.tokenizer import VOCAB_SIZE, build_tokenizer
 
 MODEL = dict(
-    vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, moe_intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
-    max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None, router_aux_loss_coef=0.01,
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    intermediate_size=256,
+    moe_intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=None,
+    router_aux_loss_coef=0.01,
 )
 RECIPE = dict(steps=2000, batch_size=128, lr=3e-3, warmup=60, weight_decay=0.01, threads=2)
 
@@ -36,8 +48,14 @@ RECIPE = dict(steps=2000, batch_size=128, lr=3e-3, warmup=60, weight_decay=0.01,
 # same expert compute per token as top-2 of 8 at 128), which untrained half-K hurts far more than top-1
 # of 2. The 10x stronger load-balancing loss is what let it learn add4 at all: at 0.01 the same model
 # stayed at 0% there after 2,500 steps (README, "A harder suite").
-HARD_MODEL = dict(MODEL, num_hidden_layers=3, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
-                  router_aux_loss_coef=0.1)
+HARD_MODEL = dict(
+    MODEL,
+    num_hidden_layers=3,
+    num_experts=16,
+    num_experts_per_tok=4,
+    moe_intermediate_size=64,
+    router_aux_loss_coef=0.1,
+)
 # 4,000 steps, not 2,500: at 2,500 one CPU kind ended seed 0 at 92.5% and another (AMD EPYC) at 78.7% (add4 51%), a
 # margin of a few points meeting another machine's kernels. With 4,000 the same cosine reaches 97-98% on seeds 0-2
 # on the 2-core EPYC (bench/teacher_recipe.py; README, "A harder suite"), about 14 minutes on one core.
@@ -72,12 +90,23 @@ def cache_root() -> Path:
 
 def _complete(d: Path, digest: str) -> bool:
     meta = d / "teacher.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("recipe_hash") == digest and (d / "model.safetensors").is_file()
+    return (
+        meta.is_file()
+        and json.loads(meta.read_text()).get("recipe_hash") == digest
+        and (d / "model.safetensors").is_file()
+    )
 
 
 def build_teacher(
-    out: str | Path | None = None, *, steps: int | None = None, seed: int = 0, force: bool = False, progress: bool = True,
-    min_accuracy: float = 0.9, log=None, suite: str = "basic",
+    out: str | Path | None = None,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    min_accuracy: float = 0.9,
+    log=None,
+    suite: str = "basic",
 ) -> Path:
     """Build (or reuse) the teacher; returns its directory. Raises if held-out accuracy < min_accuracy.
 
@@ -93,7 +122,9 @@ def build_teacher(
     if not force and _complete(out, digest):
         return out
     if out.exists() and not (out / "teacher.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and does not hold a teacher build; refusing to replace it (choose another --out)")
+        raise FileExistsError(
+            f"{out} exists and does not hold a teacher build; refusing to replace it (choose another --out)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,7 +141,9 @@ def build_teacher(
         model.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "teacher.json").write_text(json.dumps({"recipe_hash": digest, "seed": seed, "suite": suite, **report}, indent=2) + "\n")
+        (tmp / "teacher.json").write_text(
+            json.dumps({"recipe_hash": digest, "seed": seed, "suite": suite, **report}, indent=2) + "\n"
+        )
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -131,13 +164,21 @@ def _batch(examples: list[tasks.Example], tok) -> dict[str, torch.Tensor]:
     ids = torch.full((len(rows), n), tok.pad_token_id)
     lab = torch.full((len(rows), n), -100)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels)):
-        ids[i, : len(r)], lab[i, : len(l)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(l), 1
+    for i, (r, lb) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)], lab[i, : len(lb)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(lb), 1
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
-def _train(steps: int, seed: int, progress: bool, log=None, suite: str = "basic", model_kw: dict = MODEL,
-           recipe: dict = RECIPE, probe=None):
+def _train(
+    steps: int,
+    seed: int,
+    progress: bool,
+    log=None,
+    suite: str = "basic",
+    model_kw: dict = MODEL,
+    recipe: dict = RECIPE,
+    probe=None,
+):
     """Train one teacher; `probe` (every, fn(step, model, loss)) watches the run (bench/teacher_recipe.py)."""
     from transformers import Qwen3MoeForCausalLM
 
@@ -152,7 +193,12 @@ def _train(steps: int, seed: int, progress: bool, log=None, suite: str = "basic"
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], betas=(0.9, 0.98), weight_decay=recipe["weight_decay"])
     warm = min(recipe["warmup"], max(steps // 10, 1))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * min(s / max(steps, 1), 1.0))).item())
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warm)
+            * 0.5
+            * (1 + torch.cos(torch.tensor(torch.pi * min(s / max(steps, 1), 1.0))).item())
+        ),
     )
     fams = tasks.families(suite)
     per_fam = recipe["batch_size"] // len(fams)
@@ -180,10 +226,17 @@ def _train(steps: int, seed: int, progress: bool, log=None, suite: str = "basic"
     acc = accuracy(model, tok, tasks.make_split("heldout", HELDOUT_PER_FAMILY, suite=suite))
     torch.set_num_threads(threads)
     if progress:
-        print(f"teacher: held-out exact match {', '.join(f'{k} {100 * v:.1f}%' for k, v in acc.items())} "
-              f"({steps} steps, {train_s:.0f}s)")
+        print(
+            f"teacher: held-out exact match {', '.join(f'{k} {100 * v:.1f}%' for k, v in acc.items())} "
+            f"({steps} steps, {train_s:.0f}s)"
+        )
     from zeda_rl.versions import library_versions
 
-    report = {"steps": steps, "train_seconds": round(train_s, 1), "heldout_accuracy": acc, "n_heldout_per_family": HELDOUT_PER_FAMILY,
-              "versions": library_versions()}
+    report = {
+        "steps": steps,
+        "train_seconds": round(train_s, 1),
+        "heldout_accuracy": acc,
+        "n_heldout_per_family": HELDOUT_PER_FAMILY,
+        "versions": library_versions(),
+    }
     return model, tok, report

@@ -36,8 +36,8 @@ def pack_samples(
     teacher = np.zeros((b, n), dtype=np.float32)
     routed = None
     if samples[0].get("routed_experts") is not None:
-        l, _, k = samples[0]["routed_experts"].shape
-        routed = np.full((l, b, n, k), -1, dtype=np.int16)
+        layers, _, k = samples[0]["routed_experts"].shape
+        routed = np.full((layers, b, n, k), -1, dtype=np.int16)
     for i, (s, seq) in enumerate(zip(samples, seqs)):
         p, o = len(s["prompt_ids"]), len(s["output_ids"])
         tokens[i, : len(seq)] = seq
@@ -50,7 +50,9 @@ def pack_samples(
         if teacher_logprobs is not None:
             t = np.asarray(teacher_logprobs[i], dtype=np.float32)
             if t.shape != (len(seq) - 1,):
-                raise ValueError(f"sample {s.get('sample_id')}: teacher logprobs shape {t.shape}, expected ({len(seq) - 1},)")
+                raise ValueError(
+                    f"sample {s.get('sample_id')}: teacher logprobs shape {t.shape}, expected ({len(seq) - 1},)"
+                )
             teacher[i, 1 : len(seq)] = t
         if routed is not None:
             routed[:, i, : len(seq)] = s["routed_experts"]
@@ -60,8 +62,10 @@ def pack_samples(
                 kk = top_ids.shape[-1] if top_ids.ndim == 2 else 0
                 tops = np.zeros((b, n, kk), dtype=np.int32), np.zeros((b, n, kk), dtype=np.float32)
             if top_ids.shape != (len(seq) - 1, tops[0].shape[2]) or top_lp.shape != top_ids.shape:
-                raise ValueError(f"sample {s.get('sample_id')}: teacher top-k shapes {top_ids.shape} / {top_lp.shape}, "
-                                 f"expected ({len(seq) - 1}, {tops[0].shape[2]})")
+                raise ValueError(
+                    f"sample {s.get('sample_id')}: teacher top-k shapes {top_ids.shape} / {top_lp.shape}, "
+                    f"expected ({len(seq) - 1}, {tops[0].shape[2]})"
+                )
             tops[0][i, 1 : len(seq)], tops[1][i, 1 : len(seq)] = top_ids, top_lp
     out = {
         "tokens": tokens,

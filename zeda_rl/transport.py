@@ -107,8 +107,9 @@ class Puller:
 
     LOG_FIRST = 10  # per reason; afterwards one warning per 1000 drops, to keep logs readable
 
-    def __init__(self, bind_endpoint: str = DEFAULT_BIND, hwm: int = 8, ctx: zmq.Context | None = None,
-                 run: str | None = None):
+    def __init__(
+        self, bind_endpoint: str = DEFAULT_BIND, hwm: int = 8, ctx: zmq.Context | None = None, run: str | None = None
+    ):
         self.run = run  # when set, only batches whose meta["run"] is this are accepted
         self.received = 0
         self.bytes_received = 0
@@ -156,7 +157,12 @@ class Puller:
         if n <= self.LOG_FIRST or n % 1000 == 0:
             log.warning(
                 "dropped message #%d on %s (%d frames, %s, %d of this kind so far): %s",
-                self.dropped, self.endpoint, len(frames), reason, n, err,
+                self.dropped,
+                self.endpoint,
+                len(frames),
+                reason,
+                n,
+                err,
             )
 
     def stats(self) -> dict:

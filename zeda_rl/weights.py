@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 class WeightUpdateError(ValueError):
     """An update that does not fit the model: unknown name, wrong shape or dtype, duplicate."""
 
+
 # Wire dtype name -> torch dtype. The bytes of each are sent as-is (little-endian hosts).
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
@@ -77,7 +78,9 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "float8_e5m2": torch.float8_e5m2,
 }
 _NAME_OF = {v: k for k, v in TORCH_DTYPES.items()}
-_NUMPY_NAME = {np.dtype(str(v).removeprefix("torch.")): k for k, v in TORCH_DTYPES.items() if "8_e" not in k and k != "bfloat16"}
+_NUMPY_NAME = {
+    np.dtype(str(v).removeprefix("torch.")): k for k, v in TORCH_DTYPES.items() if "8_e" not in k and k != "bfloat16"
+}
 
 Tensor = torch.Tensor | np.ndarray
 
@@ -147,7 +150,9 @@ def _to_wire(name: str, t: Tensor) -> tuple[str, list[int], memoryview]:
     if isinstance(t, np.ndarray):
         wname = _NUMPY_NAME.get(t.dtype.newbyteorder("="))
         if wname is None:
-            raise BadDtype(f"tensor {name!r}: numpy dtype {t.dtype} is not allowed (allowed: {', '.join(_NUMPY_NAME.values())})")
+            raise BadDtype(
+                f"tensor {name!r}: numpy dtype {t.dtype} is not allowed (allowed: {', '.join(_NUMPY_NAME.values())})"
+            )
         arr = np.ascontiguousarray(t, dtype=np.dtype(wname).newbyteorder("<"))
         return wname, list(arr.shape), array_frame(arr)
     if not isinstance(t, torch.Tensor):
@@ -175,7 +180,13 @@ def encode_update(update: WeightUpdate) -> list[bytes | memoryview]:
             bspecs.append([name, wname, shape])
             frames.append(buf)
         specs.append(bspecs)
-    header = {"magic": MAGIC, "kind": KIND, "schema": WEIGHTS_SCHEMA_VERSION, "version": update.version, "buckets": specs}
+    header = {
+        "magic": MAGIC,
+        "kind": KIND,
+        "schema": WEIGHTS_SCHEMA_VERSION,
+        "version": update.version,
+        "buckets": specs,
+    }
     return [pack_header(header), *frames]
 
 
@@ -279,18 +290,29 @@ class Staging:
             dst = tensor_target(self.targets, name)
             if dst is None:
                 if self.strict:
-                    raise WeightUpdateError(f"weight update v{v}: tensor {name!r} is not a parameter or buffer of {self.model_name}")
+                    raise WeightUpdateError(
+                        f"weight update v{v}: tensor {name!r} is not a parameter or buffer of {self.model_name}"
+                    )
                 self.skipped.append(name)
                 continue
             if tuple(src.shape) != tuple(dst.shape):
-                raise WeightUpdateError(f"weight update v{v}: tensor {name!r} has shape {list(src.shape)}, model expects {list(dst.shape)}")
+                raise WeightUpdateError(
+                    f"weight update v{v}: tensor {name!r} has shape {list(src.shape)}, model expects {list(dst.shape)}"
+                )
             if src.dtype != dst.dtype and not self.cast:
-                raise WeightUpdateError(f"weight update v{v}: tensor {name!r} has dtype {src.dtype}, model expects {dst.dtype}")
+                raise WeightUpdateError(
+                    f"weight update v{v}: tensor {name!r} has dtype {src.dtype}, model expects {dst.dtype}"
+                )
             self.plan.append((dst, src))
 
     def commit(self) -> int:
         if self.skipped:
-            log.warning("weight update v%d: skipped %d unknown tensors, e.g. %s", self.version, len(self.skipped), self.skipped[:3])
+            log.warning(
+                "weight update v%d: skipped %d unknown tensors, e.g. %s",
+                self.version,
+                len(self.skipped),
+                self.skipped[:3],
+            )
         with torch.no_grad():
             for dst, src in self.plan:
                 dst.copy_(src)
@@ -353,8 +375,9 @@ def bucket_spec(bucket: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, s
     return [(name, _NAME_OF[t.dtype], list(t.shape)) for name, t in bucket]
 
 
-def join_group(backend: str, address: str, port: int, world_size: int, rank: int, group_name: str,
-               timeout_s: float = 600.0):
+def join_group(
+    backend: str, address: str, port: int, world_size: int, rank: int, group_name: str, timeout_s: float = 600.0
+):
     """A process group of its own (not the caller's default world), the way SGLang's
     `init_weights_update_group` builds the one it joins: a TCP rendezvous at address:port
     (rank 0 hosts it, on `address` only: `zeda_rl.transport.rendezvous_store`), a store prefixed by the
@@ -367,7 +390,8 @@ def join_group(backend: str, address: str, port: int, world_size: int, rank: int
 
     timeout = datetime.timedelta(seconds=timeout_s)
     store = rendezvous_store(address, port, rank, world_size, timeout)
-    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
-                                      group_name=group_name, timeout=timeout)
+    pg, _ = _new_process_group_helper(
+        world_size, rank, [], Backend(backend), PrefixStore(group_name, store), group_name=group_name, timeout=timeout
+    )
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg

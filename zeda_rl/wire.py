@@ -162,7 +162,9 @@ def unpack_header(frames: list, kind: str, schema: int) -> dict:
 
 def parse_spec(spec: Any, where: str, dtypes: Mapping[str, Any]) -> tuple[str, str, tuple[int, ...]]:
     """One header entry [name, dtype, shape], checked: allow-listed dtype, sane shape."""
-    if not (isinstance(spec, (list, tuple)) and len(spec) == 3 and isinstance(spec[0], str) and isinstance(spec[1], str)):
+    if not (
+        isinstance(spec, (list, tuple)) and len(spec) == 3 and isinstance(spec[0], str) and isinstance(spec[1], str)
+    ):
         raise ForeignMessage(f"{where}: header entry {spec!r} is not [name, dtype, shape]")
     name, dtype, shape = spec
     if dtype not in dtypes:
@@ -317,7 +319,9 @@ def validate(batch: TrajectoryBatch) -> None:
         if wname not in allowed:
             raise BadDtype(f"field {name!r}: dtype {wname}, expected {' or '.join(allowed)}")
         if arr.ndim != len(sym):
-            raise ShapeMismatch(f"field {name!r}: shape {list(arr.shape)} has {arr.ndim} dims, expected [{','.join(sym)}]")
+            raise ShapeMismatch(
+                f"field {name!r}: shape {list(arr.shape)} has {arr.ndim} dims, expected [{','.join(sym)}]"
+            )
         for d, size in zip(sym, arr.shape):
             if d not in ("B", "S", "V"):
                 continue

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from sglang.srt.layers.moe.topk import StandardTopKOutput, TopK
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.models.qwen3_moe import Qwen3MoeForCausalLM
+from torch import nn
 
 from actors.sglang_plugin.zero_slots import mask_padded_rows, router_spec_from_config, select, to_kernel_slots
 
@@ -57,7 +56,9 @@ class Fp32Router(nn.Module):
 
     def __init__(self, hidden_size: int, total: int, device, weight_loader):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(total, hidden_size, dtype=torch.float32, device=device), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(total, hidden_size, dtype=torch.float32, device=device), requires_grad=False
+        )
         self.weight.weight_loader = weight_loader
 
     def forward(self, hidden_states: torch.Tensor):
@@ -78,7 +79,9 @@ class ZeroSlotTopK(nn.Module):
         if getattr(self.topk_config, "correction_bias", None) is not None:  # point it at the widened bias too
             self.topk_config.correction_bias = gate.e_score_correction_bias
 
-    def forward(self, hidden_states, router_logits, *, num_token_non_padded=None, expert_location_dispatch_info=None, **_):
+    def forward(
+        self, hidden_states, router_logits, *, num_token_non_padded=None, expert_location_dispatch_info=None, **_
+    ):
         bias = getattr(self._gate, "e_score_correction_bias", None)
         weights, ids = select(router_logits, self.spec, bias, self.scaling_in_weights)
         cap = _global_capturer()
@@ -99,7 +102,9 @@ class ZeroSlotTopK(nn.Module):
 
 
 def _widened(param: nn.Parameter, total: int) -> nn.Parameter:
-    new = nn.Parameter(torch.empty((total, *param.shape[1:]), dtype=param.dtype, device=param.device), requires_grad=False)
+    new = nn.Parameter(
+        torch.empty((total, *param.shape[1:]), dtype=param.dtype, device=param.device), requires_grad=False
+    )
     new.__dict__.update(param.__dict__)  # weight_loader and friends
     return new
 
@@ -112,7 +117,9 @@ def _widen_gate(block: nn.Module, spec) -> None:
         return
     old = gate.weight
     if tuple(old.shape) != (spec.num_experts, old.shape[1]):
-        raise RuntimeError(f"zero-expert plugin: router weight of shape {tuple(old.shape)}, expected [{spec.num_experts}, H]")
+        raise RuntimeError(
+            f"zero-expert plugin: router weight of shape {tuple(old.shape)}, expected [{spec.num_experts}, H]"
+        )
     block.gate = Fp32Router(old.shape[1], spec.total, old.device, getattr(old, "weight_loader", default_weight_loader))
 
 
@@ -131,7 +138,11 @@ def install_zero_experts(model: nn.Module, config) -> int:
     spec = router_spec_from_config(config)
     if spec is None:
         return 0
-    blocks = [m for m in model.modules() if isinstance(getattr(m, "topk", None), TopK) and hasattr(m, "gate") and hasattr(m, "experts")]
+    blocks = [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "topk", None), TopK) and hasattr(m, "gate") and hasattr(m, "experts")
+    ]
     if not blocks:
         raise RuntimeError(f"zero-expert plugin: no MoE block (gate/topk/experts) found in {type(model).__name__}")
     for block in blocks:

@@ -31,6 +31,7 @@ def router_spec_from_config(config) -> RouterSpec | None:
     works on the stock config classes SGLang loads (the zce_* fields ride along as extra
     attributes). Returns None for a static checkpoint (no zero experts).
     """
+
     def get(key, default=None):
         value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
         return default if value is None else value

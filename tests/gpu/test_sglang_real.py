@@ -33,7 +33,9 @@ pytestmark = pytest.mark.skipif(not HAVE_GPU_SGLANG, reason="needs a CUDA GPU an
 def _run_worker(*args, timeout=900) -> dict:
     out = Path(args[-1])
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, __file__, *map(str, args)], cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, *map(str, args)], cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True
+    )
     if proc.returncode != 0 or not out.exists():
         raise AssertionError(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return json.loads(out.read_text())
@@ -41,7 +43,10 @@ def _run_worker(*args, timeout=900) -> dict:
 
 def _reference(ckpt):
     """TorchEngine on CPU (fp32), with the two loading workarounds of tests/test_sglang_backend.py."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
 
     from actors.engine import make_engine
 
@@ -62,8 +67,16 @@ def checkpoint(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("real")
     cfg = tiny_qwen3_moe_config(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=64, max_position_embeddings=1024, eos_token_id=1, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+        eos_token_id=1,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     model = Qwen3MoeForCausalLM(cfg).eval()
@@ -83,7 +96,11 @@ def test_real_engine_matches_reference(checkpoint, tmp_path):
 
     ref = _reference(checkpoint)
     torch.manual_seed(1)
-    new = {k: (v + 0.02 * torch.randn_like(v)).contiguous() for k, v in ref.model.state_dict().items() if v.is_floating_point()}
+    new = {
+        k: (v + 0.02 * torch.randn_like(v)).contiguous()
+        for k, v in ref.model.state_dict().items()
+        if v.is_floating_point()
+    }
     save_file(new, tmp_path / "update.safetensors")  # transformers (fused) names: the backend must split them
     res = _run_worker("engine", checkpoint, tmp_path / "update.safetensors", tmp_path / "out.json")
 
@@ -132,8 +149,14 @@ def _engine_worker(ckpt: str, update_file: str, out: str) -> None:
     from zeda_rl.weights import WeightUpdate, make_buckets
 
     eng = SGLangEngine(
-        ckpt, mem_fraction=0.3, score_top_k=VOCAB, dtype="bfloat16", attention_backend="triton",
-        cuda_graph_max_bs=4, random_seed=0, log_level="error",
+        ckpt,
+        mem_fraction=0.3,
+        score_top_k=VOCAB,
+        dtype="bfloat16",
+        attention_backend="triton",
+        cuda_graph_max_bs=4,
+        random_seed=0,
+        log_level="error",
     )
 
     def snapshot():
@@ -141,7 +164,12 @@ def _engine_worker(ckpt: str, update_file: str, out: str) -> None:
         seqs = [s.prompt_ids + s.output_ids for s in gen]
         return {
             "gen": [
-                {"prompt": s.prompt_ids, "out": s.output_ids, "logprobs": s.logprobs.tolist(), "routed": s.routed_experts.tolist()}
+                {
+                    "prompt": s.prompt_ids,
+                    "out": s.output_ids,
+                    "logprobs": s.logprobs.tolist(),
+                    "routed": s.routed_experts.tolist(),
+                }
                 for s in gen
             ],
             "scores": {str(t): [x.tolist() for x in eng.score(seqs, temperature=t)] for t in (1.0, 2.0)},
@@ -200,12 +228,16 @@ def _kernel_worker(out: str) -> None:
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 10
 
-    Path(out).write_text(json.dumps({
-        "max_err_mixed": float((mixed.float() - ref.float()).abs().max() / ref.float().abs().max()),
-        "all_skipped_max_abs": float(all_skipped.float().abs().max()),
-        "ms_all_real": ms(ids, w),
-        "ms_all_skipped": ms(torch.full_like(ids, -1), torch.zeros_like(w)),
-    }))
+    Path(out).write_text(
+        json.dumps(
+            {
+                "max_err_mixed": float((mixed.float() - ref.float()).abs().max() / ref.float().abs().max()),
+                "all_skipped_max_abs": float(all_skipped.float().abs().max()),
+                "ms_all_real": ms(ids, w),
+                "ms_all_skipped": ms(torch.full_like(ids, -1), torch.zeros_like(w)),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

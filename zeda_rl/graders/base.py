@@ -57,7 +57,15 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
             yield where, rec
 
 
-def pick(rec: dict, where: str, role: str, names: tuple[str, ...], fields: dict[str, str], kind: type | tuple = str, required: bool = True):
+def pick(
+    rec: dict,
+    where: str,
+    role: str,
+    names: tuple[str, ...],
+    fields: dict[str, str],
+    kind: type | tuple = str,
+    required: bool = True,
+):
     """The value of `role` in a record: the field the suite names for it, else the first usual name present."""
     candidates = (fields[role],) if role in fields else names
     for name in candidates:

@@ -59,17 +59,19 @@ class CodeGrader:
         for where, rec in read_jsonl(path):
             prompt = pick(rec, where, "prompt", ("prompt",), fields)
             solution = pick(rec, where, "solution", ("canonical_solution",), fields, required=False)
-            out.append(Problem(
-                id=str(pick(rec, where, "id", ("task_id",), fields, (str, int))),
-                prompt=prompt,
-                data={
-                    "prompt": prompt,
-                    "test": pick(rec, where, "test", ("test",), fields),
-                    "entry_point": pick(rec, where, "entry_point", ("entry_point",), fields),
-                },
-                reference=None if solution is None else f"```python\n{prompt}{solution}```",
-                where=where,
-            ))
+            out.append(
+                Problem(
+                    id=str(pick(rec, where, "id", ("task_id",), fields, (str, int))),
+                    prompt=prompt,
+                    data={
+                        "prompt": prompt,
+                        "test": pick(rec, where, "test", ("test",), fields),
+                        "entry_point": pick(rec, where, "entry_point", ("entry_point",), fields),
+                    },
+                    reference=None if solution is None else f"```python\n{prompt}{solution}```",
+                    where=where,
+                )
+            )
         return out
 
     def grade(self, problems: list[Problem], responses: list[str]) -> list[Grade]:
@@ -78,9 +80,18 @@ class CodeGrader:
         with ThreadPoolExecutor(self.workers) as pool:
             runs = list(pool.map(lambda pr: run_python(program(*pr), self.limits), zip(problems, responses)))
         return [
-            Grade(float(r.status == "passed"), {
-                "status": r.status, "seconds": round(r.seconds, 3), "network_isolated": r.network_isolated,
-                **({"stderr": r.stderr.strip().splitlines()[-1][:300]} if r.status != "passed" and r.stderr.strip() else {}),
-            })
+            Grade(
+                float(r.status == "passed"),
+                {
+                    "status": r.status,
+                    "seconds": round(r.seconds, 3),
+                    "network_isolated": r.network_isolated,
+                    **(
+                        {"stderr": r.stderr.strip().splitlines()[-1][:300]}
+                        if r.status != "passed" and r.stderr.strip()
+                        else {}
+                    ),
+                },
+            )
             for r in runs
         ]

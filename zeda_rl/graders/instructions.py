@@ -30,7 +30,12 @@ METRICS = {
     "instruction_strict": "partial_strict",
     "instruction_loose": "partial_loose",
 }
-IFBENCH_NLTK = ("tokenizers/punkt", "tokenizers/punkt_tab", "taggers/averaged_perceptron_tagger_eng", "corpora/stopwords")
+IFBENCH_NLTK = (
+    "tokenizers/punkt",
+    "tokenizers/punkt_tab",
+    "taggers/averaged_perceptron_tagger_eng",
+    "corpora/stopwords",
+)
 _PROBE = "This is a probe response. It has two sentences, and SOME capital words."
 
 
@@ -82,16 +87,22 @@ class InstructionGrader:
                 raise ValueError(f"{where}: kwargs must be a list of {len(ids)} objects, one per instruction id")
             for iid, kw in zip(ids, kwargs):
                 if iid not in registry:
-                    raise ValueError(f"{where}: instruction {iid!r} unknown to if-verifiable's {self.benchmark} checkers")
+                    raise ValueError(
+                        f"{where}: instruction {iid!r} unknown to if-verifiable's {self.benchmark} checkers"
+                    )
                 if iid not in probed:
                     self._probe(where, iid, kw, rec)
                     probed.add(iid)
             prompt = pick(rec, where, "prompt", ("prompt",), fields)
             key = pick(rec, where, "id", ("key", "id"), fields, (str, int), required=False)
-            out.append(Problem(
-                id=str(key if key is not None else len(out)), prompt=prompt,
-                data={"instruction_id_list": ids, "kwargs": kwargs}, where=where,
-            ))
+            out.append(
+                Problem(
+                    id=str(key if key is not None else len(out)),
+                    prompt=prompt,
+                    data={"instruction_id_list": ids, "kwargs": kwargs},
+                    where=where,
+                )
+            )
         return out
 
     def _probe(self, where, iid, kw, rec):
@@ -118,8 +129,11 @@ class InstructionGrader:
         for p, r in zip(problems, responses, strict=True):
             try:
                 results, scores = evaluate_instructions(
-                    response=r, instruction_id_list=p.data["instruction_id_list"], kwargs_list=p.data["kwargs"],
-                    prompt=p.prompt, instruction_registry=self.registry(),
+                    response=r,
+                    instruction_id_list=p.data["instruction_id_list"],
+                    kwargs_list=p.data["kwargs"],
+                    prompt=p.prompt,
+                    instruction_registry=self.registry(),
                 )
             except Exception as err:  # counted, shown in the report, never hidden
                 out.append(Grade(0.0, {"error": f"{type(err).__name__}: {err}"[:300]}))

@@ -22,7 +22,9 @@ def gold_text(answer: str) -> str:
     """The gold answer as math-verify's parser reads it best."""
     if "####" in answer:  # GSM8K: worked solution, then "#### 18"
         answer = answer.rpartition("####")[2]
-    answer = answer.strip().replace(",", "") if answer.replace(",", "").strip().lstrip("-").isdigit() else answer.strip()
+    answer = (
+        answer.strip().replace(",", "") if answer.replace(",", "").strip().lstrip("-").isdigit() else answer.strip()
+    )
     if "\\boxed" in answer or answer.startswith("$"):
         return answer
     return f"${answer}$"
@@ -44,13 +46,15 @@ class MathGrader:
             if not self._parse(gold):
                 raise ValueError(f"{where}: math-verify finds no answer in the gold {str(answer)[:80]!r}")
             pid = pick(rec, where, "id", ("id", "unique_id", "task_id"), fields, (str, int), required=False)
-            out.append(Problem(
-                id=str(pid if pid is not None else len(out)),
-                prompt=pick(rec, where, "prompt", PROMPT_NAMES, fields),
-                data={"gold": gold},
-                reference=gold if "\\boxed" in gold else f"The answer is \\boxed{{{gold.strip('$')}}}.",
-                where=where,
-            ))
+            out.append(
+                Problem(
+                    id=str(pid if pid is not None else len(out)),
+                    prompt=pick(rec, where, "prompt", PROMPT_NAMES, fields),
+                    data={"gold": gold},
+                    reference=gold if "\\boxed" in gold else f"The answer is \\boxed{{{gold.strip('$')}}}.",
+                    where=where,
+                )
+            )
         return out
 
     def grade(self, problems: list[Problem], responses: list[str]) -> list[Grade]:

@@ -77,8 +77,14 @@ def run_python(source: str, limits: Limits = Limits()) -> RunResult:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": tmp, "LANG": "C.UTF-8"}
         start = time.monotonic()
         proc = subprocess.Popen(
-            [*prefix, sys.executable, "-I", "-B", script], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_limit(limits),
+            [*prefix, sys.executable, "-I", "-B", script],
+            cwd=tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_limit(limits),
         )
         try:
             out, err = proc.communicate(timeout=limits.timeout_s)
@@ -88,8 +94,8 @@ def run_python(source: str, limits: Limits = Limits()) -> RunResult:
             out, err = proc.communicate()
             timed_out = True
         seconds = time.monotonic() - start
-    out_s = out.decode("utf-8", "replace")[-limits.output_chars:]
-    err_s = err.decode("utf-8", "replace")[-limits.output_chars:]
+    out_s = out.decode("utf-8", "replace")[-limits.output_chars :]
+    err_s = err.decode("utf-8", "replace")[-limits.output_chars :]
     if timed_out or proc.returncode == -signal.SIGXCPU:
         status = "timeout"
     elif proc.returncode == 0:
