@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from actors.engine import SamplingParams
-from learner.config import LearnerSection, OPDStage, SFTStage
+from learner.config import LearnerSection, OPDStage, SFTStage, Strict
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = Strict  # one rule for every section: unknown keys and booleans given as numbers are refused
 
 
 class ModelSection(_Strict):

@@ -11,11 +11,32 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Unknown keys are errors, and a boolean is not a count: YAML's `steps: true` would otherwise pass as 1."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info):
+        field = cls.model_fields.get(info.field_name)
+        if isinstance(v, bool) and field is not None and _numeric(field.annotation):
+            raise ValueError(f"{info.field_name}: expected a number, got the boolean {v}")
+        return v
+
+
+def _numeric(annotation) -> bool:
+    """int or float, alone or with None (the count and rate fields of the config)."""
+    args = getattr(annotation, "__args__", None)
+    if args:
+        return any(a in (int, float) for a in args) and not any(a is bool for a in args)
+    return annotation in (int, float)
+
+
+_Strict = Strict
 
 
 class LearnerSection(_Strict):

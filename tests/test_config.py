@@ -64,3 +64,19 @@ def test_overrides_apply_by_dotted_key():
 def test_driver_exits_2_with_the_key_on_a_bad_override(capsys):
     assert train_main(["--config", "launch/configs/tiny-cpu.yaml", "--set", "opd.max_staleness=-1"]) == 2
     assert "opd.max_staleness" in capsys.readouterr().err
+
+
+def test_booleans_are_not_counts():
+    """YAML's `true` is 1 to Python: `opd.steps: true` or `learner.ep: true` must be refused, naming the key."""
+    from launch.config import RunConfig
+
+    for bad, key in (
+        ({"opd": {"steps": True}}, "opd.steps"),
+        ({"learner": {"ep": True}}, "learner.ep"),
+        ({"seed": False}, "seed"),
+        ({"sft": {"lr": True}}, "sft.lr"),
+    ):
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")) as err:
+            RunConfig.model_validate(bad)
+        assert "boolean" in str(err.value)
+    assert RunConfig.model_validate({"opd": {"asynchronous": False, "steps": 3}}).opd.steps == 3
