@@ -43,6 +43,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     from launch.report import write_report
     from learner.group import LearnerGroup
 
+    if resume:  # before anything starts or is written: a missing checkpoint is known now, not hours later
+        _resume_point(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     if not resume:  # a fresh run of the same name: its report must not count the last one's events
@@ -60,6 +62,13 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         with phases("start"):
             connect_ray(cfg)
             hub = start_hub(cfg.name, log)
+            from learner.checkpoint import clean_partial
+
+            left = clean_partial(cfg.run_dir / "learner")  # a killed run's half-written saves
+            if left:
+                console.print(
+                    f"removed {len(left)} unfinished checkpoint write(s) of an earlier run: {', '.join(left)}"
+                )
             ckpt = _resume_point(cfg) if resume else None
             learner = LearnerGroup.from_run_config(cfg, student_dir, resume=ckpt)
             run_id = f"{cfg.name}-{uuid.uuid4().hex[:12]}"  # new for each driver: a killed one's batches are refused
@@ -205,7 +214,10 @@ def _resume_point(cfg: RunConfig) -> Path:
 
     ckpt = latest(cfg.run_dir / "learner")
     if ckpt is None:
-        raise FileNotFoundError(f"--resume: no learner checkpoint under {cfg.run_dir / 'learner'}")
+        raise FileNotFoundError(
+            f"--resume: no learner checkpoint under {cfg.run_dir / 'learner'} (a run writes one at each phase end and "
+            "every learner.checkpoint_every steps); start without --resume"
+        )
     console.print(f"resuming from {ckpt}")
     return ckpt
 

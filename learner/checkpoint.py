@@ -185,6 +185,18 @@ def load(learner, path: str | Path) -> dict:
     return meta
 
 
+def clean_partial(root: str | Path) -> list[str]:
+    """Remove what a killed writer left under `root` (`.step_*.tmp`: a save that never reached its rename);
+    returns their names. Called when a run (fresh or resumed) starts, when no writer of this run is alive."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    left = sorted(p for p in root.glob(".step_*.tmp") if p.is_dir())
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in left]
+
+
 def latest(root: str | Path) -> Path | None:
     """The newest complete `step_*` checkpoint under `root` (what train_step's periodic saves write)."""
     root = Path(root)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,11 @@ def test_readme_and_docs_links_resolve_in_a_plain_clone():
                 continue
             path = (page.parent / target).resolve()
             assert path.is_relative_to(root) and path.exists(), f"{page.name}: dead link {target}"
+
+
+def test_resume_without_a_checkpoint_is_refused_before_anything_starts(tmp_path):
+    """No teacher build, conversion, Ray or files: the missing checkpoint is named at once."""
+    t0 = time.monotonic()
+    out = zeda("train", "--config", "launch/configs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}", "--resume")
+    assert out.returncode != 0 and "no learner checkpoint under" in out.stderr and "--resume" in out.stderr, out.stderr
+    assert time.monotonic() - t0 < 60 and list(tmp_path.iterdir()) == []

@@ -185,3 +185,18 @@ def test_a_read_only_directory_fails_clearly(setup, tmp_path, kind):
         (tmp_path / "ro").chmod(0o755)
     assert _snapshot(tmp_path) == before
     _loads(kind, setup, out)
+
+
+def test_a_killed_writers_leftovers_are_removed_at_the_next_start(tmp_path):
+    """A save killed before its rename leaves `.step_N.tmp`; the next start removes it and keeps complete ones."""
+    from learner.checkpoint import clean_partial, latest
+
+    done = tmp_path / "step_00000004"
+    done.mkdir()
+    (done / "meta.json").write_text("{}")
+    half = tmp_path / ".step_00000006.tmp"
+    half.mkdir()
+    (half / "rank00000.pt").write_bytes(b"partial")
+    assert clean_partial(tmp_path) == [".step_00000006.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"] and latest(tmp_path) == done
+    assert clean_partial(tmp_path / "absent") == []
