@@ -77,6 +77,53 @@ def _summary(cfg, hf_source: str | None) -> str:
     )
 
 
+def stops_check(cfg) -> Check:
+    """The stop ids every phase and engine will use (`zeda_rl.chat.stop_ids`: teacher rollouts, OPD sampling,
+    eval, both backends) and the token SFT answers end with, read from the teacher's tokenizer and configs."""
+    from zeda_rl.chat import ChatFormat, TemplateError
+
+    thinking = cfg.data.enable_thinking
+    try:
+        if cfg.model.teacher == "embedded":
+            from zeda_rl.teacher import MODEL
+            from zeda_rl.tokenizer import build_tokenizer
+
+            where = "embedded teacher (character tokenizer; the build's config.json names the same eos)"
+            fmt = ChatFormat(build_tokenizer(), thinking, stops=[MODEL["eos_token_id"]])
+        else:
+            from pathlib import Path
+
+            teacher = Path(cfg.model.teacher)
+            if not any((teacher / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+                return Check("stop ids", SKIP, f"model.teacher {teacher}: no tokenizer to read there")
+            from transformers import AutoTokenizer
+
+            where = f"teacher {teacher}"
+            fmt = ChatFormat(AutoTokenizer.from_pretrained(teacher), thinking)
+        tokens = fmt.stop_tokens()
+    except Exception as err:  # noqa: BLE001 - a broken tokenizer or config raises anything
+        return Check("stop ids", FAIL, f"model.teacher: cannot read its stop ids ({type(err).__name__}: {err})")
+    stops = ", ".join(f"{i} {t!r}" for i, t in tokens.items())
+    detail = f"{where}: rollouts, the teacher, OPD and eval stop on {stops}"
+    if not fmt.templated:
+        return Check("stop ids", OK, f"{detail}; SFT answers end with eos {fmt.eos_id} (no chat template)")
+    from zeda_rl.data import Record
+
+    probe = Record(
+        id="doctor",
+        where="zeda doctor's probe answer",
+        messages=({"role": "user", "content": "What is 1 + 1?"},),
+        response="<think>\nOne and one.\n</think>\n\n2" if thinking else "2",
+    )
+    try:
+        end = fmt.sft_ids(probe)[1][-1]
+    except TemplateError as err:
+        return Check("stop ids", FAIL if cfg.sft.steps else WARN, f"{detail}; but SFT answers cannot end: {err}")
+    return Check(
+        "stop ids", OK, f"{detail}; SFT answers end with {end} {tokens[end]!r} (data.enable_thinking {thinking})"
+    )
+
+
 # ---- the environment ------------------------------------------------------------------------
 
 
@@ -208,6 +255,7 @@ def doctor(
 ) -> list[Check]:
     checks = [Check("config", OK, "loads and validates")]
     checks += config_checks(cfg, hf_config, hf_source, cluster, gpu)
+    checks.append(stops_check(cfg))
     checks += [ray_check(cfg), ports_check(cfg)] + gpu_checks(cfg)
     return checks
 

@@ -49,7 +49,7 @@ def opd_phase(
         adm.admitted += skipped
         adm.dropped["resume_skipped"] += skipped
     data.opd.seek(prompts_at)
-    params = cfg.sampling.model_copy(update={"stop_token_ids": (data.format.eos_id,)})
+    params = cfg.sampling.model_copy(update={"stop_token_ids": data.format.stop_ids})
     sync = WeightSync(learner, rollouts, log, o.weight_sync)
     resync = Resync(sync)
     settle(sync.push(version), log)

@@ -31,12 +31,25 @@ def shard_name(attempt: int, index: int) -> str:
     return f"rollouts-{attempt:03d}-{index:05d}.jsonl"
 
 
-def sampling_params(cfg, eos_id: int):
+def sampling_params(cfg, stops):
     """What the teacher samples with for SFT data (recorded in every record and the manifest): the
-    run's sampling at sft.teacher_temperature, stopping at the end of turn."""
+    run's sampling at sft.teacher_temperature, stopping at the end of turn.
+
+    `stops`: the teacher's stop ids (`ChatFormat.stop_ids`, from `zeda_rl.chat.stop_ids`), or one id;
+    `write_rollouts` adds any of the teacher's stop ids missing here, so GLM's `<|user|>` always stops it.
+    """
+    ids = (stops,) if isinstance(stops, int) else tuple(stops)
     return cfg.sampling.model_copy(
-        update={"temperature": cfg.sft.teacher_temperature, "stop_token_ids": (int(eos_id),)}
+        update={"temperature": cfg.sft.teacher_temperature, "stop_token_ids": tuple(sorted({int(i) for i in ids}))}
     )
+
+
+def with_teacher_stops(params, teacher: Path):
+    """`params` stopping on every stop id of the teacher checkpoint too (`zeda_rl.chat.stop_ids`)."""
+    from zeda_rl.chat import stop_ids
+
+    ids = set(params.stop_token_ids) | set(stop_ids(teacher))
+    return params.model_copy(update={"stop_token_ids": tuple(sorted(ids))})
 
 
 def plan(stream, n: int) -> list[dict]:
@@ -147,9 +160,13 @@ def _check_manifest(out: Path, want: dict) -> int:
 def write_rollouts(
     cfg, teachers, items: list[dict], params, teacher: Path, out: Path, log=None, chunk: int = CHUNK, progress=None
 ) -> dict:
-    """Answer every item of `plan` not yet in `out`; returns counts. `teachers`: a TeacherPool."""
+    """Answer every item of `plan` not yet in `out`; returns counts. `teachers`: a TeacherPool.
+
+    The teacher stops on every one of its stop ids whatever `params` names (`with_teacher_stops`):
+    an answer that ran past GLM's `<|user|>` would be a cut answer, not a finished one."""
     import ray
 
+    params = with_teacher_stops(params, teacher)
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(".rollouts-*.tmp*"):  # a shard a killed job was writing: its prompts are redone
         leftover.unlink()
@@ -277,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         from launch import streams
         from zeda_rl.progress import Progress
 
-        stream, n = streams.sft_prompts(cfg, streams.chat_format(cfg, tokenizer))
-        params = sampling_params(cfg, tokenizer.eos_token_id)
+        fmt = streams.chat_format(cfg, tokenizer)
+        stream, n = streams.sft_prompts(cfg, fmt)
+        params = sampling_params(cfg, fmt.stop_ids)
         items = plan(stream, n)
         ids = {it["id"] for it in items}
         before = len(ids & done_ids(out)) if out.is_dir() else 0  # a resumed job: its rate counts only new answers

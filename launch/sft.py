@@ -57,7 +57,7 @@ def teacher_answers(cfg: RunConfig, teachers, data: RunData, teacher: Path, log:
             cfg,
             teachers,
             items,
-            rollouts.sampling_params(cfg, data.format.eos_id),
+            rollouts.sampling_params(cfg, data.format.stop_ids),
             teacher,
             out,
             log,

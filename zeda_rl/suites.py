@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actors.engine import SamplingParams
-from zeda_rl.chat import ChatFormat
+from zeda_rl.chat import ChatFormat, stop_ids
 from zeda_rl.data import Record
 from zeda_rl.evaluate import mean_zero_ratio, moe_shape, request_zero_shares
 from zeda_rl.graders import make_grader, strip_thinking
@@ -106,16 +106,6 @@ def render_prompt(tokenizer, text: str, enable_thinking: bool) -> list[int]:
     )
 
 
-def stop_ids(tokenizer, checkpoint: str | Path) -> tuple[int, ...]:
-    """End of turn: the tokenizer's eos and every eos id the model's config names."""
-    cfg = json.loads((Path(checkpoint) / "config.json").read_text())
-    eos = cfg.get("eos_token_id")
-    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return tuple(sorted(int(i) for i in ids))
-
-
 def response_text(tokenizer, output_ids: list[int], stops: tuple[int, ...]) -> str:
     """The decoded response, thinking tags kept (they are not special to Qwen3), end-of-turn dropped."""
     ids = [t for t in output_ids if t not in stops and t != tokenizer.pad_token_id]
@@ -144,7 +134,7 @@ def run_suite(
 
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     n_experts, n_layers = moe_shape(checkpoint)
-    stops = stop_ids(tokenizer, checkpoint)
+    stops = stop_ids(checkpoint, tokenizer)  # the same stop ids as training's rollouts and OPD
     loaded = []
     for bench in suite.benchmarks:
         grader = make_grader(bench.grader, **bench.options)
