@@ -53,8 +53,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = ap.parse_args()
 
+    from launch.checkpoints import prepare_checkpoints
     from launch.config import load_config
-    from launch.pipeline import prepare_checkpoints, prepare_data
+    from launch.pipeline import prepare_data
     from launch.runlog import Phases
     from zeda_rl.metrics import MetricsLog
 

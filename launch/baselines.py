@@ -192,7 +192,8 @@ def run_baselines(
     so the spread over seeds is the training noise alone. Rows are means over seeds; each comparison
     comes with paired 95% intervals over prompts, over seeds and over both (`zeda_rl.stats`).
     """
-    from launch.pipeline import connect_ray, prepare_checkpoints
+    from launch.checkpoints import prepare_checkpoints
+    from launch.fleet import connect_ray
 
     seeds = list(seeds) if seeds else [cfg.seed]
     out = Path(out) if out is not None else Path(cfg.output_dir) / f"{cfg.name}-baselines"

@@ -79,22 +79,40 @@ def _run_suite(a, checkpoint, suite):
 
 
 def _train(a):
-    from launch.config import ConfigError
-    from launch.train import load_run_config
-    from launch.train import main as train_main
+    """The driver: the config checked (`zeda doctor`'s refusals) before any actor starts, then the pipeline."""
+    from launch.config import ConfigError, load_run_config
 
-    try:  # where the run writes, for an error that names no path (a full disk)
-        a.target = load_run_config(a.config, a.set).run_dir
-    except (ConfigError, OSError):
-        pass  # train_main reports it
-    return train_main(["--config", a.config] + [f"--set={kv}" for kv in a.set] + (["--resume"] if a.resume else []))
+    try:
+        cfg = load_run_config(a.config, a.set)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    a.target = cfg.run_dir  # where the run writes, for an error that names no path (a full disk)
+    from launch.doctor import refusals
+
+    refused = refusals(cfg)  # before any actor starts
+    if refused:
+        print("\n".join([f"{a.config}: refused:", *(f"  {r}" for r in refused)]), file=sys.stderr)
+        return 2
+    from launch.pipeline import console, run
+
+    result = run(cfg, resume=a.resume)
+    console.print(f"[bold green]done[/]: report at {cfg.run_dir / 'report.md'}")
+    acc = result["accuracy"]
+    scored = (
+        f"teacher {100 * acc['teacher']['mean']:.1f}% | student {100 * acc['student']['mean']:.1f}% | "
+        if "mean" in acc["student"]
+        else ""
+    )
+    console.print(f"{scored}zero experts {100 * result['zero_expert_ratio']['overall']:.1f}%")
+    return 0
 
 
 def _plan(a):
     import yaml
 
+    from launch.config import load_run_config
     from launch.plan import load_hf_config, make_plan, render
-    from launch.train import load_run_config
 
     cfg = load_run_config(a.config, a.set)
     cluster = yaml.safe_load(open(a.cluster)) if a.cluster else None
@@ -113,9 +131,8 @@ def _plan(a):
 def _doctor(a):
     import yaml
 
-    from launch.config import ConfigError
+    from launch.config import ConfigError, load_run_config
     from launch.doctor import FAIL, Check, as_json, doctor, render
-    from launch.train import load_run_config
 
     try:
         cfg = load_run_config(a.config, a.set)
@@ -138,7 +155,7 @@ def _doctor(a):
 
 def _baselines(a):
     from launch.baselines import run_baselines
-    from launch.train import load_run_config
+    from launch.config import load_run_config
 
     cfg = load_run_config(a.config, a.set)
     a.target = a.out or cfg.output_dir

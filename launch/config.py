@@ -11,6 +11,7 @@ validation error names the key path and what was expected.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -455,3 +456,28 @@ def _against_teacher(cfg: RunConfig, hf: dict, source: str) -> list[str]:
             "rollouts could not be scored"
         )
     return out
+
+
+def runs_base() -> Path | None:
+    """Base for a relative output_dir, or None for the current directory."""
+    if os.environ.get("ZEDA_RUNS_DIR"):
+        return Path(os.environ["ZEDA_RUNS_DIR"]).expanduser()
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray for a submitted job's entrypoint
+        return Path.home() / "zeda-runs"
+    return None
+
+
+def load_run_config(path: str, sets: list[str]):
+    """The run config from its YAML and `KEY=VALUE` overrides (values parsed as YAML), with the
+    relative output_dir placed as the module docstring says. Raises ConfigError."""
+    overrides = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    cfg = load_config(path, overrides)
+    base = runs_base()
+    if base is not None and not Path(cfg.output_dir).is_absolute():
+        cfg = cfg.model_copy(update={"output_dir": str(base / cfg.output_dir)})
+    return cfg

@@ -3,6 +3,7 @@ restarted ones, probing which weights they serve. The OPD loop uses these; it ow
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -217,3 +218,49 @@ def start_actors(
     ]
     ray.get([a.health.remote() for a in rollouts + teachers])
     return rollouts, TeacherPool(teachers), pg
+
+
+def connect_ray(cfg: RunConfig) -> None:
+    """Join the job's cluster (under `ray job submit`, RAY_ADDRESS names it), the configured
+    one, or start a private local Ray sized by cluster.num_cpus."""
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # "local": never attach to some other Ray that happens to run on this machine
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def teacher_dir(cfg, log=None) -> Path:
+    """The static teacher checkpoint: the configured one, or the embedded build (cached; `log`, a
+    MetricsLog, gets the build's progress events for the monitor)."""
+    if cfg.model.teacher == "embedded":
+        from zeda_rl.teacher import build_teacher
+
+        return Path(build_teacher(seed=cfg.model.teacher_seed, log=log, suite=cfg.data.tasks))
+    return Path(cfg.model.teacher)
+
+
+def start_teachers(cfg, teacher: Path, pad_id: int):
+    """Only the teacher engines, in a placement group of their own (the job needs nothing else)."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.teacher_pool import TeacherActor, TeacherPool
+
+    t = cfg.teacher
+    pg = placement_group([{"CPU": t.cpus, **({"GPU": t.gpus} if t.gpus else {})}] * t.replicas, strategy="PACK")
+    ray.get(pg.ready(), timeout=600)
+    kw = engine_kwargs(t)
+    actors = [
+        TeacherActor.options(
+            num_cpus=t.cpus,
+            num_gpus=t.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(t.backend, str(teacher), t.threads, kw, pad_id=pad_id)
+        for i in range(t.replicas)
+    ]
+    ray.get([a.health.remote() for a in actors])
+    return TeacherPool(actors), pg

@@ -10,18 +10,15 @@ engines in `launch.fleet`, admission control in `launch.admission`.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import uuid
 from pathlib import Path
 
-import ray
-
 from launch import streams
+from launch.checkpoints import prepare_checkpoints
 from launch.config import RunConfig
 from launch.evaluation import evaluate_phase
-from launch.fleet import start_actors
+from launch.fleet import connect_ray, start_actors
 from launch.opd import opd_phase
 from launch.probe import probe_phase
 from launch.runlog import Phases, console
@@ -137,34 +134,6 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         log.close()
 
 
-def prepare_checkpoints(cfg: RunConfig, phases: Phases) -> tuple[Path, Path]:
-    """The static teacher (built when embedded) and its zero-expert conversion, the student's start."""
-    from launch.rollouts import teacher_dir
-    from zeda_rl.convert import convert_checkpoint
-
-    with phases("teacher"):
-        teacher = teacher_dir(cfg, log=phases.log)
-        console.print(f"teacher: {teacher}")
-    if cfg.model.student:  # a given student (e.g. after SFT): nothing to convert
-        console.print(f"student: {cfg.model.student} (given by model.student)")
-        return teacher, Path(cfg.model.student)
-    with phases("convert"):
-        n = _num_experts(teacher)
-        nz = cfg.model.zero_experts or n // 2
-        student = convert_checkpoint(
-            teacher,
-            cfg.run_dir / "student-init",
-            zero_experts=nz,
-            zero_type=cfg.model.zero_type,
-            seed=cfg.model.convert_seed,
-            overwrite=True,
-            progress=True,
-            log=phases.log,
-        )
-        console.print(f"student: {student} (N={n}, N_Z={nz})")
-    return teacher, Path(student)
-
-
 def prepare_data(cfg: RunConfig, teacher: Path, log: MetricsLog) -> streams.RunData:
     """The run's data, checked and tokenized before anything starts: bad data (or suite) fails in seconds."""
     from transformers import AutoTokenizer
@@ -184,13 +153,6 @@ def prepare_data(cfg: RunConfig, teacher: Path, log: MetricsLog) -> streams.RunD
         + f", chat template {'on' if data.format.templated else 'off'}; dropped as too long: {data.dropped}"
     )
     return data
-
-
-def _num_experts(checkpoint: Path) -> int:
-    from zeda_rl.arch import spec_for
-
-    raw = json.loads((checkpoint / "config.json").read_text())
-    return spec_for(raw, str(checkpoint / "config.json")).num_experts(raw)
 
 
 def _resume_hint(cfg: RunConfig, log: MetricsLog, err) -> str:
@@ -226,15 +188,3 @@ def _save(cfg: RunConfig, learner) -> None:
     """A learner checkpoint at each phase end (and every learner.checkpoint_every steps, by the learner)."""
     step = learner.state()["step"]
     learner.save(cfg.run_dir / "learner" / f"step_{step:08d}")
-
-
-def connect_ray(cfg: RunConfig) -> None:
-    """Join the job's cluster (under `ray job submit`, RAY_ADDRESS names it), the configured
-    one, or start a private local Ray sized by cluster.num_cpus."""
-    if ray.is_initialized():
-        return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:  # "local": never attach to some other Ray that happens to run on this machine
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True)

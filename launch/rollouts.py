@@ -222,42 +222,6 @@ def write_rollouts(
     return result
 
 
-def teacher_dir(cfg, log=None) -> Path:
-    """The static teacher checkpoint: the configured one, or the embedded build (cached; `log`, a
-    MetricsLog, gets the build's progress events for the monitor)."""
-    if cfg.model.teacher == "embedded":
-        from zeda_rl.teacher import build_teacher
-
-        return Path(build_teacher(seed=cfg.model.teacher_seed, log=log, suite=cfg.data.tasks))
-    return Path(cfg.model.teacher)
-
-
-def start_teachers(cfg, teacher: Path, pad_id: int):
-    """Only the teacher engines, in a placement group of their own (the job needs nothing else)."""
-    import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from actors.teacher_pool import TeacherActor, TeacherPool
-
-    t = cfg.teacher
-    pg = placement_group([{"CPU": t.cpus, **({"GPU": t.gpus} if t.gpus else {})}] * t.replicas, strategy="PACK")
-    ray.get(pg.ready(), timeout=600)
-    from launch.fleet import engine_kwargs
-
-    kw = engine_kwargs(t)
-    actors = [
-        TeacherActor.options(
-            num_cpus=t.cpus,
-            num_gpus=t.gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(t.backend, str(teacher), t.threads, kw, pad_id=pad_id)
-        for i in range(t.replicas)
-    ]
-    ray.get([a.health.remote() for a in actors])
-    return TeacherPool(actors), pg
-
-
 def main(argv: list[str] | None = None) -> int:
     """`zeda rollouts --config FILE [--set KEY=VALUE] [--out DIR]`."""
     import argparse
@@ -275,9 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from transformers import AutoTokenizer
 
-    from launch.config import ConfigError
-    from launch.pipeline import connect_ray
-    from launch.train import load_run_config
+    from launch.config import ConfigError, load_run_config
+    from launch.fleet import connect_ray, start_teachers, teacher_dir
 
     try:
         cfg = load_run_config(a.config, a.set)

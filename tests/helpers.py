@@ -52,3 +52,10 @@ def run_on_fresh_ray(cfg) -> dict:
         return run(cfg)
     finally:
         ray.shutdown()
+
+
+def train_main(argv: list[str]) -> int:
+    """`zeda train ARGV` (what `python -m launch.train ARGV` runs) in this process: its exit code."""
+    from launch.cli import main
+
+    return main(["train", *argv])

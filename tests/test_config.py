@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launch.config import ConfigError, RunConfig, load_config
-from launch.train import main as train_main
+from tests.helpers import train_main
 
 CONFIGS = sorted(Path("launch/configs").glob("*.yaml"))
 

@@ -15,7 +15,7 @@ import pytest
 
 import launch.pipeline
 from launch.config import ConfigError, RunConfig, load_config, local_addresses, preflight
-from launch.train import main as train_main
+from tests.helpers import train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "launch" / "configs" / "tiny-cpu.yaml"

@@ -156,7 +156,7 @@ def test_todays_learner_layout_is_refused_with_the_knob(name):
 
 
 def test_train_refuses_oversized_and_planned_configs(tmp_path, capsys):
-    from launch.train import main
+    from tests.helpers import train_main as main
 
     assert (
         main(["--config", str(ROOT / "launch/configs/tiny-cpu.yaml"), "--set", "learner.micro_batch_tokens=2000000000"])

@@ -65,8 +65,9 @@ def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
     from transformers import AutoTokenizer
 
     from launch import streams
-    from launch.rollouts import plan, sampling_params, start_teachers, write_rollouts
-    from launch.train import load_run_config
+    from launch.config import load_run_config
+    from launch.fleet import start_teachers
+    from launch.rollouts import plan, sampling_params, write_rollouts
 
     root, teacher, overrides = setup
     out = root / "out"
