@@ -152,6 +152,7 @@ def evaluate_variant(name: str, checkpoint: Path, cfg: RunConfig, log: MetricsLo
         "accuracy": r["accuracy"],
         "r_ze": r["zero_ratio"]["overall"],
         "zero_ratio_per_layer": r["zero_ratio"]["per_layer"],
+        "hits": r["hits"],  # per held-out prompt: what the paired comparisons resample
         "eval_seconds": round(time.time() - t0, 1),
     }
 
@@ -183,7 +184,11 @@ def analyse(cfg: RunConfig, zeda: Path, teacher: Path, n_per_family: int, out: P
 
 
 def run_baselines(
-    cfg: RunConfig, out: Path | None = None, analysis_per_family: int = 200, seeds: list[int] | None = None
+    cfg: RunConfig,
+    out: Path | None = None,
+    analysis_per_family: int = 200,
+    seeds: list[int] | None = None,
+    eval_only: bool = False,
 ) -> dict:
     """Train ZEDA and NET once per seed, evaluate every variant, write baselines.{json,md} and the plots under `out`.
 
@@ -207,7 +212,8 @@ def run_baselines(
         icfg.run_dir.mkdir(parents=True, exist_ok=True)
         teacher, zinit = prepare_checkpoints(icfg, phases)
         ninit = net_checkpoint(teacher, icfg.run_dir / "net-init")
-        connect_ray(cfg)
+        if not eval_only:
+            connect_ray(cfg)
         per_seed = []
         for seed in seeds:
             tag = f"-s{seed}" if len(seeds) > 1 else ""
@@ -221,8 +227,17 @@ def run_baselines(
             )
             for c in (zcfg, ncfg):
                 c.run_dir.mkdir(parents=True, exist_ok=True)
-            zsft, zfinal = train(zcfg, teacher, zinit, MetricsLog(zcfg.run_dir / "metrics.jsonl"), phases, f"zeda{tag}")
-            nsft, nfinal = train(ncfg, teacher, ninit, MetricsLog(ncfg.run_dir / "metrics.jsonl"), phases, f"net{tag}")
+            if eval_only:  # an earlier run's students, evaluated again (e.g. with more prompts)
+                zsft, zfinal, nsft, nfinal = (
+                    _trained(c.run_dir / d) for c in (zcfg, ncfg) for d in ("student-sft", "student")
+                )
+            else:
+                zsft, zfinal = train(
+                    zcfg, teacher, zinit, MetricsLog(zcfg.run_dir / "metrics.jsonl"), phases, f"zeda{tag}"
+                )
+                nsft, nfinal = train(
+                    ncfg, teacher, ninit, MetricsLog(ncfg.run_dir / "metrics.jsonl"), phases, f"net{tag}"
+                )
             rows = {}
             with phases(f"eval{tag}"):
                 rows["zeda"] = evaluate_variant("zeda", zfinal, cfg, log)
@@ -249,6 +264,12 @@ def run_baselines(
         return result
     finally:
         log.close()
+
+
+def _trained(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no trained checkpoint here (--eval-only evaluates an earlier run's students)")
+    return path
 
 
 def summarise(cfg: RunConfig, original: dict, per_seed: list[dict], analysis: dict, times: dict) -> dict:

@@ -159,7 +159,7 @@ def _baselines(a):
 
     cfg = load_run_config(a.config, a.set)
     a.target = a.out or cfg.output_dir
-    result = run_baselines(cfg, a.out, analysis_per_family=a.analysis_n, seeds=a.seeds)
+    result = run_baselines(cfg, a.out, analysis_per_family=a.analysis_n, seeds=a.seeds, eval_only=a.eval_only)
     for r in result["rows"]:
         print(f"{r['label']:<22} accuracy {100 * r['accuracy']['mean']:5.1f}%  r_ZE {100 * r['r_ze']:5.1f}%")
 
@@ -285,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S,S,...",
         help="training seeds (e.g. 0,1,2): ZEDA and NET are trained once per seed with one teacher "
         "(model.teacher_seed); the table shows means, spreads and paired 95%% intervals (default: the config's seed)",
+    )
+    b.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate the students an earlier run of the same command trained (OUT/zeda-sN, OUT/net-sN) again",
     )
     b.set_defaults(fn=_baselines)
 
