@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from actors.engine import Sample, SamplingParams, make_engine
+from actors.engine import make_engine
 from actors.rollout import EngineActor
+from zeda_rl.sampling import Sample, SamplingParams
 
 
 class EvalEngines:

@@ -23,7 +23,8 @@ import time
 
 import ray
 
-from actors.engine import SamplingParams, make_engine
+from actors.engine import make_engine
+from zeda_rl.sampling import SamplingParams
 
 
 class EngineActor:

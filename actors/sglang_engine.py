@@ -28,7 +28,7 @@ How each piece maps onto SGLang (read from sglang 0.5.x `srt/entrypoints/engine.
   group of its own, the rank is its root: SGLang receives with src=0), then
   `update_weights_from_distributed(version, buckets)` with each bucket's group and
   (name, dtype, shape) list, one SGLang call per bucket, in the order the ranks send.
-- generate, score and the weight calls are serialised by `actors.engine.Serving`: the rollout
+- generate, score and the weight calls are serialised by `actors.serving.Serving`: the rollout
   actor runs weight calls in a thread of their own, and SGLang's offline Engine takes one
   call at a time (it runs each on its own event loop, whatever the calling thread).
 
@@ -58,11 +58,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.engine import Sample, SamplingParams, Serving
+from actors.serving import Serving
 from actors.sglang_plugin import PACKAGE as PLUGIN_PACKAGE
 from actors.sglang_plugin.zero_slots import router_spec_from_config
 from zeda_rl.arch import ARCHS, TARGETS, ArchSpec
 from zeda_rl.checks import check_routers
+from zeda_rl.sampling import Sample, SamplingParams
 
 _FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<which>gate_up_proj|down_proj)$")
 

@@ -5,7 +5,7 @@ It is the embedded default and the reference for the SGLang backend: same sampli
 and the expert ids each token was routed to (for routing replay in the learner).
 
 Weight updates are staged while the engine keeps generating (the rollout actor runs them in
-a thread of their own) and switched in between two calls (`actors.engine.Serving`), so a
+a thread of their own) and switched in between two calls (`actors.serving.Serving`), so a
 call sees one complete version from start to end, and an update that fails before its last
 bucket leaves the old version serving.
 """
@@ -20,9 +20,10 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.utils import logging as hf_logging
 
 import zeda_rl  # noqa: F401  (registers the zero-expert Auto classes)
-from actors.engine import Sample, SamplingParams, Serving
+from actors.serving import Serving
 from zeda_rl.checks import check_routers
 from zeda_rl.modeling import moe_blocks, record_routing
+from zeda_rl.sampling import Sample, SamplingParams
 
 
 class TorchEngine:

@@ -153,8 +153,8 @@ def _skipped(samples, num_experts: int | None, top_k: int) -> tuple[float, float
 
 def _measure(engines, timers, clocks, prompts, a) -> dict:
     """Median prefill/decode wall, CPU and expert seconds per model over `a.repeats` interleaved generations."""
-    from actors.engine import SamplingParams
     from zeda_rl.modeling import moe_blocks
+    from zeda_rl.sampling import SamplingParams
 
     full = SamplingParams(temperature=0.0, max_new_tokens=a.new, stop_token_ids=())
     for e in engines.values():  # warm-up

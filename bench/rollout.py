@@ -49,8 +49,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from actors.engine import SamplingParams
     from actors.torch_engine import TorchEngine
+    from zeda_rl.sampling import SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(a.checkpoint) if a.checkpoint else _default_checkpoint(Path(tmp), a.experts)

@@ -1,7 +1,7 @@
 """One typed config describes a run; a YAML file is a serialized `RunConfig`.
 
 Each component owns its section: the learner `learner:` and the optimisation part of `sft:` and
-`opd:` (`learner.config`), the engines `sampling:` (`actors.engine.SamplingParams`, the one sampling
+`opd:` (`learner.config`), the engines `sampling:` (`zeda_rl.sampling.SamplingParams`, the one sampling
 type from the YAML to the engines, the teacher and the learner); this module composes them.
 
 Unknown keys are errors (a typo must not silently fall back to a default), and every
@@ -18,8 +18,8 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from actors.engine import SamplingParams
 from learner.config import LearnerSection, OPDStage, SFTStage, Strict
+from zeda_rl.sampling import SamplingParams
 
 _Strict = Strict  # one rule for every section: unknown keys and booleans given as numbers are refused
 

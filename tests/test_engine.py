@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from actors.engine import SamplingParams, make_engine
+from actors.engine import make_engine
 from tests.helpers import save_static
 from zeda_rl.convert import convert_checkpoint
 from zeda_rl.modeling import record_routing
+from zeda_rl.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

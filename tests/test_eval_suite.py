@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from actors.engine import SamplingParams
 from zeda_rl.chat_tokenizer import save_tiny_chat_checkpoint
 from zeda_rl.convert import convert_checkpoint
 from zeda_rl.graders import make_grader
+from zeda_rl.sampling import SamplingParams
 from zeda_rl.suites import load_suite, render_prompt, run_suite, write_outputs
 
 FIX = Path(__file__).parent / "fixtures" / "eval"

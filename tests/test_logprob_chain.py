@@ -59,7 +59,6 @@ import numpy as np
 import pytest
 import torch
 
-from actors.engine import SamplingParams
 from actors.torch_engine import TorchEngine
 from learner import bridge, parallel
 from learner import model as mdl
@@ -68,6 +67,7 @@ from learner.train import normalise_batch
 from tests.helpers import save_static
 from zeda_rl import wire
 from zeda_rl.losses import token_logprobs
+from zeda_rl.sampling import SamplingParams
 from zeda_rl.trajectory import pack_samples
 
 LOGPROB_ATOL = 1e-5

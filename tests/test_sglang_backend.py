@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import zeda_rl  # noqa: F401
-from actors.engine import SamplingParams, make_engine
+from actors.engine import make_engine
 from actors.fake_sglang import FakeSGLangEngine
 from actors.sglang_engine import (
     SGLangEngine,
@@ -28,6 +28,7 @@ from tests.helpers import save_static
 from zeda_rl.convert import convert_checkpoint
 from zeda_rl.modeling import router_spec
 from zeda_rl.routing import RouterSpec, route
+from zeda_rl.sampling import SamplingParams
 from zeda_rl.weights import WeightUpdate, make_buckets
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]

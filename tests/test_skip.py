@@ -239,8 +239,8 @@ def test_expert_rows_equal_routed_real_pairs(checkpoints, family):
 def test_torch_engine_generations_identical(checkpoints, family, tmp_path):
     """Greedy TorchEngine generations (batched, left-padded, KV cache) on a converted checkpoint whose
     zero experts take a good share of the slots: the same tokens, routed ids and logprobs."""
-    from actors.engine import SamplingParams
     from actors.torch_engine import TorchEngine
+    from zeda_rl.sampling import SamplingParams
 
     model = _load(checkpoints[family])
     _widen_zero_rows(model, 2.0)

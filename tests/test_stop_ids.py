@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from actors.engine import SamplingParams
 from launch import streams
 from launch.config import load_config
 from launch.rollouts import sampling_params, with_teacher_stops
 from zeda_rl.chat import ChatFormat, TemplateError, stop_ids
 from zeda_rl.data import Record, to_record
+from zeda_rl.sampling import SamplingParams
 from zeda_rl.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

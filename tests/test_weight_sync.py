@@ -20,10 +20,10 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from actors.engine import SamplingParams  # noqa: E402
 from learner.config import LearnerSection, SFTStage  # noqa: E402
 from learner.testing import tiny_checkpoint  # noqa: E402
 from zeda_rl.metrics import MetricsLog  # noqa: E402
+from zeda_rl.sampling import SamplingParams  # noqa: E402
 from zeda_rl.weights import WeightPush, model_tensors, pack_bucket, tensor_target, unpack_bucket  # noqa: E402
 
 PROMPTS = [[3 + i, 5, 7 + i, 9] for i in range(12)]

@@ -23,12 +23,12 @@ from typing import Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from actors.engine import SamplingParams
 from zeda_rl.chat import ChatFormat, stop_ids
 from zeda_rl.data import Record
 from zeda_rl.evaluate import mean_zero_ratio, moe_shape, request_zero_shares
 from zeda_rl.graders import make_grader, strip_thinking
 from zeda_rl.progress import Progress
+from zeda_rl.sampling import SamplingParams
 
 
 class _Strict(BaseModel):

@@ -144,8 +144,8 @@ def test_triton_kernel_skips_minus_one(tmp_path):
 def _engine_worker(ckpt: str, update_file: str, out: str) -> None:
     from safetensors.torch import load_file
 
-    from actors.engine import SamplingParams
     from actors.sglang_engine import SGLangEngine
+    from zeda_rl.sampling import SamplingParams
     from zeda_rl.weights import WeightUpdate, make_buckets
 
     eng = SGLangEngine(
