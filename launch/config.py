@@ -347,6 +347,10 @@ def preflight(cfg: RunConfig, hf_config: dict | None = None, hf_source: str | No
     come from its recipe and no directory is needed.
     """
     problems = _paths(cfg) + _bind_host(cfg)
+    if cfg.eval.suite:  # every benchmark file present and parsed before anything trains
+        from zeda_rl.suites import suite_problems
+
+        problems += suite_problems(cfg.eval.suite)
     teacher, source, missing = _teacher_config(cfg)
     problems += missing
     if hf_config is None:

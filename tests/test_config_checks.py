@@ -139,6 +139,7 @@ def test_a_teacher_directory_without_config_json_and_a_given_hf_config(tmp_path)
         "data.sft_prompts": prompts,
         "data.opd_prompts": prompts,
         "cluster.bind_host": "auto",
+        "eval.suite": None,  # the paper's benchmark files are not on this machine (their check has a test of its own)
     }
     assert preflight(load_config(QWEN, base)) == []  # the shipped H200 layout fits Qwen3-30B-A3B's shape
     bad = preflight(load_config(QWEN, {**base, "learner.ep": 6, "learner.tp": 3}))
@@ -180,3 +181,29 @@ def test_train_refuses_every_problem_at_once_before_any_actor(monkeypatch, capsy
     assert code == 2 and f"{TINY}: refused:" in err
     for key in ("learner.ep (3)", "data.opd_prompts (/nonexistent/p.jsonl)", "cluster.bind_host (203.0.113.7)"):
         assert f"\n  {key}" in err, err
+
+
+def test_every_benchmark_file_of_the_eval_suite_is_checked_before_training(tmp_path):
+    """eval.suite: a missing or unparsable benchmark file is a refusal naming it, before anything starts; the real
+    configs evaluate on the paper's suite by default."""
+    import shutil
+
+    from launch.config import load_config, preflight
+
+    fix = Path(__file__).parent / "fixtures" / "eval"
+    for f in ("gsm8k.jsonl", "math500.jsonl"):
+        shutil.copy(fix / f, tmp_path / f)
+    (tmp_path / "math500.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n{"problem": \n')  # a torn line
+    (tmp_path / "suite.yaml").write_text(
+        "name: s\ndecoding: {temperature: 0.6, max_new_tokens: 16}\nbenchmarks:\n"
+        "  - {name: gsm8k, path: gsm8k.jsonl, grader: math}\n  - {name: math500, path: math500.jsonl, grader: math}\n"
+        "  - {name: aime, path: aime.jsonl, grader: math}\n"
+    )
+    cfg = load_config(str(TINY), {"eval.suite": str(tmp_path / "suite.yaml")})
+    problems = [p for p in preflight(cfg) if p.startswith("eval.suite")]
+    assert len(problems) == 2, problems
+    assert "'math500'" in problems[0] and "does not parse" in problems[0]
+    assert "'aime'" in problems[1] and str(tmp_path / "aime.jsonl") in problems[1] and "no such file" in problems[1]
+    assert [p for p in preflight(load_config(str(TINY), {"eval.suite": str(fix / "suite.yaml")})) if "eval" in p] == []
+    for name in ("qwen3-30b-a3b-h200.yaml", "glm-4.7-flash-h200.yaml"):
+        assert load_config(f"launch/configs/{name}", {}).eval.suite == "launch/suites/paper.yaml"

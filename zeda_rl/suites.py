@@ -99,6 +99,30 @@ def load_suite(path: str | Path) -> Suite:
     return suite
 
 
+def suite_problems(path: str | Path) -> list[str]:
+    """What would stop the suite at `path` from running, one line each ([]: it runs): the suite file itself,
+    then every benchmark file it names, present and read whole by its grader (a missing or broken file is
+    found before hours of training, not at the eval phase)."""
+    try:
+        suite = load_suite(path)
+    except (OSError, ValueError) as err:
+        return [f"eval.suite: {err}"]
+    out = []
+    for b in suite.benchmarks:
+        where = f"eval.suite ({path}): benchmark {b.name!r}"
+        if not b.path.is_file():
+            out.append(f"{where}: {b.path}: no such file")
+            continue
+        try:
+            problems = make_grader(b.grader, **b.options).load(b.path, b.fields)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            out.append(f"{where}: {b.path} does not parse: {err}")
+            continue
+        if not problems:
+            out.append(f"{where}: {b.path} has no records")
+    return out
+
+
 def render_prompt(tokenizer, text: str, enable_thinking: bool) -> list[int]:
     """Token ids of one user turn, exactly as training renders a prompt (`zeda_rl.chat.ChatFormat`)."""
     return ChatFormat(tokenizer, enable_thinking).prompt_ids(
