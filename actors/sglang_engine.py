@@ -372,31 +372,14 @@ class SGLangEngine:
         if not exact and self.strict_temperature:
             raise ValueError(f"score: SGLang gives input logprobs at temperature 1 only (asked {temperature})")
         results: list[np.ndarray] = [np.zeros(0, dtype=np.float32) for _ in sequences]
-        todo = [i for i, s in enumerate(sequences) if len(s) >= 2]
-        if not todo:
-            return results
-        outs = self._engine.generate(
-            input_ids=[[int(t) for t in sequences[i]] for i in todo],
-            sampling_params={"max_new_tokens": 0, "temperature": 1.0},
-            return_logprob=True,
-            logprob_start_len=0,
-            top_logprobs_num=None if exact else self.score_top_k,
-        )
-        outs = [outs] if isinstance(outs, dict) else outs
-        for i, out in zip(todo, outs):
-            seq = sequences[i]
-            meta = out["meta_info"]
-            entries = _align(meta["input_token_logprobs"], len(seq), "input_token_logprobs")
+        for i, entries, tops in self._prefill_logprobs(sequences, None if exact else self.score_top_k):
             lp = np.asarray([e[0] for e in entries], dtype=np.float64)
-            ids = np.asarray([int(t) for t in seq[1:]])
-            if any(e[1] is not None and int(e[1]) != t for e, t in zip(entries, ids)):
-                raise RuntimeError("score: SGLang's input logprobs do not line up with the sequence")
             if exact:
                 results[i] = lp.astype(np.float32)
                 continue
-            tops = _align(meta["input_top_logprobs"], len(seq), "input_top_logprobs")
             top_lp = np.asarray([[e[0] for e in row] for row in tops], dtype=np.float64)
             top_ids = np.asarray([[int(e[1]) for e in row] for row in tops])
+            ids = np.asarray([int(t) for t in sequences[i][1:]])
             results[i] = tempered_logprobs(lp, ids, top_lp, top_ids, temperature)
         return results
 
@@ -413,27 +396,37 @@ class SGLangEngine:
                 }
                 for _ in sequences
             ]
-            todo = [i for i, s in enumerate(sequences) if len(s) >= 2]
-            if not todo:
-                return results
-            outs = self._engine.generate(
-                input_ids=[[int(t) for t in sequences[i]] for i in todo],
-                sampling_params={"max_new_tokens": 0, "temperature": 1.0},
-                return_logprob=True,
-                logprob_start_len=0,
-                top_logprobs_num=int(k),
-            )
-            outs = [outs] if isinstance(outs, dict) else outs
-            for i, out in zip(todo, outs):
-                seq, meta = sequences[i], out["meta_info"]
-                entries = _align(meta["input_token_logprobs"], len(seq), "input_token_logprobs")
-                tops = _align(meta["input_top_logprobs"], len(seq), "input_top_logprobs")
+            for i, entries, tops in self._prefill_logprobs(sequences, int(k)):
                 results[i] = {
                     "logprobs": np.asarray([e[0] for e in entries], dtype=np.float32),
                     "top_ids": np.asarray([[int(e[1]) for e in row] for row in tops], dtype=np.int32),
                     "top_logprobs": np.asarray([[e[0] for e in row] for row in tops], dtype=np.float32),
                 }
             return results
+
+    def _prefill_logprobs(self, sequences: list[list[int]], top_n: int | None) -> list[tuple[int, list, list | None]]:
+        """One prefill (no new token) of every sequence of >= 2 tokens: per sequence, its index, SGLang's input
+        logprob entries for tokens 1..len-1 (checked against the tokens) and, with `top_n`, its top entries."""
+        todo = [i for i, s in enumerate(sequences) if len(s) >= 2]
+        if not todo:
+            return []
+        outs = self._engine.generate(
+            input_ids=[[int(t) for t in sequences[i]] for i in todo],
+            sampling_params={"max_new_tokens": 0, "temperature": 1.0},
+            return_logprob=True,
+            logprob_start_len=0,
+            top_logprobs_num=top_n,
+        )
+        outs = [outs] if isinstance(outs, dict) else outs
+        found = []
+        for i, out in zip(todo, outs):
+            seq, meta = sequences[i], out["meta_info"]
+            entries = _align(meta["input_token_logprobs"], len(seq), "input_token_logprobs")
+            if any(e[1] is not None and int(e[1]) != int(t) for e, t in zip(entries, seq[1:])):
+                raise RuntimeError("score: SGLang's input logprobs do not line up with the sequence")
+            tops = _align(meta["input_top_logprobs"], len(seq), "input_top_logprobs") if top_n else None
+            found.append((i, entries, tops))
+        return found
 
     # ---- weight sync ----------------------------------------------------------------------------
 

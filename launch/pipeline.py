@@ -40,8 +40,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     from launch.report import write_report
     from learner.group import LearnerGroup
 
-    if resume:  # before anything starts or is written: a missing checkpoint is known now, not hours later
-        _resume_point(cfg)
+    # before anything starts or is written: a missing checkpoint is known now, not hours later
+    ckpt = _resume_point(cfg) if resume else None
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     if not resume:  # a fresh run of the same name: its report must not count the last one's events
@@ -66,7 +66,6 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                 console.print(
                     f"removed {len(left)} unfinished checkpoint write(s) of an earlier run: {', '.join(left)}"
                 )
-            ckpt = _resume_point(cfg) if resume else None
             learner = LearnerGroup.from_run_config(cfg, student_dir, resume=ckpt)
             run_id = f"{cfg.name}-{uuid.uuid4().hex[:12]}"  # new for each driver: a killed one's batches are refused
             endpoint = learner.open_inbox(cfg.cluster.bind_host, cfg.cluster.inbox_port, run=run_id)

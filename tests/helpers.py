@@ -59,3 +59,20 @@ def train_main(argv: list[str]) -> int:
     from launch.cli import main
 
     return main(["train", *argv])
+
+
+def widen_zero_rows(model, scale):
+    """Push the router toward zero slots by `scale`: as it grows, zero slots win more often.
+
+    Softmax family: zero row j := scale * real row j. Sigmoid family (scores are compared
+    after the correction bias): zero-slot bias := (scale - 1) / 10 (scores live in (0, 1))."""
+    from zeda_rl.modeling import moe_blocks
+
+    with torch.no_grad():
+        for blk in moe_blocks(model):
+            n, w = blk.spec.num_experts, blk.gate.weight
+            bias = getattr(blk.gate, "e_score_correction_bias", None)
+            if bias is None:
+                w[n:] = scale * w[: w.shape[0] - n]
+            else:
+                bias[n:] = (scale - 1.0) * 0.1

@@ -298,7 +298,7 @@ def test_wheels(tmp_path):
 
 def test_dims_are_qwen3_30b_a3b():
     fixture = json.loads((ROOT / "tests" / "fixtures" / "configs" / "qwen3-30b-a3b.json").read_text())
-    for key, value in dc.QWEN3_30B_A3B.items():
+    for key, value in dc._qwen3_30b_a3b().items():
         if key == "rope_parameters":
             assert value["rope_theta"] == fixture["rope_theta"]
         else:

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 import zeda_rl  # noqa: F401  (registers the Auto classes)
-from tests.helpers import save_static
+from tests.helpers import save_static, widen_zero_rows
 from zeda_rl.convert import convert_checkpoint
 from zeda_rl.modeling import moe_blocks, record_routing, replay_routing, set_zce_mask
 from zeda_rl.routing import zero_ratio
@@ -61,21 +61,6 @@ class _GroupedRows(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _widen_zero_rows(model, scale):
-    """Push the router toward zero slots by `scale`: as it grows, zero slots win more often.
-
-    Softmax family: zero row j := scale * real row j. Sigmoid family (scores are compared
-    after the correction bias): zero-slot bias := scale - 1 (scores live in (0, 1))."""
-    with torch.no_grad():
-        for blk in moe_blocks(model):
-            n, w = blk.spec.num_experts, blk.gate.weight
-            bias = getattr(blk.gate, "e_score_correction_bias", None)
-            if bias is None:
-                w[n:] = scale * w[: w.shape[0] - n]
-            else:
-                bias[n:] = (scale - 1.0) * 0.1
-
-
 @pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe_lite"])
 def test_real_expert_work_falls_with_zero_share(tmp_path, family):
     _, out = _converted(tmp_path, family, zero=8)
@@ -84,7 +69,7 @@ def test_real_expert_work_falls_with_zero_share(tmp_path, family):
     for scale in (0.0, 1.0, 3.0, 10.0):
         for impl in ("grouped_mm", "eager"):
             model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, experts_implementation=impl).eval()
-            _widen_zero_rows(model, scale)
+            widen_zero_rows(model, scale)
             with (
                 torch.no_grad(),
                 record_routing(model) as rec,

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import zeda_rl  # noqa: F401  (registers the Auto classes)
 from learner.testing import tiny_checkpoint
+from tests.helpers import widen_zero_rows
 from zeda_rl import skip
 from zeda_rl.modeling import moe_blocks, record_routing, replay_routing, set_baseline_options
 
@@ -29,19 +30,6 @@ def checkpoints(tmp_path_factory):
 def _load(path, impl=None):
     kw = {"experts_implementation": impl} if impl else {}
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
-
-
-def _widen_zero_rows(model, scale):
-    """Push the router toward zero slots (as tests/test_model.py does): softmax family, zero row
-    j := scale * real row j; sigmoid family, zero-slot correction bias := (scale - 1) * 0.1."""
-    with torch.no_grad():
-        for blk in moe_blocks(model):
-            n, w = blk.spec.num_experts, blk.gate.weight
-            bias = getattr(blk.gate, "e_score_correction_bias", None)
-            if bias is None:
-                w[n:] = scale * w[: w.shape[0] - n]
-            else:
-                bias[n:] = (scale - 1.0) * 0.1
 
 
 def _stock(model, impl="grouped_mm"):
@@ -102,7 +90,7 @@ def test_block_and_model_equal_stock_path(checkpoints, family, options, forced):
     with the baselines' routing options, natural routing or a replay that sends some tokens to
     zero experts only (their routed output is exactly 0; GLM's shared expert still runs)."""
     model = _load(checkpoints[family])
-    _widen_zero_rows(model, 2.0)
+    widen_zero_rows(model, 2.0)
     set_baseline_options(model, **options)
     ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), record_routing(model) as rec:
@@ -166,7 +154,7 @@ def test_gradients_equal_stock_path(checkpoints, family):
     grads = {}
     for impl in (skip.NAME, "eager"):
         model = _load(checkpoints[family], impl).train()
-        _widen_zero_rows(model, 2.0)
+        widen_zero_rows(model, 2.0)
         loss = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
         loss.backward()
         grads[impl] = (loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
@@ -212,7 +200,7 @@ def test_expert_rows_equal_routed_real_pairs(checkpoints, family):
     totals = []
     for scale in (0.0, 1.0, 3.0, 10.0):
         model = _load(checkpoints[family])
-        _widen_zero_rows(model, scale)
+        widen_zero_rows(model, scale)
         with torch.no_grad(), record_routing(model) as rec, _ExpertRows(model) as counter:
             model(ids)
         routed = rec()
@@ -243,7 +231,7 @@ def test_torch_engine_generations_identical(checkpoints, family, tmp_path):
     from zeda_rl.sampling import SamplingParams
 
     model = _load(checkpoints[family])
-    _widen_zero_rows(model, 2.0)
+    widen_zero_rows(model, 2.0)
     model.save_pretrained(tmp_path / "zeda")
     engine = TorchEngine(tmp_path / "zeda", threads=1)
     assert engine.model.config._experts_implementation == skip.NAME  # the engine's default: skipping

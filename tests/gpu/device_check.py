@@ -62,20 +62,20 @@ PIP_TIMEOUT_S = 180.0
 NO_CUDA = "no CUDA device"
 GIB = 1 << 30
 
-# Qwen3-30B-A3B (tests/fixtures/configs/qwen3-30b-a3b.json); N_Z = N/2 as ZEDA converts it
-QWEN3_30B_A3B = dict(
-    hidden_size=2048,
-    intermediate_size=6144,
-    moe_intermediate_size=768,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    head_dim=128,
-    num_experts=128,
-    num_experts_per_tok=8,
-    vocab_size=151936,
-    max_position_embeddings=40960,
-    rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+# Qwen3-30B-A3B's shape: the project's copy of its published config.json; N_Z = N/2 as ZEDA converts it
+QWEN3_30B_A3B_CONFIG = ROOT / "tests" / "fixtures" / "configs" / "qwen3-30b-a3b.json"
+SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_experts",
+    "num_experts_per_tok",
+    "vocab_size",
+    "max_position_embeddings",
+    "rms_norm_eps",
 )
 ZERO_EXPERTS = 64
 TINY = dict(  # --rehearse: the same structure at a size a CPU runs in seconds
@@ -852,10 +852,19 @@ def bench(ctx: Ctx, fns: dict[str, Callable[[], object]], warmup: int, repeats: 
 
 
 def _dims(ctx: Ctx, layers: int | None = None) -> tuple[dict, int]:
-    d = dict(TINY if ctx.rehearse else QWEN3_30B_A3B)
+    d = dict(TINY if ctx.rehearse else _qwen3_30b_a3b())
     if layers is not None:
         d["num_hidden_layers"] = layers
     return d, TINY_ZERO if ctx.rehearse else ZERO_EXPERTS
+
+
+def _qwen3_30b_a3b() -> dict:
+    """The real model's dimensions, read from the fixture config (transformers 5 names its rope settings)."""
+    raw = json.loads(QWEN3_30B_A3B_CONFIG.read_text())
+    return {
+        **{k: raw[k] for k in SHAPE_KEYS},
+        "rope_parameters": {"rope_type": "default", "rope_theta": raw["rope_theta"]},
+    }
 
 
 def _zero_config(dims: dict, zero: int):
