@@ -18,7 +18,11 @@ What it copies from SGLang 0.5.x (and what a change there would have to be copie
   recipe; gloo here) and update_weights_from_distributed really receives each tensor by a
   broadcast from rank 0 of the named group, all of them before it checks any (as SGLang's
   model runner receives, then loads);
-- it routes with the zeda_rl transformers model (`zeda_rl.modeling`), not with the plugin.
+- it routes with the zeda_rl transformers model (`zeda_rl.modeling`), not with the plugin;
+- a prompt prefilled before is answered from the logits cached at its first prefill (what a
+  radix-cache hit computed with old weights would give) until `flush_cache`, and `flush_cache`
+  refuses (success False, SGLang's message) while a request is running, as SGLang's scheduler
+  does: a weight update that skips or ignores the flush serves stale state, visibly.
 It keeps a log of control calls in `calls` so tests can check what was sent.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +73,9 @@ class FakeSGLangEngine:
         self.groups: dict = {}
         self.flushes = 0
         self.is_shutdown = False
+        self._prefix: dict[tuple[int, ...], torch.Tensor] = {}  # prompt -> its prefill logits (the "radix cache")
+        self._running = 0
+        self._state = threading.Lock()
 
     # ---- generate ---------------------------------------------------------------------------------
 
@@ -88,10 +96,18 @@ class FakeSGLangEngine:
         single = bool(input_ids) and isinstance(input_ids[0], int)
         batch = [input_ids] if single else input_ids
         sps = sampling_params if isinstance(sampling_params, list) else [sampling_params or {}] * len(batch)
-        outs = [
-            self._one(list(ids), dict(sp), return_logprob, logprob_start_len, top_logprobs_num, return_routed_experts)
-            for ids, sp in zip(batch, sps)
-        ]
+        with self._state:
+            self._running += 1
+        try:
+            outs = [
+                self._one(
+                    list(ids), dict(sp), return_logprob, logprob_start_len, top_logprobs_num, return_routed_experts
+                )
+                for ids, sp in zip(batch, sps)
+            ]
+        finally:
+            with self._state:
+                self._running -= 1
         return outs[0] if single else outs
 
     @torch.no_grad()
@@ -111,6 +127,8 @@ class FakeSGLangEngine:
         with modeling.record_routing(self.model) as routed:
             cache = DynamicCache(config=self.model.config)
             logits = self.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True).logits[0].float()
+            with self._state:  # a prompt seen since the last flush: the cached prefill, whatever the weights now
+                logits = self._prefix.setdefault(tuple(ids), logits)
             if return_logprob and logprob_start_len == 0:
                 self._input_logprobs(meta, ids, logits, top_n)
             for step in range(max_new):
@@ -169,8 +187,8 @@ class FakeSGLangEngine:
         with torch.no_grad():
             for dst, t in plan:
                 dst.copy_(t)
-        if flush_cache:
-            self.flushes += 1
+        if flush_cache and not self.flush_cache().success:
+            return False, "Cache not flushed because there are pending requests."
         return True, "Succeeded to update parameter online."
 
     def _target(self, name: str) -> torch.Tensor | None:
@@ -181,7 +199,11 @@ class FakeSGLangEngine:
         return tensor_target(self._tensors, name)
 
     def flush_cache(self):
-        self.flushes += 1
+        with self._state:
+            if self._running:
+                return FlushCacheReqOutput(False, "Cache not flushed because there are pending requests.")
+            self._prefix.clear()
+            self.flushes += 1
         return FlushCacheReqOutput()
 
     def init_weights_update_group(
@@ -218,8 +240,8 @@ class FakeSGLangEngine:
         with torch.no_grad():
             for name, t in received:
                 self._target(name).copy_(t)
-        if flush_cache:
-            self.flushes += 1
+        if flush_cache and not self.flush_cache().success:
+            return False, "Cache not flushed because there are pending requests."
         return True, "Succeeded to update parameter online."
 
     def release_memory_occupation(self, tags=None):

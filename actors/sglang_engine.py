@@ -20,7 +20,11 @@ How each piece maps onto SGLang (read from sglang 0.5.x `srt/entrypoints/engine.
 - update_weights: every bucket is fetched first (from Ray's object store: views of shared
   memory, no copy), so a lost bucket leaves the old version whole; then one
   `update_weights_from_tensor` per bucket (flush_cache=False), one `flush_cache`, and the
-  version moves. SGLang has no second copy of the weights to stage into: a bucket it
+  version moves, so a request in flight finishes under the old version (never aborted: the
+  update waits for the running call, `actors.serving.Serving`) and no cache entry computed
+  with the old weights survives: SGLang refuses a flush while requests run, so the flush is
+  retried until it lands (`flush_timeout_s`) and a flush that never lands is an error, never
+  a silent stale cache. SGLang has no second copy of the weights to stage into: a bucket it
   refuses after others were applied leaves a mix, served as version -1. Transformers'
   fused expert tensors (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I])
   are split into the checkpoint names SGLang's loaders know.
@@ -52,6 +56,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,6 +275,7 @@ class SGLangEngine:
         score_top_k: int = 64,
         strict_temperature: bool = False,
         return_routed_experts: bool = True,
+        flush_timeout_s: float = 60.0,
         _engine_factory=None,
         **engine_kwargs,
     ):
@@ -279,6 +285,7 @@ class SGLangEngine:
         self.info = inspect_checkpoint(self.checkpoint)
         self.score_top_k = int(score_top_k)
         self.strict_temperature = strict_temperature
+        self.flush_timeout_s = float(flush_timeout_s)
         opts = dict(engine_kwargs, tp_size=tp_size, mem_fraction_static=mem_fraction)
         opts.setdefault("skip_tokenizer_init", True)  # token ids in, token ids out
         opts.setdefault("enable_return_routed_experts", bool(return_routed_experts and self.info.moe_layers))
@@ -441,16 +448,29 @@ class SGLangEngine:
             for n, named in enumerate(buckets):
                 ok, msg = _result(self._engine.update_weights_from_tensor(named_tensors=named, flush_cache=False))
                 if not ok:
-                    if n:
+                    if n:  # a mix of versions: no cached prefix of either may be reused
                         self.version = -1
+                        self._flush(-1)
                     raise RuntimeError(f"SGLang refused bucket {n} of weight update v{version}: {msg}")
             self._flush(version)
         return self.version
 
     def _flush(self, version: int) -> None:
-        ok, msg = _result(self._engine.flush_cache())
-        if not ok:
-            raise RuntimeError(f"SGLang could not flush its cache after weight update v{version}: {msg}")
+        """Empty SGLang's prefix cache, then serve `version`. SGLang refuses while requests are queued or
+        running (ours have all returned: the caller holds the serving lock), so it is retried until
+        `flush_timeout_s`; a cache that cannot be emptied is an error, not stale state served as new."""
+        deadline = time.monotonic() + self.flush_timeout_s
+        while True:
+            ok, msg = _result(self._engine.flush_cache())
+            if ok:
+                break
+            if time.monotonic() > deadline:
+                self.version = -1
+                raise RuntimeError(
+                    f"SGLang could not flush its cache after weight update v{version} within "
+                    f"{self.flush_timeout_s:.0f} s (flush_timeout_s): {msg}"
+                )
+            time.sleep(0.05)
         self.version = int(version)
 
     @property
@@ -508,7 +528,7 @@ class SGLangEngine:
                 )
                 failed = failed or (None if ok else f"bucket {n}: {msg}")
             if failed:
-                self.version = -1
+                self._flush(-1)
                 raise RuntimeError(f"SGLang refused distributed weight update v{version}, {failed}")
             self._flush(version)
         return self.version

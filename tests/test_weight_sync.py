@@ -201,6 +201,35 @@ def test_the_object_store_returns_to_baseline_after_many_pushes(fleet, tmp_path)
     assert _settles_to(baseline) == baseline
 
 
+def test_ten_pushes_under_load_through_the_actors_lose_no_request(fleet, tmp_path):
+    """Generation calls kept in flight on both engine actors while the driver pushes ten versions: every
+    call returns (none aborted), each is one version, and each engine's calls see versions in order."""
+    from launch.fleet import WeightSync
+
+    group, engines = fleet["group"], fleet["engines"]
+    sync = WeightSync(group, engines, MetricsLog(tmp_path / "m.jsonl"))
+    ray.get(sync.push(30))
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=0)
+    calls = {i: [] for i in range(len(engines))}
+
+    def keep_busy():
+        for i, e in enumerate(engines):
+            while sum(1 for r in calls[i] if not ray.wait([r], timeout=0)[0]) < 2:
+                calls[i].append(e.generate.remote(PROMPTS[:4], params, list(range(4))))
+
+    for v in range(31, 41):
+        keep_busy()
+        group.train_step(fleet["batch"])
+        keep_busy()
+        assert ray.get(sync.push(v), timeout=120) == [v, v]
+    for i in calls:
+        versions = [{s["policy_version"] for s in out} for out in ray.get(calls[i], timeout=120)]
+        assert all(len(vs) == 1 for vs in versions)
+        seen = [vs.pop() for vs in versions]
+        assert seen == sorted(seen) and set(seen) <= set(range(30, 41)), seen
+        assert len(set(seen)) >= 5, f"engine {i} served only {sorted(set(seen))}: not under load"
+
+
 def test_broadcast_path_delivers_the_same_tensors_to_fake_sglang(fleet, tmp_path):
     from actors.fake_sglang import FakeSGLangEngine
     from actors.rollout import RolloutActor
