@@ -4,8 +4,9 @@ The ranks live in one placement group (PACK: one node when it fits) and form one
 torch.distributed world (gloo on CPU, nccl on GPU) of `learner.ep` x `learner.dp` ranks: expert
 parallelism of `learner.ep` and tensor parallelism of `learner.tp` are carved out of them
 (learner.parallel); the rows of a batch go to the world / TP data-parallel ranks, each TP
-peer getting its data-parallel rank's share. Rank 0's node address
-and a free port there are the rendezvous; every rank then builds its `Learner`
+peer getting its data-parallel rank's share. Rank 0 hosts the rendezvous (a TCPStore) on
+cluster.bind_host when all ranks share its node (loopback by default), on its node's address when
+they span nodes, at a free port there; every rank then builds its `Learner`
 concurrently (init_process_group blocks until all have joined).
 
 The driver talks to the group only with plain data: batches go in as dicts of numpy
@@ -65,11 +66,24 @@ class LearnerActor:
     def health(self) -> dict:
         return {"pid": os.getpid(), "rank": self.rank}
 
-    def rendezvous(self) -> tuple[str, int]:
-        """(address, free port) of this actor's node, for rank 0 to host the process group."""
+    def rendezvous(self, bind_host: str | None = None) -> tuple[str, int]:
+        """(address, free port there) for rank 0 to host the process group's TCPStore on.
+
+        `bind_host` (cluster.bind_host) when every rank runs on this node: 'auto' is the node's
+        address, and loopback stands in for 'localhost', every interface (the store needs no
+        more than this node) and an address this node does not have (the driver's, when the
+        learner runs on another node). None, the ranks spanning nodes: the node's address.
+        """
         from learner.parallel import free_port
 
-        return ray.util.get_node_ip_address(), free_port()
+        node = ray.util.get_node_ip_address()
+        if bind_host is None:
+            return node, free_port(node)
+        host = {"auto": node, "localhost": "127.0.0.1", "0.0.0.0": "127.0.0.1", "*": "127.0.0.1"}.get(bind_host, bind_host)
+        try:
+            return host, free_port(host)
+        except OSError:  # not an address of this node
+            return "127.0.0.1", free_port()
 
     def init(self, checkpoint_dir: str, config, stage, options: dict, master_addr: str, master_port: int) -> dict:
         from learner.train import Learner
@@ -108,7 +122,7 @@ class LearnerActor:
         from learner.inbox import LearnerInbox
 
         host = ray.util.get_node_ip_address() if bind_host == "auto" else bind_host
-        self.inbox = LearnerInbox(f"tcp://{host}:{port}", run=run)
+        self.inbox = LearnerInbox(f"tcp://{host}:{port}", run=run, vocab_size=self.learner.info.vocab_size)
         return self.inbox.endpoint
 
     def inbox_take(
@@ -210,6 +224,7 @@ class LearnerGroup:
         seed: int = 0,
         save_dir: str | Path | None = None,
         resume: str | Path | None = None,
+        bind_host: str = "127.0.0.1",
     ):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -230,7 +245,9 @@ class LearnerGroup:
             ).remote(i, self.world_size, max(1, int(c.cpus_per_rank)))
             for i in range(self.world_size)
         ]
-        addr, port = ray.get(self.actors[0].rendezvous.remote())
+        # the TCPStore on cluster.bind_host when the ranks share a node (a local run: loopback), else rank 0's node address
+        one_node = len(set(ray.util.placement_group_table(self.pg)["bundles_to_node_id"].values())) == 1
+        self.master = addr, port = ray.get(self.actors[0].rendezvous.remote(bind_host if one_node else None))
         # paths are resolved here: the actors' working directory need not be the driver's
         options = {
             "temperature": temperature,
@@ -253,6 +270,7 @@ class LearnerGroup:
             seed=cfg.seed,
             save_dir=cfg.run_dir / "learner",
             resume=resume,
+            bind_host=cfg.cluster.bind_host,
         )
 
     # -- training --

@@ -7,6 +7,10 @@ whole time, also while a long training step runs, so the teachers' pushes never 
 busy learner. The staleness check lives here too: a sample sampled more than `max_staleness`
 versions before the step, or by an engine that had not yet been given the learner's weights
 (version -1), is not trained, and the reason is counted.
+
+Every message the wire decoder refuses (malformed, foreign, non-finite log-probs, negative token ids:
+`zeda_rl.wire`) is counted in `stats()["malformed_reasons"]` by its `WireError` class; given the
+model's `vocab_size`, a batch holding a token id at or above it is refused and counted there too (BadValue).
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import time
 import numpy as np
 
 from zeda_rl.trajectory import concat_batches, take_rows
+from zeda_rl.wire import WireError, check_token_ids
 
 
 class LearnerInbox:
-    def __init__(self, bind_endpoint: str, run: str | None = None):
+    def __init__(self, bind_endpoint: str, run: str | None = None, vocab_size: int | None = None):
         from zeda_rl.transport import Puller
 
         self.puller = Puller(bind_endpoint, run=run)
+        self.vocab_size = vocab_size  # the model's; token ids at or above it are refused
         self.endpoint = self.puller.endpoint
         self.rows: dict[int, tuple[dict, int]] = {}  # sample id -> (its packed batch, row in it)
         self.cond = threading.Condition()
@@ -37,6 +43,13 @@ class LearnerInbox:
             batch = self.puller.recv(timeout_s=0.2)
             if batch is None:
                 continue
+            if self.vocab_size is not None:
+                try:
+                    check_token_ids(batch.arrays, self.vocab_size)
+                except WireError as e:  # counted with the decoder's refusals, as the Puller counts them
+                    self.puller.received -= 1
+                    self.puller._drop(e, [None] * (1 + len(batch.arrays)))
+                    continue
             arrays = {k: np.array(v) for k, v in batch.arrays.items()}
             with self.cond:
                 for row, sid in enumerate(arrays["sample_ids"].tolist()):
@@ -71,6 +84,7 @@ class LearnerInbox:
         dropped = set(stale) | set(unsynced)
         report = {
             "trained": [sid for sid, _ in found if sid not in dropped],
+            "response_tokens": [int(a["loss_mask"][r].sum()) for sid, (a, r) in found if sid not in dropped],
             "stale": stale,
             "unsynced": unsynced,
             "missing": missing,

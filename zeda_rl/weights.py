@@ -50,6 +50,7 @@ from zeda_rl.wire import (
     check_length,
     pack_header,
     parse_spec,
+    short,
     unpack_header,
 )
 
@@ -198,8 +199,8 @@ def decode_update(frames: list, copy: bool = False) -> WeightUpdate:
     """
     header = unpack_header(frames, KIND, WEIGHTS_SCHEMA_VERSION)
     version, bspecs = header.get("version"), header.get("buckets")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ForeignMessage(f"weights header version is {version!r}, expected an int")
+    if type(version) is not int:  # not a bool, not a float
+        raise ForeignMessage(f"weights header version is {short(version)}, expected an int")
     if not (isinstance(bspecs, list) and all(isinstance(b, list) for b in bspecs)):
         raise ForeignMessage("weights header has no 'buckets' list of lists")
     check_frame_count(frames, sum(len(b) for b in bspecs), KIND)
@@ -210,7 +211,7 @@ def decode_update(frames: list, copy: bool = False) -> WeightUpdate:
         for spec in b:
             name, dtype, shape = parse_spec(spec, "tensor", TORCH_DTYPES)
             if name in seen:
-                raise WireError(f"tensor {name!r} appears twice in the header")
+                raise WireError(f"tensor {short(name)} appears twice in the header")
             seen.add(name)
             dt = TORCH_DTYPES[dtype]
             buf = as_buffer(next(it))
@@ -363,11 +364,33 @@ def pack_bucket(version: int, bucket: Iterable[tuple[str, torch.Tensor]]) -> dic
 
 
 def unpack_bucket(obj: dict, version: int) -> list[tuple[str, torch.Tensor]]:
-    """A fetched bucket as (name, tensor); a bucket of another version is refused (it would mix versions)."""
-    if not isinstance(obj, dict) or obj.get("version") != version:
-        got = obj.get("version") if isinstance(obj, dict) else type(obj).__name__
-        raise WeightUpdateError(f"weight update v{version}: a bucket of version {got!r} arrived")
-    return [(name, from_numpy(a, dtype)) for name, a, dtype in obj["tensors"]]
+    """A fetched bucket as (name, tensor); a bucket of another version is refused (it would mix versions),
+    and so is anything that is not `pack_bucket`'s shape, naming the entry and what was expected."""
+    got = obj.get("version") if isinstance(obj, dict) else type(obj).__name__
+    if not isinstance(obj, dict) or type(got) is not int or got != version:
+        raise WeightUpdateError(f"weight update v{version}: a bucket of version {short(got)} arrived")
+    tensors = obj.get("tensors")
+    if not isinstance(tensors, (list, tuple)):
+        raise WeightUpdateError(
+            f"weight update v{version}: bucket 'tensors' is {type(tensors).__name__}, expected a list"
+        )
+    out = []
+    for i, entry in enumerate(tensors):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
+            raise WeightUpdateError(f"weight update v{version}: bucket entry {i} is not (name, array, dtype name)")
+        name, a, dtype = entry
+        if not isinstance(name, str) or not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf":
+            raise WeightUpdateError(
+                f"weight update v{version}: bucket entry {i} ({short(name)}) is not a str name and a numeric numpy array"
+            )
+        dt = TORCH_DTYPES.get(dtype) if isinstance(dtype, str) else None
+        if dt is None or dt.itemsize != a.dtype.itemsize:
+            raise WeightUpdateError(
+                f"weight update v{version}: tensor {name!r} has dtype name {short(dtype)} for a {a.dtype} array,"
+                f" expected one of {', '.join(TORCH_DTYPES)} of the same width"
+            )
+        out.append((name, from_numpy(a, dtype)))
+    return out
 
 
 def bucket_spec(bucket: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, str, list[int]]]:

@@ -17,12 +17,18 @@ frames are immutable (bytes), writable when they are ZMQ frames the receiver own
 
 Every check fails with a `WireError` subclass whose message names the field and what
 was expected, so the receiving side can count drops by class (see `zeda_rl.transport`).
+No other exception class escapes a decoder, whatever the bytes (tests/test_wire_fuzz.py):
+headers nested deeper than `MAX_DEPTH`, dims that are not plain ints in [0, 2^31), shapes
+too big even for an empty array and schema versions that are not exactly the int are all
+refused. `decode` also reads the data that reaches the loss once: a non-finite log-prob
+(or advantage) or a token id outside [0, vocab_size) is refused as `BadValue`.
 Bump `SCHEMA_VERSION` on any change that an old reader would misread.
 """
 
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +41,9 @@ MAGIC = "zeda-rl"
 KIND = "trajectory"
 MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes; anything huge is not ours
 MAX_NDIM = 8
+MAX_DIM = 2**31 - 1  # one dimension of an array; no field of ours comes near it
+MAX_ARRAY_BYTES = 1 << 40  # an array's size counting its non-zero dims only (numpy and torch check that product)
+MAX_DEPTH = 32  # nesting of the header (the header dict is level 1, so meta may nest 30 deep)
 
 # Wire dtype name -> numpy dtype. Explicitly little-endian, so the bytes mean the same on any host.
 DTYPES: dict[str, np.dtype] = {
@@ -74,6 +83,11 @@ OPTIONAL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # Fields not named above are allowed (forward room for e.g. advantages), with any
 # allow-listed dtype and any shape; readers that do not know them ignore them.
 
+# Float fields that reach the loss: every value must be finite (a NaN or inf would poison the step).
+FINITE_FIELDS = ("behaviour_logprobs", "teacher_logprobs", "teacher_top_logprobs", "advantages")
+# Token id fields: every value in [0, vocab_size) (just >= 0 where the receiver does not know the vocabulary).
+TOKEN_FIELDS = ("tokens", "teacher_top_ids")
+
 
 class WireError(ValueError):
     """A message that does not meet the wire contract. Subclasses name the kind of failure."""
@@ -111,11 +125,26 @@ class BadMeta(WireError):
     """`meta` (or a header entry) is not plain JSON-able data."""
 
 
+class BadValue(WireError):
+    """Array data the loss must not see: a non-finite log-prob, or a token id outside the vocabulary."""
+
+
 class ForeignRun(WireError):
     """A valid batch stamped with another run's id (a stale producer of an earlier run, or another run's)."""
 
 
 # ---- shared header / frame helpers (also used by zeda_rl.weights) ------------------------------
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 3, 60, 60, 10, 6
+
+
+def short(value: Any) -> str:
+    """A bounded repr of a received value for an error message (a header may be 1 MiB, or nested 1,000 deep)."""
+    try:
+        return _repr.repr(value)
+    except Exception:  # a repr that fails must not turn a WireError into something else
+        return f"<{type(value).__name__}>"
 
 
 def as_buffer(frame: Any) -> memoryview:
@@ -126,7 +155,10 @@ def as_buffer(frame: Any) -> memoryview:
     except TypeError as e:
         raise ForeignMessage(f"frame of type {type(frame).__name__} is not a byte buffer") from e
     if mv.ndim != 1 or mv.itemsize != 1:
-        mv = mv.cast("B")
+        try:
+            mv = mv.cast("B")
+        except TypeError as e:  # a non-contiguous buffer
+            raise ForeignMessage(f"frame of type {type(frame).__name__} is not a contiguous byte buffer") from e
     return mv
 
 
@@ -151,13 +183,32 @@ def unpack_header(frames: list, kind: str, schema: int) -> dict:
     except Exception as e:  # msgpack raises several unrelated classes on garbage
         raise ForeignMessage(f"frame 0 is not msgpack ({type(e).__name__}: {e}): not a {MAGIC} message") from e
     if not isinstance(header, dict) or header.get("magic") != MAGIC:
-        got = header.get("magic") if isinstance(header, dict) else type(header).__name__
-        raise ForeignMessage(f"header magic is {got!r}, expected {MAGIC!r}: not a {MAGIC} message")
+        got = short(header.get("magic")) if isinstance(header, dict) else type(header).__name__
+        raise ForeignMessage(f"header magic is {got}, expected {MAGIC!r}: not a {MAGIC} message")
+    check_depth(header)
     if header.get("kind") != kind:
-        raise ForeignMessage(f"message kind is {header.get('kind')!r}, expected {kind!r}")
-    if header.get("schema") != schema:
-        raise SchemaMismatch(f"{kind} schema version is {header.get('schema')!r}, this reader speaks {schema}")
+        raise ForeignMessage(f"message kind is {short(header.get('kind'))}, expected {kind!r}")
+    got = header.get("schema")
+    if type(got) is not int:  # True == 1 and 1.0 == 1 in Python; neither is a schema version
+        raise SchemaMismatch(
+            f"{kind} schema version is {short(got)} of type {type(got).__name__}, expected the int {schema}"
+        )
+    if got != schema:
+        raise SchemaMismatch(f"{kind} schema version is {got}, this reader speaks {schema}")
     return header
+
+
+def check_depth(header: dict, limit: int = MAX_DEPTH) -> None:
+    """BadMeta if the header nests lists/dicts deeper than `limit` levels (checkers that recurse, repr
+    included, would otherwise hit Python's recursion limit on a header nested ~1,000 deep). Iterative."""
+    nested = (list, tuple, dict)
+    stack: list[tuple[Any, int, Any]] = [(v, 2, k) for k, v in header.items() if isinstance(v, nested)]
+    while stack:
+        value, depth, top = stack.pop()
+        if depth > limit:
+            raise BadMeta(f"header[{short(top)}] is nested deeper than {limit} levels, at most {limit} allowed")
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1, top) for v in children if isinstance(v, nested))
 
 
 def parse_spec(spec: Any, where: str, dtypes: Mapping[str, Any]) -> tuple[str, str, tuple[int, ...]]:
@@ -165,16 +216,18 @@ def parse_spec(spec: Any, where: str, dtypes: Mapping[str, Any]) -> tuple[str, s
     if not (
         isinstance(spec, (list, tuple)) and len(spec) == 3 and isinstance(spec[0], str) and isinstance(spec[1], str)
     ):
-        raise ForeignMessage(f"{where}: header entry {spec!r} is not [name, dtype, shape]")
+        raise ForeignMessage(f"{where}: header entry {short(spec)} is not [name, dtype, shape]")
     name, dtype, shape = spec
     if dtype not in dtypes:
-        raise BadDtype(f"{where} {name!r}: dtype {dtype!r} is not allowed (allowed: {', '.join(dtypes)})")
+        raise BadDtype(f"{where} {short(name)}: dtype {short(dtype)} is not allowed (allowed: {', '.join(dtypes)})")
     if not (
         isinstance(shape, (list, tuple))
         and len(shape) <= MAX_NDIM
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        and all(type(d) is int and d >= 0 for d in shape)  # type(): bool is an int subclass, and not a dim
     ):
-        raise ShapeMismatch(f"{where} {name!r}: shape {shape!r} is not a list of at most {MAX_NDIM} non-negative ints")
+        raise ShapeMismatch(
+            f"{where} {short(name)}: shape {short(shape)} is not a list of at most {MAX_NDIM} non-negative ints"
+        )
     return name, dtype, tuple(shape)
 
 
@@ -184,10 +237,20 @@ def check_frame_count(frames: list, n_arrays: int, kind: str) -> None:
 
 
 def check_length(buf: memoryview, name: str, shape: tuple[int, ...], itemsize: int, where: str) -> None:
+    """The frame holds exactly prod(shape) items (ByteLengthMismatch), and the shape is one numpy and
+    torch can build (ShapeMismatch): every dim below 2^31, and not too big even when a zero dim empties it."""
     expected = math.prod(shape) * itemsize
     if len(buf) != expected:
         raise ByteLengthMismatch(
-            f"{where} {name!r}: frame has {len(buf)} bytes, shape {list(shape)} x {itemsize} B needs {expected}"
+            f"{where} {short(name)}: frame has {len(buf)} bytes, shape {short(list(shape))} x {itemsize} B needs"
+            f" {short(expected)}"
+        )
+    if any(d > MAX_DIM for d in shape):
+        raise ShapeMismatch(f"{where} {short(name)}: shape {short(list(shape))} has a dim above {MAX_DIM} (2^31 - 1)")
+    if math.prod(d for d in shape if d) * itemsize > MAX_ARRAY_BYTES:
+        raise ShapeMismatch(
+            f"{where} {short(name)}: shape {short(list(shape))} x {itemsize} B is over {MAX_ARRAY_BYTES} bytes"
+            " counting its non-zero dims"
         )
 
 
@@ -302,32 +365,32 @@ def validate(batch: TrajectoryBatch) -> None:
     arrays = batch.arrays
     for name in REQUIRED:
         if name not in arrays:
-            raise MissingField(f"required field {name!r} is missing (have: {', '.join(arrays) or 'none'})")
+            raise MissingField(f"required field {short(name)} is missing (have: {', '.join(arrays) or 'none'})")
     dims: dict[str, tuple[int, str]] = {}  # "B"/"S" -> (size, field that set it)
     for name, arr in arrays.items():
         if not isinstance(name, str):
-            raise WireError(f"field name {name!r} is not a str")
+            raise WireError(f"field name {short(name)} is not a str")
         if not isinstance(arr, np.ndarray):
-            raise WireError(f"field {name!r}: expected a numpy array, got {type(arr).__name__}")
+            raise WireError(f"field {short(name)}: expected a numpy array, got {type(arr).__name__}")
         if arr.ndim > MAX_NDIM:
-            raise ShapeMismatch(f"field {name!r}: {arr.ndim} dims, at most {MAX_NDIM} allowed")
+            raise ShapeMismatch(f"field {short(name)}: {arr.ndim} dims, at most {MAX_NDIM} allowed")
         wname = wire_dtype(arr, name)
         spec = REQUIRED.get(name) or OPTIONAL.get(name)
         if spec is None:
             continue
         allowed, sym = spec
         if wname not in allowed:
-            raise BadDtype(f"field {name!r}: dtype {wname}, expected {' or '.join(allowed)}")
+            raise BadDtype(f"field {short(name)}: dtype {wname}, expected {' or '.join(allowed)}")
         if arr.ndim != len(sym):
             raise ShapeMismatch(
-                f"field {name!r}: shape {list(arr.shape)} has {arr.ndim} dims, expected [{','.join(sym)}]"
+                f"field {short(name)}: shape {list(arr.shape)} has {arr.ndim} dims, expected [{','.join(sym)}]"
             )
         for d, size in zip(sym, arr.shape):
             if d not in ("B", "S", "V"):
                 continue
             if d in dims and dims[d][0] != size:
                 raise ShapeMismatch(
-                    f"field {name!r}: shape {list(arr.shape)} has {d}={size}, but {dims[d][1]!r} has {d}={dims[d][0]}"
+                    f"field {short(name)}: shape {list(arr.shape)} has {d}={size}, but {dims[d][1]!r} has {d}={dims[d][0]}"
                 )
             dims.setdefault(d, (size, name))
     if not isinstance(batch.meta, dict):
@@ -354,12 +417,54 @@ def encode(batch: TrajectoryBatch) -> list[bytes | memoryview]:
     return [pack_header(header), *frames]
 
 
-def decode(frames: list) -> TrajectoryBatch:
+def check_token_ids(arrays: Mapping[str, np.ndarray], vocab_size: int | None = None) -> None:
+    """BadValue unless every id in TOKEN_FIELDS is in [0, vocab_size) (>= 0 when vocab_size is None)."""
+    for name in TOKEN_FIELDS:
+        a = arrays.get(name)
+        if a is None or a.size == 0 or a.dtype.kind not in "iu":
+            continue
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+            bad = lo if lo < 0 else hi
+            where = tuple(int(i) for i in np.unravel_index(int(np.argmax(a == bad)), a.shape))
+            want = f"[0, {vocab_size})" if vocab_size is not None else "non-negative ids"
+            raise BadValue(f"field {name!r}: token id {bad} at {list(where)}, expected {want}")
+
+
+def check_finite(arrays: Mapping[str, np.ndarray]) -> None:
+    """BadValue if a float field of FINITE_FIELDS holds a NaN or an inf, naming the field and the first one."""
+    for name in FINITE_FIELDS:
+        a = arrays.get(name)
+        if a is None or a.size == 0 or a.dtype.kind != "f":
+            continue
+        # One pass, no temporary of the array's size: a float64 sum of float16/32 values is finite
+        # exactly when every value is (float64 sums of float64 can overflow, so confirm before refusing).
+        with np.errstate(invalid="ignore", over="ignore"):
+            if np.isfinite(np.sum(a, dtype=np.float64)):
+                continue
+        bad = ~np.isfinite(a)
+        if not bad.any():
+            continue
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape))
+        raise BadValue(
+            f"field {name!r}: {int(bad.sum())} non-finite values (first {a[first]} at {list(first)}), expected finite"
+        )
+
+
+def check_values(batch: TrajectoryBatch, vocab_size: int | None = None) -> None:
+    """The data checks `decode` runs (one pass over the checked fields): finite log-probs and advantages,
+    token ids in [0, vocab_size)."""
+    check_finite(batch.arrays)
+    check_token_ids(batch.arrays, vocab_size)
+
+
+def decode(frames: list, vocab_size: int | None = None) -> TrajectoryBatch:
     """Frames (bytes, memoryviews or zmq.Frames) back to a validated TrajectoryBatch.
 
     Arrays are views of the frames (no copy) and keep them alive; they are read-only
     when a frame is immutable (bytes). A frame whose address is not aligned for its dtype
-    (small ZMQ frames can be) is copied once, so every array is aligned.
+    (small ZMQ frames can be) is copied once, so every array is aligned. `vocab_size`: the
+    receiver's vocabulary, when it knows it (token ids at or above it are refused).
     """
     header = unpack_header(frames, KIND, SCHEMA_VERSION)
     fields_ = header.get("fields")
@@ -373,7 +478,7 @@ def decode(frames: list) -> TrajectoryBatch:
     for spec, frame in zip(fields_, frames[1:]):
         name, dtype, shape = parse_spec(spec, "field", DTYPES)
         if name in arrays:
-            raise WireError(f"field {name!r} appears twice in the header")
+            raise WireError(f"field {short(name)} appears twice in the header")
         dt = DTYPES[dtype]
         buf = as_buffer(frame)
         check_length(buf, name, shape, dt.itemsize, "field")
@@ -385,4 +490,5 @@ def decode(frames: list) -> TrajectoryBatch:
         arrays[name] = arr
     batch = TrajectoryBatch(arrays, meta)
     validate(batch)
+    check_values(batch, vocab_size)
     return batch
