@@ -35,12 +35,16 @@ def opd_phase(
     version: int = 0,
     start: int = 0,
     prompts_at: int = 0,
+    reissue: list[int] | None = None,
     skipped: int = 0,
 ) -> int:
     """Train opd.steps steps from step `start` (prompt stream at `prompts_at`); returns the final policy version.
 
-    Prompts in flight when a checkpoint was written are skipped on resume, not repeated: their
-    `skipped` samples are counted as dropped (resume_skipped), so every sample id stays accounted for.
+    The checkpoint's cursor is the training frontier: the prompts admitted for later steps and in flight
+    when it was written (`reissue`, stream positions) are admitted again first, under their own sample ids,
+    so each prompt is trained once in the model's lineage, long answers as much as short ones. A cursor
+    from before it recorded them (`skipped` samples in flight, no positions) skips them, counted as dropped
+    (resume_skipped), so every sample id stays accounted for.
     """
     o = cfg.opd
     window = o.max_staleness * o.sync_every + 1 if o.asynchronous else 1
@@ -49,6 +53,7 @@ def opd_phase(
         adm.admitted += skipped
         adm.dropped["resume_skipped"] += skipped
     data.opd.seek(prompts_at)
+    data.opd.reissue(reissue or [])
     params = cfg.sampling.model_copy(update={"stop_token_ids": data.format.stop_ids})
     sync = WeightSync(learner, rollouts, log, o.weight_sync)
     resync = Resync(sync)
@@ -79,7 +84,10 @@ def opd_phase(
             "version": version + bump,
             "prompts": data.opd.position,
             "inflight": len(adm.outstanding()) - len(ids),
-        }  # admitted for later steps: skipped if resumed here
+            "reissue": sorted(
+                {i // o.samples_per_prompt for i in adm.outstanding()} - {i // o.samples_per_prompt for i in ids}
+            ),
+        }  # admitted for later steps: admitted again if resumed here
         metrics, report = learner.train_from_inbox(
             o, ids, version, o.max_staleness, cursor, replay=o.routing_replay, first_row=step == start
         )
@@ -92,6 +100,7 @@ def opd_phase(
         step += 1
         log.log("driver", "trained_prompts", sorted({i // o.samples_per_prompt for i in report["trained"]}), step)
         log.log("driver", "trained_ids", sorted(report["trained"]), step)
+        log.log("driver", "trained_response_tokens", dict(zip(report["trained"], report["response_tokens"])), step)
         log_step(log, metrics, step, o.steps)
         if o.probe_every and (step % o.probe_every == 0 or step == o.steps):
             learner.export_hf(snapshot_dir(cfg.run_dir, step))

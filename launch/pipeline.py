@@ -25,7 +25,6 @@ from launch.runlog import Phases, console
 from launch.sft import sft_phase
 from learner.ranks import RankLost
 from zeda_rl.metrics import MetricsLog
-from zeda_rl.trajectory import num_rows
 
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:
@@ -98,7 +97,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                 version=at.get("version", 0),
                 start=at.get("step", 0),
                 prompts_at=at.get("prompts", 0),
-                skipped=at.get("inflight", 0),
+                reissue=at.get("reissue"),
+                skipped=0 if "reissue" in at else at.get("inflight", 0),  # a cursor of an earlier version
             )
             _save(cfg, learner)
         if cfg.opd.probe_every:
@@ -144,11 +144,7 @@ def prepare_data(cfg: RunConfig, teacher: Path, log: MetricsLog) -> streams.RunD
         load_suite(cfg.eval.suite)
     console.print(
         f"data: {len(data.opd.ids)} OPD prompts, SFT "
-        + (
-            f"{num_rows(data.sft_records)} given answers"
-            if data.sft_records is not None
-            else f"{data.sft_count} prompts"
-        )
+        + (f"{len(data.sft_records)} given answers" if data.sft_records is not None else f"{data.sft_count} prompts")
         + f", chat template {'on' if data.format.templated else 'off'}; dropped as too long: {data.dropped}"
     )
     return data

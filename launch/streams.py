@@ -31,6 +31,7 @@ class PromptStream:
         self.rng = random.Random(seed)
         self.order: list[int] = []
         self.position = 0  # prompts taken so far; also the next prompt's sample id
+        self.again: list[tuple[int, int]] = []  # (position, index) to give again before new ones: `reissue`
 
     def _draw(self) -> int:
         if not self.order:
@@ -44,9 +45,28 @@ class PromptStream:
         return self._draw()
 
     def take(self, n: int) -> tuple[list[list[int]], list[int]]:
-        """n prompts and their positions in the stream (the sample ids of what is generated from them)."""
-        first = self.position
-        return [self.ids[self._draw()] for _ in range(n)], list(range(first, first + n))
+        """n prompts and their positions in the stream (the sample ids of what is generated from them):
+        the ones to give again first (`reissue`), then new ones."""
+        prompts, positions = [], []
+        while len(prompts) < n:
+            position, index = self.again.pop(0) if self.again else (self.position, self._draw())
+            prompts.append(self.ids[index])
+            positions.append(position)
+        return prompts, positions
+
+    def reissue(self, positions: list[int]) -> None:
+        """Give the prompts at these earlier positions again, under the same positions, before any new one:
+        a resumed run re-admits what was in flight when its checkpoint was written."""
+        if any(p >= self.position or p < 0 for p in positions):
+            raise ValueError(f"reissue: positions {positions} must be below the stream's position {self.position}")
+        wanted, copy = set(positions), PromptStream(self.records, self.ids, self.seed)
+        at = {}
+        while wanted - at.keys():
+            position = copy.position
+            index = copy._draw()
+            if position in wanted:
+                at[position] = index
+        self.again.extend((p, at[p]) for p in sorted(wanted))
 
     def seek(self, position: int) -> None:
         """Continue from `position`, as reached by a stream built the same way."""

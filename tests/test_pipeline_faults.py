@@ -7,8 +7,9 @@
 - One learner rank SIGKILLed (a run of its own): the run ends within a bounded time with a
   message naming the rank and the checkpoint to resume from, which is complete.
 - The driver SIGKILLed (a run of its own, in a subprocess) and the run resumed with --resume:
-  it goes on at the checkpoint's step with the checkpoint's optimizer state, and across both
-  drivers every sample id is trained once or dropped and counted.
+  it goes on at the checkpoint's step with the checkpoint's optimizer state, admits again the
+  prompts that were in flight at the checkpoint (long and short rollouts alike), and across
+  both drivers every prompt is trained once in the final model's lineage.
 
 The kills are real: SIGKILL to the process, found by the title Ray gives an actor.
 """
@@ -46,6 +47,9 @@ SHORT = {
     "sampling.max_new_tokens": 8,
 }
 MALFORMED = 10_000
+# a deep window of calls (two versions of staleness) with answers that stop early and answers cut at a cap
+# above the tasks' length: many long and short rollouts are in flight when the driver is killed
+LONG_AND_SHORT = {"opd.max_staleness": 2, "opd.rollout_batch": 4, "sampling.max_new_tokens": 16, "sampling.temperature": 1.5}
 
 
 @pytest.fixture(scope="module")
@@ -215,12 +219,10 @@ def _tensors_equal(a, b) -> bool:
 def test_a_killed_driver_resumes_at_the_checkpoint_step_with_its_optimizer_state(base):
     from learner.checkpoint import latest, read_meta
 
-    cfg = short_run_config(base, {**SHORT, "name": "driver", "learner.checkpoint_every": 2, "opd.steps": 10})
+    run = {**SHORT, "name": "driver", "learner.checkpoint_every": 2, "opd.steps": 10, **LONG_AND_SHORT}
+    cfg = short_run_config(base, run)
     sets = {
-        **SHORT,
-        "name": "driver",
-        "learner.checkpoint_every": 2,
-        "opd.steps": 10,
+        **run,
         "output_dir": cfg.output_dir,
         "model.teacher": cfg.model.teacher,
     }
@@ -241,7 +243,10 @@ def test_a_killed_driver_resumes_at_the_checkpoint_step_with_its_optimizer_state
             assert proc.poll() is None, f"the driver ended before it could be killed:\n{logs.read_text()[-3000:]}"
         finally:
             _kill_tree(proc)
-    ckpt = latest(root)
+    for later in root.glob("step_*"):  # a save that landed between the look and the kill: as if the kill came first
+        if later.name > ckpt.name:
+            shutil.rmtree(later)
+    assert latest(root) == ckpt
     meta = read_meta(ckpt)
     saved = {
         r: torch.load(ckpt / f"rank{r:05d}.pt", map_location="cpu", weights_only=False)
@@ -272,27 +277,33 @@ def test_a_killed_driver_resumes_at_the_checkpoint_step_with_its_optimizer_state
         assert _tensors_equal(saved[r]["model"], again[r]["model"]), f"rank {r}: weights differ"
     assert read_meta(ckpt)["step"] == meta["step"]
 
-    # every sample id across both drivers: trained once in the final model's lineage, or dropped and counted
+    # every prompt admitted by either driver: trained once in the final model's lineage (all its samples), or
+    # dropped and counted; the ones in flight at the checkpoint are admitted again, whatever their length
     spp = cfg.opd.samples_per_prompt
-    before = [
-        i for e in killed_events if e.component == "driver" and e.name == "trained_ids" and e.step <= c for i in e.value
-    ]
-    after = _trained_ids(resumed)
-    assert len(before) + len(after) == len(set(before) | set(after))  # none trained twice
-    upto, inflight = meta["data_cursor"]["prompts"] * spp, meta["data_cursor"]["inflight"]
-    assert set(before) <= set(range(upto))  # (the kill may land after step c's save, before its ids are logged)
-    assert (
-        upto - inflight == c * cfg.opd.prompts_per_step * spp
-    )  # each admitted by step c: trained by then, or in flight
-    assert min(after) >= upto  # the resumed stream starts after every prompt the checkpoint had admitted
+    lineage = [e for e in killed_events if e.component == "driver" and e.step <= c] + resumed
+    trained = [i for e in lineage if e.name == "trained_ids" for i in e.value]
+    lengths = {int(i): n for e in lineage if e.name == "trained_response_tokens" for i, n in e.value.items()}
+    assert len(trained) == len(set(trained)), "a sample trained twice"
+    cursor = meta["data_cursor"]
+    assert len(cursor["reissue"]) * spp == cursor["inflight"] and all(p < cursor["prompts"] for p in cursor["reissue"])
     adm = json.loads((cfg.run_dir / "report.json").read_text())["opd_admission"]
-    assert adm["admitted"] == adm["trained"] + sum(adm["dropped"].values()) and adm["trained"] == len(after), adm
-    assert adm["dropped"].get("resume_skipped", 0) == inflight, adm
+    assert adm["admitted"] == adm["trained"] + sum(adm["dropped"].values()), adm
+    assert sum(adm["dropped"].values()) == 0, adm  # nothing but the driver failed: nothing may be lost
+    positions = {i // spp for i in trained}
+    assert positions == set(range(max(positions) + 1)), sorted(set(range(max(positions) + 1)) - positions)
+    assert set(trained) == {p * spp + k for p in positions for k in range(spp)}
+    assert len(positions) == cfg.opd.steps * cfg.opd.prompts_per_step
+    cap = cfg.sampling.max_new_tokens
+    buckets = Counter("cut at the cap" if lengths[i] >= cap else "stopped" for i in trained)
+    reissued = Counter(
+        "cut at the cap" if lengths[p * spp + k] >= cap else "stopped" for p in cursor["reissue"] for k in range(spp)
+    )
     report = json.loads((cfg.run_dir / "report.json").read_text())
     assert len(report["faults"]["resumes"]) == 1
     print(
         f"[faults] driver killed after OPD step {_opd_steps(base / 'driver-killed-metrics.jsonl')}, resumed at step {c} "
-        f"(learner step {meta['step']}): {len(before)} + {len(after)} samples trained, {meta['data_cursor']['inflight']} skipped"
+        f"(learner step {meta['step']}): {len(cursor['reissue'])} prompts in flight admitted again; every one of "
+        f"{len(positions)} prompts trained once; samples by length: {dict(buckets)}, re-admitted: {dict(reissued)}"
     )
 
 
