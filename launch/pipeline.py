@@ -167,7 +167,7 @@ def _resume_hint(cfg: RunConfig, log: MetricsLog, err) -> str:
 
 
 def _resume_point(cfg: RunConfig) -> Path:
-    from learner.checkpoint import latest
+    from learner.checkpoint import latest, read_meta
 
     ckpt = latest(cfg.run_dir / "learner")
     if ckpt is None:
@@ -175,6 +175,13 @@ def _resume_point(cfg: RunConfig) -> Path:
             f"--resume: no learner checkpoint under {cfg.run_dir / 'learner'} (a run writes one at each phase end and "
             "every learner.checkpoint_every steps); start without --resume"
         )
+    meta = read_meta(ckpt)  # a checkpoint this version cannot resume is refused now, saying how to go on
+    for key, saved in (("ep", meta.get("ep_size", 1)), ("tp", meta.get("tp_size", 1))):
+        if getattr(cfg.learner, key) != saved:
+            raise ValueError(
+                f"--resume: {ckpt} was saved with learner.{key}={saved}, the config has {getattr(cfg.learner, key)}; "
+                "resume with the same layout (or start a new run from an HF export, model.student)"
+            )
     console.print(f"resuming from {ckpt}")
     return ckpt
 

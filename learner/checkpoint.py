@@ -125,10 +125,30 @@ def read_meta(path: str | Path) -> dict:
     meta_path = Path(path) / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path}: not a learner checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_path}: not JSON ({err}); a learner checkpoint's meta.json is written whole") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got a {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise ValueError(
+            f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}. {_convert_hint(meta)}"
+        )
     return meta
+
+
+def _convert_hint(meta: dict) -> str:
+    """How to go on from a checkpoint this version cannot resume exactly."""
+    if meta.get("format") == "zeda-learner-checkpoint/1":
+        return (
+            "Format 1 (zeda-rl before 2026-12-02) saved one LearnerConfig instead of the learner and stage "
+            "sections, so its optimiser state cannot be matched to a stage here: resume it with the zeda-rl "
+            "commit that wrote it, or start a new run from its weights: export them there "
+            "(`Learner.export_hf`, or the run's RUN_DIR/student / probe/step_* directories it already wrote) "
+            "and set model.student to that directory"
+        )
+    return "It was not written by this zeda-rl (or is damaged); resume it with the version that wrote it"
 
 
 def load(learner, path: str | Path) -> dict:

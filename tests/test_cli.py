@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -176,3 +177,23 @@ def test_resume_without_a_checkpoint_is_refused_before_anything_starts(tmp_path)
     out = zeda("train", "--config", "launch/configs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}", "--resume")
     assert out.returncode != 0 and "no learner checkpoint under" in out.stderr and "--resume" in out.stderr, out.stderr
     assert time.monotonic() - t0 < 60 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "meta, expected",
+    [
+        ({"format": "zeda-learner-checkpoint/1", "step": 8}, "Format 1 .* model.student"),
+        ("{not json", "meta.json: not JSON"),
+        ({"format": "zeda-learner-checkpoint/2", "step": 8, "ep_size": 4, "tp_size": 1}, "learner.ep=4"),
+    ],
+)
+def test_a_checkpoint_this_version_cannot_resume_is_refused_before_anything_starts(tmp_path, meta, expected):
+    """An earlier format, a damaged meta.json or another layout: refused at once, saying how to go on."""
+    ckpt = tmp_path / "tiny-cpu" / "learner" / "step_00000008"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = zeda("train", "--config", "launch/configs/tiny-cpu.yaml", "--set", f"output_dir={tmp_path}", "--resume")
+    assert out.returncode != 0 and re.search(expected, out.stderr), out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
