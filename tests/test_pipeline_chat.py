@@ -79,6 +79,7 @@ def _resume(cfg) -> dict:
         ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_prompt_file_run_is_templated_and_resume_continues_the_prompt_stream(tmp_path):
     prompts = str(FIX / "prompts.jsonl")

@@ -215,6 +215,7 @@ def _tensors_equal(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_killed_driver_resumes_at_the_checkpoint_step_with_its_optimizer_state(base):
     from learner.checkpoint import latest, read_meta

@@ -205,6 +205,7 @@ def _scrape(url: str, stop: threading.Event, seen: dict):
         seen["text"] = "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 def test_submit_runs_the_pipeline_with_monitor_and_prometheus(head):
     # the monitor's screen goes to a file (a pipe nobody reads would fill and stall it), drawn as on a terminal
     screen_file = head.root / "monitor.screen"
@@ -261,6 +262,7 @@ def test_submit_runs_the_pipeline_with_monitor_and_prometheus(head):
     assert re.search(r'^ray_zeda_learner_zero_ratio_per_layer\{[^}]*index="1"', prom, re.M)
 
 
+@pytest.mark.slow
 def test_ray_job_stop_stops_the_run_cleanly(head):
     long = ["sft.steps=100000", "sft.batch_size=4"]
     args = _submit_args(head, "stoprun", long)
