@@ -38,9 +38,12 @@ def _teacher_build(a):
 
 
 def _eval(a):
-    from zeda_rl.evaluate import builtin_report, evaluate, render
+    from zeda_rl.evaluate import builtin_report, check_checkpoint, evaluate, render
 
     a.target = a.out or a.checkpoint
+    for checkpoint in (a.checkpoint, a.teacher):  # both, before either loads (a suite run loads the teacher first)
+        if checkpoint is not None:
+            check_checkpoint(checkpoint)
     if a.suite is None and a.teacher is None and a.out is None:  # the built-in tasks, as ever
         result = evaluate(a.checkpoint, n_per_family=a.n, tasks=a.tasks)
         if a.json:
@@ -164,6 +167,19 @@ def _baselines(a):
         print(f"{r['label']:<22} accuracy {100 * r['accuracy']['mean']:5.1f}%  r_ZE {100 * r['r_ze']:5.1f}%")
 
 
+def _count(what: str):
+    """An argparse type: a whole number >= 1 (`what` it counts, for the refusal), refused at parsing."""
+
+    def parse(text: str) -> int:
+        n = int(text)  # not a number: argparse's own "argument --x: invalid int value: 'y'"
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1 ({what}), got {n}")
+        return n
+
+    parse.__name__ = "int"
+    return parse
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(x) for x in text.split(",") if x.strip()]
@@ -199,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="inject zero experts into a Hugging Face MoE checkpoint (streaming)")
     c.add_argument("input_dir")
     c.add_argument("output_dir")
-    c.add_argument("--zero-experts", type=int, required=True, help="N_Z zero experts per MoE layer (ZEDA: N/2)")
+    c.add_argument(
+        "--zero-experts",
+        type=_count("zero experts per MoE layer; ZEDA uses N/2"),
+        required=True,
+        help="N_Z zero experts per MoE layer, 1 to 4N (ZEDA: N/2)",
+    )
     c.add_argument("--zero-type", choices=["zero", "copy"], default="zero")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--overwrite", action="store_true")
@@ -218,7 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy and zero-expert ratio: the built-in tasks, or a benchmark suite")
     e.add_argument("checkpoint")
-    e.add_argument("--n", type=int, default=100, help="held-out prompts per task family (built-in tasks)")
+    e.add_argument(
+        "--n",
+        type=_count("held-out prompts per task family"),
+        default=100,
+        help="held-out prompts per task family (built-in tasks; >= 1)",
+    )
     e.add_argument("--json", action="store_true")
     e.add_argument("--tasks", choices=["basic", "hard"], default="basic", help="built-in task suite (without --suite)")
     e.add_argument("--suite", help="suite YAML naming local benchmark files and graders (default: the built-in tasks)")

@@ -128,7 +128,7 @@ def test_routers_widened_everything_else_copied(tmp_path, family, dtype):
 
 def test_new_rows_follow_the_old_rows_distribution(tmp_path):
     torch.manual_seed(0)
-    n, h, nz = 64, 256, 4096
+    n, h, nz = 1024, 256, 4096  # nz: many samples per hidden dim, within the converter's bound of 4 x N
     mu, sigma = torch.linspace(-1, 1, h), torch.linspace(0.1, 1.0, h)
     cfg = tiny_glm4_moe_lite_config(hidden_size=h, n_routed_experts=n)
     tensors = {}

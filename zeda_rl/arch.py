@@ -9,8 +9,10 @@ a subclass of its transformers MoE block).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal
 
 
@@ -96,3 +98,58 @@ def spec_for(config: dict, where: str = "config.json") -> ArchSpec:
     if name not in ARCHS:
         raise ValueError(f"{where}: unsupported architecture {name!r}; supported: {sorted(ARCHS)}")
     return ARCHS[name]
+
+
+# Where any MoE config keeps N, for an architecture the table does not know (Mixtral, DeepSeek, OLMoE).
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def read_config(checkpoint_dir) -> dict:
+    """A checkpoint directory's config.json, checked before anything loads weights by it.
+
+    The one reader of config.json that `zeda convert`, `zeda eval`, the router checks (and so the
+    learner's loader and the engines) share. Refused, naming the file and what was expected: no
+    config.json (FileNotFoundError), a file that is not JSON text, JSON that is not an object,
+    and a MoE whose experts per token (`num_experts_per_tok`) is not between 1 and its expert count
+    (transformers would fail inside routing with an index error, or route every token nowhere).
+    """
+    d = Path(checkpoint_dir)
+    path = d / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{d}: not a checkpoint directory (no config.json; expected a Hugging Face checkpoint)")
+    try:
+        cfg = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); expected a Hugging Face model config") from None
+    if not isinstance(cfg, dict):
+        kind = _JSON_KINDS.get(type(cfg), type(cfg).__name__)
+        raise ValueError(
+            f'{path}: expected a JSON object (a Hugging Face model config, {{"architectures": [...], ...}}), '
+            f"got a JSON {kind}"
+        )
+    check_experts_per_token(cfg, str(path))
+    return cfg
+
+
+def check_experts_per_token(cfg: dict, where: str = "config.json") -> None:
+    """Refuse an expert count that is no whole number, or experts per token outside 1..N (N > 0: a MoE)."""
+    archs, model_type = cfg.get("architectures"), cfg.get("model_type")
+    name = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    legacy = {s.target_model_type: s for s in ARCHS.values()}.get(model_type) if isinstance(model_type, str) else None
+    spec = TARGETS.get(name) or ARCHS.get(name) or legacy
+    keys = (spec.num_experts_key, *spec.num_experts_aliases) if spec else _EXPERT_KEYS
+    key = next((k for k in keys if cfg.get(k) is not None), None)
+    if key is None:
+        return  # a dense model, or one that keeps N elsewhere: nothing to check
+    n = cfg[key]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{where}: {key}={n!r}; expected a whole number of experts per MoE layer (>= 0)")
+    k = cfg.get("num_experts_per_tok")
+    if n == 0 or k is None:
+        return  # no MoE layers; or K left to the config class's default
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(
+            f"{where}: num_experts_per_tok={k!r} with {key}={n}; expected 1 <= num_experts_per_tok <= {key} "
+            f"(each token is routed to num_experts_per_tok of the {n} real experts)"
+        )

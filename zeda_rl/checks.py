@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from zeda_rl.arch import ARCHS, TARGETS, ArchSpec
+from zeda_rl.arch import ARCHS, TARGETS, ArchSpec, read_config
 
 # safetensors dtypes a router may be stored in (fp8 and the integer/bool types are refused)
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -71,14 +71,12 @@ def check_routers(checkpoint_dir: str | Path) -> int:
     """Check every router tensor of a safetensors checkpoint (static or converted); returns how many.
 
     ValueError naming the file, the tensor and what was expected for a non-float dtype or a
-    non-finite value. An architecture the arch table does not know, or a checkpoint without
-    safetensors files, has nothing this can check (0): its loader reports what it finds.
+    non-finite value (and naming config.json for one `zeda_rl.arch.read_config` refuses). An
+    architecture the arch table does not know, or a checkpoint without safetensors files, has
+    nothing this can check (0): its loader reports what it finds.
     """
     d = Path(checkpoint_dir)
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{d}: not a checkpoint directory (no config.json)")
-    spec = _spec(json.loads(cfg_path.read_text()))
+    spec = _spec(read_config(d))  # config.json itself checked first (zeda_rl.arch.read_config)
     if spec is None:
         return 0
     if (d / INDEX).is_file():

@@ -26,12 +26,15 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from zeda_rl.arch import ArchSpec, spec_for
+from zeda_rl.arch import ArchSpec, read_config, spec_for
 from zeda_rl.checks import check_router_dtype, check_router_values
 from zeda_rl.diskerrors import replace_dir, write_error
 from zeda_rl.release import release_config
 
 ZERO_TYPES = ("zero", "copy")
+# Most zero experts per real one. ZEDA uses N_Z = N/2 (64 for Qwen3-30B-A3B's 128, 32 for GLM-4.7-Flash's 64),
+# whose target zero share r* = w*N_Z / (N + w*N_Z) is 50% at w=2; at 4N it is already 89%.
+MAX_ZERO_PER_REAL = 4
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Weight files that must not travel with the converted checkpoint (they would be the static model).
@@ -99,9 +102,13 @@ def convert_checkpoint(
     if zero_type not in ZERO_TYPES:
         raise ValueError(f"zero_type {zero_type!r} is not supported; expected one of {list(ZERO_TYPES)}")
     if isinstance(zero_experts, bool) or int(zero_experts) != zero_experts or zero_experts < 1:
-        raise ValueError(f"zero_experts must be an integer >= 1, got {zero_experts!r}")
+        raise ValueError(
+            f"--zero-experts {zero_experts!r}: expected an integer >= 1 (zero_experts, zero experts per MoE layer; "
+            "ZEDA uses N/2, half the real experts)"
+        )
     zero_experts = int(zero_experts)
     cfg, spec = _read_config(src)
+    _check_zero_experts(src, cfg, spec, zero_experts)  # before a router is read or a row allocated
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"output directory {dst} is the input directory; choose another one")
     if src.resolve() in dst.resolve().parents or dst.resolve() in src.resolve().parents:
@@ -133,12 +140,7 @@ def convert_checkpoint(
 
 def _read_config(src: Path) -> tuple[dict, ArchSpec]:
     path = src / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    cfg = read_config(src)  # present, JSON, an object, experts per token within 1..N
     if "zce_nums" in cfg:
         raise ValueError(f"{path}: already a converted (zero-expert) checkpoint (it has zce_nums={cfg['zce_nums']})")
     spec = spec_for(cfg, where=str(path))
@@ -148,6 +150,19 @@ def _read_config(src: Path) -> tuple[dict, ArchSpec]:
             f"num_hidden_layers={cfg.get('num_hidden_layers')!r}); nothing to convert"
         )
     return cfg, spec
+
+
+def _check_zero_experts(src: Path, cfg: dict, spec: ArchSpec, nz: int) -> None:
+    """Refuse N_Z above MAX_ZERO_PER_REAL x N: every widened router would hold that many rows (an
+    --zero-experts of 1e8 on an 8-expert, 32-wide router allocates 12.8 GB per router before failing)."""
+    n = spec.num_experts(cfg)
+    most = MAX_ZERO_PER_REAL * n
+    if nz > most:
+        key = next(k for k in (spec.num_experts_key, *spec.num_experts_aliases) if cfg.get(k) is not None)
+        raise ValueError(
+            f"--zero-experts {nz}: expected 1 to {most} ({MAX_ZERO_PER_REAL} x the {n} real experts per MoE layer, "
+            f"{key} in {src / 'config.json'}); ZEDA uses about half: N/2 = {max(n // 2, 1)}"
+        )
 
 
 def _shards(src: Path) -> tuple[list[str], dict | None]:

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zeda_rl  # noqa: F401  (registers the zero-expert Auto classes)
+from zeda_rl.arch import read_config
 from zeda_rl.checks import check_routers
 from zeda_rl.generate import greedy_complete
 from zeda_rl.modeling import moe_blocks, record_routing
@@ -20,11 +21,30 @@ from zeda_rl.progress import Progress
 from zeda_rl.routing import zero_ratio
 from zeda_rl.tasks import families, make_split, score
 
+# What a checkpoint must hold for AutoTokenizer to load its own tokenizer (one of them; tokenizer_config.json
+# names the class, tokenizer.json is the fast tokenizer). Without either, transformers builds an empty
+# tokenizer that encodes every prompt to nothing, and `generate` fails deep inside.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_checkpoint(checkpoint: str | Path) -> dict:
+    """What `zeda eval` checks of a checkpoint before loading anything: its config.json (present, a JSON
+    object, experts per token within 1..N: `zeda_rl.arch.read_config`) and its tokenizer files.
+    Returns the config."""
+    path = Path(checkpoint)
+    cfg = read_config(path)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer files; expected {' or '.join(TOKENIZER_FILES)} (with the vocabulary files it "
+            "names) beside config.json. Copy them from the model this checkpoint came from (`zeda convert` "
+            "copies whatever its input holds)"
+        )
+    return cfg
+
 
 def load(checkpoint: str | Path, dtype=torch.float32):
     path = Path(checkpoint)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    check_checkpoint(path)  # config.json and tokenizer files, before anything loads
     check_routers(path)  # a NaN/Inf or non-float router is refused before the weights load
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(path)
@@ -70,6 +90,8 @@ def evaluate(
     """Accuracy per family of the `tasks` suite and zero-expert ratio. At n_per_family=500 this is minutes per
     checkpoint, so it shows progress per batch (`zeda_rl.progress`; `log`, a MetricsLog, gets the monitor's
     progress events)."""
+    if isinstance(n_per_family, bool) or not isinstance(n_per_family, int) or n_per_family < 1:
+        raise ValueError(f"n_per_family (zeda eval --n) must be an integer >= 1, got {n_per_family!r}")
     if model is None:
         model, tokenizer = load(checkpoint)
     examples = make_split("heldout", n_per_family, suite=tasks)
@@ -119,14 +141,10 @@ def render(result: dict):
 
 def moe_shape(checkpoint: str | Path) -> tuple[int, int]:
     """(N real experts, number of MoE layers) from a checkpoint's config.json, static or converted."""
-    import json
-
     from zeda_rl.arch import ARCHS, TARGETS
 
     path = Path(checkpoint) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{Path(checkpoint)}: not a checkpoint directory (no config.json)")
-    cfg = json.loads(path.read_text())
+    cfg = read_config(checkpoint)
     name = (cfg.get("architectures") or [None])[0]
     spec = TARGETS.get(name) or ARCHS.get(name)
     if spec is None:
