@@ -99,10 +99,10 @@ def _paths(a) -> dict[str, Path]:
 def half_teacher(teacher: Path, out: Path) -> Path:
     """The teacher with NET's routing option static_top_k = K/2 and no training: `net_checkpoint`'s
     config.json, the teacher's other files symlinked (no copy of the weights)."""
-    from zeda_rl.arch import spec_for
+    from zeda_rl.arch import read_config, spec_for
     from zeda_rl.release import release_config
 
-    raw = json.loads((teacher / "config.json").read_text())
+    raw = read_config(teacher)
     k = int(raw["num_experts_per_tok"])
     if k < 2:
         raise ValueError(f"{teacher}: top_k {k} cannot be halved")

@@ -50,10 +50,11 @@ def net_checkpoint(teacher: Path, out: Path) -> Path:
     Megatron keeps its top-K dispatcher (it refuses top-1 without pre-softmax routing), and the
     engines' recorded ids replay in the learner as they do for ZEDA.
     """
-    from zeda_rl.arch import spec_for
+    from zeda_rl.arch import read_config, spec_for
+    from zeda_rl.hfdir import replace_dir
     from zeda_rl.release import release_config
 
-    raw = json.loads((teacher / "config.json").read_text())
+    raw = read_config(teacher)
     spec = spec_for(raw, str(teacher / "config.json"))
     k = int(raw["num_experts_per_tok"])
     if k < 2:
@@ -64,8 +65,7 @@ def net_checkpoint(teacher: Path, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(teacher, tmp)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return out
 
 

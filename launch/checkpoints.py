@@ -3,7 +3,6 @@ build) and the student it converts into (zero experts injected), or the student 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from launch.config import RunConfig
@@ -39,7 +38,7 @@ def prepare_checkpoints(cfg: RunConfig, phases: Phases) -> tuple[Path, Path]:
 
 
 def _num_experts(checkpoint: Path) -> int:
-    from zeda_rl.arch import spec_for
+    from zeda_rl.arch import read_config, spec_for
 
-    raw = json.loads((checkpoint / "config.json").read_text())
+    raw = read_config(checkpoint)
     return spec_for(raw, str(checkpoint / "config.json")).num_experts(raw)

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from zeda_rl.diskerrors import replace_dir, write_error
+from zeda_rl.diskerrors import write_error
+from zeda_rl.hfdir import replace_dir
 
 FORMAT = "zeda-learner-checkpoint/2"
 

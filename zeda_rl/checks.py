@@ -14,18 +14,16 @@ every load.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from zeda_rl.arch import ARCHS, TARGETS, ArchSpec, read_config
+from zeda_rl.hfdir import SINGLE, read_index
 
 # safetensors dtypes a router may be stored in (fp8 and the integer/bool types are refused)
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 
 
 def open_safetensors(path: Path):
@@ -79,19 +77,17 @@ def check_routers(checkpoint_dir: str | Path) -> int:
     spec = _spec(read_config(d))  # config.json itself checked first (zeda_rl.arch.read_config)
     if spec is None:
         return 0
-    if (d / INDEX).is_file():
-        try:
-            weight_map = json.loads((d / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{d / INDEX}: not a valid index (expected a 'weight_map' object; {err!r})") from None
+    try:
+        index = read_index(d)
+    except FileNotFoundError:  # no safetensors files: nothing to check here
+        return 0
+    if index is not None:
         by_shard: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
+        for name, shard in index["weight_map"].items():
             if is_router(spec, name):
                 by_shard.setdefault(shard, []).append(name)
-    elif (d / SINGLE).is_file():
-        by_shard = {SINGLE: None}  # names read from the header
     else:
-        return 0
+        by_shard = {SINGLE: None}  # names read from the header
     checked = 0
     for shard, names in sorted(by_shard.items()):
         path = d / shard

@@ -26,19 +26,18 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from zeda_rl import hfdir
 from zeda_rl.arch import ArchSpec, read_config, spec_for
 from zeda_rl.checks import check_router_dtype, check_router_values
-from zeda_rl.diskerrors import replace_dir, write_error
+from zeda_rl.diskerrors import write_error
+from zeda_rl.hfdir import INDEX, copy_side_files, replace_dir
 from zeda_rl.release import release_config
 
 ZERO_TYPES = ("zero", "copy")
 # Most zero experts per real one. ZEDA uses N_Z = N/2 (64 for Qwen3-30B-A3B's 128, 32 for GLM-4.7-Flash's 64),
 # whose target zero share r* = w*N_Z / (N + w*N_Z) is 50% at w=2; at 4N it is already 89%.
 MAX_ZERO_PER_REAL = 4
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 # Weight files that must not travel with the converted checkpoint (they would be the static model).
-_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack"}
 # Bytes per element of each safetensors dtype: output headers are written before the data.
 _ITEMSIZE = {
     "BOOL": 1,
@@ -118,7 +117,7 @@ def convert_checkpoint(
         )
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise FileExistsError(f"output directory {dst} already exists and is not empty; pass --overwrite to replace it")
-    shards, index = _shards(src)
+    shards, index = hfdir.shards(src)
     plan = _plan(src, shards, index, cfg, spec, zero_experts)  # validates everything before writing
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -163,25 +162,6 @@ def _check_zero_experts(src: Path, cfg: dict, spec: ArchSpec, nz: int) -> None:
             f"--zero-experts {nz}: expected 1 to {most} ({MAX_ZERO_PER_REAL} x the {n} real experts per MoE layer, "
             f"{key} in {src / 'config.json'}); ZEDA uses about half: N/2 = {max(n // 2, 1)}"
         )
-
-
-def _shards(src: Path) -> tuple[list[str], dict | None]:
-    """Shard file names (sorted) and the parsed index, or [model.safetensors] and None."""
-    index_path = src / INDEX
-    if not index_path.is_file():
-        if not (src / SINGLE).is_file():
-            raise FileNotFoundError(f"{src}: neither {SINGLE} nor {INDEX} found")
-        return [SINGLE], None
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index_path}: not a valid index (expected a 'weight_map' object; {err!r})") from None
-    shards = sorted(set(weight_map.values()))
-    for shard in shards:
-        if not (src / shard).is_file():
-            raise FileNotFoundError(f"{src / shard}: shard named in {index_path} is missing")
-    return shards, index
 
 
 def _open(path: Path):
@@ -338,11 +318,4 @@ def _write_metadata(src, tmp, cfg, spec: ArchSpec, plan, index, nz: int, zero_ty
             )
         weight_map = {e.name: shard for shard, e in sorted(entries, key=lambda se: se[1].name)}
         (tmp / INDEX).write_text(json.dumps({**index, "metadata": meta, "weight_map": weight_map}, indent=2) + "\n")
-    for p in sorted(src.iterdir()):
-        if (
-            p.is_file()
-            and p.suffix not in _WEIGHT_SUFFIXES
-            and p.name != "config.json"
-            and not p.name.endswith(".index.json")
-        ):
-            shutil.copyfile(p, tmp / p.name)
+    copy_side_files(src, tmp, skip=("config.json",))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 
 _CODES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
@@ -38,22 +37,3 @@ def write_error(err: BaseException, path: str | Path) -> BaseException:
         if st.f_bavail * st.f_frsize < 1 << 20:
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     return err
-
-
-def replace_dir(tmp: Path, dst: Path) -> None:
-    """Move the finished tmp into place; an existing dst is removed only once tmp is complete."""
-    if not dst.exists() and not dst.is_symlink():
-        tmp.rename(dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    dst.rename(old)
-    try:
-        tmp.rename(dst)
-    except BaseException:
-        old.rename(dst)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from zeda_rl import tasks
+from zeda_rl.hfdir import replace_dir
 from zeda_rl.progress import Progress
 from zeda_rl.tiny import tiny_qwen3_moe_config
 from zeda_rl.tokenizer import VOCAB_SIZE, build_tokenizer
@@ -144,9 +145,7 @@ def build_teacher(
         (tmp / "teacher.json").write_text(
             json.dumps({"recipe_hash": digest, "seed": seed, "suite": suite, **report}, indent=2) + "\n"
         )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
