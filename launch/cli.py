@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -75,8 +76,14 @@ def _run_suite(a, checkpoint, suite):
     if a.engines > 0:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
+        if ray.is_initialized():
+            pass
+        elif os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:  # engines of our own, on loopback (launch.fleet.start_local_ray)
+            from launch.fleet import start_local_ray
+
+            start_local_ray(log_to_driver=False)
     with EvalEngines(a.backend, checkpoint, engines=a.engines, batch_size=suite.batch_size, threads=a.threads) as gen:
         return run_suite(checkpoint, suite, gen, label=f"eval {checkpoint}")
 

@@ -3,6 +3,7 @@ restarted ones, probing which weights they serve. The OPD loop uses these; it ow
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -222,14 +223,83 @@ def start_actors(
 
 def connect_ray(cfg: RunConfig) -> None:
     """Join the job's cluster (under `ray job submit`, RAY_ADDRESS names it), the configured
-    one, or start a private local Ray sized by cluster.num_cpus."""
+    one, or start a private local Ray sized by cluster.num_cpus, on loopback (`start_local_ray`)."""
     if ray.is_initialized():
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # "local": never attach to some other Ray that happens to run on this machine
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True)
+        start_local_ray(num_cpus=cfg.cluster.num_cpus, log_to_driver=True)
+
+
+def start_local_ray(**kwargs) -> None:
+    """A new one-node Ray that listens on loopback only: GCS, raylet, workers, the dashboard, runtime-env
+    and metrics agents all bind 127.0.0.1, as its node IP (no dashboard UI; `kwargs` go to ray.init).
+
+    Ray's processes, and the workers they start, also get GLOO_SOCKET_IFNAME (unless set) naming the
+    loopback interface: gloo's pair sockets (the learner ranks' groups, the weight-sync groups on CPU)
+    otherwise bind the address this machine's hostname resolves to, often its LAN one. The cluster's
+    auth token (Ray writes ~/.ray/auth_token world-readable) is made the owner's alone first.
+    """
+    import psutil
+
+    _private_auth_token()
+    lo = [name for name, addrs in psutil.net_if_addrs().items() if any(a.address == "127.0.0.1" for a in addrs)]
+    env = {"GLOO_SOCKET_IFNAME": lo[0]} if lo and "GLOO_SOCKET_IFNAME" not in os.environ else {}
+    os.environ.update(env)  # copied into the raylet's environment, hence the workers'
+    try:
+        with ray_on_loopback():
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+    _private_auth_token()  # whatever wrote it meanwhile
+
+
+@contextlib.contextmanager
+def ray_on_loopback():
+    """ray.init inside it may start, or attach to, a Ray whose node IP is 127.0.0.1.
+
+    On Linux ray.init turns 127.0.0.1 (the node IP asked for, or a local GCS address such as 'auto' finds)
+    into the LAN address, and a Ray started so listens on every interface (`::`).
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the macOS/Windows default, is Ray's switch for a cluster of this
+    machine alone, on loopback; Ray reads it once, at import, so it is set here for the block only (a later
+    ray.init in this process may join a real cluster, which it leaves unchanged: a LAN address stays one).
+    """
+    from ray._private import ray_constants
+
+    was = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = was
+
+
+def _private_auth_token() -> None:
+    """The token file a new local Ray authenticates with, mode 0600: created so when missing (Ray's own
+    format, 64 hex digits), its mode narrowed when it is readable by others. Nothing to do when token
+    auth is off (RAY_AUTH_MODE) or the token comes from RAY_AUTH_TOKEN."""
+    import secrets
+
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        elif path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except FileExistsError:  # another run created it just now
+        _private_auth_token()
+    except OSError as err:  # not ours to change: Ray goes on with it as it is
+        import warnings
+
+        warnings.warn(f"Ray's auth token {path} may be readable by others: {err}", stacklevel=2)
 
 
 def teacher_dir(cfg, log=None) -> Path:

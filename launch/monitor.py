@@ -320,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
 def _attach(address: str, run: str | None, wait_s: float) -> HubSource:
     import ray
 
+    from launch.fleet import ray_on_loopback
     from launch.metrics_hub import NAMESPACE, find_hub
 
-    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="error")
+    with ray_on_loopback():  # a local run's Ray is on 127.0.0.1, which ray.init would turn into the LAN address
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="error")
     try:
         return HubSource(find_hub(run, wait_s=wait_s))
     except LookupError as err:

@@ -47,9 +47,10 @@ from learner.model import is_expert_param  # noqa: E402
 from zeda_rl.transport import rendezvous_store  # noqa: E402
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now (OSError: `host` is not an address of this machine)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

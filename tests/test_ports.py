@@ -3,11 +3,13 @@ and every interface (0.0.0.0, '::') only when the config says so (cluster.allow_
 
 The project binds two kinds of socket: the learner's ZMQ inbox (`zeda_rl.transport.Puller`, opened on
 rank 0 by `LearnerActor.open_inbox` from cluster.bind_host / inbox_port) and the torch.distributed
-rendezvous (`zeda_rl.transport.rendezvous_store`, served by rank 0, plus the gloo/NCCL pair sockets) of
-the learner ranks' group and of each rank's weight-sync broadcast group (`zeda_rl.weights.join_group`). The metrics hub is a Ray actor and `zeda monitor --ray` a Ray
-client: neither opens a socket of its own. Ray's own servers (GCS, raylet, workers, agents) listen on
-every interface whatever the project asks (Ray 2.60, measured): a cluster relies on Ray's token
-authentication and the security group of launch/cluster-h200.yaml for them, not on this test.
+rendezvous (`zeda_rl.transport.rendezvous_store`, served by rank 0 on the address `LearnerActor.rendezvous`
+picks: cluster.bind_host when the ranks share a node, plus the gloo/NCCL pair sockets) of the learner
+ranks' group and of each rank's weight-sync broadcast group (`zeda_rl.weights.join_group`). The metrics hub
+is a Ray actor and `zeda monitor --ray` a Ray client: neither opens a socket of its own. A local run's Ray
+listens on loopback only (`launch.fleet.start_local_ray`; tests/test_loopback.py lists every socket of
+such a run); a cluster's Ray servers (GCS, raylet, workers, agents) listen on every interface (Ray 2.60,
+measured) and rely on Ray's token authentication and the security group of launch/cluster-h200.yaml.
 Sockets are read with psutil for this process (the inbox) and for a learner rank's process.
 """
 
@@ -51,7 +53,7 @@ def _open_inbox(cfg):
     """The learner rank's own open_inbox (the Ray actor's method, called here without Ray)."""
     from learner.actor import LearnerActor
 
-    rank0 = SimpleNamespace()
+    rank0 = SimpleNamespace(learner=SimpleNamespace(info=SimpleNamespace(vocab_size=None)))  # no model: any token id
     endpoint = LearnerActor.__ray_metadata__.modified_class.open_inbox(
         rank0, cfg.cluster.bind_host, cfg.cluster.inbox_port
     )
@@ -111,6 +113,32 @@ def test_the_rendezvous_store_listens_on_its_address_only(address):
     assert server[0].get("k") == b"v"
 
 
+@pytest.mark.parametrize(
+    "bind_host,host",
+    [
+        ("127.0.0.1", lambda: "127.0.0.1"),
+        ("localhost", lambda: "127.0.0.1"),
+        ("auto", _node_ip),
+        pytest.param(
+            OTHER[0] if OTHER else "", lambda: OTHER[0], marks=pytest.mark.skipif(not OTHER, reason="no LAN address")
+        ),
+        ("0.0.0.0", lambda: "127.0.0.1"),  # the store needs no more than this node, whatever the inbox may do
+        ("*", lambda: "127.0.0.1"),
+        ("203.0.113.7", lambda: "127.0.0.1"),  # not this node's (the driver's, the learner elsewhere)
+        (None, _node_ip),  # the ranks span nodes
+    ],
+    ids=["loopback", "localhost", "auto", "configured", "all-interfaces", "zmq-wildcard", "not-here", "multi-node"],
+)
+def test_the_learners_rendezvous_is_on_bind_host_when_its_ranks_share_a_node(bind_host, host):
+    """`LearnerActor.rendezvous` (called here without Ray): the address rank 0's TCPStore binds, and a port free there."""
+    from learner.actor import LearnerActor
+
+    addr, port = LearnerActor.__ray_metadata__.modified_class.rendezvous(SimpleNamespace(), bind_host)
+    assert addr == host()
+    with socket.socket() as s:
+        s.bind((addr, port))  # free there
+
+
 RANK = """
 import psutil, socket, sys
 from learner import parallel
@@ -149,7 +177,7 @@ BINDS = re.compile(
 )
 KNOWN = {
     "zeda_rl/transport.py": 5,  # Puller's bind; rendezvous_store's bind, listen and TCPStore (rank 0, the others)
-    "learner/parallel.py": 1,  # free_port: bound to 127.0.0.1 and closed at once
+    "learner/parallel.py": 1,  # free_port: bound to the rendezvous address and closed at once
     "launch/doctor.py": 1,  # the port probe, closed at once
 }
 
