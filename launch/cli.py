@@ -127,7 +127,12 @@ def _plan(a):
     cfg = load_run_config(a.config, a.set)
     cluster = yaml.safe_load(open(a.cluster)) if a.cluster else None
     p = make_plan(
-        cfg, load_hf_config(cfg, a.hf_config), gpu=a.gpu, cluster=cluster, margin=a.margin, bandwidth=a.bandwidth * 1e9
+        cfg,
+        load_hf_config(cfg, a.hf_config),
+        gpu=a.gpu,
+        cluster=cluster,
+        margin=a.margin,
+        bandwidth=a.bandwidth * 1e9 if a.bandwidth else None,
     )
     if a.json:
         print(json.dumps(p, indent=2))
@@ -281,7 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--hf-config", help="the static teacher's config.json (default: model.teacher's)")
     pl.add_argument("--gpu", default="H200", choices=["H200", "H100"], help="GPU without --cluster")
     pl.add_argument("--margin", type=float, default=0.10, help="memory kept free (share of the GPU's)")
-    pl.add_argument("--bandwidth", type=float, default=10.0, help="weight-push bandwidth in GB/s")
+    pl.add_argument(
+        "--bandwidth",
+        type=float,
+        default=None,
+        help="weight-push bandwidth in GB/s (default: opd.weight_sync's: measured for ray, stated for nccl)",
+    )
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     pl.set_defaults(fn=_plan)
 

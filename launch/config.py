@@ -291,6 +291,16 @@ class RunConfig(_Strict):
                 f"sampling.temperature ({self.sampling.temperature}) must be > 0: the teacher and the "
                 "learner score the rollouts at it"
             )
+        if self.learner.attention == "flash" and self.learner.gpus_per_rank <= 0:
+            raise ValueError(
+                "learner.attention: flash is TransformerEngine's GPU kernel: it needs learner.gpus_per_rank > 0 "
+                "(a learner on CPUs runs learner.attention: local)"
+            )
+        if self.opd.weight_sync == "nccl" and self.rollout.backend != "sglang":
+            raise ValueError(
+                f"opd.weight_sync: nccl broadcasts into SGLang engines; rollout.backend: {self.rollout.backend} "
+                "engines receive pushes through Ray only (use opd.weight_sync: ray)"
+            )
         if self.sampling.max_new_tokens > self.data.max_response_tokens:
             raise ValueError(
                 f"sampling.max_new_tokens ({self.sampling.max_new_tokens}) must be <= data.max_response_tokens "
@@ -340,13 +350,13 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
 def preflight(cfg: RunConfig, hf_config: dict | None = None, hf_source: str | None = None) -> list[str]:
     """What the config asks of this machine and of the teacher's HF config, one message per problem ([]: none).
 
-    The validators above see only the YAML; these need the file system, the network interfaces or the
-    teacher's config.json (read, no weights), which tests and `zeda plan` elsewhere do not have, so only
-    `zeda train` (before any actor starts) and `zeda doctor` run them. `hf_config` stands in for the
+    The validators above see only the YAML; these need the file system, the network interfaces, the installed
+    packages (`package_problems`) or the teacher's config.json (read, no weights), which tests and `zeda plan`
+    elsewhere do not have, so only `zeda train` (before any actor starts) and `zeda doctor` run them. `hf_config` stands in for the
     teacher's (as `zeda plan --hf-config` does); the embedded teacher is built on demand, so its figures
     come from its recipe and no directory is needed.
     """
-    problems = _paths(cfg) + _bind_host(cfg)
+    problems = _paths(cfg) + _bind_host(cfg) + package_problems(cfg)
     if cfg.eval.suite:  # every benchmark file present and parsed before anything trains
         from zeda_rl.suites import suite_problems
 
@@ -358,6 +368,75 @@ def preflight(cfg: RunConfig, hf_config: dict | None = None, hf_source: str | No
     if hf_config is not None:
         problems += _against_teacher(cfg, hf_config, hf_source or "the given HF config")
     return problems
+
+
+# What `learner.attention: flash` imports in the learner ranks (Megatron's TransformerEngine core attention), and
+# how it is installed: the gpu extra's core, then the PyTorch extension against the installed torch (pyproject.toml,
+# launch/cluster-h200.yaml; tests/test_gpu_stack.py holds this pin to theirs).
+FLASH_MODULE = "transformer_engine.pytorch"
+TE_REQUIREMENT = "transformer-engine[core_cu13,pytorch]==2.11.0"
+TE_INSTALL = f"pip install -e '.[gpu]' && pip install --no-build-isolation '{TE_REQUIREMENT}'"
+
+
+def package_problems(cfg: RunConfig) -> list[str]:
+    """The packages the config's knobs import where they run, missing from this environment: one message each.
+
+    Checked in the driver's environment, in a fresh interpreter (`import_problem`). That is the learner's own
+    where a run is started as documented: a local run's learner is this machine, and a cluster run's driver runs
+    on a cluster node (`ray job submit`, or a shell from `ray attach` with cluster.address: auto) that the cluster
+    YAML's setup_commands installed exactly as the learner's nodes. A Ray Client driver (a ray:// address) runs
+    off the cluster, where this machine's packages say nothing about the learner's: it is not checked here
+    (`zeda doctor` warns), and the learner refuses when it builds its layers (its `core_attention`).
+    """
+    if cfg.learner.attention != "flash" or ray_client(cfg):
+        return []
+    why = import_problem(FLASH_MODULE)
+    if not why:
+        return []
+    return [
+        f"learner.attention: flash needs the package transformer_engine (TransformerEngine's PyTorch extension, "
+        f"{FLASH_MODULE}), which is not importable here ({why}); install it ({TE_INSTALL}; "
+        "launch/cluster-h200.yaml does on every node) or set learner.attention: local"
+    ]
+
+
+def ray_client(cfg: RunConfig) -> bool:
+    """Whether the driver would join its cluster through Ray Client (ray://), i.e. from off the cluster."""
+    return (cfg.cluster.address or os.environ.get("RAY_ADDRESS") or "").startswith("ray://")
+
+
+_IMPORTS: dict[str, str] = {}
+
+
+def import_problem(module: str, timeout_s: float = 300.0) -> str:
+    """'' when `module` imports in a fresh interpreter of this environment, else why not (cached per process).
+
+    A subprocess: importing TransformerEngine loads CUDA libraries, which the driver must not keep (a CUDA
+    context on a GPU a learner rank of this node is about to take), and a broken install can raise anything.
+    """
+    if module not in _IMPORTS:
+        import importlib.util
+        import subprocess
+        import sys
+
+        top = module.split(".")[0]
+        try:
+            found = importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):  # a half-imported or broken package: the subprocess says why
+            found = True
+        if not found:
+            why = f"no module named {top!r}"
+        else:
+            try:
+                out = subprocess.run(
+                    [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=timeout_s
+                )
+                lines = out.stderr.strip().splitlines()
+                why = "" if out.returncode == 0 else f"import {module}: {lines[-1] if lines else out.returncode}"
+            except subprocess.TimeoutExpired:
+                why = f"import {module} took more than {timeout_s:.0f} s"
+        _IMPORTS[module] = why
+    return _IMPORTS[module]
 
 
 def _paths(cfg: RunConfig) -> list[str]:

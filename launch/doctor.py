@@ -56,7 +56,41 @@ def config_checks(
         )
     else:
         out.append(Check("plan", FAIL, f"does not fit: {refusal(p)} (zeda plan shows every figure)"))
+    out.append(push_check(cfg, p["push"]))
     return out
+
+
+def gpu_run(cfg) -> bool:
+    """Whether the run's engines or learner sit on GPUs (an SGLang engine always does)."""
+    return (
+        cfg.learner.gpus_per_rank > 0
+        or any(getattr(cfg, role).gpus > 0 for role in ("rollout", "teacher"))
+        or cfg.rollout.backend == "sglang"
+    )
+
+
+def push_check(cfg, push: dict) -> Check:
+    """A weight push's bytes and time on the configured path (`launch.plan.push`); a warning when a GPU run would
+    move more than OBJECT_STORE_PUSH_BOUND a step through Ray's object store (`zeda train` is not refused)."""
+    from launch.plan import OBJECT_STORE_PUSH_BOUND, PUSH_BANDWIDTH
+
+    gb = 1e9
+    figure = (
+        f"{push['bytes_per_engine'] / gb:.2f} GB to each of {cfg.rollout.replicas} engines "
+        f"({push['bytes_total'] / gb:.2f} GB a push), ~{push['seconds']:.1f} s at {push['bandwidth'] / gb:g} GB/s "
+        f"({push['bandwidth_source'].split(':')[0]}; zeda plan names the source)"
+    )
+    if push["path"] == "ray" and gpu_run(cfg) and push["object_store_bytes"] > OBJECT_STORE_PUSH_BOUND:
+        nccl = push["bytes_per_engine"] / PUSH_BANDWIDTH["nccl"][0]
+        return Check(
+            "weight push",
+            WARN,
+            f"opd.weight_sync: ray: {figure}, all through Ray's object store, above the "
+            f"{OBJECT_STORE_PUSH_BOUND / gb:g} GB a push bound for a GPU run (launch.plan.OBJECT_STORE_PUSH_BOUND); "
+            f"set opd.weight_sync: nccl (a broadcast from every learner rank into the SGLang engines: "
+            f"~{nccl:.1f} s at the stated {PUSH_BANDWIDTH['nccl'][0] / gb:g} GB/s)",
+        )
+    return Check("weight push", OK, f"opd.weight_sync: {push['path']}: {figure}")
 
 
 def refusals(cfg, cluster: dict | None = None) -> list[str]:
@@ -247,7 +281,31 @@ def gpu_checks(cfg) -> list[Check]:
             if n
             else Check("cuda", miss, f"{', '.join(wants)}: no CUDA device here (torch.cuda.is_available() is False)")
         )
+    if cfg.learner.attention == "flash":
+        out += te_checks(cfg)
     return out or [Check("gpu", SKIP, "the run asks for no GPU")]
+
+
+def te_checks(cfg) -> list[Check]:
+    """TransformerEngine for learner.attention: flash. A miss here is already a failed `learner.attention` row
+    (`launch.config.package_problems`, which `zeda train` refuses on), except for a Ray Client driver (ray://):
+    off the cluster, this machine's packages are not the learner's, so a miss only warns."""
+    from launch.config import FLASH_MODULE, TE_INSTALL, import_problem, ray_client
+
+    why = import_problem(FLASH_MODULE)
+    if not why:
+        return [Check("transformer_engine", OK, f"{FLASH_MODULE} imports (learner.attention: flash)")]
+    if ray_client(cfg):
+        return [
+            Check(
+                "transformer_engine",
+                WARN,
+                f"learner.attention: flash: {FLASH_MODULE} does not import on this machine ({why}), which drives "
+                f"the cluster through Ray Client and is not checked; the learner's nodes need it ({TE_INSTALL}), "
+                "else the learner refuses at start",
+            )
+        ]
+    return []
 
 
 def doctor(

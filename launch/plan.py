@@ -19,7 +19,8 @@ MLA's down projections). Per learner rank, with P its parameters:
 - a fixed runtime reserve (CUDA context, NCCL and cuBLAS buffers, fragmentation: RUNTIME_GPU_BYTES).
 Per engine: weights in its dtype over its TP size, and the KV cache for its concurrency (`concurrency`)
 at full context (GQA: 2 L x KV heads x head dim; MLA: L x (kv_lora + rope dim)). Per push: the student's
-weights in the engine dtype to every rollout replica, and the time at a stated bandwidth.
+weights in the engine dtype to every rollout replica, and the time on the configured path (`opd.weight_sync`)
+at that path's bandwidth (PUSH_BANDWIDTH: measured for Ray's object store, stated for NCCL), named in the output.
 """
 
 from __future__ import annotations
@@ -32,6 +33,24 @@ RUNTIME_GPU_BYTES = 4 * GIB  # CUDA context ~0.6 GiB, NCCL/cuBLAS buffers, alloc
 RUNTIME_CPU_BYTES = 16 << 20  # a CPU learner step beyond the model (checkpoint load, buffers): tests/test_plan.py
 CPU_PROCESS_BYTES = 448 << 20  # resident size of a process after importing torch and Megatron (measured ~420 MB)
 MARGIN = 0.10
+
+# Weight-push bandwidth per `opd.weight_sync` path (bytes/s), and where the figure comes from. `push` says which.
+PUSH_BANDWIDTH = {
+    "ray": (
+        0.53e9,
+        "measured: bench/weight_sync.py's Ray push on a 2-core AMD EPYC CPU (315 MB fp32 Qwen3-MoE, learner EP=2 "
+        "-> 1 engine, 32 MB buckets; README), the object-store path's only measurement; not re-measured on GPUs",
+    ),
+    "nccl": (
+        20e9,
+        "stated, not measured: 40% of a GPU's 50 GB/s share of p5en.48xlarge's 3200 Gbps EFA (the H200 configs' "
+        "engines sit on another node than the learner), near the ~24 GB/s SGLang's bucketed NCCL update reaches "
+        "for a Qwen3-30B-A3B-class model (~60 GB in ~2.5 s; bench/weight_sync.py's anchors)",
+    ),
+}
+# Bytes a push may move through Ray's object store on a GPU cluster before `zeda doctor` warns: ~10 s a step at the
+# measured Ray bandwidth. The H200 students are 57-61 GB an engine, 4 engines: ~240 GB, minutes a step.
+OBJECT_STORE_PUSH_BOUND = 5e9
 
 
 @dataclass(frozen=True)
@@ -344,11 +363,31 @@ def engine(a: Arch, section, seqs: int, context: int) -> dict[str, int | float]:
     )
 
 
-def push(a: Arch, cfg, bandwidth: float) -> dict[str, float]:
-    """One weight push: the student in the rollout engines' dtype, to each rollout replica, at `bandwidth` B/s."""
+def push(a: Arch, cfg, bandwidth: float | None = None) -> dict:
+    """One weight push of the student, in the rollout engines' dtype, to every rollout replica, on the configured
+    path (`opd.weight_sync`) at its PUSH_BANDWIDTH (or `bandwidth` B/s, given).
+
+    ray: every engine fetches its own copy of each bucket from the object store, so the whole `bytes_total` goes
+    through the store at the bandwidth bench/weight_sync.py measures (bytes delivered to all engines a second).
+    nccl: each learner rank broadcasts its buckets to every engine in one group, the ranks at once, so an engine
+    receives its copy while the others receive theirs: the time is one engine's bytes at one engine's bandwidth.
+    An engine restart sends the rest of the run through Ray (launch.fleet.WeightSync): `ray_seconds`.
+    """
+    path = cfg.opd.weight_sync
     per = param_count(a) * (2 if cfg.rollout.dtype == "bfloat16" else 4)
     total = per * cfg.rollout.replicas
-    return dict(bytes_per_engine=per, bytes_total=total, bandwidth=bandwidth, seconds=total / bandwidth)
+    bw, source = (bandwidth, "given (zeda plan --bandwidth)") if bandwidth else PUSH_BANDWIDTH[path]
+    serial = total if path == "ray" else per
+    return dict(
+        path=path,
+        bytes_per_engine=per,
+        bytes_total=total,
+        object_store_bytes=total if path == "ray" else 0,
+        bandwidth=bw,
+        bandwidth_source=source,
+        seconds=serial / bw,
+        ray_seconds=total / PUSH_BANDWIDTH["ray"][0],
+    )
 
 
 # ---- the plan of a run ----------------------------------------------------------------------
@@ -373,7 +412,7 @@ def make_plan(
     cluster: dict | None = None,
     host_memory: int | None = None,
     margin: float = MARGIN,
-    bandwidth: float = 10e9,
+    bandwidth: float | None = None,
 ) -> dict:
     """Every figure and a verdict per placement (JSON-able). A GPU run is checked against `gpu` (or the GPU of the
     cluster YAML's instance type); a CPU run (no GPUs asked) against `host_memory` (default: this machine's)."""
@@ -541,9 +580,24 @@ def render(p: dict):
         pool = f"{gib(e['pool'])} ({e['pool_seqs']})" if "pool" in e else "-"
         t2.add_row(role, str(e["tp"]), gib(e["weights"]), f"{gib(e['kv'])} ({e['seqs']} x {e['context']})", pool)
     q = p["push"]
-    t3 = Table(title="weight push")
-    t3.add_column("GiB per engine"), t3.add_column("GiB in all"), t3.add_column("seconds at GB/s")
-    t3.add_row(gib(q["bytes_per_engine"]), gib(q["bytes_total"]), f"{q['seconds']:.1f} at {q['bandwidth'] / 1e9:g}")
+    t3 = Table(title=f"weight push (opd.weight_sync: {q['path']})")
+    for c in ("GiB per engine", "GiB in all", "seconds", "at GB/s", "bandwidth source"):
+        t3.add_column(c, overflow="fold")
+    t3.add_row(
+        gib(q["bytes_per_engine"]),
+        gib(q["bytes_total"]),
+        f"{q['seconds']:.1f}",
+        f"{q['bandwidth'] / 1e9:g}",
+        q["bandwidth_source"],
+    )
+    if q["path"] != "ray":
+        t3.add_row(
+            "",
+            "",
+            f"{q['ray_seconds']:.1f}",
+            f"{PUSH_BANDWIDTH['ray'][0] / 1e9:g}",
+            "Ray fallback after an engine restart",
+        )
     d = p["device"]
     t4 = Table(title=f"fit: {d['name']} {gib(d['usable'])} GiB ({d['note']}), margin {p['margin']:.0%}")
     for c in ("placement", "need GiB", "capacity GiB", "verdict", "knob / note"):

@@ -44,6 +44,8 @@ FIX = ROOT / "tests" / "fixtures"
         ({"cluster.bind_host": "0.0.0.0"}, "cluster.bind_host: 0.0.0.0", "cluster.allow_all_interfaces: true"),
         ({"cluster.bind_host": "*"}, "cluster.bind_host: *", "cluster.allow_all_interfaces: true"),
         ({"cluster.bind_host": "eth0"}, "cluster.bind_host", "an IPv4 address of this machine"),
+        ({"learner.attention": "flash"}, "learner.attention: flash", "learner.gpus_per_rank > 0"),
+        ({"opd.weight_sync": "nccl"}, "opd.weight_sync: nccl", "rollout.backend: torch engines receive pushes"),
     ],
 )
 def test_load_refuses_naming_key_and_expectation(overrides, key, expected):
@@ -125,7 +127,10 @@ def test_the_embedded_teacher_needs_no_directory_and_a_given_prompt_budget_that_
     assert preflight(load_config(TINY, {"cluster.bind_host": sorted(local_addresses())[-1]})) == []
 
 
-def test_a_teacher_directory_without_config_json_and_a_given_hf_config(tmp_path):
+def test_a_teacher_directory_without_config_json_and_a_given_hf_config(tmp_path, monkeypatch):
+    import launch.config as config
+
+    monkeypatch.setattr(config, "_IMPORTS", {config.FLASH_MODULE: ""})  # as on a node with TransformerEngine
     (tmp_path / "empty").mkdir()
     assert preflight(load_config(TINY, {"model.teacher": str(tmp_path / "empty")})) == [
         f"model.teacher ({tmp_path / 'empty'}): no config.json in it (expected a Hugging Face checkpoint directory)"
@@ -207,3 +212,60 @@ def test_every_benchmark_file_of_the_eval_suite_is_checked_before_training(tmp_p
     assert [p for p in preflight(load_config(str(TINY), {"eval.suite": str(fix / "suite.yaml")})) if "eval" in p] == []
     for name in ("qwen3-30b-a3b-h200.yaml", "glm-4.7-flash-h200.yaml"):
         assert load_config(f"launch/configs/{name}", {}).eval.suite == "launch/suites/paper.yaml"
+
+
+def _fake_te(root: Path, pytorch_body: str) -> Path:
+    """A transformer_engine package under `root` whose `pytorch` module runs `pytorch_body`."""
+    pkg = root / "transformer_engine"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "pytorch.py").write_text(pytorch_body)
+    return root
+
+
+def test_flash_needs_transformer_engine_importable_where_the_driver_runs(tmp_path, monkeypatch):
+    """learner.attention: flash is refused by preflight (zeda doctor, zeda train) naming the key and the package when
+    transformer_engine.pytorch does not import in this environment; a CPU config (attention local) is never asked."""
+    import launch.config as config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(config, "_IMPORTS", {})
+    flash = load_config(QWEN, {"cluster.address": None})
+    assert load_config(TINY).learner.attention == "local" and config.package_problems(load_config(TINY)) == []
+    missing = config.package_problems(flash)  # this machine has no TransformerEngine
+    assert len(missing) == 1 and missing[0].startswith("learner.attention: flash needs the package transformer_engine")
+    assert "no module named 'transformer_engine'" in missing[0] and config.TE_REQUIREMENT in missing[0]
+    assert missing[0] in preflight(flash)
+
+    broken = _fake_te(tmp_path / "broken", "raise ImportError('libtransformer_engine.so: cannot open shared object')")
+    monkeypatch.syspath_prepend(str(broken))
+    monkeypatch.setenv("PYTHONPATH", str(broken))
+    monkeypatch.setattr(config, "_IMPORTS", {})
+    (why,) = config.package_problems(flash)
+    assert "import transformer_engine.pytorch: ImportError: libtransformer_engine.so: cannot open" in why
+
+    good = _fake_te(tmp_path / "good", "")
+    monkeypatch.syspath_prepend(str(good))
+    monkeypatch.setenv("PYTHONPATH", str(good))
+    monkeypatch.setattr(config, "_IMPORTS", {})
+    assert config.package_problems(flash) == [] and not [p for p in preflight(flash) if "transformer_engine" in p]
+
+    # a Ray Client driver runs off the cluster: its packages are not the learner's, so it is not refused here
+    monkeypatch.setattr(config, "_IMPORTS", {config.FLASH_MODULE: "no module named 'transformer_engine'"})
+    assert config.package_problems(load_config(QWEN, {"cluster.address": "ray://10.0.0.1:10001"})) == []
+
+
+def test_train_refuses_flash_without_transformer_engine_before_any_actor(tmp_path, monkeypatch, capsys):
+    import launch.config as config
+
+    def no_run(*a, **k):
+        raise AssertionError("the pipeline started")
+
+    monkeypatch.setattr(launch.pipeline, "run", no_run)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(config, "_IMPORTS", {})
+    (tmp_path / "config.json").write_text((FIX / "configs" / "qwen3-30b-a3b.json").read_text())
+    code = train_main(["--config", str(QWEN), "--set", f"model.teacher={tmp_path}", "--set", "cluster.address=null"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{QWEN}: refused:" in err
+    assert "\n  learner.attention: flash needs the package transformer_engine" in err, err

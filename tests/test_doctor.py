@@ -110,3 +110,50 @@ def test_gpu_extras_fail_locally_and_warn_for_a_cluster(monkeypatch):
     monkeypatch.setattr(doctor, "_cuda_devices", lambda: 8)
     monkeypatch.setitem(sys.modules, "sglang", types.ModuleType("sglang"))
     assert {c.status for c in doctor.gpu_checks(load_config(TINY, gpu))} == {doctor.OK}
+
+
+def test_flash_without_transformer_engine_fails_here_and_warns_for_a_ray_client(capsys, monkeypatch):
+    """The H200 configs' learner.attention: flash on a machine without TransformerEngine: a failed check naming the
+    key and the package (the refusal `zeda train` makes); through Ray Client (off the cluster) only a warning."""
+    import launch.config as config
+
+    monkeypatch.setattr(config, "_IMPORTS", {})
+    code, rows = _json(capsys, QWEN, "--hf-config", QWEN_HF, "--set", "cluster.address=null")
+    assert code == 2 and [c["status"] for c in rows["learner.attention"]] == ["fail"], rows
+    detail = rows["learner.attention"][0]["detail"]
+    assert "learner.attention: flash needs the package transformer_engine" in detail and "not importable here" in detail
+    assert "transformer_engine" not in rows  # the failed row says it once
+    assert any("learner.attention: flash" in r for r in doctor.refusals(load_config(QWEN, {"cluster.address": None})))
+    client = load_config(QWEN, {"cluster.address": "ray://10.0.0.1:10001"})
+    assert not any("learner.attention" in r for r in doctor.refusals(client))
+    (warn,) = doctor.te_checks(client)
+    assert warn.status == doctor.WARN and "Ray Client" in warn.detail and "transformer_engine.pytorch" in warn.detail
+    monkeypatch.setattr(config, "_IMPORTS", {config.FLASH_MODULE: ""})  # a node with TransformerEngine
+    (ok,) = doctor.te_checks(load_config(QWEN, {"cluster.address": None}))
+    assert ok.status == doctor.OK and not any("learner.attention" in r for r in doctor.refusals(client))
+
+
+def test_a_gpu_run_pushing_through_the_object_store_is_warned_about(monkeypatch):
+    """The shipped H200 configs push by NCCL; set back to Ray (57-61 GB to each of 4 engines a step) zeda doctor warns
+    and names the fix; a CPU run's small pushes through Ray are fine."""
+    import launch.config as config
+    from launch.plan import OBJECT_STORE_PUSH_BOUND, PUSH_BANDWIDTH
+
+    hf = json.loads(QWEN_HF.read_text())
+
+    def push_row(cfg):
+        return next(c for c in doctor.config_checks(cfg, hf, str(QWEN_HF)) if c.name == "weight push")
+
+    monkeypatch.setattr(config, "_IMPORTS", {config.FLASH_MODULE: ""})
+    shipped = push_row(load_config(QWEN))
+    assert shipped.status == doctor.OK and "opd.weight_sync: nccl" in shipped.detail and "stated" in shipped.detail
+    ray = push_row(load_config(QWEN, {"opd.weight_sync": "ray"}))
+    assert ray.status == doctor.WARN, ray
+    assert "through Ray's object store" in ray.detail and f"{OBJECT_STORE_PUSH_BOUND / 1e9:g} GB" in ray.detail
+    assert (
+        "set opd.weight_sync: nccl" in ray.detail
+        and f"{PUSH_BANDWIDTH['ray'][0] / 1e9:g} GB/s (measured;" in ray.detail
+    )
+    assert not any("object store" in r for r in doctor.refusals(load_config(QWEN, {"opd.weight_sync": "ray"})))
+    tiny = next(c for c in doctor.config_checks(load_config(TINY)) if c.name == "weight push")
+    assert tiny.status == doctor.OK and "opd.weight_sync: ray" in tiny.detail

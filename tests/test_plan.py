@@ -75,15 +75,16 @@ def _h200(name: str, overrides: dict | None = None):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe_lite"])
 def test_param_count_equals_transformers_and_megatron(tmp_path, family):
-    from learner import model as mdl
     from learner import parallel
+    from learner.megatron_config import load_hf_config, model_info
+    from learner.model import build_model
     from learner.testing import load_hf_reference, tiny_checkpoint
 
     ck = tiny_checkpoint(family, tmp_path / family, **DIMS, **EXTRA[family])
     expected = plan.param_count(_tiny_arch(family))
     assert sum(p.numel() for p in load_hf_reference(ck).parameters()) == expected
     parallel.setup(0, 1, 1)
-    megatron = mdl.build_model(mdl.model_info(mdl.load_hf_config(ck)))
+    megatron = build_model(model_info(load_hf_config(ck)))
     assert sum(p.numel() for p in megatron.parameters()) == expected
 
 
@@ -197,3 +198,52 @@ def test_cli_plan_json_and_exit_code(capsys):
     ]
     assert main(args + ["--cluster", str(ROOT / "launch/cluster-h200.yaml")]) == 0
     assert main(args + ["--set", "learner.recompute=none", "--set", "learner.attention=local"]) == 2
+
+
+@pytest.mark.parametrize("name", list(H200))
+def test_push_time_is_the_configured_paths_at_a_named_bandwidth(name):
+    """The H200 configs push by NCCL (a broadcast: one engine's bytes at one engine's link, a stated figure); Ray's
+    object store carries every engine's copy at bench/weight_sync.py's measured figure; each says which it used."""
+    cfg, hf = _h200(name)
+    assert cfg.opd.weight_sync == "nccl" and cfg.rollout.backend == "sglang"
+    q = plan.make_plan(cfg, hf)["push"]
+    per, total = q["bytes_per_engine"], q["bytes_total"]
+    assert 57e9 < per < 62e9 and total == per * cfg.rollout.replicas == per * 4
+    nccl_bw, nccl_source = plan.PUSH_BANDWIDTH["nccl"]
+    assert (q["path"], q["bandwidth"], q["bandwidth_source"]) == ("nccl", nccl_bw, nccl_source)
+    assert nccl_source.startswith("stated, not measured") and q["object_store_bytes"] == 0
+    assert q["seconds"] == pytest.approx(per / nccl_bw) and q["seconds"] < 5
+    ray_bw, ray_source = plan.PUSH_BANDWIDTH["ray"]
+    assert ray_source.startswith("measured: bench/weight_sync.py") and "2-core AMD EPYC" in ray_source
+    assert q["ray_seconds"] == pytest.approx(total / ray_bw)  # the fallback after an engine restart
+    r = plan.make_plan(load_config(ROOT / "launch" / "configs" / f"{name}-h200.yaml", {"opd.weight_sync": "ray"}), hf)
+    r = r["push"]
+    assert (r["path"], r["bandwidth"], r["object_store_bytes"]) == ("ray", ray_bw, total)
+    assert r["seconds"] == pytest.approx(total / ray_bw) and r["seconds"] > 100 * q["seconds"]
+    assert r["seconds"] > 2 * 60  # minutes a step: what issue 25 measured
+    given = plan.make_plan(cfg, hf, bandwidth=5e9)["push"]
+    assert given["bandwidth"] == 5e9 and given["bandwidth_source"].startswith("given")
+
+
+def test_cli_plan_names_the_push_path_and_its_source(capsys):
+    from launch.cli import main
+
+    args = [
+        "plan",
+        str(ROOT / "launch/configs/qwen3-30b-a3b-h200.yaml"),
+        "--hf-config",
+        str(FIX / H200["qwen3-30b-a3b"]),
+    ]
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "weight push (opd.weight_sync: nccl)" in out and "stated, not measured" in out and "Ray fallback" in out
+    assert main(args + ["--json", "--set", "opd.weight_sync=ray"]) == 0
+    q = json.loads(capsys.readouterr().out)["push"]
+    assert (
+        q["path"] == "ray"
+        and q["bandwidth"] == plan.PUSH_BANDWIDTH["ray"][0]
+        and q["bandwidth_source"].startswith("measured")
+    )
+    assert main(args + ["--json", "--bandwidth", "2.5"]) == 0
+    q = json.loads(capsys.readouterr().out)["push"]
+    assert q["bandwidth"] == 2.5e9 and q["bandwidth_source"].startswith("given")
