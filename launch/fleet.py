@@ -237,7 +237,7 @@ def start_local_ray(**kwargs) -> None:
     """A new one-node Ray that listens on loopback only: GCS, raylet, workers, the dashboard, runtime-env
     and metrics agents all bind 127.0.0.1, as its node IP (no dashboard UI; `kwargs` go to ray.init).
 
-    Ray's processes, and the workers they start, also get GLOO_SOCKET_IFNAME (unless set) naming the
+    Ray's processes, and the workers they start, also get GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (unless set) naming the
     loopback interface: gloo's pair sockets (the learner ranks' groups, the weight-sync groups on CPU)
     otherwise bind the address this machine's hostname resolves to, often its LAN one. The cluster's
     auth token (Ray writes ~/.ray/auth_token world-readable) is made the owner's alone first.
@@ -246,7 +246,8 @@ def start_local_ray(**kwargs) -> None:
 
     _private_auth_token()
     lo = [name for name, addrs in psutil.net_if_addrs().items() if any(a.address == "127.0.0.1" for a in addrs)]
-    env = {"GLOO_SOCKET_IFNAME": lo[0]} if lo and "GLOO_SOCKET_IFNAME" not in os.environ else {}
+    # NCCL too, for a one-node run on GPUs: it skips loopback unless named (its data goes over NVLink/SHM anyway)
+    env = {k: lo[0] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if lo and k not in os.environ}
     os.environ.update(env)  # copied into the raylet's environment, hence the workers'
     try:
         with ray_on_loopback():
