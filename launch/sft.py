@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from launch.config import RunConfig
 from launch.runlog import console, log_first_row, log_step
 from launch.streams import RunData
 from zeda_rl.metrics import MetricsLog
-from zeda_rl.trajectory import num_rows, take_rows
+from zeda_rl.sft_data import SftSet
 
 
 def sft_phase(cfg: RunConfig, teachers, learner, teacher: Path, data: RunData, log: MetricsLog, start: int = 0) -> None:
@@ -24,18 +25,8 @@ def sft_phase(cfg: RunConfig, teachers, learner, teacher: Path, data: RunData, l
     if start >= cfg.sft.steps:
         return
     answers = data.sft_records if data.sft_records is not None else teacher_answers(cfg, teachers, data, teacher, log)
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(num_rows(answers))
-    cursor = 0
     log.log("driver", "progress_started", time.time())  # the monitor's ETA counts from here
-    for step in range(cfg.sft.steps):
-        if cursor + cfg.sft.batch_size > len(order):
-            order, cursor = rng.permutation(num_rows(answers)), 0
-        rows = order[cursor : cursor + cfg.sft.batch_size]
-        cursor += cfg.sft.batch_size
-        if step < start:  # resumed: this step is already in the learner's state
-            continue
-        batch = take_rows(answers, rows)
+    for step, batch in sft_batches(answers, cfg.sft.steps, cfg.sft.batch_size, cfg.seed, start):
         if step == start:
             n = int(batch["attention_mask"][0].sum())
             log_first_row(log, "sft", batch["tokens"][0, :n], batch["loss_mask"][0, :n])
@@ -43,7 +34,26 @@ def sft_phase(cfg: RunConfig, teachers, learner, teacher: Path, data: RunData, l
         log_step(log, metrics, step + 1, cfg.sft.steps)
 
 
-def teacher_answers(cfg: RunConfig, teachers, data: RunData, teacher: Path, log: MetricsLog) -> dict[str, np.ndarray]:
+def sft_batches(
+    answers: SftSet, steps: int, batch_size: int, seed: int, start: int = 0
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(step, batch) for steps `start`..`steps`-1: rows in seeded random passes over the records (a new
+    permutation when a pass has fewer rows left than a batch), each batch read from the token file
+    and padded to its own longest row. The order depends on the seed alone, so a resumed run
+    (`start` > 0) skips the steps it already trained and goes on with the same rows."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(answers))
+    cursor = 0
+    for step in range(steps):
+        if cursor + batch_size > len(order):
+            order, cursor = rng.permutation(len(answers)), 0
+        rows = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        if step >= start:  # before it, resumed: the step is already in the learner's state
+            yield step, answers.take(rows)
+
+
+def teacher_answers(cfg: RunConfig, teachers, data: RunData, teacher: Path, log: MetricsLog) -> SftSet:
     """The teacher engines answer data.sft_count prompts through the rollouts job (`zeda rollouts`'s
     code: RUN_DIR/rollouts, resumable), then SFT reads them back like released rollouts."""
     from launch import rollouts, streams

@@ -12,10 +12,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import numpy as np
-
 from zeda_rl.chat import ChatFormat
 from zeda_rl.data import EMBEDDED, DataError, Fields, Record, embedded_records, read_records
+from zeda_rl.sft_data import SftSet, load_sft_set
 
 
 class PromptStream:
@@ -90,7 +89,7 @@ class RunData:
     opd: PromptStream
     sft: PromptStream | None = None  # prompts the teacher answers ...
     sft_count: int = 0  # ... this many of them
-    sft_records: dict[str, np.ndarray] | None = None  # or given teacher answers, packed (data.sft_rollouts)
+    sft_records: SftSet | None = None  # or given teacher answers, tokenized (data.sft_rollouts)
     dropped: dict[str, int] | None = None  # too-long records per source
 
 
@@ -178,36 +177,31 @@ def opd_prompts(cfg, fmt: ChatFormat, dropped: dict | None = None, cache: dict |
     )
 
 
-def sft_records(cfg, fmt: ChatFormat, dropped: dict | None = None, source: str | None = None) -> dict[str, np.ndarray]:
-    """Teacher answers (data.sft_rollouts, or `source`) as a packed batch: loss only on the answer tokens.
+def sft_records(cfg, fmt: ChatFormat, dropped: dict | None = None, source: str | None = None, **load) -> SftSet:
+    """Teacher answers (data.sft_rollouts, or `source`) as token ids: loss only on the answer tokens.
 
+    Tokenized once, in worker processes, into a token file the SFT steps read their batches from
+    (`zeda_rl.sft_data`), so the driver holds three ints a record, not a padded copy of the data.
     Answers the teacher was cut off in (`finish_reason: length`, as `zeda rollouts` marks them)
     and records over the length caps are dropped and counted apart, never trained on half.
+    `load`: `load_sft_set`'s options (procs, cache, in_memory_bytes).
     """
-    from zeda_rl.trajectory import pack_samples
-
     dropped = {} if dropped is None else dropped
     source = source or cfg.data.sft_rollouts
-    records = read_records(source, _fields(cfg), need_response=True)
-    samples, cut = [], 0
-    for rec in records:
-        if rec.extra.get("finish_reason") == "length":
-            cut += 1
-            continue
-        p, a = fmt.sft_ids(rec)
-        if len(p) > cfg.data.max_prompt_tokens or len(a) > cfg.data.max_response_tokens:
-            continue
-        samples.append({"prompt_ids": p, "output_ids": a, "logprobs": np.zeros(len(a)), "sample_id": len(samples)})
-    dropped["sft_rollouts"] = len(records) - len(samples) - cut
+    records, counts = load_sft_set(
+        source, fmt, _fields(cfg), cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, **load
+    )
+    cut = counts["cut"]
+    dropped["sft_rollouts"] = counts["too_long"]
     if cut:
         dropped["sft_rollouts_cut_at_max_new_tokens"] = cut
-    if not samples:
+    if not len(records):
         raise DataError(
-            f"data.sft_rollouts ({source}): none of its {len(records)} records is usable: {cut} were cut at "
+            f"data.sft_rollouts ({source}): none of its {counts['records']} records is usable: {cut} were cut at "
             f"the token cap, the rest are longer than data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) "
             f"or data.max_response_tokens ({cfg.data.max_response_tokens})"
         )
-    return pack_samples(samples, None, pad_id=fmt.tokenizer.pad_token_id or 0)
+    return records
 
 
 def build(cfg, tokenizer, log=None) -> RunData:
