@@ -142,14 +142,14 @@ class FakeSGLangEngine:
                     break
                 if step + 1 < max_new:
                     logits = self.model(input_ids=tok[:, None], cache=cache, use_cache=True).logits[0].float()
-            fed = routed() if self.moe_layers else None  # [L_moe, 1, P+O-1, K]
+            fed = routed() if self.moe_layers else None  # [1, P+O-1, L_moe, K]
         meta.update(completion_tokens=len(out_ids), finish_reason=finish)
         if return_logprob:
             meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(out_lps, out_ids)]
         if return_routed and fed is not None:
             n_fed = len(ids) + len(out_ids) - 1
             full = np.zeros((n_fed, self.num_hidden_layers, self.top_k), dtype=np.int32)
-            full[:, self.moe_layers] = fed[:, 0, :n_fed].numpy().transpose(1, 0, 2)
+            full[:, self.moe_layers] = fed[0, :n_fed].numpy()
             meta["routed_experts"] = base64.b64encode(full.tobytes()).decode("ascii")
         return {"output_ids": out_ids, "meta_info": meta}
 
@@ -243,12 +243,6 @@ class FakeSGLangEngine:
         if flush_cache and not self.flush_cache().success:
             return False, "Cache not flushed because there are pending requests."
         return True, "Succeeded to update parameter online."
-
-    def release_memory_occupation(self, tags=None):
-        self.calls["release_memory_occupation"].append({"tags": tags})
-
-    def resume_memory_occupation(self, tags=None):
-        self.calls["resume_memory_occupation"].append({"tags": tags})
 
     def shutdown(self):
         self.is_shutdown = True

@@ -2,7 +2,7 @@
 
 Same contract as `actors.torch_engine.TorchEngine` (see `actors.engine`): samples carry
 behaviour logprobs at the sampling temperature and the expert slot ids each fed token was
-routed to, int16 [L_moe, P+O, K] with -1 for the last token (never fed). Zero slots keep
+routed to, int16 [P+O, L_moe, K] with -1 for the last token (never fed). Zero slots keep
 their ids >= N there, so the learner can replay them.
 
 How each piece maps onto SGLang (read from sglang 0.5.x `srt/entrypoints/engine.py`):
@@ -179,7 +179,7 @@ def validate_server_options(options: dict, zero_experts: bool, family: str | Non
 def decode_routed_experts(
     value, n_tokens: int, num_hidden_layers: int, top_k: int, moe_layers: list[int]
 ) -> np.ndarray:
-    """SGLang's routed experts ([n_tokens-1, all layers, K], base64 int32) -> int16 [L_moe, n_tokens, K]."""
+    """SGLang's routed experts ([n_tokens-1, all layers, K], base64 int32) -> int16 [n_tokens, L_moe, K]."""
     if isinstance(value, (str, bytes, bytearray)):
         arr = np.frombuffer(base64.b64decode(value), dtype=np.int32)
     elif isinstance(value, torch.Tensor):
@@ -191,9 +191,8 @@ def decode_routed_experts(
         raise ValueError(
             f"routed experts: got {arr.size} ids, expected {rows} fed tokens x {num_hidden_layers} layers x {top_k} slots"
         )
-    per_layer = arr.reshape(rows, num_hidden_layers, top_k)[:, moe_layers].transpose(1, 0, 2)
-    out = np.full((len(moe_layers), n_tokens, top_k), -1, dtype=np.int16)
-    out[:, :rows] = per_layer
+    out = np.full((n_tokens, len(moe_layers), top_k), -1, dtype=np.int16)  # the last token is never fed
+    out[:rows] = arr.reshape(rows, num_hidden_layers, top_k)[:, moe_layers]
     return out
 
 
@@ -534,13 +533,6 @@ class SGLangEngine:
         return self.version
 
     # ---- lifecycle ------------------------------------------------------------------------------
-
-    def release_memory(self) -> None:
-        """Free GPU memory between phases (needs the server arg enable_memory_saver=True)."""
-        self._engine.release_memory_occupation()
-
-    def resume_memory(self) -> None:
-        self._engine.resume_memory_occupation()
 
     def shutdown(self) -> None:
         try:

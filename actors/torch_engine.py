@@ -87,7 +87,7 @@ class TorchEngine:
                     break
                 step_ids = tok[:, None]
                 step_mask = torch.cat([step_mask, fed[:, None]], dim=1)
-            experts = routed() if has_moe else None  # [L, B, plen + steps - 1, K]
+            experts = routed() if has_moe else None  # [B, plen + steps - 1, L, K]
 
         toks = torch.stack(out_ids, 1)
         lps = torch.stack(out_lp, 1)
@@ -99,9 +99,9 @@ class TorchEngine:
             routed_i = None
             if experts is not None:
                 # tokens fed to the model: the prompt and every output token but the last
-                fed = experts[:, i, plen - len(p) : plen + n_out - 1]
-                last = torch.full_like(fed[:, :1], -1)
-                routed_i = torch.cat([fed, last], dim=1).to(torch.int16).numpy()
+                fed = experts[i, plen - len(p) : plen + n_out - 1]
+                last = torch.full_like(fed[:1], -1)
+                routed_i = torch.cat([fed, last]).to(torch.int16).numpy()
             samples.append(
                 Sample(
                     prompt_ids=list(p),

@@ -139,12 +139,8 @@ def _skipped(samples, num_experts: int | None, top_k: int) -> tuple[float, float
         skipped = seen = 0
         for s in samples:
             p, o = len(s.prompt_ids), len(s.output_ids)
-            r = (
-                np.asarray(s.routed_experts)[:, :p]
-                if part == "prefill"
-                else np.asarray(s.routed_experts)[:, p : p + o - 1]
-            )
-            rows = (r >= 0).all(-1)  # recorded tokens ([L, T]); -1 rows were never fed
+            r = np.asarray(s.routed_experts)[:p] if part == "prefill" else np.asarray(s.routed_experts)[p : p + o - 1]
+            rows = (r >= 0).all(-1)  # recorded tokens ([T, L]); -1 rows were never fed
             skipped += int(((r >= num_experts) & rows[..., None]).sum())
             seen += int(rows.sum()) * top_k
         out.append(skipped / max(seen, 1))

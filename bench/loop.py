@@ -22,7 +22,7 @@ import yaml
 def run_mode(cfg, teacher_dir: Path, student_dir: Path, data, asynchronous: bool, log) -> dict:
     from launch.fleet import start_actors
     from launch.opd import opd_phase
-    from learner.group import LearnerGroup
+    from learner.actor import LearnerGroup
 
     cfg = cfg.model_copy(update={"opd": cfg.opd.model_copy(update={"asynchronous": asynchronous})})
     learner = LearnerGroup.from_run_config(cfg, student_dir)

@@ -1,7 +1,7 @@
 """Trajectory transport throughput: ZMQ Pusher->Puller on loopback vs a memory copy vs pickle.
 
 All three move the same realistic batch (B x S tokens with mask, behaviour and teacher
-logprobs, versions, ids, and routed experts [L, B, S, K] int16), interleaved in one run
+logprobs, versions, ids, and routed experts [B, S, L, K] int16), interleaved in one run
 so machine noise hits them alike:
 
 - zmq:    Pusher.send -> tcp://127.0.0.1 -> Puller.recv (decoded, zero-copy) in a thread;
@@ -45,7 +45,7 @@ def make_batch(b: int, s: int, layers: int, k: int) -> TrajectoryBatch:
             "teacher_logprobs": -rng.random((b, s), dtype=np.float32),
             "policy_version": np.full(b, 7, dtype=np.int64),
             "sample_ids": np.arange(b, dtype=np.int64),
-            "routed_experts": rng.integers(-1, 128, (layers, b, s, k), dtype=np.int16),
+            "routed_experts": rng.integers(-1, 128, (b, s, layers, k), dtype=np.int16),
         },
         meta={"temperature": 1.0},
     )
@@ -140,7 +140,7 @@ def main() -> None:
             batch = make_batch(a.batch, a.seq, layers, a.top_k)
             gb = batch.nbytes * a.batches / 1e9
             print(
-                f"\nbatch {a.batch}x{a.seq}, routed experts [{layers},{a.batch},{a.seq},{a.top_k}] int16: "
+                f"\nbatch {a.batch}x{a.seq}, routed experts [{a.batch},{a.seq},{layers},{a.top_k}] int16: "
                 f"{batch.nbytes / 1e6:.1f} MB/batch, {a.batches} batches per round, {a.repeats} rounds"
             )
             run_zmq(batch, 2, puller, pusher)  # warm up: connection, page faults

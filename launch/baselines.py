@@ -92,7 +92,7 @@ def train(cfg: RunConfig, teacher: Path, init: Path, log: MetricsLog, phases: Ph
     from launch.opd import opd_phase
     from launch.pipeline import prepare_data
     from launch.sft import sft_phase
-    from learner.group import LearnerGroup
+    from learner.actor import LearnerGroup
 
     data = prepare_data(cfg, teacher, log)
     learner = LearnerGroup.from_run_config(cfg, init)

@@ -37,7 +37,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     from launch.health import Health
     from launch.metrics_hub import start_hub
     from launch.report import write_report
-    from learner.group import LearnerGroup
+    from learner.actor import LearnerGroup
 
     # before anything starts or is written: a missing checkpoint is known now, not hours later
     ckpt = _resume_point(cfg) if resume else None

@@ -200,7 +200,7 @@ class Knobs:
 
 def knobs(cfg, arch: Arch) -> Knobs:
     """The run config's learner layout; the longest row (prompt + response cap) sets the attention length and,
-    when longer than micro_batch_tokens, the micro-batch (a row is never cut: learner.train.plan_micro_batches)."""
+    when longer than micro_batch_tokens, the micro-batch (a row is never cut: learner.batch.plan_micro_batches)."""
     lc = cfg.learner
     seq = min(cfg.data.max_prompt_tokens + cfg.data.max_response_tokens, arch.max_positions)
     return Knobs(

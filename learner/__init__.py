@@ -1,16 +1,27 @@
 """The Megatron-core learner: zero-expert GPTModel, HF<->Megatron bridge, training step, Ray actors.
 
 Modules (one idea each):
-- `cpu_shims`   what megatron-core needs to run without CUDA (applied only then).
-- `model`       GPTModel built from a converted HF config, with the zero-expert router.
-- `parallel`    process groups (EP inside DP, Megatron's layout) and gradient synchronisation.
-- `bridge`      HF safetensors <-> Megatron state, experts sharded over EP ranks; weight export.
-- `config`      the `learner:` section and the stages' optimisation sections of the run config.
-- `train`       `Learner`: the SFT / OPD training step.
-- `checkpoint`  full learner state saved atomically, exact resume.
-- `actor`       one Ray actor per rank and the `LearnerGroup` driving them (`group` re-exports it).
-- `sft`         `python -m learner.sft`: a few SFT steps on a tiny checkpoint, for users.
-- `testing`     tiny converted checkpoints and a checked transformers reference loader.
+- `cpu_shims`        what megatron-core needs to run without CUDA (applied only then).
+- `megatron_config`  a converted HF config in Megatron's terms: `ModelInfo`, TransformerConfig.
+- `router`           the zero-expert router in Megatron; routing replay and records.
+- `layer_specs`      the local layer specs with our norms, router and core attention.
+- `model`            GPTModel of a converted checkpoint (`build_model`) and its forward.
+- `parallel`         process groups (EP inside DP, Megatron's layout) and gradient synchronisation.
+- `hf_names`         Megatron tensor names <-> HF names, with the transform each way.
+- `bridge`           HF safetensors <-> the model's state, experts sharded over EP, dense over TP.
+- `hf_export`        the student written as an HF checkpoint.
+- `publish`          weight sync: each rank sends the tensors it owns to the engines.
+- `config`           the `learner:` section and the stages' optimisation sections of the run config.
+- `batch`            a rank's batch checked and cut into micro-batches all ranks agree on.
+- `objective`        the stages' token losses (student logprobs, the OPD policy loss).
+- `step_metrics`     a step's sums and routing counts reduced into its metrics.
+- `optim`            Megatron's DDP and optimiser for bf16 / sharded layouts.
+- `train`            `Learner`: the SFT / OPD training step.
+- `checkpoint`       full learner state saved atomically, exact resume.
+- `actor`            one Ray actor per rank and the `LearnerGroup` driving them.
+- `inbox`            the learner's ZMQ inbox of OPD batches.
+- `sft`              `python -m learner.sft`: a few SFT steps on a tiny checkpoint, for users.
+- `testing`          tiny converted checkpoints and a checked transformers reference loader.
 
 Importing this package imports neither Megatron nor Ray; the modules do, when used.
 Importing `learner.model` (or anything that uses it) applies `cpu_shims` in a CUDA-less

@@ -47,7 +47,7 @@ def shard_rows(batch: dict, world_size: int, tp: int = 1) -> list[dict]:
 
     b = {k: np.asarray(batch[k]) for k in _BATCH_KEYS if batch.get(k) is not None}
     rows = np.array_split(np.arange(b["tokens"].shape[0]), world_size // tp)
-    shards = [{k: (v[:, r] if k == "routed_experts" else v[r]) for k, v in b.items()} for r in rows]
+    shards = [{k: v[r] for k, v in b.items()} for r in rows]  # every field is row-first
     return [shards[layout(rank, world_size, tp)["dp_rank"]] for rank in range(world_size)]
 
 
@@ -79,7 +79,9 @@ class LearnerActor:
         node = ray.util.get_node_ip_address()
         if bind_host is None:
             return node, free_port(node)
-        host = {"auto": node, "localhost": "127.0.0.1", "0.0.0.0": "127.0.0.1", "*": "127.0.0.1"}.get(bind_host, bind_host)
+        host = {"auto": node, "localhost": "127.0.0.1", "0.0.0.0": "127.0.0.1", "*": "127.0.0.1"}.get(
+            bind_host, bind_host
+        )
         try:
             return host, free_port(host)
         except OSError:  # not an address of this node
@@ -209,8 +211,8 @@ class LearnerGroup:
     """Drives ep x dp LearnerActors (the `learner:` section's layout) in one placement group.
 
     Built from the `learner:` section and the first stage's section (`learner.config`); a call
-    with another stage's section switches every rank to it. `train_step(batch)` splits the rows
-    of the global batch over the ranks; every rank gets at least an empty share, so collectives
+    with another stage's section switches every rank to it. `train_step(stage, batch)` splits the
+    rows of the global batch over the ranks; every rank gets at least an empty share, so collectives
     always match.
     """
 
@@ -287,13 +289,11 @@ class LearnerGroup:
     def split(self, batch: dict) -> list[dict]:
         return shard_rows(batch, self.world_size, self.config.tp)
 
-    def train_step(self, batch_or_stage, batch: dict | None = None, data_cursor=None) -> dict:
-        """One step on the global batch: `train_step(batch)` or `train_step(stage_section, batch)`
-        (switching to that stage first if it is not the current one)."""
-        if isinstance(batch_or_stage, dict):
-            batch = batch_or_stage
-        elif batch_or_stage.name != self.stage:
-            self.set_stage(batch_or_stage)
+    def train_step(self, stage, batch: dict, data_cursor=None) -> dict:
+        """One step of `stage` (its section; switched to first if it is not the current one) on the
+        global batch. `data_cursor`: the data stream's position, saved with the learner's state."""
+        if stage.name != self.stage:
+            self.set_stage(stage)
         shards = self.split(batch)
         out = self._all([a.train_step.remote(s, data_cursor) for a, s in zip(self.actors, shards)], "a training step")
         return out[0]
@@ -346,14 +346,6 @@ class LearnerGroup:
 
         refs = self._all([a.publish.remote(version, self.bucket_bytes) for a in self.actors], "a weight publish")
         return WeightPush(version=int(version), refs=tuple(r for rank in refs for r in rank))
-
-    def gather(self, version: int):
-        """The whole model in the caller as a `WeightUpdate` (per-expert HF names), fetched from a
-        publish: for tests and diagnostics only, the weight pushes never do this."""
-        from zeda_rl.weights import WeightUpdate, unpack_bucket
-
-        push = self.publish(version)
-        return WeightUpdate(version=push.version, buckets=[unpack_bucket(ray.get(r), push.version) for r in push.refs])
 
     def weight_endpoints(self, group_prefix: str) -> list[dict]:
         """The broadcast groups of the ranks that own tensors (rendezvous, backend, bucket plan)."""

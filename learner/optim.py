@@ -36,7 +36,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
 
-from learner import model as mdl  # noqa: E402
+from learner.router import routers  # noqa: E402
 
 
 def uses_megatron(section) -> bool:
@@ -54,10 +54,10 @@ def wrap(model: torch.nn.Module, section, lr: float) -> tuple[DistributedDataPar
     sharded = section.optimizer == "distributed"
     chunk = model
     if bf16:
-        routers = mdl.routers(model)
-        keep = [(r.weight.data, r.e_score_correction_bias) for r in routers]
+        fp32 = routers(model)
+        keep = [(r.weight.data, r.e_score_correction_bias) for r in fp32]
         chunk = Float16Module(model.config, model)  # model.bfloat16() in place (new tensors: `keep` is untouched)
-        for r, (weight, bias) in zip(routers, keep):
+        for r, (weight, bias) in zip(fp32, keep):
             r.weight.data = weight
             if bias is not None:
                 r.e_score_correction_bias = bias

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     from learner.actor import LearnerGroup
     from learner.config import LearnerSection, SFTStage
-    from learner.model import load_hf_config
+    from learner.megatron_config import load_hf_config
 
     ckpt = Path(a.checkpoint)
     if a.make_tiny:
@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     )
     try:
         for step in range(a.steps):
-            m = group.train_step(synthetic_batch(step, a.batch_size, a.seq_len, vocab), data_cursor={"step": step + 1})
+            batch = synthetic_batch(step, a.batch_size, a.seq_len, vocab)
+            m = group.train_step(stage, batch, data_cursor={"step": step + 1})
             if a.json:
                 print(json.dumps(m))
             else:

@@ -100,7 +100,9 @@ def test_calibration_reaches_the_target_share(tmp_path):
 def test_net_checkpoint_trains_as_a_top_k_half_moe(tmp_path):
     from launch.baselines import net_checkpoint
     from learner import bridge, parallel
-    from learner import model as mdl
+    from learner.megatron_config import load_hf_config, model_info
+    from learner.model import build_model, forward_logits
+    from learner.router import last_routing, replay_routing
 
     static, _ = _converted(tmp_path)
     net = net_checkpoint(static, tmp_path / "net")
@@ -120,16 +122,16 @@ def test_net_checkpoint_trains_as_a_top_k_half_moe(tmp_path):
     torch.testing.assert_close(ref, _load(halved)(x).logits, atol=1e-5, rtol=0)
     # the learner builds the same router from the same config: same logits, same ids, and it replays them
     parallel.setup(0, 1, 1)
-    info = mdl.model_info(mdl.load_hf_config(net))
+    info = model_info(load_hf_config(net))
     assert (info.num_experts, info.num_zero, info.router.top_k, info.router.static_top_k) == (8, 0, 4, 2)
-    meg = mdl.build_model(info)
+    meg = build_model(info)
     bridge.load_hf(meg, net)
     meg.eval()
     with torch.no_grad():
-        torch.testing.assert_close(mdl.forward_logits(meg, x), ref, atol=1e-4, rtol=0)
-        assert torch.equal(mdl.last_routing(meg, *x.shape), ids)
-        with mdl.replay_routing(meg, ids):
-            torch.testing.assert_close(mdl.forward_logits(meg, x), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(forward_logits(meg, x), ref, atol=1e-4, rtol=0)
+        assert torch.equal(last_routing(meg, *x.shape), ids)
+        with replay_routing(meg, ids):
+            torch.testing.assert_close(forward_logits(meg, x), ref, atol=1e-4, rtol=0)
 
 
 def test_binning_on_synthetic_input():

@@ -15,7 +15,8 @@ from actors.fake_sglang import FakeSGLangEngine
 from actors.sglang_engine import SGLangEngine, inspect_checkpoint
 from actors.torch_engine import TorchEngine
 from learner import bridge, parallel
-from learner import model as mdl
+from learner.megatron_config import load_hf_config, model_info
+from learner.model import build_model
 from learner.testing import tiny_checkpoint
 from tests.helpers import save_static
 from zeda_rl.checks import check_routers
@@ -127,7 +128,7 @@ def test_eval_and_torch_engine_refuse(nan_converted, fam):
 def test_learner_loader_refuses_before_copying(nan_converted, fam):
     parallel.setup(0, 1, 1)
     ckpt, bad_file, key = nan_converted[fam]
-    model = mdl.build_model(mdl.model_info(mdl.load_hf_config(ckpt)))
+    model = build_model(model_info(load_hf_config(ckpt)))
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     before = {k: v.clone() for k, v in tensors.items()}
     _refused(lambda: bridge.load_hf(model, ckpt), bad_file, key)

@@ -33,9 +33,9 @@ def test_greedy_matches_transformers_generate_and_scores(student):
         # routed experts: what a full forward over the sequence chooses; the last token was never fed
         with torch.no_grad(), record_routing(eng.model) as rec:
             eng.model(torch.tensor([p + s.output_ids]))
-        full = rec()[:, 0].numpy()
-        assert s.routed_experts.shape == (2, len(p) + len(s.output_ids), 2)
-        assert (s.routed_experts[:, :-1] == full[:, :-1]).all() and (s.routed_experts[:, -1] == -1).all()
+        full = rec()[0].numpy()  # [P+O, L, K]
+        assert s.routed_experts.shape == (len(p) + len(s.output_ids), 2, 2)
+        assert (s.routed_experts[:-1] == full[:-1]).all() and (s.routed_experts[-1] == -1).all()
 
 
 def test_sampling_seeded_top_p_and_stop(student):

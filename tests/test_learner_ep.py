@@ -6,8 +6,8 @@ micro-batch partition, so L_GA, which is per micro-batch, is the same). Toleranc
 (float32): loss abs 1e-6; gradients atol 1e-6, rtol 1e-5 (seen: <= 4e-9); parameters
 after one AdamW step (lr 1e-2) atol 1e-4 = lr/100 (Adam's first step is lr*g/(|g|+eps),
 which turns round-off on gradients of size ~eps into update differences; seen 3.5e-5). Also checked under EP=2: the HF round trip is
-bit-exact with experts gathered from both ranks, export buckets are complete and
-bounded, and a save/load on both ranks resumes exactly.
+bit-exact with experts gathered from both ranks, the ranks publish every tensor
+exactly once (learner.publish), and a save/load on both ranks resumes exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from learner import bridge
 from learner.config import LearnerSection, OPDStage, SFTStage
 from learner.parallel import free_port
+from learner.publish import owned_tensors
 from learner.testing import tiny_checkpoints
 from learner.train import Learner
 
@@ -54,17 +55,15 @@ def _worker(rank, world, ep, port, ckpt, dispatcher, out):
         result["round_trip"] = set(exported) == set(on_disk) and all(
             torch.equal(exported[k], on_disk[k]) for k in on_disk
         )
-    upd = learner.export_buckets(3, bucket_bytes=4096, layout="checkpoint")
     if rank == 0:
-        names = [n for n, _ in upd.named_tensors()]
-        result["bucket_names"] = names
-        result["buckets_bounded"] = all(len(b) == 1 or sum(t.numel() * 4 for _, t in b) <= 4096 for b in upd.buckets)
+        result["export_names"] = list(exported)
+    torch.save(dict(owned_tensors(learner.model)), out / f"owned{rank}.pt")  # what this rank publishes
     per = ROWS // world
     shard = {k: v[rank * per : (rank + 1) * per] for k, v in batch().items()}
     st = learner.accumulate(shard)
     grads = {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False, grads=True)}
     gn, lr = learner.update()
-    m = learner._metrics(st, gn, lr, 1.0)
+    m = learner.metrics(st, gn, lr, 1.0)
     params = {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False)}
     # exact resume on both ranks: save after step 1, take step 2, reload, take step 2 again
     learner.save(out / "ck")
@@ -105,7 +104,7 @@ def reference(ckpts):
         grads = {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False, grads=True)}
         gn, lr = learner.update()
         out[family] = dict(
-            metrics=learner._metrics(st, gn, lr, 1.0),
+            metrics=learner.metrics(st, gn, lr, 1.0),
             grads=grads,
             params={k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False)},
         )
@@ -126,7 +125,11 @@ def test_expert_parallel_matches_one_process(ckpts, reference, tmp_path, family,
     res = torch.load(tmp_path / "result.pt", weights_only=False)
     ref = reference[family]
     assert res["round_trip"], "HF -> Megatron (EP-sharded) -> HF is not bit-exact"
-    assert res["bucket_names"] == list(ref["params"]) and res["buckets_bounded"]
+    assert res["export_names"] == list(ref["params"])
+    owned = [torch.load(tmp_path / f"owned{r}.pt", weights_only=False) for r in range(world)]
+    on_disk = load_file(ckpts[family] / "model.safetensors")
+    assert sum(len(o) for o in owned) == len(on_disk)  # each tensor published by exactly one rank
+    assert all(torch.equal(t, on_disk[k]) for o in owned for k, t in o.items())
     assert res["resume_exact"]
     solo, solo_opd = res["solo"]
     assert solo["tokens"] == float(batch()["attention_mask"][: ROWS // world].sum())  # only rank 0's rows

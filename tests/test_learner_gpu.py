@@ -15,8 +15,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_one_gpu_parity_training_and_export(tmp_path):
-    from learner import model as mdl
     from learner.config import SFTStage
+    from learner.router import routers
     from learner.testing import load_hf_reference, tiny_checkpoint
     from learner.train import Learner
 
@@ -29,7 +29,7 @@ def test_one_gpu_parity_training_and_export(tmp_path):
     with torch.no_grad():
         ref = hf(tokens.cuda()).logits.float().cpu()
     torch.testing.assert_close(learner.logits(tokens), ref, atol=1e-3, rtol=0)
-    assert mdl.routers(learner.model)[0].weight.dtype == torch.float32
+    assert routers(learner.model)[0].weight.dtype == torch.float32
 
     rng = np.random.default_rng(0)
     batch = {"tokens": rng.integers(0, 64, (4, 12)), "loss_mask": np.tile(np.r_[[0] * 4 + [1] * 8], (4, 1))}

@@ -14,7 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from learner import bridge, parallel
-from learner import model as mdl
+from learner.hf_export import export_hf_checkpoint
+from learner.hf_names import rules
+from learner.megatron_config import load_hf_config, model_info
+from learner.model import build_model, forward_logits
+from learner.router import last_routing, replay_routing
 from learner.testing import load_hf_reference, tiny_checkpoint
 from zeda_rl.modeling import record_routing as hf_record
 from zeda_rl.modeling import replay_routing as hf_replay
@@ -46,7 +50,7 @@ def ckpts(tmp_path_factory):
 
 
 def megatron(path):
-    m = mdl.build_model(mdl.model_info(mdl.load_hf_config(path)))
+    m = build_model(model_info(load_hf_config(path)))
     bridge.load_hf(m, path)
     return m.eval()
 
@@ -62,11 +66,11 @@ def test_logits_and_routing_match_transformers(ckpts, variant):
     info = m.zeda_info
     tokens = tokens_for(info)
     with torch.no_grad(), hf_record(hf) as rec:
-        ours = mdl.forward_logits(m, tokens)
+        ours = forward_logits(m, tokens)
         ref = hf(tokens).logits
     torch.testing.assert_close(ours, ref, atol=LOGITS_ATOL, rtol=0)
-    ids = mdl.last_routing(m, *tokens.shape)
-    assert ids.shape == (len(info.moe_layers), *tokens.shape, info.router.top_k)
+    ids = last_routing(m, *tokens.shape)
+    assert ids.shape == (*tokens.shape, len(info.moe_layers), info.router.top_k)
     assert torch.equal(ids, rec())
     assert 0 < float((ids >= info.num_experts).float().mean()) < 1  # both kinds of slots are in use
 
@@ -83,23 +87,23 @@ def test_routing_replay_matches_transformers(ckpts, variant):
             for _ in range(tokens.numel() * len(info.moe_layers))
         ]
     )
-    forced = forced.reshape(len(info.moe_layers), *tokens.shape, info.router.top_k)
-    forced[:, :, -1] = -1  # last position not recorded: the router chooses
+    forced = forced.reshape(*tokens.shape, len(info.moe_layers), info.router.top_k)
+    forced[:, -1] = -1  # last position not recorded: the router chooses
     with torch.no_grad():
-        with mdl.replay_routing(m, forced):
-            ours = mdl.forward_logits(m, tokens)
+        with replay_routing(m, forced):
+            ours = forward_logits(m, tokens)
         with hf_replay(hf, forced.clone()):
             ref = hf(tokens).logits
     torch.testing.assert_close(ours, ref, atol=LOGITS_ATOL, rtol=0)
-    ids = mdl.last_routing(m, *tokens.shape)
-    assert torch.equal(ids[:, :, :-1], forced[:, :, :-1])
-    assert bool((ids[:, :, -1] >= 0).all())
+    ids = last_routing(m, *tokens.shape)
+    assert torch.equal(ids[:, :-1], forced[:, :-1])
+    assert bool((ids[:, -1] >= 0).all())
     # a partly recorded row counts as not recorded (the router chooses) instead of indexing with -1
     forced[0, 0, 0, 1] = -1
-    with torch.no_grad(), mdl.replay_routing(m, forced):
-        mdl.forward_logits(m, tokens)
-    ids = mdl.last_routing(m, *tokens.shape)
-    assert bool((ids[0, 0, 0] >= 0).all()) and torch.equal(ids[0, 0, 1:-1], forced[0, 0, 1:-1])
+    with torch.no_grad(), replay_routing(m, forced):
+        forward_logits(m, tokens)
+    ids = last_routing(m, *tokens.shape)
+    assert bool((ids[0, 0, 0] >= 0).all()) and torch.equal(ids[0, 1:-1, 0], forced[0, 1:-1, 0])
 
 
 def test_zero_slots_reach_no_expert(ckpts):
@@ -112,9 +116,9 @@ def test_zero_slots_reach_no_expert(ckpts):
             layer.mlp.experts.register_forward_hook(lambda mod, args, out: seen.append(int(args[1].sum())))
     tokens = tokens_for(info)
     with torch.no_grad():
-        mdl.forward_logits(m, tokens)
-    ids = mdl.last_routing(m, *tokens.shape)
-    assert seen == [int((layer_ids < info.num_experts).sum()) for layer_ids in ids]
+        forward_logits(m, tokens)
+    ids = last_routing(m, *tokens.shape)
+    assert seen == [int((layer_ids < info.num_experts).sum()) for layer_ids in ids.unbind(2)]
 
     # every slot a zero expert: the routed experts get no tokens and add nothing (the shared expert still runs)
     zero_ids = torch.full_like(ids, info.num_experts)
@@ -122,7 +126,7 @@ def test_zero_slots_reach_no_expert(ckpts):
     moe = m.decoder.layers[info.moe_layers[0]].mlp
     x = torch.randn(tokens.shape[1], tokens.shape[0], info.hf_config.hidden_size)
     seen.clear()
-    with torch.no_grad(), mdl.replay_routing(m, zero_ids):
+    with torch.no_grad(), replay_routing(m, zero_ids):
         out, _ = moe(x)
         shared = moe.shared_experts(x)
     assert seen == [0]
@@ -143,37 +147,33 @@ def test_bridge_round_trip_is_bit_exact(tmp_path, family, dtype):
             out[name].contiguous().view(-1).view(torch.uint8), t.contiguous().view(-1).view(torch.uint8)
         ), name
     # and back: Megatron state from the exported tensors equals the loaded model's
-    state = bridge.hf_to_megatron(m.zeda_info, out.__getitem__)
     own = dict(m.named_parameters()) | dict(m.named_buffers())
-    for k, v in state.items():
-        assert torch.equal(v.to(own[k].dtype), own[k]), k
+    for r in rules(m.zeda_info):
+        assert torch.equal(r.to_megatron([out[h] for h in r.hf]).to(own[r.megatron].dtype), own[r.megatron]), r.megatron
 
 
 @pytest.mark.parametrize("variant", ["qwen3", "glm"])
-def test_export_buckets_apply_to_the_transformers_model(ckpts, variant):
-    """Default layout = the transformers model's state-dict names (fused experts): apply_update takes it as is."""
-    from zeda_rl.weights import apply_update
+def test_published_buckets_apply_to_the_transformers_model(ckpts, variant):
+    """What a weight push sends (learner.publish: per-expert checkpoint names, in export order, bounded
+    buckets) lands in the transformers model's fused experts through apply_update."""
+    from learner.publish import owned_buckets
+    from zeda_rl.weights import WeightUpdate, apply_update
 
     m = megatron(ckpts[variant])
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(1.01)
-    upd = bridge.export_buckets(m, version=7, bucket_bytes=8192)
-    assert upd.version == 7
+    upd = WeightUpdate(version=7, buckets=list(owned_buckets(m, 8192)))
     names = [n for n, _ in upd.named_tensors()]
-    assert names[0] == "model.embed_tokens.weight" and names[-1] == "lm_head.weight"
+    assert names == [n for n, _ in bridge.full_hf_state(m)]
+    assert set(names) == set(load_file(ckpts[variant] / "model.safetensors"))
     for b in upd.buckets:
         assert len(b) == 1 or sum(t.numel() * t.element_size() for _, t in b) <= 8192
     hf = load_hf_reference(ckpts[variant])
-    assert set(names) == set(hf.state_dict())
     assert apply_update(hf, upd) == 7
     tokens = tokens_for(m.zeda_info, seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(mdl.forward_logits(m, tokens), hf(tokens).logits, atol=LOGITS_ATOL, rtol=0)
-    # the checkpoint layout: exactly the per-expert names on disk
-    ck = bridge.export_buckets(m, version=8, layout="checkpoint")
-    assert [n for n, _ in ck.named_tensors()] == [n for n, _ in bridge.full_hf_state(m)]
-    assert set(n for n, _ in ck.named_tensors()) == set(load_file(ckpts[variant] / "model.safetensors"))
+        torch.testing.assert_close(forward_logits(m, tokens), hf(tokens).logits, atol=LOGITS_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["qwen3", "glm"])
@@ -184,7 +184,7 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(ckpts, tmp_path, v
         g = torch.Generator().manual_seed(3)
         for p in m.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    out = bridge.export_hf_checkpoint(m, tmp_path / "student")
+    out = export_hf_checkpoint(m, tmp_path / "student")
     assert out == tmp_path / "student"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temporary directory left
     assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
@@ -192,9 +192,9 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(ckpts, tmp_path, v
     hf = load_hf_reference(out)
     tokens = tokens_for(m.zeda_info, seed=4)
     with torch.no_grad():
-        torch.testing.assert_close(mdl.forward_logits(m, tokens), hf(tokens).logits, atol=LOGITS_ATOL, rtol=0)
+        torch.testing.assert_close(forward_logits(m, tokens), hf(tokens).logits, atol=LOGITS_ATOL, rtol=0)
     # a second export replaces the first atomically
-    bridge.export_hf_checkpoint(m, out)
+    export_hf_checkpoint(m, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
 
 
@@ -203,7 +203,7 @@ def test_rejects_unconverted_checkpoint(tmp_path):
 
     save_static("qwen3_moe", tmp_path / "static")
     with pytest.raises(ValueError, match="not a converted"):
-        mdl.model_info(mdl.load_hf_config(tmp_path / "static"))
+        model_info(load_hf_config(tmp_path / "static"))
 
 
 def test_export_hf_passes_through_tensors_the_learner_does_not_hold(tmp_path):
@@ -215,14 +215,14 @@ def test_export_hf_passes_through_tensors_the_learner_does_not_hold(tmp_path):
     tensors["model.layers.3.eh_proj.weight"] = torch.randn(32, 64)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     m = megatron(src)
-    out = load_file(bridge.export_hf_checkpoint(m, tmp_path / "out") / "model.safetensors")
+    out = load_file(export_hf_checkpoint(m, tmp_path / "out") / "model.safetensors")
     assert set(out) == set(tensors)
     assert all(torch.equal(out[k], tensors[k]) for k in tensors)
 
 
 def test_export_hf_shards_large_checkpoints(ckpts, tmp_path):
     m = megatron(ckpts["qwen3"])
-    out = bridge.export_hf_checkpoint(m, tmp_path / "sharded", max_shard_bytes=20_000)
+    out = export_hf_checkpoint(m, tmp_path / "sharded", max_shard_bytes=20_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and not (out / "model.safetensors").exists()
@@ -230,4 +230,4 @@ def test_export_hf_shards_large_checkpoints(ckpts, tmp_path):
     hf = load_hf_reference(out)
     tokens = tokens_for(m.zeda_info, seed=6)
     with torch.no_grad():
-        torch.testing.assert_close(mdl.forward_logits(m, tokens), hf(tokens).logits, atol=LOGITS_ATOL, rtol=0)
+        torch.testing.assert_close(forward_logits(m, tokens), hf(tokens).logits, atol=LOGITS_ATOL, rtol=0)

@@ -15,10 +15,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from learner import bridge, logprob, optim
-from learner import model as mdl
+from learner import bridge, layer_specs, logprob, optim
 from learner.config import LearnerSection, OPDStage, SFTStage, not_implemented
+from learner.megatron_config import load_hf_config, model_info, transformer_config
+from learner.model import forward_logits
 from learner.parallel import free_port
+from learner.publish import owned_buckets
+from learner.router import ZeroExpertRouter, last_routing, record_routing, routers
 from learner.testing import tiny_checkpoint
 from learner.train import Learner
 from zeda_rl.losses import token_logprobs
@@ -86,17 +89,17 @@ def test_full_recompute_replays_and_records_routing_once(ckpts):
     routed = np.stack(
         [rng.permutation(info.router.total)[: info.router.top_k] for _ in range(len(info.moe_layers) * 48)]
     )
-    b = batch(opd=True, routed=routed.reshape(len(info.moe_layers), 4, 12, -1))
+    b = batch(opd=True, routed=routed.reshape(4, 12, len(info.moe_layers), -1))
     full = make(ck, OPDStage(lr=1e-2), recompute="full")
     assert_same_step(grads_of(full, b), grads_of(none, b))
     # a training forward + backward under record_routing: one set of ids, not two
     tokens = torch.as_tensor(b["tokens"])
     full.model.train()
-    with mdl.record_routing(full.model, 4, 12) as ids:
-        mdl.forward_logits(full.model, tokens).float().sum().backward()
+    with record_routing(full.model, 4, 12) as ids:
+        forward_logits(full.model, tokens).float().sum().backward()
         rec = ids()
-    assert tuple(rec.shape) == (len(info.moe_layers), 4, 12, info.router.top_k)
-    assert torch.equal(rec, mdl.last_routing(full.model, 4, 12))
+    assert tuple(rec.shape) == (4, 12, len(info.moe_layers), info.router.top_k)
+    assert torch.equal(rec, last_routing(full.model, 4, 12))
 
 
 def test_chunked_logprob_equals_plain():
@@ -148,16 +151,16 @@ def test_bf16_tracks_fp32_keeps_fp32_masters_and_resumes_exactly(tmp_path):
         print(f"step {i}: fp32 {a['sft_loss']:.5f} bf16 {b['sft_loss']:.5f}")
         assert b["sft_loss"] == pytest.approx(a["sft_loss"], rel=2e-3)
         assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=5e-2)
-    routers = {id(r.weight) for r in mdl.routers(lo.model)}
+    fp32 = {id(r.weight) for r in routers(lo.model)}
     for name, p in lo.model.named_parameters():
-        assert p.dtype == (torch.float32 if id(p) in routers else torch.bfloat16), name
-        if id(p) not in routers:  # the bf16 weight is the rounded fp32 master
+        assert p.dtype == (torch.float32 if id(p) in fp32 else torch.bfloat16), name
+        if id(p) not in fp32:  # the bf16 weight is the rounded fp32 master
             assert p.main_param.dtype == torch.float32 and torch.equal(p.data, p.main_param.to(torch.bfloat16)), name
     # weight push / HF export in the checkpoint's (engine's) bf16: the bf16 weights, the fp32 routers rounded
-    upd = lo.export_buckets(1, layout="checkpoint")
+    published = [named for bucket in owned_buckets(lo.model, 1 << 20) for named in bucket]  # learner.publish
     mine = dict(bridge.full_hf_state(lo.model, cast=False))
-    assert {n for n, _ in upd.named_tensors()} == set(mine)
-    for name, t in upd.named_tensors():
+    assert {n for n, _ in published} == set(mine)
+    for name, t in published:
         assert t.dtype == torch.bfloat16 and torch.equal(t, mine[name].to(torch.bfloat16)), name
     # exact resume: fp32 masters and Adam state come back
     lo.save(tmp_path / "ck")
@@ -221,11 +224,11 @@ def test_distributed_optimizer_matches_local_over_two_ranks(ckpts, tmp_path):
 def test_flash_needs_te_on_a_gpu_and_plugs_into_the_local_spec(ckpts, monkeypatch):
     with pytest.raises(RuntimeError, match="needs transformer_engine on a GPU"):
         make(ckpts["qwen3_moe"], attention="flash")
-    info = mdl.model_info(mdl.load_hf_config(ckpts["glm4_moe_lite"]))
-    cfg = mdl.transformer_config(info)
-    local = mdl.block_spec(info, cfg)
+    info = model_info(load_hf_config(ckpts["glm4_moe_lite"]))
+    cfg = transformer_config(info)
+    local = layer_specs.block_spec(info, cfg)
     assert {layer.submodules.self_attention.submodules.core_attention for layer in local.layer_specs} == {
-        mdl.MLACoreAttention
+        layer_specs.MLACoreAttention
     }
 
     class FakeTECoreAttention:  # what the TE spec would hand over
@@ -233,16 +236,16 @@ def test_flash_needs_te_on_a_gpu_and_plugs_into_the_local_spec(ckpts, monkeypatc
 
     import megatron.core.models.gpt.gpt_layer_specs as specs
 
-    te = mdl.get_gpt_layer_local_spec(num_experts=None, qk_layernorm=True, multi_latent_attention=True)
-    te = mdl._attention_spec(te, FakeTECoreAttention)
-    monkeypatch.setattr(mdl, "flash_unavailable", lambda: "")
+    te = specs.get_gpt_layer_local_spec(num_experts=None, qk_layernorm=True, multi_latent_attention=True)
+    te = layer_specs._attention_spec(te, FakeTECoreAttention)
+    monkeypatch.setattr(layer_specs, "flash_unavailable", lambda: "")
     monkeypatch.setattr(specs, "get_gpt_layer_with_transformer_engine_spec", lambda **kw: te)
-    flash = mdl.block_spec(info, cfg, attention="flash")
+    flash = layer_specs.block_spec(info, cfg, attention="flash")
     for i, (a, b) in enumerate(zip(flash.layer_specs, local.layer_specs)):
         sa = a.submodules.self_attention.submodules
         assert sa.core_attention is FakeTECoreAttention and sa.q_layernorm is not None
         if i in info.moe_layers:  # the zero-expert router is in the flash spec too
-            assert a.submodules.mlp.submodules.router.func is mdl.ZeroExpertRouter
+            assert a.submodules.mlp.submodules.router.func is ZeroExpertRouter
 
 
 def test_the_config_refuses_tp_with_chunked_logprobs_and_cpu_offload_only_and_so_does_the_learner(ckpts):

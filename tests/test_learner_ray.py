@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 
 from learner.config import LearnerSection, OPDStage, SFTStage  # noqa: E402
 from learner.testing import load_hf_reference, tiny_checkpoint  # noqa: E402
-from zeda_rl.weights import apply_update  # noqa: E402
+from zeda_rl.weights import WeightUpdate, apply_update, unpack_bucket  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +34,20 @@ def test_learner_group_ep2_trains_and_exports(local_ray, tmp_path):
     from learner.actor import LearnerGroup
 
     ckpt = tiny_checkpoint("qwen3_moe", tmp_path / "ckpt", initializer_range=0.1)
-    group = LearnerGroup(
-        ckpt, LearnerSection(ep=2, bucket_bytes=256 << 20), SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0)
-    )
+    sft = SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0)
+    group = LearnerGroup(ckpt, LearnerSection(ep=2, bucket_bytes=256 << 20), sft)
     try:
         assert group.world_size == 2 and group.info["num_experts"] == 8
         rng = np.random.default_rng(0)
         batch = {"tokens": rng.integers(0, 64, (4, 12)), "loss_mask": np.tile(np.r_[[0] * 4 + [1] * 8], (4, 1))}
-        ms = [group.train_step(batch, data_cursor={"i": i}) for i in range(3)]
+        ms = [group.train_step(sft, batch, data_cursor={"i": i}) for i in range(3)]
         assert ms[-1]["sft_loss"] < ms[0]["sft_loss"]
         json.dumps(ms)  # plain data only
         assert all(len(m["zero_ratio_per_layer"]) == 2 and m["aux_loss"] > 0 for m in ms)
         assert group.state() == {"step": 3, "stage": "sft", "data_cursor": {"i": 2}}
 
-        upd = group.gather(version=4)  # what the ranks publish (one bucket each here), fetched as an engine does
+        push = group.publish(4)  # what the ranks publish (one bucket each here), fetched as an engine does
+        upd = WeightUpdate(push.version, [unpack_bucket(ray.get(r), push.version) for r in push.refs])
         assert upd.version == 4 and len(upd.buckets) == 2
         names = [n for n, _ in upd.named_tensors()]
         assert len(names) == len(set(names))

@@ -24,11 +24,13 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from learner import bridge, parallel
-from learner import model as mdl
 from learner.actor import shard_rows
 from learner.config import LearnerSection, OPDStage, SFTStage
+from learner.megatron_config import check_tp, load_hf_config, model_info, padded_vocab
+from learner.model import forward_logits
 from learner.parallel import free_port
 from learner.publish import owned_tensors
+from learner.router import last_routing, record_routing, replay_routing
 from learner.testing import tiny_checkpoints
 from learner.train import Learner
 
@@ -61,9 +63,9 @@ def eval_inputs(info) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pad[1, 8:] = True
     n_layers, k, total = len(info.moe_layers), info.router.top_k, info.router.total
     forced = torch.stack([torch.randperm(total, generator=g)[:k] for _ in range(n_layers * 2 * 11)]).reshape(
-        n_layers, 2, 11, k
+        2, 11, n_layers, k
     )
-    forced[:, 0, 3] = -1  # not recorded: the router chooses
+    forced[0, 3] = -1  # not recorded: the router chooses
     return tokens, pad, forced
 
 
@@ -72,12 +74,12 @@ def _eval(learner) -> dict:
     m.eval()
     tokens, pad, forced = eval_inputs(learner.info)
     with torch.no_grad():
-        with mdl.record_routing(m, 2, 11) as ids:
-            logits = mdl.forward_logits(m, tokens, pad)
+        with record_routing(m, 2, 11) as ids:
+            logits = forward_logits(m, tokens, pad)
             recorded = ids()
-        with mdl.replay_routing(m, forced):
-            replayed = mdl.forward_logits(m, tokens, pad)
-        replayed_ids = mdl.last_routing(m, 2, 11)
+        with replay_routing(m, forced):
+            replayed = forward_logits(m, tokens, pad)
+        replayed_ids = last_routing(m, 2, 11)
     return dict(logits=logits, ids=recorded, replayed=replayed, replayed_ids=replayed_ids)
 
 
@@ -86,7 +88,7 @@ def _steps(learner, rows: dict) -> dict:
     st = learner.accumulate(rows)
     gn = parallel.grad_norm(learner.model)
     sft = dict(
-        metrics=learner._metrics(st, gn, 0.0, 1.0),
+        metrics=learner.metrics(st, gn, 0.0, 1.0),
         grads={k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False, grads=True)},
     )
     learner.set_stage(OPD)
@@ -95,7 +97,7 @@ def _steps(learner, rows: dict) -> dict:
     opd_grads = {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False, grads=True)}
     gn, lr = learner.update()
     params = {k: v.clone() for k, v in bridge.full_hf_state(learner.model, cast=False)}
-    return dict(sft=sft, opd=dict(metrics=learner._metrics(st, gn, lr, 1.0), grads=opd_grads), params=params)
+    return dict(sft=sft, opd=dict(metrics=learner.metrics(st, gn, lr, 1.0), grads=opd_grads), params=params)
 
 
 def _worker(rank, world, tp, ep, port, ckpt, out):
@@ -104,14 +106,13 @@ def _worker(rank, world, tp, ep, port, ckpt, out):
     res = {}
     exported = dict(bridge.full_hf_state(learner.model))  # collective
     written = learner.export_hf(out / "export")
-    names = [n for n, _ in learner.export_buckets(0, bucket_bytes=4096, layout="checkpoint").named_tensors()]
     torch.save(dict(owned_tensors(learner.model)), out / f"owned{rank}.pt")  # what this rank publishes
     if rank == 0:
         on_disk = load_file(ckpt / "model.safetensors")
         res["round_trip"] = set(exported) == set(on_disk) and all(torch.equal(exported[k], on_disk[k]) for k in on_disk)
         again = load_file(written / "model.safetensors")
         res["export_hf"] = set(again) == set(on_disk) and all(torch.equal(again[k], on_disk[k]) for k in on_disk)
-        res["bucket_names"] = names
+        res["export_names"] = list(exported)
     res["eval"] = _eval(learner)
     full = batch(VOCAB[learner.info.family])
     res.update(_steps(learner, shard_rows(full, world, tp)[rank]))
@@ -139,8 +140,8 @@ def reference(ckpts):
     out = {}
     for family, ckpt in ckpts.items():
         learner = Learner(ckpt, LearnerSection(micro_batch_tokens=24), SFT)
-        names = [n for n, _ in learner.export_buckets(0, bucket_bytes=4096, layout="checkpoint").named_tensors()]
-        out[family] = dict(eval=_eval(learner), bucket_names=names, **_steps(learner, batch(VOCAB[family])))
+        names = [n for n, _ in bridge.full_hf_state(learner.model)]
+        out[family] = dict(eval=_eval(learner), export_names=names, **_steps(learner, batch(VOCAB[family])))
         learner.close()
     return out
 
@@ -177,11 +178,11 @@ def test_tp2_ep2_matches_one_process(ckpts, reference, tmp_path, family):
     assert res["round_trip"], "HF -> Megatron (TP- and EP-sharded) -> HF is not bit-exact"
     _published_once(tmp_path, 2, ckpts[family])
     assert res["export_hf"], "the HF checkpoint exported under TP differs from the source"
-    assert res["bucket_names"] == ref["bucket_names"]
+    assert res["export_names"] == ref["export_names"]
     ev, rev = res["eval"], ref["eval"]
     assert torch.equal(ev["ids"], rev["ids"]), "routing ids recorded under TP differ"
     torch.testing.assert_close(ev["logits"], rev["logits"], atol=1e-5, rtol=0)
-    forced = eval_inputs(mdl.model_info(mdl.load_hf_config(ckpts[family])))[2]
+    forced = eval_inputs(model_info(load_hf_config(ckpts[family])))[2]
     keep = (forced >= 0).all(-1, keepdim=True).expand_as(forced)
     assert torch.equal(ev["replayed_ids"][keep], forced[keep]), "replayed ids not applied to the right tokens"
     assert torch.equal(ev["replayed_ids"], rev["replayed_ids"])
@@ -207,10 +208,10 @@ def test_layout_validation_and_row_shards(ckpts):
     assert not any(m.startswith("learner.tp") for m in not_implemented(LearnerSection(ep=2, tp=2)))
     with pytest.raises(ValueError, match="not a multiple of the tensor-parallel size 3"):
         parallel.check_layout(4, 2, 3)
-    info = mdl.model_info(mdl.load_hf_config(ckpts["qwen3_moe"]))
+    info = model_info(load_hf_config(ckpts["qwen3_moe"]))
     with pytest.raises(ValueError, match="num_key_value_heads=2"):
-        mdl.check_tp(info, 4)
-    assert mdl.padded_vocab(info, 2) == 64 and mdl.padded_vocab(info, 1) == 63
+        check_tp(info, 4)
+    assert padded_vocab(info, 2) == 64 and padded_vocab(info, 1) == 63
     shards = shard_rows(batch(63), 4, tp=2)  # TP peers (consecutive ranks) share their DP rank's rows
     assert [s["tokens"].shape[0] for s in shards] == [2, 2, 2, 2]
     assert shards[0]["tokens"] is shards[1]["tokens"] and (shards[2]["tokens"] == batch(63)["tokens"][2:]).all()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from learner import bridge, checkpoint
-from learner import model as mdl
 from learner.config import LearnerSection, OPDStage, SFTStage
+from learner.router import routers
 from learner.testing import tiny_checkpoint
 from learner.train import Learner
 from zeda_rl.losses import token_logprobs
@@ -110,7 +110,7 @@ def test_opd_with_routing_replay_uses_the_given_experts(ckpts):
     routed = np.stack(
         [rng.permutation(info.router.total)[: info.router.top_k] for _ in range(len(info.moe_layers) * b * s)]
     )
-    routed = routed.reshape(len(info.moe_layers), b, s, info.router.top_k).astype(np.int16)
+    routed = routed.reshape(b, s, len(info.moe_layers), info.router.top_k).astype(np.int16)
     batch.update(
         behaviour_logprobs=np.zeros((b, s), np.float32),
         teacher_logprobs=np.zeros((b, s), np.float32),
@@ -118,7 +118,7 @@ def test_opd_with_routing_replay_uses_the_given_experts(ckpts):
     )
     m = learner.train_step(batch)
     valid = batch["attention_mask"].astype(bool)
-    want = [float((routed[i][valid] >= info.num_experts).mean()) for i in range(len(info.moe_layers))]
+    want = [float((routed[:, :, i][valid] >= info.num_experts).mean()) for i in range(len(info.moe_layers))]
     assert m["zero_ratio_per_layer"] == pytest.approx(want)
 
 
@@ -202,11 +202,11 @@ def test_batch_errors_name_the_field(ckpts):
     bad["loss_mask"] = bad["loss_mask"][:, :5]
     with pytest.raises(ValueError, match="loss_mask"):
         make(ckpts["qwen3_moe"]).train_step(bad)
-    assert mdl.routers(learner.model)  # the model is still usable
+    assert routers(learner.model)  # the model is still usable
 
 
 def test_micro_batch_plan_keeps_the_budget_across_ranks():
-    from learner.train import plan_micro_batches
+    from learner.batch import plan_micro_batches
 
     # rank 0: one long row; rank 1: many short rows. Separate maxima would pad to 64 x 4096.
     lengths = [[4096], [64] * 64]
@@ -236,10 +236,10 @@ def test_gradients_are_clipped_to_the_global_norm(ckpts):
 
 def test_expert_load_and_its_violation_of_uniform():
     """Slots per real expert (zero slots and unrecorded -1 left out) and the max / mean relative violation."""
-    from learner.train import expert_load, load_violation
+    from learner.step_metrics import expert_load, load_violation
 
-    ids = torch.tensor([[[[0, 1], [0, 4]], [[2, 3], [-1, -1]]]])  # [L=1, B=2, S=2, K=2], N=4 real, id 4 a zero slot
-    valid = torch.tensor([[[True, True], [True, False]]])[..., None].expand_as(ids)
+    ids = torch.tensor([[[[0, 1]], [[0, 4]]], [[[2, 3]], [[-1, -1]]]])  # [B=2, S=2, L=1, K=2], N=4 real, id 4 zero
+    valid = torch.tensor([[True, True], [True, False]])[:, :, None, None].expand_as(ids)
     load = expert_load(ids, valid, 4)
     assert load.tolist() == [[2.0, 1.0, 1.0, 1.0]]
     v = load_violation(torch.cat([load, torch.tensor([[1.0, 1.0, 1.0, 1.0]]), torch.zeros(1, 4)]))

@@ -25,7 +25,7 @@ pipeline does and checks every link against an independent forward:
 Checked, for both families and T in {1.0, 0.7}:
 1. learner logprobs (column t-1 of token_logprobs) == packed behaviour logprobs (column t)
    on every loss-masked position, with and without replay: |diff| <= LOGPROB_ATOL;
-2. the learner's own routing without replay (`mdl.last_routing`) == the engine's recorded
+2. the learner's own routing without replay (`last_routing`) == the engine's recorded
    ids on every recorded position; recorded positions are exactly tokens 0..len-2 of each
    sequence (-1 marks the last token and the padding); with replay the learner routes
    exactly the recorded ids;
@@ -61,9 +61,11 @@ import torch
 
 from actors.torch_engine import TorchEngine
 from learner import bridge, parallel
-from learner import model as mdl
+from learner.batch import normalise_batch
+from learner.megatron_config import load_hf_config, model_info
+from learner.model import build_model, forward_logits
+from learner.router import last_routing, replay_routing
 from learner.testing import load_hf_reference, tiny_checkpoint
-from learner.train import normalise_batch
 from tests.helpers import save_static
 from zeda_rl import wire
 from zeda_rl.losses import token_logprobs
@@ -94,7 +96,7 @@ def parts(request, tmp_path_factory):
     student_dir = tiny_checkpoint(family, root / "zeda", **OVERRIDES)
     # the static model tiny_checkpoint converted (same seed, same config): the student's teacher
     save_static(family, root / "static", seed=0, **OVERRIDES)
-    m = mdl.build_model(mdl.model_info(mdl.load_hf_config(student_dir)))
+    m = build_model(model_info(load_hf_config(student_dir)))
     bridge.load_hf(m, student_dir)
     student, teacher = TorchEngine(student_dir), TorchEngine(root / "static")
     emb = lambda eng: eng.model.get_input_embeddings().weight  # noqa: E731
@@ -128,16 +130,16 @@ def runs(parts):
         b, s = tokens.shape
         padding = ~batch["attention_mask"]
         with torch.no_grad():
-            with mdl.replay_routing(m, batch["routed_experts"]):
-                logits_replay = mdl.forward_logits(m, tokens, padding)
-            replayed_ids = mdl.last_routing(m, b, s)
-            logits_free = mdl.forward_logits(m, tokens, padding)
-            free_ids = mdl.last_routing(m, b, s)
+            with replay_routing(m, batch["routed_experts"]):
+                logits_replay = forward_logits(m, tokens, padding)
+            replayed_ids = last_routing(m, b, s)
+            logits_free = forward_logits(m, tokens, padding)
+            free_ids = last_routing(m, b, s)
         out[temp] = dict(
             samples=samples,
             seqs=seqs,
             batch=batch,
-            # as learner.train.Learner.accumulate: logits / T, then token_logprobs -> [B, S-1]
+            # as learner.objective.student_logprobs: logits / T, then token_logprobs -> [B, S-1]
             logp_replay=token_logprobs(logits_replay / temp, tokens),
             logp_free=token_logprobs(logits_free / temp, tokens),
             logp_free_t1=token_logprobs(logits_free, tokens),
@@ -178,11 +180,11 @@ def test_behaviour_logprobs_match_learner_forward(runs, temp):
 def test_recorded_experts_match_learner_routing(parts, runs, temp):
     r = runs[temp]
     batch = r["batch"]
-    rec = batch["routed_experts"]  # [L_moe, B, S, K]
+    rec = batch["routed_experts"]  # [B, S, L_moe, K]
     lengths = batch["attention_mask"].sum(1)
-    recorded = (rec >= 0).all(-1)  # [L, B, S]
-    expect = torch.arange(rec.shape[2])[None, :] < (lengths[:, None] - 1)  # tokens 0..len-2 were fed to the engine
-    assert torch.equal(recorded, expect[None].expand_as(recorded))
+    recorded = (rec >= 0).all(-1)  # [B, S, L]
+    expect = torch.arange(rec.shape[1])[None, :] < (lengths[:, None] - 1)  # tokens 0..len-2 were fed to the engine
+    assert torch.equal(recorded, expect[:, :, None].expand_as(recorded))
     assert bool((rec[~recorded] == -1).all())  # the last token and the padding: -1, all K slots
     sel = recorded[..., None].expand_as(rec)
     n_wrong = int((r["free_ids"][sel] != rec[sel]).sum())
@@ -246,7 +248,7 @@ def test_teacher_top_k_targets_survive_the_chain(parts, runs):
     assert worst <= LOGPROB_ATOL
     # the learner's KL against those targets is the KL of the two models' full distributions
     m, tokens = parts["learner"], batch["tokens"]
-    with torch.no_grad(), mdl.replay_routing(m, batch["routed_experts"]):
-        s_all = torch.log_softmax(mdl.forward_logits(m, tokens, ~batch["attention_mask"])[:, :-1].float(), -1)
+    with torch.no_grad(), replay_routing(m, batch["routed_experts"]):
+        s_all = torch.log_softmax(forward_logits(m, tokens, ~batch["attention_mask"])[:, :-1].float(), -1)
     kl = topk_reverse_kl(s_all, batch["teacher_top_ids"][:, 1:], batch["teacher_top_logprobs"][:, 1:])
     assert bool(torch.isfinite(kl).all()) and float(kl[mask].min()) >= -1e-6 and float(kl[mask].max()) > 1e-3

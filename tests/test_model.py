@@ -105,7 +105,7 @@ def test_save_load_round_trip_and_replay(tmp_path):
     with torch.no_grad(), record_routing(model) as rec:
         ref = model(ids).logits
     recorded = rec()
-    assert recorded.shape == (2, 2, 9, 2)  # [MoE layers, B, S, K]: layer 0 of GLM is dense
+    assert recorded.shape == (2, 9, 2, 2)  # [B, S, MoE layers, K]: layer 0 of GLM is dense
     with torch.no_grad(), replay_routing(model, recorded):
         assert torch.equal(model(ids).logits, ref)
     forced = torch.full_like(recorded, 8)  # every slot on a zero expert: MoE output is the shared expert only
@@ -114,7 +114,7 @@ def test_save_load_round_trip_and_replay(tmp_path):
         assert not torch.allclose(model(ids).logits, ref)
     assert zero_ratio(rec2(), 8)["overall"] == 1.0
     with pytest.raises(ValueError, match="routing replay"):
-        with torch.no_grad(), replay_routing(model, recorded[:, :, :4]):
+        with torch.no_grad(), replay_routing(model, recorded[:, :4]):
             model(ids)
 
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from launch.config import RunConfig
-from learner import model as mdl
 from learner.config import LearnerSection, OPDStage, SFTStage
+from learner.model import forward_logits
+from learner.router import last_routing, replay_routing, routers
 from learner.testing import tiny_checkpoint
 from learner.train import Learner
 
@@ -75,7 +76,7 @@ def router_inputs(model, replace=None):
         seen.append(x)
         return (x, *args[1:])
 
-    for r in mdl.routers(model):
+    for r in routers(model):
         hooks.append(r.register_forward_pre_hook(hook))
     try:
         yield seen
@@ -97,11 +98,11 @@ def reference_backward(learner, b: dict, alpha=ALPHA) -> list[float]:
     for rows in MICRO_BATCHES:
         tokens = torch.as_tensor(b["tokens"][rows])
         attn = torch.as_tensor(b["attention_mask"][rows]).bool()
-        replay = None if b.get("routed_experts") is None else torch.as_tensor(b["routed_experts"][:, rows]).long()
-        with router_inputs(model) as xs, mdl.replay_routing(model, replay):
-            mdl.forward_logits(model, tokens, ~attn)
+        replay = None if b.get("routed_experts") is None else torch.as_tensor(b["routed_experts"][rows]).long()
+        with router_inputs(model) as xs, replay_routing(model, replay):
+            forward_logits(model, tokens, ~attn)
         valid = attn.T.reshape(-1)
-        for r, x in zip(mdl.routers(model), xs):
+        for r, x in zip(routers(model), xs):
             logits = x.reshape(-1, x.shape[-1]).float() @ r.weight.float().T
             total = total + reference_l_ga(
                 logits,
@@ -112,15 +113,15 @@ def reference_backward(learner, b: dict, alpha=ALPHA) -> list[float]:
                 valid,
                 alpha=alpha,
             ) / len(MICRO_BATCHES)
-        ids = mdl.last_routing(model, *tokens.shape)
-        zero += float(((ids >= info.num_experts) & attn[None, :, :, None]).sum())
-        slots += float(attn.sum()) * ids.shape[0] * ids.shape[-1]
+        ids = last_routing(model, *tokens.shape)
+        zero += float(((ids >= info.num_experts) & attn[:, :, None, None]).sum())
+        slots += float(attn.sum()) * ids.shape[2] * ids.shape[-1]
     total.backward()
     return zero / slots
 
 
 def router_grads(learner):
-    return [r.weight.grad.clone() for r in mdl.routers(learner.model)]
+    return [r.weight.grad.clone() for r in routers(learner.model)]
 
 
 # ---- L_GA in the learner ------------------------------------------------------------------------
@@ -134,13 +135,13 @@ def test_l_ga_router_gradient_equals_autograd_of_the_formula(ckpts, family):
     learner = make(ckpts[family])
     info = learner.info
     b = batch(loss_from=12)  # no token loss: L_GA alone
-    rs = mdl.routers(learner.model)
+    rs = routers(learner.model)
     if family == "glm4_moe_lite":
         for r in rs:
             r.e_score_correction_bias[info.num_experts :] += 0.5
     else:
         rng = np.random.default_rng(1)
-        shape = (len(rs), *b["tokens"].shape, info.router.top_k)
+        shape = (*b["tokens"].shape, len(rs), info.router.top_k)
         b["routed_experts"] = rng.integers(info.num_experts - 2, info.router.total, shape)
         b["routed_experts"][..., 1] = info.num_experts  # distinct slots per token: a real/zero mix, then zero slot N
         b["routed_experts"][..., 0] = np.minimum(b["routed_experts"][..., 0], info.num_experts - 1)
@@ -165,9 +166,9 @@ def _fresh_zero_share(learner, b) -> float:
         for rows in MICRO_BATCHES:
             attn = torch.as_tensor(b["attention_mask"][rows]).bool()
             with router_inputs(model) as xs:
-                mdl.forward_logits(model, torch.as_tensor(b["tokens"][rows]), ~attn)
+                forward_logits(model, torch.as_tensor(b["tokens"][rows]), ~attn)
             valid = attn.T.reshape(-1)
-            for r, x in zip(mdl.routers(model), xs):
+            for r, x in zip(routers(model), xs):
                 z = x.reshape(-1, x.shape[-1]).float() @ r.weight.float().T
                 p = torch.sigmoid(z) if info.router.family == "sigmoid" else torch.softmax(z, -1)
                 top = p.topk(info.router.top_k, -1).indices[valid]
@@ -198,7 +199,7 @@ def test_l_ga_value_and_gradient_pinned_on_a_hand_made_batch(ckpts):
     x[..., : n + nz] = table.log().transpose(0, 1)
     weight = torch.zeros(n + nz, hidden)
     weight[:, : n + nz] = torch.eye(n + nz)
-    for r in mdl.routers(learner.model):
+    for r in routers(learner.model):
         r.weight.data.copy_(weight)
     b = {
         "tokens": np.ones((2, 4), np.int64),
@@ -211,7 +212,7 @@ def test_l_ga_value_and_gradient_pinned_on_a_hand_made_batch(ckpts):
     f_e, p_e = 3.5 / 6, (3 * 0.88 + 2 * 0.24 + 0.61) / 6
     value = 0.1 * (8 + 2 * 4) * (f_e * p_e / 8 + (1 - f_e) * (1 - p_e) / (2 * 4))
     assert value == pytest.approx(0.2 * (7 / 12 * 3.73 / 6 + 5 / 12 * 2.27 / 6))
-    assert st["aux"].tolist() == pytest.approx([value] * len(mdl.routers(learner.model)), rel=1e-6)
+    assert st["aux"].tolist() == pytest.approx([value] * len(routers(learner.model)), rel=1e-6)
     # dL/dz_te = alpha (N + w N_Z) (f_E/N - f_Z/(w N_Z)) / T_valid * q_te (1[e < N] - p_real_t), 0 on padding
     q_flat = table.transpose(0, 1).reshape(-1, n + nz)
     valid = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]).T.reshape(-1, 1).float()
@@ -260,7 +261,7 @@ def opd_batch(learner, seed=3):
     b["behaviour_logprobs"] = lp + rng.normal(0.0, 0.5, lp.shape).astype(np.float32)
     b["teacher_logprobs"] = lp + rng.normal(0.0, 1.0, lp.shape).astype(np.float32)
     info = learner.info
-    ids = rng.integers(0, info.router.total, (len(info.moe_layers), *lp.shape, 1))
+    ids = rng.integers(0, info.router.total, (*lp.shape, len(info.moe_layers), 1))
     b["routed_experts"] = np.concatenate([ids, (ids + 1) % info.router.total], -1)  # replayed, distinct slots
     return b
 
@@ -268,9 +269,9 @@ def opd_batch(learner, seed=3):
 def _logprobs(learner, b, rows=None):
     rows = list(range(len(b["tokens"]))) if rows is None else rows
     tokens = torch.as_tensor(b["tokens"][rows])
-    replay = None if b.get("routed_experts") is None else torch.as_tensor(b["routed_experts"][:, rows]).long()
-    with mdl.replay_routing(learner.model, replay):
-        logits = mdl.forward_logits(learner.model, tokens, ~torch.as_tensor(b["attention_mask"][rows]).bool())
+    replay = None if b.get("routed_experts") is None else torch.as_tensor(b["routed_experts"][rows]).long()
+    with replay_routing(learner.model, replay):
+        logits = forward_logits(learner.model, tokens, ~torch.as_tensor(b["attention_mask"][rows]).bool())
     return torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
 
 
@@ -304,7 +305,7 @@ def test_opd_gradient_is_the_official_objective(ckpts, agg, tis_cap):
     b = opd_batch(learner)
     st = learner.accumulate(b)
     assert st["n_mb"] == 2
-    m = learner._metrics(st, 0.0, 0.0, 1.0)
+    m = learner.metrics(st, 0.0, 0.0, 1.0)
     assert m["clip_frac"] == 0.0 and m["ratio_mean"] == 1.0 and m["behaviour_clip_frac"] > 0.2
     got = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
     want = reference_opd_grads(learner, b, agg, tis_cap)
@@ -326,7 +327,7 @@ def test_full_kl_gradient_is_the_reverse_kl_over_the_teachers_top_k(ckpts, k):
     top_lp, top_ids = t_all.topk(k, -1)
     b["teacher_top_ids"], b["teacher_top_logprobs"] = top_ids.numpy().astype(np.int32), top_lp.numpy()
     st = learner.accumulate(b)
-    m = learner._metrics(st, 0.0, 0.0, 1.0)
+    m = learner.metrics(st, 0.0, 0.0, 1.0)
     got = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
 
     model = learner.model
@@ -334,8 +335,8 @@ def test_full_kl_gradient_is_the_reverse_kl_over_the_teachers_top_k(ckpts, k):
     for p in model.parameters():
         p.grad = None
     tokens = torch.as_tensor(b["tokens"])
-    with mdl.replay_routing(model, torch.as_tensor(b["routed_experts"]).long()):
-        logits = mdl.forward_logits(model, tokens, ~torch.as_tensor(b["attention_mask"]).bool())
+    with replay_routing(model, torch.as_tensor(b["routed_experts"]).long()):
+        logits = forward_logits(model, tokens, ~torch.as_tensor(b["attention_mask"]).bool())
     s_all = torch.log_softmax(logits[:, :-1].float(), -1)
     ids, t = top_ids[:, 1:], top_lp[:, 1:]
     s = s_all.gather(-1, ids)
@@ -360,7 +361,7 @@ def test_behaviour_ratio_clips_what_the_official_ratio_does_not(ckpts):
     learner = make(ckpts["qwen3_moe"], OPDStage(lr=1e-2, ratio="behaviour"), alpha=0.0)
     b = opd_batch(learner)
     st = learner.accumulate(b)
-    m = learner._metrics(st, 0.0, 0.0, 1.0)
+    m = learner.metrics(st, 0.0, 0.0, 1.0)
     assert m["clip_frac"] == m["behaviour_clip_frac"] > 0.2
     got = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
     want = reference_opd_grads(learner, b, "sample_mean")

@@ -49,7 +49,12 @@ SHORT = {
 MALFORMED = 10_000
 # a deep window of calls (two versions of staleness) with answers that stop early and answers cut at a cap
 # above the tasks' length: many long and short rollouts are in flight when the driver is killed
-LONG_AND_SHORT = {"opd.max_staleness": 2, "opd.rollout_batch": 4, "sampling.max_new_tokens": 16, "sampling.temperature": 1.5}
+LONG_AND_SHORT = {
+    "opd.max_staleness": 2,
+    "opd.rollout_batch": 4,
+    "sampling.max_new_tokens": 16,
+    "sampling.temperature": 1.5,
+}
 
 
 @pytest.fixture(scope="module")

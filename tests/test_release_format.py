@@ -132,16 +132,17 @@ def test_torch_engine_and_sglang_view_serve_the_official_layout(pair, tmp_path):
 
 def test_learner_loads_the_official_layout(pair):
     from learner import bridge, parallel
-    from learner import model as mdl
+    from learner.megatron_config import load_hf_config, model_info
+    from learner.model import build_model, forward_logits
 
     family, _, ours, official = pair
     parallel.setup(0, 1, 1)
     out = []
     for path in (official, ours):
-        m = mdl.build_model(mdl.model_info(mdl.load_hf_config(path)))
+        m = build_model(model_info(load_hf_config(path)))
         bridge.load_hf(m, path)
         with torch.no_grad():
-            out.append(mdl.forward_logits(m.eval(), _tokens(512, 5)))
+            out.append(forward_logits(m.eval(), _tokens(512, 5)))
     assert m.zeda_info.num_zero == NZ
     torch.testing.assert_close(out[0], out[1], atol=0, rtol=0)
 

@@ -149,7 +149,7 @@ def test_sft_and_opd_losses():
 
 
 def test_zero_ratio_per_layer_and_mask():
-    ids = torch.tensor([[[[0, 8], [8, 9]]], [[[1, 2], [3, 4]]]])  # [L=2, B=1, S=2, K=2], N=8
+    ids = torch.tensor([[[[0, 8], [1, 2]], [[8, 9], [3, 4]]]])  # [B=1, S=2, L=2, K=2], N=8
     r = zero_ratio(ids, 8)
     assert r["per_layer"] == [0.75, 0.0] and r["overall"] == 0.375
     r = zero_ratio(ids, 8, token_mask=torch.tensor([[True, False]]))

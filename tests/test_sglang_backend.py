@@ -121,8 +121,8 @@ def test_generate_matches_torch_engine(student):
         np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
         assert g.logprobs.dtype == np.float32
         assert g.routed_experts.dtype == np.int16
-        assert g.routed_experts.shape == w.routed_experts.shape == (2, len(g.prompt_ids) + len(g.output_ids), 2)
-        assert (g.routed_experts == w.routed_experts).all() and (g.routed_experts[:, -1] == -1).all()
+        assert g.routed_experts.shape == w.routed_experts.shape == (len(g.prompt_ids) + len(g.output_ids), 2, 2)
+        assert (g.routed_experts == w.routed_experts).all() and (g.routed_experts[-1] == -1).all()
     assert any((g.routed_experts >= n).any() for g in got)  # zero slots keep their ids for routing replay
 
 
@@ -353,9 +353,7 @@ def test_decode_routed_experts_checks_the_size():
     import base64
 
     out = decode_routed_experts(base64.b64encode(ids.tobytes()).decode(), 5, 3, 2, [1, 2])
-    assert (
-        out.shape == (2, 5, 2) and (out[:, :4] == ids[:, [1, 2]].transpose(1, 0, 2)).all() and (out[:, 4] == -1).all()
-    )
+    assert out.shape == (5, 2, 2) and (out[:4] == ids[:, [1, 2]]).all() and (out[4] == -1).all()
     assert (
         decode_routed_experts(ids, 5, 3, 2, [0]) == decode_routed_experts(torch.from_numpy(ids), 5, 3, 2, [0])
     ).all()

@@ -95,10 +95,10 @@ def test_block_and_model_equal_stock_path(checkpoints, family, options, forced):
     ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), record_routing(model) as rec:
         model(ids)
-    routed = rec()  # [L, B, S, K]
+    routed = rec()  # [B, S, L, K]
     if forced:
         routed = routed.clone()
-        routed[:, :, ::3] = N + torch.arange(2)  # every third token: both slots on zero experts
+        routed[:, ::3] = N + torch.arange(2)  # every third token: both slots on zero experts
     blocks = moe_blocks(model)
     with torch.no_grad(), replay_routing(model, routed) if forced else nullcontext():
         with record_routing(model) as rec_new:
@@ -133,12 +133,12 @@ def test_block_and_model_equal_stock_path(checkpoints, family, options, forced):
 
 def _block_outputs(blocks, xs, routed):
     """(output [B, S, H], mask [B, S] of tokens with no real expert) of every block on its input;
-    `routed` [L, B, S, K] is replayed when given (skip_threshold cannot be replayed: natural routing)."""
+    `routed` [B, S, L, K] is replayed when given (skip_threshold cannot be replayed: natural routing)."""
     outs = []
     for i, (blk, x) in enumerate(zip(blocks, xs)):
         blk.record = []
         if routed is not None:
-            blk.replay, blk.replay_pos = routed[i], 0
+            blk.replay, blk.replay_pos = routed[:, :, i], 0
         with torch.no_grad():
             y = blk(x)
         ids = blk.record[0]
@@ -205,8 +205,9 @@ def test_expert_rows_equal_routed_real_pairs(checkpoints, family):
             model(ids)
         routed = rec()
         assert not counter.other_expert_ops, counter.other_expert_ops
-        for layer in range(routed.shape[0]):
-            want = torch.bincount(routed[layer][routed[layer] < N].reshape(-1), minlength=N).tolist()
+        for layer in range(routed.shape[2]):
+            mine = routed[:, :, layer]
+            want = torch.bincount(mine[mine < N].reshape(-1), minlength=N).tolist()
             for proj in ("gate_up_proj", "down_proj"):
                 got = [counter.rows.get((layer, proj, e), 0) for e in range(N)]
                 assert got == want, (layer, proj, got, want)
@@ -217,7 +218,7 @@ def test_expert_rows_equal_routed_real_pairs(checkpoints, family):
     assert shares[0] < 0.3 and shares[-1] > 0.7 and all(a < b for a, b in zip(shares, shares[1:])), totals
 
     model = _load(checkpoints[family])  # every slot on a zero expert: no expert matmul at all
-    forced = torch.full((len(moe_blocks(model)), 4, 16, 2), N)
+    forced = torch.full((4, 16, len(moe_blocks(model)), 2), N)
     with torch.no_grad(), replay_routing(model, forced), _ExpertRows(model) as counter:
         model(ids)
     assert counter.rows == {}
@@ -241,7 +242,7 @@ def test_torch_engine_generations_identical(checkpoints, family, tmp_path):
     new = engine.generate(prompts, params)
     _stock(engine.model)
     old = engine.generate(prompts, params)
-    routed = np.concatenate([s.routed_experts[:, :-1] for s in new], axis=1)
+    routed = np.concatenate([s.routed_experts[:-1] for s in new])
     assert float((routed >= N).mean()) > 0.25
     for a, b in zip(new, old):
         assert a.output_ids == b.output_ids

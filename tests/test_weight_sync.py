@@ -40,14 +40,13 @@ def fleet(tmp_path_factory):
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     d = tmp_path_factory.mktemp("ws")
     ckpt = tiny_checkpoint("qwen3_moe", d / "ckpt", initializer_range=0.1)
-    group = LearnerGroup(
-        ckpt, LearnerSection(ep=2, bucket_bytes=8192), SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0)
-    )
+    sft = SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0)
+    group = LearnerGroup(ckpt, LearnerSection(ep=2, bucket_bytes=8192), sft)
     engines = [RolloutActor.options(num_cpus=0.25).remote("torch", str(ckpt)) for _ in range(2)]
     ray.get([e.health.remote() for e in engines])
     rng = np.random.default_rng(0)
     batch = {"tokens": rng.integers(0, 64, (4, 12)), "loss_mask": np.tile(np.r_[[0] * 4 + [1] * 8], (4, 1))}
-    yield {"group": group, "engines": engines, "ckpt": ckpt, "dir": d, "batch": batch}
+    yield {"group": group, "engines": engines, "ckpt": ckpt, "dir": d, "batch": batch, "sft": sft}
     group.shutdown()
     for e in engines:
         ray.kill(e)
@@ -104,7 +103,7 @@ def _settles_to(n: int, timeout_s: float = 30.0) -> int:
 
 def test_ranks_publish_what_they_own_and_engines_end_with_the_learners_tensors(fleet):
     group, engines = fleet["group"], fleet["engines"]
-    group.train_step(fleet["batch"])
+    group.train_step(fleet["sft"], fleet["batch"])
 
     per_rank = ray.get([a.publish.remote(1, 8192) for a in group.actors])
     names = [[n for r in refs for n, _ in unpack_bucket(ray.get(r), 1)] for refs in per_rank]
@@ -133,7 +132,7 @@ def test_a_push_during_generation_is_seen_whole_or_not_at_all(fleet):
     old = [s["output_ids"] for s in ray.get(ref.generate.remote(PROMPTS, GREEDY, list(range(len(PROMPTS)))))]
     before = _engine_tensors(eng, list(_learner_tensors(group, fleet["dir"] / "export-old")))
 
-    group.train_step(fleet["batch"])
+    group.train_step(fleet["sft"], fleet["batch"])
     push2 = group.publish(2)
     bad = ray.put(pack_bucket(2, [("model.layers.0.nope.weight", torch.ones(2))]))
 
@@ -219,7 +218,7 @@ def test_ten_pushes_under_load_through_the_actors_lose_no_request(fleet, tmp_pat
 
     for v in range(31, 41):
         keep_busy()
-        group.train_step(fleet["batch"])
+        group.train_step(fleet["sft"], fleet["batch"])
         keep_busy()
         assert ray.get(sync.push(v), timeout=120) == [v, v]
     for i in calls:
@@ -243,7 +242,7 @@ def test_broadcast_path_delivers_the_same_tensors_to_fake_sglang(fleet, tmp_path
         for _ in range(2)
     ]
     try:
-        group.train_step(fleet["batch"])
+        group.train_step(fleet["sft"], fleet["batch"])
         sync = WeightSync(group, fakes, MetricsLog(tmp_path / "m.jsonl"), transport="nccl", timeout_s=120)
         assert ray.get(sync.push(21)) == [21, 21]
         assert sync.latest is None  # nothing went through the object store
@@ -256,7 +255,7 @@ def test_broadcast_path_delivers_the_same_tensors_to_fake_sglang(fleet, tmp_path
         assert [c["rank_offset"] for c in joined] == [2, 2] and {c["world_size"] for c in joined} == {3}
         assert len(calls["update_weights_from_distributed"]) == len(sync._buckets)
 
-        group.train_step(fleet["batch"])  # a second version through the same groups
+        group.train_step(fleet["sft"], fleet["batch"])  # a second version through the same groups
         assert ray.get(sync.push(22)) == [22, 22]
         want = _learner_tensors(group, tmp_path / "export2")
         _assert_same(_engine_tensors(fakes[0], list(want)), want)

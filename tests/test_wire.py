@@ -45,7 +45,7 @@ def make_arrays(b=3, s=7, layers=2, k=4, seed=0, mask_dtype=np.uint8, routed_dty
         "sample_ids": np.arange(100, 100 + b, dtype=np.int64),
     }
     if optional:
-        out["routed_experts"] = rng.integers(-1, 64, (layers, b, s, k)).astype(routed_dtype)
+        out["routed_experts"] = rng.integers(-1, 64, (b, s, layers, k)).astype(routed_dtype)
         out["attention_mask"] = np.ones((b, s), dtype=mask_dtype)
     return out
 
@@ -251,8 +251,8 @@ def test_truncated_frame_byte_length_mismatch():
     [
         ("policy_version", (4,), "'policy_version': shape \\[4\\] has B=4, but 'tokens' has B=3"),
         ("teacher_logprobs", (3, 8), "'teacher_logprobs': shape \\[3, 8\\] has S=8, but 'tokens' has S=7"),
-        ("routed_experts", (2, 3, 6, 4), "'routed_experts': shape \\[2, 3, 6, 4\\] has S=6"),
-        ("routed_experts", (3, 7, 4), "'routed_experts': shape \\[3, 7, 4\\] has 3 dims, expected \\[L,B,S,K\\]"),
+        ("routed_experts", (3, 6, 2, 4), "'routed_experts': shape \\[3, 6, 2, 4\\] has S=6"),
+        ("routed_experts", (3, 7, 4), "'routed_experts': shape \\[3, 7, 4\\] has 3 dims, expected \\[B,S,L,K\\]"),
         ("loss_mask", (21,), "'loss_mask': shape \\[21\\] has 1 dims, expected \\[B,S\\]"),
     ],
 )

@@ -17,7 +17,15 @@ import torch
 from learner.inbox import LearnerInbox
 from zeda_rl import wire
 from zeda_rl.transport import Pusher
-from zeda_rl.weights import WeightUpdate, WeightUpdateError, decode_update, encode_update, pack_bucket, unpack_bucket
+from zeda_rl.weights import (
+    WEIGHTS_SCHEMA_VERSION,
+    WeightUpdate,
+    WeightUpdateError,
+    decode_update,
+    encode_update,
+    pack_bucket,
+    unpack_bucket,
+)
 from zeda_rl.wire import (
     FINITE_FIELDS,
     BadMeta,
@@ -46,7 +54,7 @@ def batch_arrays(seed: int = 0) -> dict[str, np.ndarray]:
         "policy_version": np.zeros(B, np.int64),
         "sample_ids": np.arange(B, dtype=np.int64),
         "attention_mask": np.ones((B, S), np.uint8),
-        "routed_experts": rng.integers(-1, 8, (2, B, S, 2)).astype(np.int16),
+        "routed_experts": rng.integers(-1, 8, (B, S, 2, 2)).astype(np.int16),
         "teacher_top_ids": rng.integers(0, VOCAB, (B, S, K), dtype=np.int32),
         "teacher_top_logprobs": -rng.random((B, S, K), dtype=np.float32),
         "advantages": rng.standard_normal((B, S)).astype(np.float32),
@@ -295,13 +303,19 @@ def test_empty_arrays_with_sane_dims_still_decode():
     assert dict(decode_update(forged).named_tensors())["w"].shape == (0, 2**31 - 1)
 
 
-@pytest.mark.parametrize("schema", [True, 1.0, "1", [1], None, 2])
-def test_schema_version_must_be_exactly_the_int(schema):
-    match = "this reader speaks 1" if schema == 2 else f"of type {type(schema).__name__}, expected the int 1"
-    with pytest.raises(SchemaMismatch, match=match):
-        decode(with_header(batch_frames(), lambda h: h.update(schema=schema)))
-    with pytest.raises(SchemaMismatch, match=match):
-        decode_update(with_header(weight_frames(), lambda h: h.update(schema=schema)))
+@pytest.mark.parametrize("forge", [bool, float, str, lambda v: [v], lambda v: None, lambda v: v + 1])
+def test_schema_version_must_be_exactly_the_int(forge):
+    for dec, frames, version in (
+        (decode, batch_frames(), wire.SCHEMA_VERSION),
+        (decode_update, weight_frames(), WEIGHTS_SCHEMA_VERSION),
+    ):
+        schema = forge(version)  # equal to the version (True == 1, 2.0 == 2), spelled like it, or another one
+        if type(schema) is int:
+            match = f"this reader speaks {version}"
+        else:
+            match = f"of type {type(schema).__name__}, expected the int {version}"
+        with pytest.raises(SchemaMismatch, match=match):
+            dec(with_header(frames, lambda h: h.update(schema=schema)))
 
 
 @pytest.mark.parametrize("version", [True, 3.0, None, "3"])

@@ -31,8 +31,8 @@ def skipped_share(model, batches: list[dict]) -> float:
     for enc in batches:
         with record_routing(model) as rec:
             model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        ids = rec()  # [L, B, S, K]
-        m = enc["attention_mask"].bool()[None, :, :, None].expand_as(ids)
+        ids = rec()  # [B, S, L, K]
+        m = enc["attention_mask"].bool()[:, :, None, None].expand_as(ids)
         skipped += float(((ids >= n) & m).sum())
         total += float(m.sum())
     return skipped / max(total, 1.0)
@@ -121,7 +121,7 @@ def token_stats(student, teacher, tokenizer, prompts: list[str], max_new_tokens:
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         with record_routing(student) as rec:
             s_logits = student(input_ids=seq, attention_mask=mask, position_ids=pos).logits.float()
-        ids = rec()  # [L, B, S, K]
+        ids = rec()  # [B, S, L, K]
         t_logits = teacher(input_ids=seq, attention_mask=mask, position_ids=pos).logits.float()
         # the forward at position j produces token j+1: take positions plen-1 .. S-2
         steps = slice(plen - 1, seq.shape[1] - 1)
@@ -130,10 +130,10 @@ def token_stats(student, teacher, tokenizer, prompts: list[str], max_new_tokens:
         tok = new[:, :, None]
         s_tok, t_tok = s_lp.gather(-1, tok).squeeze(-1), t_lp.gather(-1, tok).squeeze(-1)
         entropy = -(s_lp.exp() * s_lp).sum(-1)
-        zero = (ids[:, :, steps] >= n).float().mean(dim=(0, 3))  # over layers and slots: [B, T]
+        zero = (ids[:, steps] >= n).float().mean(dim=(2, 3))  # over layers and slots: [B, T]
         reading = enc.attention_mask.bool().clone()
         reading[:, -1] = False
-        zp = (ids[:, :, :plen] >= n).float().mean(dim=(0, 3))
+        zp = (ids[:, :plen] >= n).float().mean(dim=(2, 3))
         prompt_zero.append(((zp * reading).sum(1) / reading.sum(1).clamp_min(1)).numpy())
         rows = torch.arange(new.shape[0])[:, None].expand_as(new) + start
         for key, val in (

@@ -155,7 +155,7 @@ def moe_shape(checkpoint: str | Path) -> tuple[int, int]:
 def request_zero_shares(routed, num_experts: int, n_layers: int):
     """Per-layer zero-slot share of one request over every token it routed (prompt and output).
 
-    `routed` is a Sample's int [L_moe, P+O, K] expert ids, -1 where nothing was recorded;
+    `routed` is a Sample's int [P+O, L_moe, K] expert ids, -1 where nothing was recorded;
     a zero slot is an id >= N. None (a static model, which records no routing) is 0 everywhere.
     """
     import numpy as np
@@ -163,10 +163,10 @@ def request_zero_shares(routed, num_experts: int, n_layers: int):
     if routed is None:
         return np.zeros(n_layers)
     routed = np.asarray(routed)
-    if routed.ndim != 3 or routed.shape[0] != n_layers:
-        raise ValueError(f"routed experts of shape {list(routed.shape)}; expected [{n_layers} MoE layers, tokens, K]")
-    seen = (routed >= 0).sum(axis=(1, 2))
-    return (routed >= num_experts).sum(axis=(1, 2)) / np.maximum(seen, 1)
+    if routed.ndim != 3 or routed.shape[1] != n_layers:
+        raise ValueError(f"routed experts of shape {list(routed.shape)}; expected [tokens, {n_layers} MoE layers, K]")
+    seen = (routed >= 0).sum(axis=(0, 2))
+    return (routed >= num_experts).sum(axis=(0, 2)) / np.maximum(seen, 1)
 
 
 def mean_zero_ratio(per_request: list) -> dict:

@@ -152,7 +152,6 @@ class _ZeroExpertRouterMixin:
         x = hidden_states.reshape(-1, self.hidden_dim)
         logits = nn.functional.linear(x.float(), self.weight.float())  # router in fp32
         r = route(logits, self.spec, getattr(self, "e_score_correction_bias", None), replay_ids)
-        self.last_probs = r.probs  # kept for the group auxiliary loss of a training loop
         return logits, r.weights, r.ids
 
 
@@ -321,14 +320,14 @@ def moe_blocks(model: nn.Module) -> list[_ZeroExpertBlockMixin]:
 
 @contextmanager
 def record_routing(model: nn.Module):
-    """Record the chosen slot ids of every MoE layer: `rec()` gives [L, B, S, K] over all calls."""
+    """Record the chosen slot ids of every MoE layer: `rec()` gives [B, S, L, K] over all calls."""
     records = []
     for blk in moe_blocks(model):
         blk.record = []
         records.append(blk.record)
 
     def ids() -> torch.Tensor:
-        return torch.stack([torch.cat(r, dim=1) for r in records])
+        return torch.stack([torch.cat(r, dim=1) for r in records], dim=2)
 
     try:
         yield ids
@@ -339,12 +338,14 @@ def record_routing(model: nn.Module):
 
 @contextmanager
 def replay_routing(model: nn.Module, ids: torch.Tensor):
-    """Force the slot ids [L, B, S, K] (routing replay); weights are still the router's."""
+    """Force the slot ids [B, S, L, K] (routing replay); weights are still the router's."""
     blocks = moe_blocks(model)
-    if ids.shape[0] != len(blocks):
-        raise ValueError(f"routing replay: ids cover {ids.shape[0]} MoE layers, the model has {len(blocks)}")
-    for blk, layer_ids in zip(blocks, ids):
-        blk.replay, blk.replay_pos = layer_ids, 0
+    if ids.dim() != 4 or ids.shape[2] != len(blocks):
+        raise ValueError(
+            f"routing replay: ids of shape {list(ids.shape)}, expected [B, S, {len(blocks)} MoE layers, K]"
+        )
+    for i, blk in enumerate(blocks):
+        blk.replay, blk.replay_pos = ids[:, :, i], 0
     try:
         yield
     finally:
@@ -379,8 +380,3 @@ def set_baseline_options(
         if spec.static_top_k and not 1 <= spec.static_top_k <= spec.top_k:
             raise ValueError(f"static_top_k {spec.static_top_k} must be between 1 and top_k {spec.top_k}")
         blk.gate.spec = dataclasses.replace(spec, mask_zero=blk.gate.spec.mask_zero)
-
-
-def last_router_probs(model: nn.Module) -> list[torch.Tensor]:
-    """Routing distributions [T, N+N_Z] of the last forward, per MoE layer (for L_GA)."""
-    return [blk.gate.last_probs for blk in moe_blocks(model)]

@@ -152,13 +152,13 @@ def _mask_groups(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
 def zero_ratio(ids: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None) -> dict:
     """Share of routed slots sent to zero experts, overall and per MoE layer.
 
-    `ids` is [L, ..., K] (layers first). `token_mask` ([...], bool) limits the count to
-    some tokens, e.g. the response. Expert FLOPs eliminated ~= this share (ZEDA.md 6).
+    `ids` is [..., L, K] (tokens first, e.g. [B, S, L, K]). `token_mask` ([...], bool) limits the
+    count to some tokens, e.g. the response. Expert FLOPs eliminated ~= this share (ZEDA.md 6).
     """
-    zero = (ids >= num_experts).float()
+    zero = (ids >= num_experts).float().flatten(0, -3)  # [tokens, L, K]
     if token_mask is not None:
-        m = token_mask.to(zero.dtype).unsqueeze(-1).expand_as(zero[0])
-        per_layer = (zero * m).flatten(1).sum(1) / m.sum().clamp_min(1)
+        m = token_mask.reshape(-1).to(zero.dtype)
+        per_layer = (zero * m[:, None, None]).sum((0, 2)) / (m.sum() * zero.shape[-1]).clamp_min(1)
     else:
-        per_layer = zero.flatten(1).mean(1)
+        per_layer = zero.mean((0, 2))
     return {"overall": float(per_layer.mean()) if len(per_layer) else 0.0, "per_layer": per_layer.tolist()}

@@ -39,7 +39,7 @@ class Sample:
     prompt_ids: list[int]
     output_ids: list[int]
     logprobs: np.ndarray  # float32 [O]: log p(output token) at the sampling temperature
-    routed_experts: np.ndarray | None  # int16 [L_moe, P+O, K]; -1 where not recorded (the last token)
+    routed_experts: np.ndarray | None  # int16 [P+O, L_moe, K]; -1 where not recorded (the last token)
     finish_reason: str  # "stop" | "length"
     policy_version: int = 0
     extra: dict = field(default_factory=dict)

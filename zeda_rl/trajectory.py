@@ -3,6 +3,9 @@
 Alignment convention, used by the learner and the losses: column t of `loss_mask`,
 `behaviour_logprobs` and `teacher_logprobs` describes token t as predicted from
 position t-1; column 0 is never trained.
+
+Every array of a batch is row-first: [B] or [B, S, ...] (`routed_experts` [B, S, L_moe, K]), so
+selecting, concatenating and padding treat all fields alike; padding is 0, -1 for expert ids.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ def pack_samples(
     """Right-pad samples into named arrays (the fields of `zeda_rl.wire.TrajectoryBatch`).
 
     Each sample dict has prompt_ids, output_ids, logprobs [O], policy_version, sample_id
-    and optionally routed_experts [L, P+O, K]. `teacher_logprobs[i]` is the engine's
+    and optionally routed_experts [P+O, L, K]. `teacher_logprobs[i]` is the engine's
     score of the whole sequence: log p(seq[t] | seq[:t]) for t >= 1. `teacher_top[i]`, when
     given (`Engine.score_topk`: top_ids / top_logprobs [len-1, k]), adds the teacher's k most likely
     tokens at every position as `teacher_top_ids` / `teacher_top_logprobs` [B, S, k], same alignment;
@@ -36,8 +39,8 @@ def pack_samples(
     teacher = np.zeros((b, n), dtype=np.float32)
     routed = None
     if samples[0].get("routed_experts") is not None:
-        layers, _, k = samples[0]["routed_experts"].shape
-        routed = np.full((layers, b, n, k), -1, dtype=np.int16)
+        _, layers, k = samples[0]["routed_experts"].shape
+        routed = np.full((b, n, layers, k), -1, dtype=np.int16)
     for i, (s, seq) in enumerate(zip(samples, seqs)):
         p, o = len(s["prompt_ids"]), len(s["output_ids"])
         tokens[i, : len(seq)] = seq
@@ -55,7 +58,7 @@ def pack_samples(
                 )
             teacher[i, 1 : len(seq)] = t
         if routed is not None:
-            routed[:, i, : len(seq)] = s["routed_experts"]
+            routed[i, : len(seq)] = s["routed_experts"]
         if teacher_top is not None:
             top_ids, top_lp = (np.asarray(teacher_top[i][k]) for k in ("top_ids", "top_logprobs"))
             if i == 0:
@@ -98,10 +101,9 @@ def concat_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray
     n = max(b["tokens"].shape[1] for b in batches)
     out = {}
     for key in batches[0]:
-        if key == "routed_experts":
-            out[key] = np.concatenate([_pad_to(b[key], n, 2, -1) for b in batches], axis=1)
-        elif batches[0][key].ndim in (2, 3):  # [B, S] and [B, S, k] (teacher top-k)
-            out[key] = np.concatenate([_pad_to(b[key], n, 1, 0) for b in batches], axis=0)
+        if batches[0][key].ndim >= 2:  # [B, S, ...]: padded to the longest sequence
+            fill = -1 if key == "routed_experts" else 0
+            out[key] = np.concatenate([_pad_to(b[key], n, 1, fill) for b in batches], axis=0)
         else:
             out[key] = np.concatenate([b[key] for b in batches], axis=0)
     return out
@@ -110,9 +112,9 @@ def concat_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray
 def take_rows(batch: dict[str, np.ndarray], rows) -> dict[str, np.ndarray]:
     """Select samples (rows) and trim the padding the selection no longer needs."""
     rows = np.asarray(rows)
-    out = {k: (v[:, rows] if k == "routed_experts" else v[rows]) for k, v in batch.items()}
+    out = {k: v[rows] for k, v in batch.items()}
     n = int(out["attention_mask"].sum(1).max()) if "attention_mask" in out else out["tokens"].shape[1]
-    return {k: (v[:, :, :n] if k == "routed_experts" else v[:, :n] if v.ndim in (2, 3) else v) for k, v in out.items()}
+    return {k: v[:, :n] if v.ndim >= 2 else v for k, v in out.items()}
 
 
 def num_rows(batch: dict[str, np.ndarray]) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: routed_experts row-first, [B, S, L, K] (1 had [L, B, S, K])
 MAGIC = "zeda-rl"
 KIND = "trajectory"
 MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes; anything huge is not ours
@@ -64,7 +64,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 
 # Field name -> (allowed dtype names, symbolic shape). "B"/"S"/"V" must agree across fields;
-# "L"/"K" are free (routed experts: layers x top-k).
+# "L"/"K" are free (routed experts: layers x top-k). Every per-sample field is row-first ([B, ...]).
 REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "tokens": (("int32",), ("B", "S")),
     "loss_mask": (("uint8", "bool"), ("B", "S")),
@@ -74,7 +74,7 @@ REQUIRED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sample_ids": (("int64",), ("B",)),
 }
 OPTIONAL: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "routed_experts": (("int16", "int32"), ("L", "B", "S", "K")),
+    "routed_experts": (("int16", "int32"), ("B", "S", "L", "K")),
     "attention_mask": (("uint8", "bool"), ("B", "S")),
     # opd.objective full_kl: the teacher's top-k next tokens at every position (k = the vocabulary: exact KL)
     "teacher_top_ids": (("int32",), ("B", "S", "V")),

@@ -111,10 +111,10 @@ def test_real_engine_matches_reference(checkpoint, tmp_path):
             np.testing.assert_allclose(g["logprobs"], want, atol=0.15, err_msg=f"{tag}: behaviour logprobs")
             with torch.no_grad(), record_routing(ref.model) as rec:
                 ref.model(torch.tensor([seq]))
-            hf = rec()[:, 0].numpy()
+            hf = rec()[0].numpy()  # [P+O, L, K]
             routed = np.asarray(g["routed"])
-            assert routed.shape == (2, len(seq), 2) and (routed[:, -1] == -1).all()
-            agree = (np.sort(routed[:, :-1], -1) == np.sort(hf[:, :-1], -1)).mean()
+            assert routed.shape == (len(seq), 2, 2) and (routed[-1] == -1).all()
+            agree = (np.sort(routed[:-1], -1) == np.sort(hf[:-1], -1)).mean()
             assert agree > 0.9, f"{tag}: routed experts agree on {agree:.0%} of slots"
         seqs = [g["prompt"] + g["out"] for g in gen]
         for t, got in scores.items():
