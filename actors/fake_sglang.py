@@ -29,7 +29,6 @@ It keeps a log of control calls in `calls` so tests can check what was sent.
 from __future__ import annotations
 
 import base64
-import json
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import zeda_rl.modeling as modeling
 from actors.torch_engine import _sample
-from zeda_rl.arch import ARCHS, TARGETS
+from zeda_rl.arch import ARCHS, TARGETS, read_config
 from zeda_rl.weights import TORCH_DTYPES, join_group, model_tensors, tensor_target
 
 _SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos", "sampling_seed"}
@@ -60,7 +59,7 @@ class FakeSGLangEngine:
     def __init__(self, **server_args):
         self.server_args = SimpleNamespace(**server_args)
         path = Path(server_args["model_path"])
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = read_config(path)
         self.model = _load(path, cfg).eval()
         self._tensors = model_tensors(self.model)
         arch = TARGETS.get(cfg["architectures"][0]) or ARCHS.get(cfg["architectures"][0])

@@ -66,7 +66,7 @@ import torch
 from actors.serving import Serving
 from actors.sglang_plugin import PACKAGE as PLUGIN_PACKAGE
 from actors.sglang_plugin.zero_slots import router_spec_from_config
-from zeda_rl.arch import ARCHS, TARGETS, ArchSpec
+from zeda_rl.arch import ARCHS, TARGETS, ArchSpec, read_config
 from zeda_rl.checks import check_routers
 from zeda_rl.sampling import Sample, SamplingParams
 
@@ -97,7 +97,7 @@ def inspect_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     """What the engine needs from config.json; first refuses NaN/Inf or non-float routers
     (`zeda_rl.checks`, on CPU from the safetensors files), which SGLang would load silently."""
     check_routers(checkpoint)
-    cfg = json.loads((Path(checkpoint) / "config.json").read_text())
+    cfg = read_config(checkpoint)
     name = (cfg.get("architectures") or [None])[0]
     arch = TARGETS.get(name) or ARCHS.get(name)
     return CheckpointInfo(

@@ -529,7 +529,6 @@ def _gpu_verdicts(
 
 def load_hf_config(cfg, override: str | None = None) -> dict:
     """The static teacher's config.json (`override`: another file or checkpoint dir, e.g. to plan away from the cluster)."""
-    import json
     from pathlib import Path
 
     if override is None and cfg.model.teacher == "embedded":
@@ -540,7 +539,9 @@ def load_hf_config(cfg, override: str | None = None) -> dict:
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(2, "no HF config.json (plan elsewhere with --hf-config FILE)", str(path))
-    return json.loads(path.read_text())
+    from zeda_rl.arch import read_config_file
+
+    return read_config_file(path)
 
 
 def refusal(p: dict) -> str:

@@ -109,15 +109,20 @@ def read_config(checkpoint_dir) -> dict:
     """A checkpoint directory's config.json, checked before anything loads weights by it.
 
     The one reader of config.json that `zeda convert`, `zeda eval`, the router checks (and so the
-    learner's loader and the engines) share. Refused, naming the file and what was expected: no
-    config.json (FileNotFoundError), a file that is not JSON text, JSON that is not an object,
-    and a MoE whose experts per token (`num_experts_per_tok`) is not between 1 and its expert count
-    (transformers would fail inside routing with an index error, or route every token nowhere).
+    learner's loader and the engines), `zeda plan` and the baselines share. Refused, naming the file
+    and what was expected: no config.json (FileNotFoundError), a file that is not JSON text, JSON that
+    is not an object, and a MoE whose experts per token (`num_experts_per_tok`) is not between 1 and its
+    expert count (transformers would fail inside routing with an index error, or route every token nowhere).
     """
     d = Path(checkpoint_dir)
-    path = d / "config.json"
-    if not path.is_file():
+    if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d}: not a checkpoint directory (no config.json; expected a Hugging Face checkpoint)")
+    return read_config_file(d / "config.json")
+
+
+def read_config_file(path) -> dict:
+    """`read_config` for a config file given by its own path (`zeda plan --hf-config FILE`)."""
+    path = Path(path)
     try:
         cfg = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
