@@ -182,8 +182,9 @@ class ClusterSection(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: this machine's)")
     bind_host: str = Field(
         "127.0.0.1",
-        description="IPv4 address of this machine the learner's ZMQ inbox binds to; "
-        "'auto': the learner node's cluster address; 0.0.0.0 only with allow_all_interfaces",
+        description="IPv4 address of this machine the learner's ZMQ inbox binds to, and its rendezvous when every "
+        "learner rank shares a node; 'auto': the learner node's address (127.0.0.1 for a local run's private Ray); "
+        "0.0.0.0 only with allow_all_interfaces",
     )
     inbox_port: int = Field(0, ge=0, le=65535, description="port of the learner's ZMQ inbox (0: any free port)")
     allow_all_interfaces: bool = Field(

@@ -216,8 +216,11 @@ def _cuda_devices() -> int:
 
 
 def bind_address(cfg) -> str:
-    """The address the learner's inbox binds, as the learner resolves it ('auto': the node's cluster address)."""
+    """The address the learner's inbox binds, as the learner resolves it ('auto': the node's cluster address;
+    for a local run, whose private Ray has node IP 127.0.0.1 (`launch.fleet.start_local_ray`), loopback)."""
     host = cfg.cluster.bind_host
+    if host == "auto" and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        return "127.0.0.1"
     if host == "auto":
         from ray._private.services import get_node_ip_address
 

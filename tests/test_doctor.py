@@ -157,3 +157,14 @@ def test_a_gpu_run_pushing_through_the_object_store_is_warned_about(monkeypatch)
     assert not any("object store" in r for r in doctor.refusals(load_config(QWEN, {"opd.weight_sync": "ray"})))
     tiny = next(c for c in doctor.config_checks(load_config(TINY)) if c.name == "weight push")
     assert tiny.status == doctor.OK and "opd.weight_sync: ray" in tiny.detail
+
+
+def test_bind_host_auto_is_loopback_for_a_local_run_and_the_node_address_on_a_cluster(monkeypatch):
+    """A local run's private Ray has node IP 127.0.0.1, so 'auto' resolves there, as the learner resolves it."""
+    local = load_config(TINY).model_copy(deep=True)
+    local.cluster.bind_host = "auto"
+    assert doctor.bind_address(local) == "127.0.0.1"
+    from ray._private.services import get_node_ip_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster: the node's own address
+    assert doctor.bind_address(local) == get_node_ip_address()
