@@ -239,9 +239,10 @@ def cache_key(source: Path, files: list[Path], fmt: ChatFormat, fields: Fields, 
     return h.hexdigest()[:24]
 
 
-def _records(source: Path, fields: Fields, counts: dict):
+def _records(source: Path, fields: Fields, counts: dict, progress=None):
     """Usable records of `source`, streamed (as `read_records` checks them: shape, unique ids);
-    answers cut at the token cap (`finish_reason: length`) are counted in `counts`, not given."""
+    answers cut at the token cap (`finish_reason: length`) are counted in `counts`, not given.
+    `progress`: a `zeda_rl.progress.Progress` advanced by one for every record read."""
     seen: dict[str, str] = {}
     for where, default_id, row in iter_rows(source):
         rec = to_record(row, where, default_id, fields, need_response=True)
@@ -249,6 +250,8 @@ def _records(source: Path, fields: Fields, counts: dict):
             raise DataError(f"{where}: id {rec.id!r} already used at {seen[rec.id]}; ids must be unique")
         seen[rec.id] = where
         counts["records"] += 1
+        if progress is not None:
+            progress.advance()
         if rec.extra.get("finish_reason") == "length":
             counts["cut"] += 1
             continue
@@ -267,6 +270,21 @@ def _chunks(records, max_records: int = CHUNK_RECORDS, max_chars: int = CHUNK_CH
             chunk, chars = [], 0
     if chunk:
         yield chunk
+
+
+def _count_rows(files: list[Path]) -> int:
+    """About how many records `files` hold, cheaply (lines of JSONL, parquet's row count; other formats
+    are not counted): the progress bar's total, never a check."""
+    n = 0
+    for f in files:
+        if f.suffix in (".jsonl", ".json"):
+            with f.open("rb") as fh:
+                n += sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 24), b""))
+        elif f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            n += pq.ParquetFile(f).metadata.num_rows
+    return n
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -320,8 +338,13 @@ def load_sft_set(
         raise DataError(
             f"{source}: cannot write its token file under {root} ({err}); set ZEDA_CACHE to a writable directory"
         ) from None
+    from zeda_rl.progress import Progress
+
     try:
-        index = _tokenize_to(tmp / "tokens.i32", _records(source, fields, counts), fmt, caps, procs, counts)
+        # a 60k-record build takes minutes: a bar on a terminal, a line every 10 s elsewhere (records read)
+        with Progress(f"tokenize {source.name}", _count_rows(files), "records") as bar:
+            records = _records(source, fields, counts, bar)
+            index = _tokenize_to(tmp / "tokens.i32", records, fmt, caps, procs, counts)
         if not len(index):
             return SftSet(np.zeros(0, dtype=np.int32), *(np.zeros(0, dtype=np.int64),) * 3, pad), counts
         np.save(tmp / "index.npy", index)
