@@ -63,7 +63,9 @@ def main() -> None:
     cfg = load_config(a.config, {"name": "bench-loop", "opd.steps": a.steps, **overrides})
     log = MetricsLog(cfg.run_dir / "metrics.jsonl")
     teacher_dir, student_dir = prepare_checkpoints(cfg, Phases(log))
-    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
+    from launch.fleet import start_local_ray
+
+    start_local_ray(num_cpus=cfg.cluster.num_cpus, log_to_driver=False)  # loopback only, as a local run
     results: dict[str, list[dict]] = {"async": [], "sync": []}
     for _ in range(a.rounds):
         for name, asynchronous in (("async", True), ("sync", False)):

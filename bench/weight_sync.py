@@ -97,7 +97,9 @@ def main() -> None:
     )
     nbytes = _model_bytes(ckpt)
     bucket = args.bucket_mb << 20
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from launch.fleet import start_local_ray
+
+    start_local_ray(num_cpus=4, log_to_driver=False)  # loopback only, as a local run
     log = MetricsLog(work / "metrics.jsonl")
     group = LearnerGroup(ckpt, LearnerSection(ep=2, bucket_bytes=bucket), SFTStage())
     engines = [RolloutActor.options(num_cpus=0.25).remote("torch", str(ckpt)) for _ in range(args.engines)]
