@@ -447,10 +447,14 @@ class SGLangEngine:
             for n, named in enumerate(buckets):
                 ok, msg = _result(self._engine.update_weights_from_tensor(named_tensors=named, flush_cache=False))
                 if not ok:
+                    refused = RuntimeError(f"SGLang refused bucket {n} of weight update v{version}: {msg}")
                     if n:  # a mix of versions: no cached prefix of either may be reused
                         self.version = -1
-                        self._flush(-1)
-                    raise RuntimeError(f"SGLang refused bucket {n} of weight update v{version}: {msg}")
+                        try:
+                            self._flush(-1)
+                        except RuntimeError as err:  # the refusal is the cause; the failed flush comes with it
+                            raise refused from err
+                    raise refused
             self._flush(version)
         return self.version
 
@@ -527,8 +531,12 @@ class SGLangEngine:
                 )
                 failed = failed or (None if ok else f"bucket {n}: {msg}")
             if failed:
-                self._flush(-1)
-                raise RuntimeError(f"SGLang refused distributed weight update v{version}, {failed}")
+                refused = RuntimeError(f"SGLang refused distributed weight update v{version}, {failed}")
+                try:
+                    self._flush(-1)
+                except RuntimeError as err:
+                    raise refused from err
+                raise refused
             self._flush(version)
         return self.version
 

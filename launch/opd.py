@@ -78,16 +78,16 @@ def opd_phase(
         if ids is None:
             continue
         bump = int((step + 1) % o.sync_every == 0)
+        owed = {i // o.samples_per_prompt for i in adm.outstanding()} - {i // o.samples_per_prompt for i in ids}
+        owed |= set(data.opd.pending())  # given back by an earlier resume and not admitted yet
         cursor = {
             "stage": "opd",
             "step": step + 1,
             "version": version + bump,
             "prompts": data.opd.position,
-            "inflight": len(adm.outstanding()) - len(ids),
-            "reissue": sorted(
-                {i // o.samples_per_prompt for i in adm.outstanding()} - {i // o.samples_per_prompt for i in ids}
-            ),
-        }  # admitted for later steps: admitted again if resumed here
+            "inflight": len(owed) * o.samples_per_prompt,
+            "reissue": sorted(owed),
+        }  # admitted for later steps, or still owed from a resume: admitted again if resumed here
         metrics, report = learner.train_from_inbox(
             o, ids, version, o.max_staleness, cursor, replay=o.routing_replay, first_row=step == start
         )
@@ -109,7 +109,7 @@ def opd_phase(
             acks += sync.push(version)
             if not o.asynchronous:
                 acks = _applied(acks, log, step, wait=True)
-    return _finish(cfg, adm, learner, rollouts, sync, acks, probe, log, version, step)
+    return _finish(cfg, adm, learner, rollouts, sync, acks, probe, log, version, step, owed=data.opd.pending())
 
 
 def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync, version: int, o) -> int:
@@ -178,7 +178,17 @@ def _log_inbox(log: MetricsLog, adm: Admission, report: dict, step: int, resync:
 
 
 def _finish(
-    cfg, adm: Admission, learner, rollouts, sync: WeightSync, acks, probe, log: MetricsLog, version: int, step: int
+    cfg,
+    adm: Admission,
+    learner,
+    rollouts,
+    sync: WeightSync,
+    acks,
+    probe,
+    log: MetricsLog,
+    version: int,
+    step: int,
+    owed: list[int] = (),
 ) -> int:
     """Let the last calls finish (no actor left mid-call), give every engine the final weights, account for every sample."""
     for ref in list(adm.calls):
@@ -196,6 +206,9 @@ def _finish(
     if left:
         learner.inbox_discard(left)
         adm.dropped["phase_ended"] += len(left)
+    if owed:  # prompts given back by a resume and never admitted again (opd.steps lowered since)
+        adm.admitted += len(owed) * cfg.opd.samples_per_prompt
+        adm.dropped["phase_ended"] += len(owed) * cfg.opd.samples_per_prompt
     summary = adm.summary()
     log.log("driver", "dropped_stale", adm.dropped["stale"], step)
     inbox = learner.inbox_stats()

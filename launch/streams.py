@@ -53,6 +53,10 @@ class PromptStream:
             positions.append(position)
         return prompts, positions
 
+    def pending(self) -> list[int]:
+        """Positions given back by `reissue` and not taken yet: still owed to training (a checkpoint lists them)."""
+        return [p for p, _ in self.again]
+
     def reissue(self, positions: list[int]) -> None:
         """Give the prompts at these earlier positions again, under the same positions, before any new one:
         a resumed run re-admits what was in flight when its checkpoint was written."""

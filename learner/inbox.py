@@ -32,6 +32,7 @@ class LearnerInbox:
         self.vocab_size = vocab_size  # the model's; token ids at or above it are refused
         self.endpoint = self.puller.endpoint
         self.rows: dict[int, tuple[dict, int]] = {}  # sample id -> (its packed batch, row in it)
+        self.refused: set[int] = set()  # ids of decoded batches refused here (vocab): reported missing, not awaited
         self.cond = threading.Condition()
         self.closed = False
         self.received = 0
@@ -49,6 +50,9 @@ class LearnerInbox:
                 except WireError as e:  # counted with the decoder's refusals, as the Puller counts them
                     self.puller.received -= 1
                     self.puller._drop(e, [None] * (1 + len(batch.arrays)))
+                    with self.cond:  # its ids are known: a step naming them need not wait for them
+                        self.refused.update(int(i) for i in np.asarray(batch.arrays["sample_ids"]).reshape(-1))
+                        self.cond.notify_all()
                     continue
             arrays = {k: np.array(v) for k, v in batch.arrays.items()}
             with self.cond:
@@ -67,9 +71,10 @@ class LearnerInbox:
         """
         deadline = time.monotonic() + timeout_s
         with self.cond:
-            while any(i not in self.rows for i in ids) and time.monotonic() < deadline:
+            while any(i not in self.rows and i not in self.refused for i in ids) and time.monotonic() < deadline:
                 self.cond.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             found = [(i, self.rows.pop(i)) for i in ids if i in self.rows]
+            self.refused.difference_update(ids)
         missing = sorted(set(ids) - {i for i, _ in found})
         kept, stale, unsynced, lags = [], [], [], []
         for sid, (arrays, row) in found:

@@ -185,6 +185,25 @@ def test_prompt_stream_resumes_at_its_position(chat_tok):
         b.seek(3)
 
 
+def test_prompts_given_back_on_resume_come_first_and_stay_owed_until_taken(chat_tok):
+    """A resumed stream gives the prompts in flight at the checkpoint again, under their own positions, before any
+    new one; those not taken yet are `pending`, so a checkpoint written meanwhile still lists them."""
+    cfg = load_config(TINY, {"data.opd_prompts": str(FIX / "prompts.jsonl")})
+    fmt = streams.chat_format(cfg, chat_tok)
+    first = streams.opd_prompts(cfg, fmt)
+    ids, positions = first.take(48)
+    resumed = streams.opd_prompts(cfg, fmt)
+    resumed.seek(48)
+    resumed.reissue(list(range(16, 48)))
+    got, at = resumed.take(16)
+    assert at == list(range(16, 32)) and got == ids[16:32]
+    assert resumed.pending() == list(range(32, 48)) and resumed.position == 48
+    got, at = resumed.take(20)  # the rest of the owed ones, then new positions
+    assert at == [*range(32, 48), 48, 49, 50, 51] and got[:16] == ids[32:48] and resumed.pending() == []
+    with pytest.raises(ValueError, match="below the stream's position"):
+        resumed.reissue([60])
+
+
 def test_too_long_records_are_dropped_and_counted(tmp_path, chat_tok):
     from zeda_rl.metrics import MetricsLog, read_events
 

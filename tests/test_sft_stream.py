@@ -108,10 +108,15 @@ def test_a_large_source_goes_through_worker_processes_into_a_reused_token_file(t
     assert counts == {"records": 150, "cut": 2, "too_long": 3, "from_cache": True}
     _same(again.take(np.arange(145)), data.take(np.arange(145)))
 
-    # a changed source is tokenized again and its old token file removed
+    # the same files under other caps (another run's config): a second entry beside it, the first one kept
+    other = load_sft_set(src, fmt, streams._fields(cfg), caps[0], 128, cache=cache, in_memory_bytes=0, procs=0)[0]
+    assert len(list(cache.iterdir())) == 2 and entry.is_dir() and len(other) <= 145
+    _same(data.take([0, 1]), take_rows(dense, [0, 1]))  # still readable: nothing removed under a reader
+
+    # a changed source is tokenized again and the token files of its old version removed
     _write(src, rows + _rows(160)[150:])
     grown = streams.sft_records(cfg, fmt, {}, cache=cache, in_memory_bytes=0, procs=0)  # in this process
-    assert len(grown) == 155 and [d for d in cache.iterdir()] != [entry] and len(list(cache.iterdir())) == 1
+    assert len(grown) == 155 and not entry.exists() and len(list(cache.iterdir())) == 1
 
 
 def test_nothing_usable_is_refused_and_leaves_no_token_file(tmp_path, tok):

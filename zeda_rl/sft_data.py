@@ -351,6 +351,7 @@ def load_sft_set(
         meta = {
             "version": CACHE_VERSION,
             "source": str(source.resolve()),
+            "files": _fingerprint(files),
             "rows": len(index),
             "tokens": int(index[:, 1].sum()),
             **{k: counts[k] for k in ("records", "cut", "too_long")},
@@ -363,7 +364,7 @@ def load_sft_set(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _prune(root, key, str(source.resolve()))
+    _prune(root, key, str(source.resolve()), _fingerprint(files))
     return SftSet(str(entry / "tokens.i32"), _offsets(index[:, 1]), index[:, 0], index[:, 1], pad), counts
 
 
@@ -433,10 +434,15 @@ def _read_meta(entry: Path) -> dict | None:
     return meta
 
 
-def _prune(root: Path, keep: str, source: str) -> None:
-    """Remove the other complete entries of the same source (its files changed since they were written)."""
+def _fingerprint(files: list[Path]) -> list:
+    return [[str(f), (st := f.stat()).st_size, st.st_mtime_ns] for f in files]
+
+
+def _prune(root: Path, keep: str, source: str, files: list) -> None:
+    """Remove the other complete entries of the same source written from other versions of its files (stale).
+    Entries of the same files under another tokenizer, template or caps stay: another run may be reading them."""
     for d in root.iterdir():
         if d.name != keep and not d.name.startswith("."):
             meta = _read_meta(d)
-            if meta is not None and meta.get("source") == source:
+            if meta is not None and meta.get("source") == source and meta.get("files", files) != files:
                 shutil.rmtree(d, ignore_errors=True)
