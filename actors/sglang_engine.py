@@ -449,14 +449,19 @@ class SGLangEngine:
                 if not ok:
                     refused = RuntimeError(f"SGLang refused bucket {n} of weight update v{version}: {msg}")
                     if n:  # a mix of versions: no cached prefix of either may be reused
-                        self.version = -1
-                        try:
-                            self._flush(-1)
-                        except RuntimeError as err:  # the refusal is the cause; the failed flush comes with it
-                            raise refused from err
+                        self._serve_mixed(refused)
                     raise refused
             self._flush(version)
         return self.version
+
+    def _serve_mixed(self, refused: RuntimeError) -> None:
+        """After a partly applied update: serve version -1 with an empty cache, and raise `refused` (the
+        cause; a flush that fails too comes with it)."""
+        try:
+            self._flush(-1)
+        except RuntimeError as err:
+            raise refused from err
+        raise refused
 
     def _flush(self, version: int) -> None:
         """Empty SGLang's prefix cache, then serve `version`. SGLang refuses while requests are queued or
@@ -531,12 +536,7 @@ class SGLangEngine:
                 )
                 failed = failed or (None if ok else f"bucket {n}: {msg}")
             if failed:
-                refused = RuntimeError(f"SGLang refused distributed weight update v{version}, {failed}")
-                try:
-                    self._flush(-1)
-                except RuntimeError as err:
-                    raise refused from err
-                raise refused
+                self._serve_mixed(RuntimeError(f"SGLang refused distributed weight update v{version}, {failed}"))
             self._flush(version)
         return self.version
 

@@ -77,6 +77,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/moe_profile.py`: zeda_rl and actors come from the repository
     sys.path.insert(0, str(ROOT))
 
+from zeda_rl.skip import compact  # noqa: E402
+
 ROUTER_PHASES = ("router", "zero_slots")
 EXPERT_PHASES = ("compact", "gather", "gate_up", "act", "down", "weight", "index_add")
 PHASES = ROUTER_PHASES + EXPERT_PHASES
@@ -223,28 +225,17 @@ def _route(block, xr: torch.Tensor, clk: Clock):
 
 
 def experts_forward(experts, hs: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, clk: Clock):
-    """`zeda_rl.skip.skip_experts_forward` with `compact` and `expert_mlp` inlined, phase by phase (same ops)."""
+    """`zeda_rl.skip.skip_experts_forward` with `expert_mlp` inlined, phase by phase (same ops)."""
     if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
         raise ValueError("moe_profile copies the plain layout only (no bias, not transposed: Qwen3-MoE)")
     if not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
         raise ValueError("moe_profile copies the gated experts without post-expert norm only")
     with clk("compact"):
-        n = experts.num_experts
-        k = top_k_index.shape[-1]
-        flat = top_k_index.reshape(-1)
-        slots = ((flat >= 0) & (flat < n)).nonzero().squeeze(1)
-        ids, order = flat.index_select(0, slots).sort(stable=True)
-        slots = slots.index_select(0, order)
-        counts = torch.bincount(ids, minlength=n).tolist()
-        groups, start = [], 0
-        for e, c in enumerate(counts):
-            if c:
-                groups.append((e, start, start + c))
-                start += c
-        tokens = torch.div(slots, k, rounding_mode="floor")
+        pairs = compact(top_k_index, experts.num_experts)
+        groups, tokens = pairs.groups, pairs.tokens
         out = torch.zeros_like(hs)
         if groups:
-            weights = top_k_weights.reshape(-1).index_select(0, slots)
+            weights = top_k_weights.reshape(-1).index_select(0, pairs.slots)
     for e, a, b in groups:
         with clk("gather"):
             tok = tokens[a:b]

@@ -76,14 +76,10 @@ def _run_suite(a, checkpoint, suite):
     if a.engines > 0:
         import ray
 
-        if ray.is_initialized():
-            pass
-        elif os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=False)
-        else:  # engines of our own, on loopback (launch.fleet.start_local_ray)
-            from launch.fleet import start_local_ray
+        from launch.fleet import start_local_ray
 
-            start_local_ray(log_to_driver=False)
+        if not ray.is_initialized():  # the cluster RAY_ADDRESS names, else engines of our own on loopback
+            (ray.init if os.environ.get("RAY_ADDRESS") else start_local_ray)(log_to_driver=False)
     with EvalEngines(a.backend, checkpoint, engines=a.engines, batch_size=suite.batch_size, threads=a.threads) as gen:
         return run_suite(checkpoint, suite, gen, label=f"eval {checkpoint}")
 
