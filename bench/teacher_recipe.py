@@ -22,11 +22,19 @@ from pathlib import Path
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="hard")
+    ap.add_argument("--teacher", default=None, help="one of the suite's teachers (zeda_rl.teacher.TEACHERS)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument(
+        "--model",
+        nargs="*",
+        default=[],
+        metavar="KEY=INT",
+        help="teacher config overrides, e.g. moe_intermediate_size=32",
+    )
     ap.add_argument("--every", type=int, default=500, help="steps between held-out checks")
     ap.add_argument("--n", type=int, default=300, help="held-out prompts per family")
     ap.add_argument("--out", default=None, help="append one JSON line per seed here")
@@ -37,7 +45,15 @@ def main(argv=None) -> None:
     from zeda_rl.teacher import _recipe, _train
     from zeda_rl.versions import library_versions
 
-    model_kw, recipe = _recipe(a.tasks)
+    model_kw, recipe = _recipe(a.tasks, a.teacher)
+    base = model_kw
+    for item in a.model:
+        key, _, value = item.partition("=")
+        if key not in model_kw:
+            raise SystemExit(
+                f"--model {item}: {key!r} is not a key of the {a.tasks} teacher's config {sorted(model_kw)}"
+            )
+        model_kw = dict(model_kw, **{key: type(model_kw[key])(value)})
     recipe = dict(
         recipe, **{k: v for k, v in (("lr", a.lr), ("batch_size", a.batch_size), ("warmup", a.warmup)) if v is not None}
     )
@@ -69,6 +85,8 @@ def main(argv=None) -> None:
             "seed": seed,
             "steps": steps,
             "recipe": recipe,
+            "teacher": a.teacher or a.tasks,
+            "model": {k: v for k, v in model_kw.items() if v != base.get(k)},
             "seconds": round(time.time() - t0),
             "final": curve[-1],
             "curve": curve,

@@ -35,7 +35,7 @@ def _teacher_build(a):
     from zeda_rl.teacher import build_teacher
 
     a.target = a.out
-    print(build_teacher(a.out, force=a.force, seed=a.seed, suite=a.tasks))
+    print(build_teacher(a.out, force=a.force, seed=a.seed, suite=a.tasks, name=a.teacher))
 
 
 def _eval(a):
@@ -242,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--force", action="store_true", help="rebuild even if cached")
     tb.add_argument(
         "--tasks", choices=["basic", "hard"], default="basic", help="built-in task suite the teacher learns"
+    )
+    tb.add_argument(
+        "--teacher",
+        default=None,
+        help="which of the suite's embedded teachers (zeda_rl.teacher.TEACHERS, e.g. hard-lean; default: the suite's own)",
     )
     tb.set_defaults(fn=_teacher_build)
 

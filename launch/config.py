@@ -41,6 +41,11 @@ class ModelSection(_Strict):
         description="seed of the embedded teacher's build ('embedded' only). A key of its "
         "own: the run's `seed` varies the student's training (data order, sampling) with one teacher",
     )
+    embedded_teacher: str | None = Field(
+        None,
+        description="which embedded teacher ('embedded' only): a name of zeda_rl.teacher.TEACHERS that learns "
+        "data.tasks (e.g. 'hard-lean'); default the one named after data.tasks",
+    )
 
 
 class EngineSection(_Strict):
@@ -258,6 +263,18 @@ class RunConfig(_Strict):
             )
         if self.model.teacher != "embedded" and not self.model.teacher:
             raise ValueError("model.teacher: expected 'embedded' or a checkpoint directory")
+        if self.model.embedded_teacher is not None:
+            from zeda_rl.teacher import teacher_spec
+
+            if self.model.teacher != "embedded":
+                raise ValueError(
+                    f"model.embedded_teacher ({self.model.embedded_teacher!r}) names an embedded teacher, but "
+                    f"model.teacher is {self.model.teacher!r}: set model.teacher: embedded or drop the key"
+                )
+            try:
+                teacher_spec(self.data.tasks, self.model.embedded_teacher)
+            except ValueError as err:
+                raise ValueError(f"model.embedded_teacher: {err}") from None
         if self.opd.rollout_batch > self.opd.prompts_per_step:
             raise ValueError(
                 f"opd.rollout_batch ({self.opd.rollout_batch}) must be <= opd.prompts_per_step ({self.opd.prompts_per_step}): "
@@ -479,8 +496,8 @@ def _teacher_config(cfg: RunConfig) -> tuple[dict | None, str, list[str]]:
     if cfg.model.teacher == "embedded":
         from launch.plan import load_hf_config
 
-        recipe = "MODEL" if cfg.data.tasks == "basic" else f"{cfg.data.tasks.upper()}_MODEL"
-        return load_hf_config(cfg), f"the embedded teacher's recipe (zeda_rl.teacher.{recipe})", []
+        name = cfg.model.embedded_teacher or cfg.data.tasks
+        return load_hf_config(cfg), f"the embedded teacher's recipe (zeda_rl.teacher.TEACHERS[{name!r}])", []
     path = Path(cfg.model.teacher)
     if not path.is_dir():
         return (

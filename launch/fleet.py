@@ -309,7 +309,9 @@ def teacher_dir(cfg, log=None) -> Path:
     if cfg.model.teacher == "embedded":
         from zeda_rl.teacher import build_teacher
 
-        return Path(build_teacher(seed=cfg.model.teacher_seed, log=log, suite=cfg.data.tasks))
+        return Path(
+            build_teacher(seed=cfg.model.teacher_seed, log=log, suite=cfg.data.tasks, name=cfg.model.embedded_teacher)
+        )
     return Path(cfg.model.teacher)
 
 

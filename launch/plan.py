@@ -534,7 +534,7 @@ def load_hf_config(cfg, override: str | None = None) -> dict:
     if override is None and cfg.model.teacher == "embedded":
         from zeda_rl.teacher import hf_config
 
-        return hf_config(cfg.data.tasks).to_dict()
+        return hf_config(cfg.data.tasks, cfg.model.embedded_teacher).to_dict()
     path = Path(override or cfg.model.teacher)
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():

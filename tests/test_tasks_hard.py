@@ -135,3 +135,39 @@ def test_skip_hooks_drop_the_share_they_claim():
     with pytest.raises(ValueError, match="mode"):
         with skipping(model, "all"):
             pass
+
+
+def test_the_lean_teacher_is_a_teacher_of_the_hard_suite_with_its_own_cache_key(tmp_path, monkeypatch):
+    spec = teacher.teacher_spec("hard", "hard-lean")
+    assert spec.suite == "hard" and spec.model["moe_intermediate_size"] == teacher.LEAN_WIDTH < 64
+    assert {k: v for k, v in spec.model.items() if k != "moe_intermediate_size"} == {
+        k: v for k, v in teacher.HARD_MODEL.items() if k != "moe_intermediate_size"
+    }
+    assert teacher.recipe_hash(0, 4000, "hard") == "ed5b9aba09f8"  # the wide hard teacher's cache stays valid
+    assert teacher.recipe_hash(0, 4000, "hard", "hard-lean") != teacher.recipe_hash(0, 4000, "hard")
+    with pytest.raises(ValueError, match="learns the 'hard' tasks, not 'basic'"):
+        teacher.teacher_spec("basic", "hard-lean")
+    with pytest.raises(ValueError, match="embedded teacher 'tiny' unknown"):
+        teacher.teacher_spec("hard", "tiny")
+    monkeypatch.setenv("ZEDA_CACHE", str(tmp_path))
+    monkeypatch.setattr(teacher, "HELDOUT_PER_FAMILY", 2)
+    with pytest.raises(RuntimeError, match="--tasks hard --teacher hard-lean --seed 1"):
+        teacher.build_teacher(steps=1, progress=False, suite="hard", name="hard-lean")  # its own bar refuses 1 step
+    out = teacher.build_teacher(steps=1, progress=False, min_accuracy=0.0, suite="hard", name="hard-lean")
+    assert out.name == f"teacher-hard-lean-{teacher.recipe_hash(0, 1, 'hard', 'hard-lean')}"
+    assert json.loads((out / "config.json").read_text())["moe_intermediate_size"] == teacher.LEAN_WIDTH
+    assert json.loads((out / "teacher.json").read_text())["teacher"] == "hard-lean"
+
+
+def test_a_config_names_its_embedded_teacher_and_is_refused_a_teacher_of_another_suite(tmp_path):
+    from launch.config import ConfigError, load_config
+    from launch.plan import load_hf_config
+
+    cfg = load_config("launch/configs/tiny-cpu-hard.yaml", {"model.embedded_teacher": "hard-lean"})
+    assert load_hf_config(cfg)["moe_intermediate_size"] == teacher.LEAN_WIDTH
+    with pytest.raises(ConfigError, match="model.embedded_teacher: embedded teacher 'hard-lean' learns the 'hard'"):
+        load_config("launch/configs/tiny-cpu.yaml", {"model.embedded_teacher": "hard-lean"})
+    with pytest.raises(ConfigError, match="model.embedded_teacher .* names an embedded teacher"):
+        load_config(
+            "launch/configs/tiny-cpu-hard.yaml", {"model.embedded_teacher": "hard", "model.teacher": str(tmp_path)}
+        )
