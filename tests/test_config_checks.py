@@ -92,7 +92,7 @@ def test_the_shipped_tiny_config_passes_preflight():
         (
             {"learner.ep": 3},
             "learner.ep (3) does not divide the teacher's 8 experts (the embedded teacher's recipe "
-            "(zeda_rl.teacher.MODEL)): expected one of [1, 2, 4, 8]",
+            "(zeda_rl.teacher.TEACHERS['basic'])): expected one of [1, 2, 4, 8]",
         ),
         ({"learner.ep": 4, "learner.tp": 4}, "learner.tp (4) does not divide the teacher's num_key_value_heads (2"),
         (
