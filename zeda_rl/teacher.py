@@ -157,8 +157,8 @@ def build_teacher(
     (`tasks.SUITES`), `name` one of its teachers (`TEACHERS`, default the suite's own) and with it the
     model and recipe; the default cache directory names it too.
     """
-    spec = teacher_spec(suite, name)
     name = suite if name is None else name
+    spec = teacher_spec(suite, name)
     model_kw, recipe = spec.model, spec.recipe
     min_accuracy = spec.bar if min_accuracy is None else min_accuracy
     steps = recipe["steps"] if steps is None else steps
