@@ -335,16 +335,44 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    path = Path(path)
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: sections merge key by key, any other value replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping, with `extends: OTHER.yaml` (relative to the file) resolved.
+
+    A variant of a recipe names the file it derives from and the keys it changes, so a change to the
+    shared recipe is made once (the lean hard config is the hard config with another teacher)."""
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found" + (f" (extended by {chain[-1]})" if chain else ""))
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: extends: expected the path of another config file, got {parent!r}")
+    base_path = (path.parent / parent).resolve()
+    if base_path in chain or base_path == path.resolve():
+        loop = " -> ".join(str(p) for p in (*chain, path.resolve(), base_path))
+        raise ConfigError(f"{path}: extends: {parent} makes a loop ({loop})")
+    return _merge(_read_yaml(base_path, (*chain, path.resolve())), raw)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    path = Path(path)
+    raw = _read_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -80,3 +80,42 @@ def test_booleans_are_not_counts():
             RunConfig.model_validate(bad)
         assert "boolean" in str(err.value)
     assert RunConfig.model_validate({"opd": {"asynchronous": False, "steps": 3}}).opd.steps == 3
+
+
+def test_extends_merges_sections_key_by_key_and_the_child_wins(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nseed: 3\nopd: {steps: 7, lr: 1.0e-4}\nsft: {steps: 5}\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("extends: ../base.yaml\nname: child\nopd: {steps: 9}\n")
+    cfg = load_config(child, {"opd.lr": 2e-4})
+    assert (cfg.name, cfg.seed, cfg.sft.steps) == ("child", 3, 5)  # inherited, the child's name
+    assert (cfg.opd.steps, cfg.opd.lr) == (9, 2e-4)  # the child's key, then --set on top
+
+
+def test_the_lean_hard_config_is_the_hard_recipe_with_another_teacher():
+    hard = load_config("launch/configs/tiny-cpu-hard.yaml").model_dump()
+    lean = load_config("launch/configs/tiny-cpu-hard-lean.yaml").model_dump()
+    differ = {(s, k) for s in hard if isinstance(hard[s], dict) for k in hard[s] if hard[s][k] != lean[s][k]}
+    assert differ == {("model", "embedded_teacher")} and lean["name"] == "tiny-cpu-hard-lean"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("extends: missing.yaml\n", r"missing\.yaml: config file not found \(extended by .*child\.yaml\)"),
+        ("extends: 3\n", r"child\.yaml: extends: expected the path of another config file, got 3"),
+        ("extends: child.yaml\n", r"child\.yaml: extends: child\.yaml makes a loop"),
+    ],
+)
+def test_a_broken_extends_names_the_file_and_what_was_expected(tmp_path, text, expected):
+    child = tmp_path / "child.yaml"
+    child.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(child)
+
+
+def test_a_loop_through_two_files_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"makes a loop"):
+        load_config(tmp_path / "a.yaml")
