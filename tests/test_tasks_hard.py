@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from launch.config import load_config
 from zeda_rl import tasks, teacher
 
 HARD = tasks.SUITES["hard"]
@@ -41,8 +42,9 @@ def test_hard_splits_are_deterministic_disjoint_and_leave_basic_unchanged():
     assert a == tasks.make_split("train", 40, seed=1, suite="hard") and a != tasks.make_split(
         "train", 40, seed=2, suite="hard"
     )
-    held = tasks.make_split("heldout", 500, suite="hard")  # what eval.n_per_family: 500 asks for
-    assert len({e.prompt for e in held}) == len(held) == 500 * len(HARD)
+    n = load_config("launch/configs/tiny-cpu-hard.yaml").eval.n_per_family  # what the hard configs evaluate on
+    held = tasks.make_split("heldout", n, suite="hard")
+    assert len({e.prompt for e in held}) == len(held) == n * len(HARD)
     assert not {e.prompt for e in a} & {e.prompt for e in held}
     assert tasks.make_split("heldout", 20) == tasks.make_split("heldout", 20, suite="basic")
     assert tasks.families() == tasks.FAMILIES
