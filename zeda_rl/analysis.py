@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from zeda_rl.chat import stop_ids
+from zeda_rl.generate import stop_mask
 from zeda_rl.modeling import moe_blocks, record_routing, set_baseline_options
 
 # ---- Dynamic Skipping: threshold for a target skip share ------------------------------------
@@ -101,7 +103,7 @@ def token_stats(student, teacher, tokenizer, prompts: list[str], max_new_tokens:
     }
     prompt_zero = []  # per prompt: zero share over its prompt tokens but the last (that one is a generation step)
     tokenizer.padding_side = "left"
-    eos = tokenizer.eos_token_id
+    stops = stop_ids(tokenizer)  # the model's turn ends, as the engines stop (GLM-4.x: <|user|>, not its eos)
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
         seq = student.generate(
@@ -110,13 +112,11 @@ def token_stats(student, teacher, tokenizer, prompts: list[str], max_new_tokens:
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
+            eos_token_id=list(stops),
         )
         plen = enc.input_ids.shape[1]
         new = seq[:, plen:]
-        # generated tokens up to and including the first EOS; what generate pads after it is not one
-        after_eos = torch.cumsum((new == eos).long(), dim=1) - (new == eos).long() > 0
-        gen_mask = ~after_eos
+        gen_mask = stop_mask(new, stops)  # up to and including the first stop; what generate pads after is not
         mask = torch.cat([enc.attention_mask, gen_mask.long()], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         with record_routing(student) as rec:

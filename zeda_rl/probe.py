@@ -23,9 +23,12 @@ def sample_ids(
     model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 64
 ) -> list[list[int]]:
     """One response per prompt at temperature 1 with no truncation (top-k and top-p off), as OPD samples;
-    token ids up to and including the first EOS."""
+    token ids up to and including the first stop id (`zeda_rl.chat.stop_ids`, as the engines stop)."""
+    from zeda_rl.chat import stop_ids
+    from zeda_rl.generate import until_stop
+
     tokenizer.padding_side = "left"
-    eos, out = tokenizer.eos_token_id, []
+    stops, out = stop_ids(tokenizer), []
     gen_rng = torch.Generator().manual_seed(seed)
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
@@ -39,10 +42,10 @@ def sample_ids(
             top_p=1.0,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
+            eos_token_id=list(stops),
         )
         for row in gen[:, enc.input_ids.shape[1] :].tolist():
-            out.append(row[: row.index(eos) + 1] if eos in row else row)
+            out.append(until_stop(row, stops, keep=True))
     return out
 
 
@@ -83,15 +86,17 @@ def reverse_kl(
 
 def probe_checkpoint(student_dir, teacher, tokenizer, examples: list[Example], seed: int = 0) -> dict:
     """Every probe measurement of one student checkpoint (see the module docstring)."""
+    from zeda_rl.chat import stop_ids
     from zeda_rl.evaluate import load, routed_zero_ratio
-    from zeda_rl.generate import greedy_complete
+    from zeda_rl.generate import greedy_complete, until_stop
 
     student, _ = load(student_dir)
     prompts = [e.prompt for e in examples]
     max_new = max(len(tokenizer(e.answer).input_ids) for e in examples) + 4
     greedy = greedy_complete(student, tokenizer, prompts, max_new)
     sampled = sample_ids(student, tokenizer, prompts, max_new, seed)
-    texts = [tokenizer.decode([t for t in r if t != tokenizer.eos_token_id], skip_special_tokens=True) for r in sampled]
+    stops = stop_ids(tokenizer)
+    texts = [tokenizer.decode(until_stop(r, stops), skip_special_tokens=True) for r in sampled]
     fams = list(dict.fromkeys(e.family for e in examples))
 
     def acc(outs):
