@@ -2,7 +2,7 @@
 
 After `zeda baselines --seeds ...` (which keeps each seed's student after SFT, OUT/zeda-sN/student-sft) and OPD
 reruns from those students (`zeda train --set model.student=OUT/zeda-sN/student-sft --set sft.steps=0 --set seed=N
---set output_dir=ROOT --set name=zeda-sN`), this evaluates ROOT/zeda-sN/student for every recipe and prints, per
+--set output_dir=ROOT --set name=zeda-sN`, or `zeda` for one seed), this evaluates ROOT/zeda-sN/student for every recipe and prints, per
 recipe, each seed's accuracy, the mean, the zero share and the difference to SFT with its paired 95% interval over
 prompts and seeds (`zeda_rl.stats.compare`). The baselines run itself is the first recipe.
 
@@ -48,12 +48,13 @@ def main(argv=None) -> None:
             raise SystemExit(f"error: {path}: no checkpoint (config.json missing)")
         return evaluate(path, n_per_family=a.n, tasks=a.tasks)
 
-    sft = [ev(base / f"zeda-s{s}" / "student-sft") for s in seeds]
+    tag = (lambda s: f"-s{s}") if len(seeds) > 1 else (lambda s: "")  # launch.baselines names one seed's run `zeda`
+    sft = [ev(base / f"zeda{tag(s)}" / "student-sft") for s in seeds]
     S = np.array([r["hits"] for r in sft])
     print(f"SFT students: {[round(100 * r['accuracy']['mean'], 2) for r in sft]}, mean {100 * S.mean():.2f}")
     rows = []
     for name, root in recipes:
-        rs = [ev(root / f"zeda-s{s}" / "student") for s in seeds]
+        rs = [ev(root / f"zeda{tag(s)}" / "student") for s in seeds]
         Z = np.array([r["hits"] for r in rs])
         c = compare(Z, S, name, "SFT")
         row = {

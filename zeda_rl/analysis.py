@@ -112,7 +112,7 @@ def token_stats(student, teacher, tokenizer, prompts: list[str], max_new_tokens:
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=list(stops),
+            eos_token_id=list(stops) or None,
         )
         plen = enc.input_ids.shape[1]
         new = seq[:, plen:]

@@ -20,7 +20,7 @@ def until_stop(row: list[int], stops, keep: bool = False) -> list[int]:
 
 def stop_mask(new: torch.Tensor, stops) -> torch.Tensor:
     """[B, T] True for generated tokens up to and including each row's first stop id."""
-    hit = torch.isin(new, torch.tensor(sorted(stops), dtype=new.dtype))
+    hit = torch.isin(new, torch.tensor(sorted(stops), dtype=new.dtype, device=new.device))
     return ~(torch.cumsum(hit.long(), dim=1) - hit.long() > 0)
 
 
@@ -40,7 +40,7 @@ def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=list(stops),
+            eos_token_id=list(stops) or None,
         )
         for row in gen[:, enc.input_ids.shape[1] :].tolist():
             out.append(tokenizer.decode(until_stop(row, stops), skip_special_tokens=True))

@@ -42,7 +42,7 @@ def sample_ids(
             top_p=1.0,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=list(stops),
+            eos_token_id=list(stops) or None,
         )
         for row in gen[:, enc.input_ids.shape[1] :].tolist():
             out.append(until_stop(row, stops, keep=True))
