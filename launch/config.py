@@ -370,9 +370,22 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     return _merge(_read_yaml(base_path, (*chain, path.resolve())), raw)
 
 
+def _bases(path: Path) -> list[str]:
+    """The files `path` extends, nearest first (already checked by `_read_yaml`): error messages name them."""
+    out = []
+    while True:
+        parent = (yaml.safe_load(path.read_text()) or {}).get("extends")
+        if not parent:
+            return out
+        path = (path.parent / parent).resolve()
+        out.append(str(path))
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     path = Path(path)
     raw = _read_yaml(path)
+    bases = _bases(path)
+    where_from = f"{path}" + (f" (extending {' -> '.join(bases)})" if bases else "")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -380,12 +393,12 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 where = ".".join(parents[: depth + 1])
-                raise ConfigError(f"--set {dotted}: {where} is {node!r} in {path}, not a section with keys")
+                raise ConfigError(f"--set {dotted}: {where} is {node!r} in {where_from}, not a section with keys")
         node[leaf] = value
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{path}: invalid config"]
+        lines = [f"{where_from}: invalid config"]
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "<top>"
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""

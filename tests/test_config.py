@@ -119,3 +119,10 @@ def test_a_loop_through_two_files_is_refused(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match=r"makes a loop"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_an_invalid_key_inherited_from_the_base_names_both_files(tmp_path):
+    (tmp_path / "base.yaml").write_text("opd: {stepz: 3}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: child\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml \(extending .*base\.yaml\): invalid config\n  opd\.stepz"):
+        load_config(tmp_path / "child.yaml")
