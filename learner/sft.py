@@ -102,10 +102,13 @@ def main(argv=None) -> int:
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(include_dashboard=False, log_to_driver=False)
-        else:  # a fresh local Ray of our own on loopback, never someone else's cluster on this machine
-            from launch.fleet import start_local_ray
-
-            start_local_ray(num_cpus=max(2, int(world * a.cpus_per_rank + 0.999)), log_to_driver=False)
+        else:  # a fresh local Ray of our own, never someone else's cluster on this machine
+            ray.init(
+                address="local",
+                num_cpus=max(2, int(world * a.cpus_per_rank + 0.999)),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
         started = True
     t0 = time.time()
     group = LearnerGroup(ckpt, cfg, stage)
