@@ -43,9 +43,7 @@ def main(argv=None) -> None:
             ap.error(f"--recipe {item!r}: expected NAME=ROOT")
         recipes.append((name, Path(root)))
 
-    def ev(path: Path) -> dict:
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"error: {path}: no checkpoint (config.json missing)")
+    def ev(path: Path) -> dict:  # evaluate refuses a dir without a checkpoint, naming it
         return evaluate(path, n_per_family=a.n, tasks=a.tasks)
 
     tag = (lambda s: f"-s{s}") if len(seeds) > 1 else (lambda s: "")  # launch.baselines names one seed's run `zeda`

@@ -345,8 +345,9 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    """A config file's mapping, with `extends: OTHER.yaml` (relative to the file) resolved.
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, list[str]]:
+    """A config file's mapping, with `extends: OTHER.yaml` (relative to the file) resolved, and the files it
+    extends, nearest first (error messages name them).
 
     A variant of a recipe names the file it derives from and the keys it changes, so a change to the
     shared recipe is made once (the lean hard config is the hard config with another teacher)."""
@@ -360,31 +361,20 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     parent = raw.pop("extends", None)
     if parent is None:
-        return raw
+        return raw, []
     if not isinstance(parent, str) or not parent:
         raise ConfigError(f"{path}: extends: expected the path of another config file, got {parent!r}")
     base_path = (path.parent / parent).resolve()
     if base_path in chain or base_path == path.resolve():
         loop = " -> ".join(str(p) for p in (*chain, path.resolve(), base_path))
         raise ConfigError(f"{path}: extends: {parent} makes a loop ({loop})")
-    return _merge(_read_yaml(base_path, (*chain, path.resolve())), raw)
-
-
-def _bases(path: Path) -> list[str]:
-    """The files `path` extends, nearest first (already checked by `_read_yaml`): error messages name them."""
-    out = []
-    while True:
-        parent = (yaml.safe_load(path.read_text()) or {}).get("extends")
-        if not parent:
-            return out
-        path = (path.parent / parent).resolve()
-        out.append(str(path))
+    base, bases = _read_yaml(base_path, (*chain, path.resolve()))
+    return _merge(base, raw), [str(base_path), *bases]
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     path = Path(path)
-    raw = _read_yaml(path)
-    bases = _bases(path)
+    raw, bases = _read_yaml(path)
     where_from = f"{path}" + (f" (extending {' -> '.join(bases)})" if bases else "")
     for dotted, value in (overrides or {}).items():
         node = raw
