@@ -4,7 +4,8 @@ After `zeda baselines --seeds ...` (which keeps each seed's student after SFT, O
 reruns from those students (`zeda train --set model.student=OUT/zeda-sN/student-sft --set sft.steps=0 --set seed=N
 --set output_dir=ROOT --set name=zeda-sN`, or `zeda` for one seed), this evaluates ROOT/zeda-sN/student for every recipe and prints, per
 recipe, each seed's accuracy, the mean, the zero share and the difference to SFT with its paired 95% interval over
-prompts and seeds (`zeda_rl.stats.compare`). The baselines run itself is the first recipe.
+prompts and seeds (`zeda_rl.stats.compare`). The baselines run itself is the first recipe. `--vs NAME=ROOT` pairs
+every recipe against ROOT/zeda-sN/student instead (a control, such as a longer SFT with `opd.steps: 0`).
 
     python bench/opd_vs_sft.py --baselines runs/tiny-cpu-hard-lean-baselines --seeds 0,1,2 --tasks hard --n 700 \\
         --recipe lr1e-4=runs/lean-opd/lr1e-4 --recipe steps600=runs/lean-opd/steps600
@@ -28,6 +29,9 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--recipe", action="append", default=[], metavar="NAME=ROOT", help="a recipe's run root (repeatable)"
     )
+    ap.add_argument(
+        "--vs", metavar="NAME=ROOT", help="pair against ROOT/zeda-sN/student instead of the SFT students (a control)"
+    )
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args(argv)
 
@@ -47,26 +51,31 @@ def main(argv=None) -> None:
         return evaluate(path, n_per_family=a.n, tasks=a.tasks)
 
     tag = (lambda s: f"-s{s}") if len(seeds) > 1 else (lambda s: "")  # launch.baselines names one seed's run `zeda`
-    sft = [ev(base / f"zeda{tag(s)}" / "student-sft") for s in seeds]
+    ref_name, ref = "SFT", [base / f"zeda{tag(s)}" / "student-sft" for s in seeds]
+    if a.vs:
+        ref_name, _, root = a.vs.partition("=")
+        ref = [Path(root) / f"zeda{tag(s)}" / "student" for s in seeds]
+    sft = [ev(path) for path in ref]
     S = np.array([r["hits"] for r in sft])
-    print(f"SFT students: {[round(100 * r['accuracy']['mean'], 2) for r in sft]}, mean {100 * S.mean():.2f}")
+    print(f"{ref_name} students: {[round(100 * r['accuracy']['mean'], 2) for r in sft]}, mean {100 * S.mean():.2f}")
     rows = []
     for name, root in recipes:
         rs = [ev(root / f"zeda{tag(s)}" / "student") for s in seeds]
         Z = np.array([r["hits"] for r in rs])
-        c = compare(Z, S, name, "SFT")
+        c = compare(Z, S, name, ref_name)
         row = {
             "recipe": name,
             "per_seed": [round(100 * r["accuracy"]["mean"], 2) for r in rs],
             "mean": round(100 * float(Z.mean()), 2),
             "r_ze": round(100 * float(np.mean([r["zero_ratio"]["overall"] for r in rs])), 1),
-            "vs_sft": round(c["delta_points"], 2),
+            "vs": ref_name,
+            "delta": round(c["delta_points"], 2),
             "ci": [round(x, 2) for x in c["ci"]],
-            "per_seed_vs_sft": [round(x, 2) for x in c["per_seed"]],
+            "per_seed_delta": [round(x, 2) for x in c["per_seed"]],
         }
         rows.append(row)
         print(
-            f"{name}: {row['per_seed']} mean {row['mean']}, r_ZE {row['r_ze']}%, vs SFT {row['vs_sft']:+.2f} "
+            f"{name}: {row['per_seed']} mean {row['mean']}, r_ZE {row['r_ze']}%, vs {ref_name} {row['delta']:+.2f} "
             f"[{row['ci'][0]:+.2f}, {row['ci'][1]:+.2f}] ({c['verdict']})",
             flush=True,
         )
