@@ -10,11 +10,41 @@ build exactly what a run would train on. Records too long for `data.max_prompt_t
 from __future__ import annotations
 
 import random
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from zeda_rl.chat import ChatFormat
 from zeda_rl.data import EMBEDDED, DataError, Fields, Record, embedded_records, read_records
 from zeda_rl.sft_data import SftSet, load_sft_set
+
+
+class PackedIds(Sequence):
+    """Many prompts' token ids in one int32 array and their offsets; `ids[i]` is prompt i's list.
+
+    A list of lists costs about 36 bytes a token (a pointer and an int object each): 100M prompt tokens of a real
+    OPD set would hold 3.6 GB in the driver, twice when SFT and OPD share the file. Packed, they take 4 bytes a token.
+    """
+
+    def __init__(self, rows=()):
+        flat, ends = array("i"), array("q")
+        for row in rows:
+            flat.extend(row)
+            ends.append(len(flat))
+        self.flat, self.starts = np.frombuffer(flat, np.int32), np.concatenate([[0], np.frombuffer(ends, np.int64)])
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"prompt {i} of {len(self)}")
+        i %= len(self)
+        return self.flat[self.starts[i] : self.starts[i + 1]].tolist()
 
 
 class PromptStream:
@@ -25,7 +55,7 @@ class PromptStream:
     next prompts instead of the first ones again.
     """
 
-    def __init__(self, records: list[Record], ids: list[list[int]], seed: int):
+    def __init__(self, records: list[Record], ids: Sequence[list[int]], seed: int):
         self.records, self.ids, self.seed = records, ids, seed
         self.rng = random.Random(seed)
         self.order: list[int] = []
@@ -138,14 +168,18 @@ def _embedded(n: int, seed: int, key: str, suite: str = "basic") -> list[Record]
         ) from None
 
 
-def _encode(cfg, fmt: ChatFormat, records: list[Record]) -> tuple[list[Record], list[list[int]], int]:
+def _encode(cfg, fmt: ChatFormat, records: list[Record]) -> tuple[list[Record], PackedIds, int]:
     """(records within data.max_prompt_tokens, their prompt ids, how many were dropped)."""
-    kept, ids = [], []
-    for rec in records:
-        p = fmt.prompt_ids(rec)
-        if len(p) <= cfg.data.max_prompt_tokens:
-            kept.append(rec)
-            ids.append(p)
+    kept = []
+
+    def fitting():
+        for rec in records:
+            p = fmt.prompt_ids(rec)
+            if len(p) <= cfg.data.max_prompt_tokens:
+                kept.append(rec)
+                yield p
+
+    ids = PackedIds(fitting())
     return kept, ids, len(records) - len(kept)
 
 

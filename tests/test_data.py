@@ -162,12 +162,25 @@ def test_embedded_streams_are_the_built_in_tasks_in_the_seeded_order():
     cfg = load_config(TINY, {"sft.prompts": 64})
     data = streams.build(cfg, tok)
     ex = make_split("train", 16, seed=cfg.seed)
-    assert data.sft.ids == [tok(e.prompt).input_ids for e in ex] and data.sft_count == 64
+    assert list(data.sft.ids) == [tok(e.prompt).input_ids for e in ex] and data.sft_count == 64
     order = list(range(64))
     random.Random(cfg.seed).shuffle(order)
     prompts, ids = data.sft.take(3)
     assert prompts == [data.sft.ids[order.pop()] for _ in range(3)] and ids == [0, 1, 2]
-    assert data.opd.ids == [tok(e.prompt).input_ids for e in make_split("train", 16, seed=cfg.seed + 1)]
+    assert list(data.opd.ids) == [tok(e.prompt).input_ids for e in make_split("train", 16, seed=cfg.seed + 1)]
+
+
+def test_prompt_ids_are_packed_four_bytes_a_token():
+    """The driver holds every prompt of a real OPD set: one int32 array, not a Python int object per token."""
+    rows = [[5, 70000, 3], [], [2**31 - 1], list(range(1000))]
+    ids = streams.PackedIds(rows)
+    assert len(ids) == 4 and list(ids) == rows and ids[-1] == rows[-1] and ids[1:3] == rows[1:3]
+    assert all(type(t) is int for t in ids[0])  # plain ints: msgpack and JSON take them as they are
+    assert ids.flat.nbytes == 4 * sum(map(len, rows))
+    with pytest.raises(IndexError, match="prompt 4 of 4"):
+        ids[4]
+    with pytest.raises(OverflowError):
+        streams.PackedIds([[2**31]])
 
 
 def test_prompt_stream_resumes_at_its_position(chat_tok):
