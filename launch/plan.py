@@ -292,6 +292,13 @@ def learner_rank(a: Arch, k: Knobs) -> dict[str, int]:
     return out
 
 
+def checkpoint_disk(rank: dict, k: Knobs, keep: int) -> dict:
+    """Disk a learner checkpoint takes (every rank writes its weights, fp32 masters and AdamW state) and what the
+    run's learner/ directory peaks at: `keep` of them plus the one being written before the oldest is deleted."""
+    each = k.world * (rank["weights"] + rank["master"] + rank["optimizer"])
+    return dict(bytes_each=int(each), keep=keep, bytes_peak=int(each * (keep + 1)))
+
+
 # knob changes tried, in this order, when a rank does not fit (field, value); not optimizer: cpu_offload, which the
 # learner refuses (learner.config.not_implemented) although its memory is budgeted here
 KNOB_STEPS = [
@@ -433,6 +440,7 @@ def make_plan(
         learner=rank,
         engines=eng,
         push=push(student, cfg, bandwidth),
+        checkpoint=checkpoint_disk(rank, k, cfg.learner.keep_checkpoints),
         margin=margin,
         verdicts=[],
     )
@@ -599,6 +607,11 @@ def render(p: dict):
             f"{PUSH_BANDWIDTH['ray'][0] / 1e9:g}",
             "Ray fallback after an engine restart",
         )
+    c = p["checkpoint"]
+    t3.caption = (
+        f"learner checkpoints: {gib(c['bytes_each'])} GiB each; learner.keep_checkpoints {c['keep']}: "
+        f"{gib(c['bytes_peak'])} GiB of shared disk at peak"
+    )
     d = p["device"]
     t4 = Table(title=f"fit: {d['name']} {gib(d['usable'])} GiB ({d['note']}), margin {p['margin']:.0%}")
     for c in ("placement", "need GiB", "capacity GiB", "verdict", "knob / note"):

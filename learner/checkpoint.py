@@ -218,10 +218,26 @@ def clean_partial(root: str | Path) -> list[str]:
     return [p.name for p in left]
 
 
+def prune(newest: Path, keep: int) -> list[str]:
+    """Delete the complete `step_N` checkpoints beside `newest` that are older than it, all but the `keep - 1`
+    newest of them; returns their names. Newer ones (another lineage's) and half-written ones are left alone."""
+    older = [p for p in newest.parent.glob("step_*") if (p / "meta.json").is_file() and -1 < _step(p) < _step(newest)]
+    gone = sorted(older, key=_step)[: max(0, len(older) - (keep - 1))]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in gone]
+
+
+def _step(path: Path) -> int:
+    """N of a `step_N` directory, -1 for any other name."""
+    n = path.name.removeprefix("step_")
+    return int(n) if n.isdigit() else -1
+
+
 def latest(root: str | Path) -> Path | None:
     """The newest complete `step_*` checkpoint under `root` (what train_step's periodic saves write)."""
     root = Path(root)
     if not root.is_dir():
         return None
-    done = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+    done = sorted((p for p in root.glob("step_*") if (p / "meta.json").is_file() and _step(p) >= 0), key=_step)
     return done[-1] if done else None

@@ -56,6 +56,12 @@ class LearnerSection(_Strict):
     aux_reduce: Literal["sum", "mean"] = Field("sum", description="L_GA over MoE layers (Megatron sums)")
     dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"
     checkpoint_every: int = Field(0, ge=0, description="steps between learner checkpoints (0: only at phase ends)")
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="newest learner checkpoints kept under RUN_DIR/learner: each save deletes the older step_* ones "
+        "(a Qwen3-30B-A3B checkpoint with its fp32 masters and AdamW state is about 430 GB over 8 ranks)",
+    )
     bucket_bytes: int = Field(32 << 20, ge=1024)
     # Memory knobs `zeda plan` (launch.plan) budgets with; the defaults are the CPU learner's layout.
     # Values the learner cannot run yet are refused by `not_implemented`.

@@ -134,10 +134,14 @@ class Learner:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Full state, atomically (collective); see learner.checkpoint."""
+        """Full state, atomically (collective); see learner.checkpoint. A `step_*` save then leaves only the newest
+        `learner.keep_checkpoints` of its siblings (global rank 0 deletes, after every rank has written)."""
         from learner import checkpoint
 
-        return checkpoint.save(self, path)
+        path = checkpoint.save(self, path)
+        if path.name.startswith("step_") and (not dist.is_initialized() or dist.get_rank() == 0):
+            checkpoint.prune(path, self.config.keep_checkpoints)
+        return path
 
     def load(self, path: str | Path) -> dict:
         """Resume from a learner checkpoint written by `save` (collective); returns its meta."""
@@ -170,9 +174,7 @@ class Learner:
         m = self.metrics(stats, grad_norm, lr, time.perf_counter() - t0)
         every = self.config.checkpoint_every
         if every and self.save_dir and self.step % every == 0:
-            from learner import checkpoint
-
-            checkpoint.save(self, Path(self.save_dir) / f"step_{self.step:08d}")
+            self.save(Path(self.save_dir) / f"step_{self.step:08d}")
             m["checkpoint"] = self.step
         return m
 

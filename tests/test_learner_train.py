@@ -171,6 +171,26 @@ def test_resume_continues_exactly(ckpts, tmp_path):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
+def test_periodic_saves_keep_only_the_newest_checkpoints(ckpts, tmp_path):
+    """A 30B checkpoint is ~430 GB: every save deletes all but learner.keep_checkpoints of the older step_* dirs.
+    A newer step (another lineage's) and a directory of another name are not the saver's to delete."""
+    root = tmp_path / "ck"
+    a = make(ckpts["qwen3_moe"], save_dir=root, checkpoint_every=1, keep_checkpoints=2)
+    a.save(root / "step_00000099")  # as if left by a longer run this one resumed from an earlier point
+    (root / "step_final").mkdir()
+    (root / "step_final" / "meta.json").write_text("{}")
+    for i in range(4):
+        a.train_step(sft_batch(seed=i))
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000004", "step_00000099", "step_final"]
+    assert checkpoint.latest(root).name == "step_00000099"  # by step number; other names are not checkpoints
+    assert a.load(root / "step_00000004")["step"] == 4  # the kept ones are whole
+    b = make(ckpts["qwen3_moe"], save_dir=root, checkpoint_every=1, keep_checkpoints=1)
+    b.train_step(sft_batch(seed=9))  # step 1 of a new learner: nothing older than it to delete
+    assert (root / "step_00000003").is_dir()
+    b.save(root / "step_00000005")
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000005", "step_00000099", "step_final"]
+
+
 def test_resume_refuses_another_layout(ckpts, tmp_path):
     a = make(ckpts["qwen3_moe"])
     a.train_step(sft_batch())

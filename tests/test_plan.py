@@ -247,3 +247,22 @@ def test_cli_plan_names_the_push_path_and_its_source(capsys):
     assert main(args + ["--json", "--bandwidth", "2.5"]) == 0
     q = json.loads(capsys.readouterr().out)["push"]
     assert q["bandwidth"] == 2.5e9 and q["bandwidth_source"].startswith("given")
+
+
+@pytest.mark.parametrize("name", list(H200))
+def test_checkpoint_disk_is_planned_and_bounded_by_keep_checkpoints(name, capsys):
+    """A 30B learner checkpoint is bf16 weights + fp32 masters + AdamW moments: 14 bytes a parameter, ~430 GB;
+    learner.keep_checkpoints bounds the run's learner/ directory (one more while the newest is written)."""
+    cfg, hf = _h200(name)
+    p = plan.make_plan(cfg, hf)
+    c = p["checkpoint"]
+    assert 14 * p["params"] <= c["bytes_each"] < 14.5 * p["params"] and 400e9 < c["bytes_each"] < 450e9
+    assert c["keep"] == cfg.learner.keep_checkpoints == 2 and c["bytes_peak"] == 3 * c["bytes_each"]
+    five = plan.make_plan(
+        load_config(ROOT / "launch" / "configs" / f"{name}-h200.yaml", {"learner.keep_checkpoints": 5}), hf
+    )
+    assert five["checkpoint"]["bytes_peak"] == 6 * c["bytes_each"]
+    from launch.cli import main
+
+    assert main(["plan", str(ROOT / f"launch/configs/{name}-h200.yaml"), "--hf-config", str(FIX / H200[name])]) == 0
+    assert "learner checkpoints:" in " ".join(capsys.readouterr().out.split())
