@@ -215,13 +215,14 @@ def local_hf_state(
     cast: bool = True,
     grads: bool = False,
     dense: bool = True,
+    experts: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of this rank's tensors: dense ones and its own experts, in export order.
 
     grads=True maps the parameters' gradients the same way (for tests and diagnostics).
     Under TP the dense tensors are gathered from the TP group first (an HF tensor is whole),
     so it is then collective over the TP group; dense=False gives the experts only (never
-    TP-split: no collective), for a rank that publishes no dense tensor.
+    TP-split: no collective), for a rank that publishes no dense tensor; experts=False the dense ones only.
     """
     info: ModelInfo = model.zeda_info
     ep_rank, ep_size = _ep(ep_rank, ep_size)
@@ -229,7 +230,7 @@ def local_hf_state(
     split = tp_dims(model)
     dtypes = getattr(model, "zeda_hf_dtypes", {}) if cast else {}
     for r in rules(info, ep_rank, ep_size):
-        if r.megatron not in targets or not (dense or r.expert):  # grads=True: buffers have none
+        if r.megatron not in targets or not (experts if r.expert else dense):  # grads=True: buffers have none
             continue
         full = _tp_gather(targets[r.megatron].detach(), split.get(r.megatron), r, info)
         for h, t in zip(r.hf, r.to_hf(full)):

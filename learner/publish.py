@@ -23,7 +23,6 @@ decides. The broadcast transport needs every rank of that TP group to be a sende
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import torch
@@ -31,8 +30,6 @@ import torch.distributed as dist
 
 from learner import bridge, parallel
 from zeda_rl.weights import bucket_spec, iter_buckets, join_group
-
-_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
 
 
 def ownership() -> tuple[bool, bool]:
@@ -52,15 +49,20 @@ def gathers_dense() -> bool:
 
 
 def owned_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of what this rank publishes, in export order (local without TP; under TP
-    collective over the TP group of global rank 0, whose ranks must all iterate it together)."""
+    """(HF name, tensor) of what this rank publishes: the dense tensors first, then its experts, each in export order.
+
+    Under TP the dense pass is collective over the TP group of global rank 0, whose ranks must all iterate it
+    together; the expert pass has no collective. Dense first, and all of it, because under the broadcast transport
+    the engines receive rank 0's group to its end before rank 1's: a TP peer that sent an expert bucket between two
+    TP gathers would wait in its broadcast for engines that wait for rank 0, which waits for that peer's gather.
+    """
     experts, dense = ownership()
-    with_dense = gathers_dense()
-    if not (experts or with_dense):
-        return
-    for name, t in bridge.local_hf_state(model, dense=with_dense):
-        if experts if _EXPERT.search(name) else dense:
-            yield name, t
+    if gathers_dense():
+        for name, t in bridge.local_hf_state(model, experts=False):
+            if dense:  # TP peers of rank 0 take part in the gathers and drop what they gathered
+                yield name, t
+    if experts:
+        yield from bridge.local_hf_state(model, dense=False)
 
 
 def owned_buckets(model: torch.nn.Module, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:

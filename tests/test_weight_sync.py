@@ -262,3 +262,27 @@ def test_broadcast_path_delivers_the_same_tensors_to_fake_sglang(fleet, tmp_path
     finally:
         for f in fakes:
             ray.kill(f)
+
+
+def test_broadcast_under_tensor_parallelism_sends_dense_before_experts(fleet, tmp_path):
+    """TP=2 x EP=2: both ranks gather the dense tensors together, and the engines take rank 0's group to its end
+    before rank 1's. Rank 1 must therefore finish every TP gather before it sends its first expert bucket: sent in
+    between, it would wait in its broadcast for engines still waiting for rank 0, which waits for rank 1's gather."""
+    from actors.fake_sglang import FakeSGLangEngine
+    from actors.rollout import RolloutActor
+    from launch.fleet import WeightSync
+    from learner.actor import LearnerGroup
+
+    group = LearnerGroup(fleet["ckpt"], LearnerSection(ep=2, tp=2, bucket_bytes=8192), fleet["sft"])
+    fake = RolloutActor.options(num_cpus=0.25).remote(
+        "sglang", str(fleet["ckpt"]), 1, {"_engine_factory": FakeSGLangEngine}
+    )
+    try:
+        group.train_step(fleet["sft"], fleet["batch"])
+        sync = WeightSync(group, [fake], MetricsLog(tmp_path / "m.jsonl"), transport="nccl", timeout_s=60)
+        assert ray.get(sync.push(5), timeout=120) == [5]
+        want = _learner_tensors(group, tmp_path / "export")
+        _assert_same(_engine_tensors(fake, list(want)), want)
+    finally:
+        ray.kill(fake)
+        group.shutdown()
