@@ -101,6 +101,13 @@ class OPDSection(OPDStage):
         "store, or a broadcast group per learner rank (nccl on GPU, gloo on CPU; "
         "SGLang engines)",
     )
+    weight_sync_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="how long a weight push (a broadcast group's collectives included) and a generation call waiting "
+        "for a pushed version may take: an engine applies a push after the generation it is running, and a call of "
+        "16 answers of 32k tokens takes minutes",
+    )
     teacher_temperature: float = Field(
         1.0,
         description="temperature the teacher scores the samples at: 1.0 only (SGLang "

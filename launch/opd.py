@@ -55,7 +55,7 @@ def opd_phase(
     data.opd.seek(prompts_at)
     data.opd.reissue(reissue or [])
     params = cfg.sampling.model_copy(update={"stop_token_ids": data.format.stop_ids})
-    sync = WeightSync(learner, rollouts, log, o.weight_sync)
+    sync = WeightSync(learner, rollouts, log, o.weight_sync, o.weight_sync_timeout_s)
     resync = Resync(sync)
     settle(sync.push(version), log)
     acks, probe = [], data.opd.ids[:4]  # fixed sequences whose logprobs show which weights the engines serve
@@ -65,15 +65,18 @@ def opd_phase(
     if o.probe_every and start == 0:  # the student as SFT left it: the probe's step 0
         learner.export_hf(snapshot_dir(cfg.run_dir, 0))
     log.log("driver", "progress_started", time.time())
-    step, seed = start, cfg.seed * 100_003 + start * 1_000
+    step, seed, gauges = start, cfg.seed * 100_003 + start * 1_000, None
     while step < o.steps:
         seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync, version, o)
         _collect(adm, log, resync)
         learner.check()  # a dead learner rank ends the run now, not when the next step needs it
         resync.poll()
         acks = _applied(acks, log, step)
-        log.log("driver", "queue_depth", adm.waiting(), step)
-        log.log("driver", "inflight_samples", len(adm.pending), step)
+        now = (adm.waiting(), len(adm.pending))
+        if now != gauges:  # logged on change: the loop turns about 20 times a second, for days on a real run
+            gauges = now
+            log.log("driver", "queue_depth", now[0], step)
+            log.log("driver", "inflight_samples", now[1], step)
         ids = adm.ready(step)
         if ids is None:
             continue
@@ -123,7 +126,11 @@ def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync,
         seed += 1
         ids = adm.sample_ids(positions)
         gen = rollouts[engine].generate.remote(
-            [p for p in prompts for _ in range(adm.spp)], params.model_copy(update={"seed": seed}), ids, version
+            [p for p in prompts for _ in range(adm.spp)],
+            params.model_copy(update={"seed": seed}),
+            ids,
+            version,
+            o.weight_sync_timeout_s,
         )
         adm.submitted(
             teachers.submit(
@@ -139,7 +146,10 @@ def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync,
 def _collect(adm: Admission, log: MetricsLog, resync: Resync, timeout_s: float = 0.05) -> None:
     """Account for the calls that returned: their samples are on the learner's socket, or lost."""
     calls = list(adm.calls)
-    ready, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout_s) if calls else ([], [])
+    if not calls:  # nothing to wait on (every engine owed a resync, say): the loop must not spin
+        time.sleep(timeout_s)
+        return
+    ready, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
     for ref in ready:
         try:
             r = ray.get(ref)
