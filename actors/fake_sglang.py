@@ -141,7 +141,7 @@ class FakeSGLangEngine:
                     break
                 if step + 1 < max_new:
                     logits = self.model(input_ids=tok[:, None], cache=cache, use_cache=True).logits[0].float()
-            fed = routed() if self.moe_layers else None  # [1, P+O-1, L_moe, K]
+            fed = routed() if self.moe_layers and return_routed else None  # [1, P+O-1, L_moe, K]
         meta.update(completion_tokens=len(out_ids), finish_reason=finish)
         if return_logprob:
             meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(out_lps, out_ids)]

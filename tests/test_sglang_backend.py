@@ -534,3 +534,21 @@ def test_an_engine_sections_dtype_reaches_the_sglang_server(student):
     eng = make_engine("sglang", str(student), _engine_factory=FakeSGLangEngine, **kw)
     assert eng.server_options["dtype"] == "bfloat16" and eng._engine.server_args.dtype == "bfloat16"
     eng.shutdown()
+
+
+def test_a_teacher_engine_does_not_capture_routed_experts(qwen):
+    """The teacher's routing is never used; a rollout engine's is (routing replay). A config may still ask for it."""
+    from actors.teacher_pool import teacher_engine_kwargs
+
+    static, student = qwen
+    teacher = fake(static, **teacher_engine_kwargs("sglang", {"dtype": "float32"}))
+    rollout = fake(student)
+    params = SamplingParams(temperature=0, max_new_tokens=3)
+    assert teacher.server_options["enable_return_routed_experts"] is False
+    assert all(s.routed_experts is None for s in teacher.generate(PROMPTS, params))
+    assert rollout.server_options["enable_return_routed_experts"] is True
+    assert all(s.routed_experts is not None for s in rollout.generate(PROMPTS, params))
+    asked = teacher_engine_kwargs("sglang", {"return_routed_experts": True})
+    assert asked["return_routed_experts"] is True and teacher_engine_kwargs("torch", None) == {}
+    for e in (teacher, rollout):
+        e.shutdown()
