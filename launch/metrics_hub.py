@@ -7,7 +7,8 @@ forwards it here, so that:
   Ray client port), without sharing a filesystem with the driver, and
 - the same numbers reach Ray's metrics export (Prometheus), so Ray's Grafana can graph
   them: each numeric event becomes a gauge `zeda_<component>_<name>` (Ray prefixes
-  `ray_`), token and step counts become counters, per-layer lists carry an `index` tag.
+  `ray_`), token and step counts become counters, per-layer lists carry an `index` tag (longer lists,
+  such as a row's tokens, are not exported).
 
 The hub takes no CPU slot and lives exactly as long as the job's driver (it is not
 detached), so a finished or stopped run leaves nothing behind.
@@ -29,6 +30,7 @@ NAMESPACE = "zeda"
 PREFIX = "zeda-metrics/"
 # amounts that add up (tokens produced, steps done): counters, so Prometheus' rate() applies
 COUNTED = {"tokens", "step_done"}
+MAX_LIST_SERIES = 256  # a list event longer than this is not exported to Prometheus (`export_points`)
 
 
 def hub_name(run: str) -> str:
@@ -37,6 +39,27 @@ def hub_name(run: str) -> str:
 
 def metric_name(component: str, name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", f"zeda_{component}_{name}")
+
+
+def export_points(ev: dict) -> list[tuple[str, int | None, float, bool]]:
+    """(metric name, list index or None, value, counted) of what an event adds to Ray's metrics export.
+
+    A list becomes one series per element only up to MAX_LIST_SERIES elements (per-layer figures): a probe's
+    logprobs or a batch row's tokens (36k on a real run) would each make a Prometheus series of every position.
+    They stay events, for the report and the monitor."""
+    value = ev["value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float, list)):
+        return []
+    name = metric_name(ev["component"], ev["name"])
+    if isinstance(value, list):
+        if len(value) > MAX_LIST_SERIES:
+            return []
+        return [
+            (name, i, float(v), False)
+            for i, v in enumerate(value)
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+    return [(name, None, float(value), ev["name"] in COUNTED)]
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -74,18 +97,13 @@ class MetricsHub:
         return sum(1 for cursor, seen in self.readers.values() if now - seen < active_s and cursor < end)
 
     def _export(self, ev: dict) -> None:
-        value = ev["value"]
-        if isinstance(value, bool) or not isinstance(value, (int, float, list)):
-            return
-        name = metric_name(ev["component"], ev["name"])
-        if isinstance(value, list):
-            for i, v in enumerate(value):
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._metric(name, ("run", "index")).set(float(v), tags={"run": self.run, "index": str(i)})
-        elif ev["name"] in COUNTED:
-            self._metric(name, ("run",), counter=True).inc(max(float(value), 0.0), tags={"run": self.run})
-        else:
-            self._metric(name, ("run",)).set(float(value), tags={"run": self.run})
+        for name, index, value, counted in export_points(ev):
+            if index is not None:
+                self._metric(name, ("run", "index")).set(value, tags={"run": self.run, "index": str(index)})
+            elif counted:
+                self._metric(name, ("run",), counter=True).inc(max(value, 0.0), tags={"run": self.run})
+            else:
+                self._metric(name, ("run",)).set(value, tags={"run": self.run})
 
     def _metric(self, name: str, tags: tuple, counter: bool = False):
         if name not in self._metrics:

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from launch.health import Health
-from launch.metrics_hub import find_hub, metric_name, start_hub
+from launch.metrics_hub import MAX_LIST_SERIES, export_points, find_hub, metric_name, start_hub
 from launch.monitor import HubSource, MonitorState
 from zeda_rl.metrics import MetricsLog, read_events
 
@@ -80,6 +80,23 @@ def test_hub_replays_the_backlog_then_streams_and_names_metrics(local_ray, tmp_p
         sink.close(timeout_s=1.0)
         log.close()
     assert metric_name("driver", "phase_seconds/sft") == "zeda_driver_phase_seconds_sft"
+
+
+def test_prometheus_gets_per_layer_lists_but_not_a_rows_tokens():
+    """One series per list element is right for 48 layers and wrong for a 36k-token row (one series a position)."""
+
+    def ev(name, value):
+        return {"component": "learner", "name": name, "value": value, "step": 1, "time": 0.0}
+
+    assert export_points(ev("zero_ratio_per_layer", [0.4, 0.6])) == [
+        ("zeda_learner_zero_ratio_per_layer", 0, 0.4, False),
+        ("zeda_learner_zero_ratio_per_layer", 1, 0.6, False),
+    ]
+    assert len(export_points(ev("layers", [0.5] * MAX_LIST_SERIES))) == MAX_LIST_SERIES
+    assert export_points(ev("first_row/tokens", list(range(36_864)))) == []
+    assert export_points(ev("tokens", 7)) == [("zeda_learner_tokens", None, 7.0, True)]
+    assert export_points(ev("loss", 0.5)) == [("zeda_learner_loss", None, 0.5, False)]
+    assert export_points(ev("phase", "sft")) == export_points(ev("done", True)) == []
 
 
 @ray.remote(num_cpus=0)
