@@ -23,6 +23,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 CHUNK = 64  # prompts per engine call and per shard
+MAX_TRIES = 3  # engine deaths one chunk may cause before the job gives up on it
 
 
 def shard_name(attempt: int, index: int) -> str:
@@ -98,7 +99,10 @@ def dedupe(out: Path) -> int:
         if not seen.intersection(ids):
             seen.update(ids)
             continue
-        lines = shard.read_text(encoding="utf-8").splitlines()
+        # "\n" only: answers keep U+2028, U+2029 and U+0085 unescaped (ensure_ascii=False), and splitlines() cuts there
+        lines = shard.read_text(encoding="utf-8").split("\n")[:-1]
+        if len(lines) != len(ids):
+            raise ValueError(f"{shard}: {len(lines)} lines but {len(ids)} records; not rewriting it")
         keep = [line for i, line in zip(ids, lines) if i not in seen]
         removed += len(lines) - len(keep)
         seen.update(ids)
@@ -177,6 +181,7 @@ def write_rollouts(
     next_shard = 0
     chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
     inflight: dict = {}
+    tries: dict[str, int] = {}  # engine deaths per chunk (by its first id)
     per_engine = 2 * len(teachers.actors)
     t0, answered, tokens, truncated, engines = time.time(), 0, 0, 0, {}
     while chunks or inflight:
@@ -192,11 +197,18 @@ def write_rollouts(
             part, path = inflight.pop(ref)
             try:
                 r = ray.get(ref)
-            except ray.exceptions.RayError as err:  # the engine died (Ray restarts it): answer the chunk again
+            except ray.exceptions.RayActorError as err:  # the engine died (Ray restarts it): answer the chunk again
+                key = part[0]["id"]
+                tries[key] = tries.get(key, 0) + 1
+                if tries[key] >= MAX_TRIES:  # an engine that dies on it each time, or no engine left alive
+                    raise RuntimeError(
+                        f"rollouts: the chunk of {len(part)} prompts from id {key!r} failed {MAX_TRIES} times, its "
+                        f"engine dying each time; last: {str(err)[:300]}"
+                    ) from err
                 if log is not None:
                     log.log("driver", "actor_restart", f"rollouts: {str(err)[:200]}")
                 chunks.append(part)
-                continue
+                continue  # an error the call raised itself (a full disk, a refused request) ends the job, named
             answered += r["records"]
             tokens += r["tokens"]
             truncated += r["truncated"]

@@ -164,3 +164,57 @@ def test_a_changed_config_is_refused_on_resume(setup, tmp_path):
     assert _check_manifest(out, {"teacher": "a", "sampling": {"temperature": 1.0}}) == 2  # same: a resumed attempt
     with pytest.raises(ValueError, match="temperature"):
         _check_manifest(out, {"teacher": "a", "sampling": {"temperature": 0.7}})
+
+
+def test_dedupe_rewrites_answers_holding_unicode_line_separators(tmp_path):
+    """ensure_ascii=False leaves U+2028/U+2029/U+0085 raw in an answer: a rewrite must split on "\\n" alone."""
+    from launch.rollouts import dedupe
+
+    odd = "a\u2028b\u2029c\x85d"
+    rec = lambda i: json.dumps({"id": i, "messages": [{"role": "assistant", "content": odd}]}, ensure_ascii=False)  # noqa: E731
+    (tmp_path / "rollouts-001-00000.jsonl").write_text(rec("a") + "\n", encoding="utf-8")
+    (tmp_path / "rollouts-002-00000.jsonl").write_text(rec("a") + "\n" + rec("b") + "\n", encoding="utf-8")
+    assert dedupe(tmp_path) == 1
+    kept = (tmp_path / "rollouts-002-00000.jsonl").read_text(encoding="utf-8").split("\n")
+    assert kept[1:] == [""] and json.loads(kept[0]) == {"id": "b", "messages": [{"role": "assistant", "content": odd}]}
+
+
+@ray.remote(max_restarts=0)
+class _Dying:
+    def answer_to_shard(self, *args):
+        os._exit(1)  # the engine process dies on this chunk, every time
+
+
+class _DeadPool:
+    """A TeacherPool of engines that die on every call (no restarts left)."""
+
+    def __init__(self):
+        self.actors = [_Dying.remote()]
+
+    def submit(self, method, *args):
+        return getattr(self.actors[0], method).remote(*args)
+
+
+def test_a_chunk_whose_engine_dies_every_time_ends_the_job_named(setup, tmp_path):
+    """Retried forever, a dead pool spun the job without progress; three engine deaths on one chunk end it."""
+    from transformers import AutoTokenizer
+
+    from launch import streams
+    from launch.config import load_run_config
+    from launch.rollouts import plan, sampling_params, write_rollouts
+
+    root, teacher, overrides = setup
+    cfg = load_run_config(str(_config_file(tmp_path, overrides)), [])
+    tok = AutoTokenizer.from_pretrained(teacher)
+    items = plan(*streams.sft_prompts(cfg, streams.chat_format(cfg, tok)))[:8]
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        with pytest.raises(RuntimeError, match="from id 'p.*' failed 3 times, its engine dying each time"):
+            write_rollouts(
+                cfg, _DeadPool(), items, sampling_params(cfg, tok.eos_token_id), teacher, tmp_path / "o", chunk=4
+            )
+    finally:
+        if started:
+            ray.shutdown()
