@@ -62,15 +62,31 @@ class EvalEngines:
         import ray
 
         out: dict[int, list[Sample]] = {}
-        pending, free, queue = {}, list(self.actors), list(chunks)
+        pending, free, queue, lost = {}, list(self.actors), list(chunks), []
         while queue or pending:
             while queue and free:
-                start, ps, p = queue.pop(0)
+                chunk = queue.pop(0)
+                start, ps, p = chunk
                 actor = free.pop(0)
-                pending[actor.generate.remote(ps, p, list(range(start, start + len(ps))))] = (start, actor)
+                pending[actor.generate.remote(ps, p, list(range(start, start + len(ps))))] = (chunk, actor)
+            if not pending:
+                raise RuntimeError(
+                    f"evaluation: no engine left of {len(self.actors)} ({'; '.join(lost)}); "
+                    f"{len(queue)} chunks of requests unanswered"
+                )
             done, _ = ray.wait(list(pending), num_returns=1)
-            start, actor = pending.pop(done[0])
-            out[start] = [_sample(d) for d in ray.get(done[0])]
+            chunk, actor = pending.pop(done[0])
+            try:
+                got = ray.get(done[0])
+            except ray.exceptions.RayActorError as err:
+                got, why = None, f"died: {str(err)[:120]}"
+            else:
+                why = "restarted: serves the checkpoint it loaded, not the weights under evaluation"
+            if got is None or any(d.get("policy_version") == -1 for d in got):
+                queue.append(chunk)  # answered again by another engine; this one takes no more requests
+                lost.append(f"engine {self.actors.index(actor)} {why}")
+                continue
+            out[chunk[0]] = [_sample(d) for d in got]
             free.append(actor)
         return [s for start in sorted(out) for s in out[start]]
 

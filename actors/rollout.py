@@ -81,6 +81,10 @@ class RolloutActor(EngineActor):
         super().__init__(*args, **kwargs)
         self.served = threading.Condition()  # notified on every weight switch
 
+    def serving(self) -> tuple[int, bool]:
+        """(version served, whether the learner's weights reached this engine since it (re)started)."""
+        return self.engine.version, self.synced
+
     def _switched(self) -> None:
         self.synced = True
         with self.served:

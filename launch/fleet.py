@@ -142,6 +142,31 @@ def probe_rollouts(rollouts: list, probe: list[list[int]], log: MetricsLog, vers
     log.log("rollout", "probe_logprobs", [float(x) for lp in lps for x in lp], version)
 
 
+def serve_final(sync: WeightSync, rollouts: list, version: int, log: MetricsLog, tries: int = 3) -> None:
+    """Every rollout engine on `version` before the evaluation samples from them: an engine that restarted after
+    the last push it took serves the checkpoint it loaded (the student before OPD), so it gets `version` again
+    through Ray's object store. Refuses, naming the engines, if they still do not serve it."""
+    behind: dict[int, str] = {}
+    for _ in range(tries):
+        behind = {}
+        for i, a in enumerate(rollouts):
+            try:
+                served, synced = ray.get(a.serving.remote())
+                if served != version or not synced:
+                    behind[i] = f"v{served}" + ("" if synced else " (restarted, not synced)")
+            except ray.exceptions.RayError as err:  # restarting: it is owed the weights like the others
+                behind[i] = f"unreachable ({str(err)[:80]})"
+        if not behind:
+            return
+        sync.engine_lost()
+        log.log("driver", "final_resync", {str(i): why for i, why in behind.items()}, version)
+        settle([sync.resync(i) for i in behind], log)
+    raise RuntimeError(
+        f"rollout engines {sorted(behind)} do not serve the final weights v{version} ({behind}); the evaluation "
+        "would sample the student before OPD on them"
+    )
+
+
 def teacher_selftest(teachers: list, sequences: list[list[int]], repeats: int, tol: float, log: MetricsLog) -> float:
     """Score the same sequences `repeats` times on every teacher engine; refuse to train when the logprobs differ
     by more than `tol` nats (max absolute difference over engines, repeats and tokens). Returns the difference.

@@ -18,7 +18,7 @@ import ray
 
 from launch.admission import Admission
 from launch.config import RunConfig
-from launch.fleet import Resync, WeightSync, probe_rollouts, settle, teacher_selftest
+from launch.fleet import Resync, WeightSync, probe_rollouts, serve_final, settle, teacher_selftest
 from launch.probe import snapshot_dir
 from launch.runlog import console, log_first_row, log_step
 from launch.streams import RunData
@@ -211,6 +211,7 @@ def _finish(
         version += 1
         acks += sync.push(version)
     _applied(acks, log, step, wait=True)
+    serve_final(sync, rollouts, version, log)  # the evaluation samples from these engines next
     probe_rollouts(rollouts, probe, log, version)
     left = adm.outstanding()  # only if the phase ended early: admitted, never trained
     if left:

@@ -270,3 +270,25 @@ def test_builtin_tasks_side_by_side(ckpts):
     assert [r["benchmark"] for r in rows] == ["add", "reverse", "sort", "pattern", "Average"]
     assert t["average"]["r_ze"] == 0.0 and 0 < s["average"]["r_ze"] < 1
     assert "| **Average** |" in render_markdown(s, t)
+
+
+def test_eval_over_the_runs_engines_skips_one_that_restarted_unsynced(ckpts, ray_local):
+    """A rollout engine that restarted after the last push serves the student it loaded at start (its samples carry
+    policy version -1): the evaluation answers its chunks on the other engines, and refuses when none is left."""
+    from actors.eval_pool import EvalEngines
+    from actors.rollout import RolloutActor
+    from zeda_rl.sampling import SamplingParams
+
+    _, student = ckpts
+    unsynced, synced = (RolloutActor.options(num_cpus=0.25).remote("torch", str(student)) for _ in range(2))
+    try:
+        ray_local.get(synced.__ray_call__.remote(lambda a: setattr(a, "synced", True)))  # as after a weight push
+        prompts = [[5 + i, 6, 7] for i in range(6)]
+        params = SamplingParams(temperature=0, max_new_tokens=3)
+        got = EvalEngines.over([unsynced, synced], batch_size=2)(prompts, params)
+        assert [s.prompt_ids for s in got] == prompts and all(s.policy_version == 0 for s in got)
+        with pytest.raises(RuntimeError, match="no engine left of 1 .*engine 0 restarted"):
+            EvalEngines.over([unsynced], batch_size=2)(prompts, params)
+    finally:
+        for a in (unsynced, synced):
+            ray_local.kill(a)

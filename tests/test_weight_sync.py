@@ -286,3 +286,41 @@ def test_broadcast_under_tensor_parallelism_sends_dense_before_experts(fleet, tm
     finally:
         ray.kill(fake)
         group.shutdown()
+
+
+def test_engines_restarted_after_the_last_push_get_the_final_weights_before_eval(fleet, tmp_path):
+    """An engine restarted after the last push serves the student it loaded at start; the evaluation samples from
+    these engines, so the end of OPD gives it the final version again, and refuses when an engine cannot take it."""
+    from actors.rollout import RolloutActor
+    from launch.fleet import WeightSync, serve_final, settle
+
+    log = MetricsLog(tmp_path / "m.jsonl")
+    engines = [RolloutActor.options(num_cpus=0.25).remote("torch", str(fleet["ckpt"])) for _ in range(2)]
+    try:
+        fleet["group"].train_step(fleet["sft"], fleet["batch"])
+        sync = WeightSync(fleet["group"], engines, log)
+        settle(sync.push(31), log)
+        ray.kill(engines[1], no_restart=False)  # Ray restarts it with the checkpoint's weights
+        _settles(lambda: ray.get(engines[1].serving.remote(), timeout=60) == (0, False))
+        serve_final(sync, engines, 31, log)
+        assert ray.get([e.serving.remote() for e in engines]) == [(31, True), (31, True)]
+        want = _learner_tensors(fleet["group"], tmp_path / "export")
+        _assert_same(_engine_tensors(engines[1], list(want)), want)
+        ray.kill(engines[0], no_restart=True)
+        with pytest.raises(RuntimeError, match=r"rollout engines \[0\] do not serve the final weights v31"):
+            serve_final(sync, engines, 31, log, tries=1)
+    finally:
+        for e in engines:
+            ray.kill(e)
+
+
+def _settles(ok, timeout_s: float = 60.0) -> None:
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if ok():
+                return
+        except ray.exceptions.RayError:
+            pass
+        assert time.time() < deadline, "the engine did not come back"
+        time.sleep(0.5)
