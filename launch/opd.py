@@ -68,7 +68,7 @@ def opd_phase(
     step, seed, gauges = start, cfg.seed * 100_003 + start * 1_000, None
     while step < o.steps:
         seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync, version, o)
-        _collect(adm, log, resync)
+        _collect(adm, log, resync, learner)
         learner.check()  # a dead learner rank ends the run now, not when the next step needs it
         resync.poll()
         acks = _applied(acks, log, step)
@@ -143,8 +143,9 @@ def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync,
     return seed
 
 
-def _collect(adm: Admission, log: MetricsLog, resync: Resync, timeout_s: float = 0.05) -> None:
-    """Account for the calls that returned: their samples are on the learner's socket, or lost."""
+def _collect(adm: Admission, log: MetricsLog, resync: Resync, learner, timeout_s: float = 0.05) -> None:
+    """Account for the calls that returned: their samples are on the learner's socket, or lost (and then dropped by
+    the inbox should they come after all: a teacher may have sent them before it died)."""
     calls = list(adm.calls)
     if not calls:  # nothing to wait on (every engine owed a resync, say): the loop must not spin
         time.sleep(timeout_s)
@@ -155,12 +156,13 @@ def _collect(adm: Admission, log: MetricsLog, resync: Resync, timeout_s: float =
             r = ray.get(ref)
         except ray.exceptions.RayError as err:  # a dead engine: Ray restarts it, it is owed the current weights
             call = adm.failed(ref, "engine_failure")
+            learner.inbox_discard(call.sample_ids)
             resync.mark([call.engine])
             log.log("driver", "actor_restart", str(err)[:200])
             console.print(f"[yellow]rollout/teacher failure, actor restarting: {str(err)[:300]}")
             continue
         if not r["sent"]:  # the learner's inbox stayed full past the push timeout
-            adm.failed(ref, "backpressure")
+            learner.inbox_discard(adm.failed(ref, "backpressure").sample_ids)
             log.log("driver", "dropped_backpressure", adm.dropped["backpressure"])
             continue
         adm.finished(ref)

@@ -33,6 +33,9 @@ class LearnerInbox:
         self.endpoint = self.puller.endpoint
         self.rows: dict[int, tuple[dict, int]] = {}  # sample id -> (its packed batch, row in it)
         self.refused: set[int] = set()  # ids of decoded batches refused here (vocab): reported missing, not awaited
+        # ids given up on (reported missing by a step, or discarded before they came): dropped if they come later.
+        # Sample ids are never reused within a run, and a real message holds ~0.45 GB of routed experts.
+        self.abandoned: set[int] = set()
         self.cond = threading.Condition()
         self.closed = False
         self.received = 0
@@ -57,7 +60,10 @@ class LearnerInbox:
             arrays = {k: np.array(v) for k, v in batch.arrays.items()}
             with self.cond:
                 for row, sid in enumerate(arrays["sample_ids"].tolist()):
-                    self.rows[int(sid)] = (arrays, row)
+                    if int(sid) in self.abandoned:
+                        self.abandoned.discard(int(sid))
+                    else:
+                        self.rows[int(sid)] = (arrays, row)
                 self.received += len(arrays["sample_ids"])
                 self.cond.notify_all()
 
@@ -75,7 +81,8 @@ class LearnerInbox:
                 self.cond.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             found = [(i, self.rows.pop(i)) for i in ids if i in self.rows]
             self.refused.difference_update(ids)
-        missing = sorted(set(ids) - {i for i, _ in found})
+            missing = sorted(set(ids) - {i for i, _ in found})
+            self.abandoned.update(missing)
         kept, stale, unsynced, lags = [], [], [], []
         for sid, (arrays, row) in found:
             v = int(arrays["policy_version"][row])
@@ -99,15 +106,19 @@ class LearnerInbox:
         return (concat_batches(kept) if kept else None), report
 
     def discard(self, ids) -> int:
-        """Forget samples that will never be trained (e.g. the last in-flight ones when a phase ends)."""
+        """Forget samples that will never be trained (e.g. the last in-flight ones when a phase ends); those not here
+        yet are dropped when they come. Returns how many were here."""
         with self.cond:
-            return sum(self.rows.pop(int(i), None) is not None for i in ids)
+            here = [int(i) for i in ids if self.rows.pop(int(i), None) is not None]
+            self.abandoned.update(int(i) for i in ids if int(i) not in here)
+            return len(here)
 
     def stats(self) -> dict:
         with self.cond:
             return {
                 "received": self.received,
                 "waiting": len(self.rows),
+                "abandoned": len(self.abandoned),
                 "dropped_malformed": int(self.puller.dropped),
                 "malformed_reasons": dict(self.puller.drop_reasons),
             }

@@ -65,3 +65,20 @@ def test_malformed_messages_change_nothing_and_are_each_counted(caplog):
     assert stats["dropped_malformed"] == 10_001 and Counter(stats["malformed_reasons"]) == expected
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert all(reason in logged for reason in expected)  # the first of each kind, then every 1000th
+
+
+def test_samples_that_come_after_a_step_gave_up_on_them_are_not_kept():
+    """A step reports late samples missing and trains without them; when they come later (a slow teacher, or one
+    that sent and then died), nothing will ever take them: a real message of 16 rows is ~0.45 GB on rank 0."""
+    inbox = LearnerInbox("tcp://127.0.0.1:0", run=RUN)
+    try:
+        assert inbox.take([0, 1], version=0, max_staleness=1, timeout_s=0.2)[1]["missing"] == [0, 1]
+        assert inbox.discard([4, 5]) == 0  # discarded before they came (the phase ended)
+        with Pusher(inbox.endpoint, hwm=64) as pusher:
+            for k, ids in enumerate(((0, 1), (4, 5), (2, 3))):
+                assert pusher.send(valid_batch(RUN, seed=k, ids=ids), timeout_s=30)
+            _, report = inbox.take([2, 3], version=0, max_staleness=1, timeout_s=60)  # sent after the others
+        assert report["trained"] == [2, 3]
+        assert inbox.stats()["waiting"] == 0 and inbox.stats()["abandoned"] == 0  # the late ones were dropped
+    finally:
+        inbox.close()

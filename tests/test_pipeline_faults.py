@@ -226,6 +226,7 @@ def test_a_killed_driver_resumes_at_the_checkpoint_step_with_its_optimizer_state
     from learner.checkpoint import latest, read_meta
 
     run = {**SHORT, "name": "driver", "learner.checkpoint_every": 2, "opd.steps": 10, **LONG_AND_SHORT}
+    run["learner.keep_checkpoints"] = 100  # the checkpoint the driver was killed after is read again at the end
     cfg = short_run_config(base, run)
     sets = {
         **run,
