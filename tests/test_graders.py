@@ -133,6 +133,19 @@ def test_sandbox_contains_loops_timeouts_memory_and_the_network(tmp_path):
     assert not marker.exists(), "a process the program started outlived the timeout"
 
 
+def test_a_program_printing_in_a_loop_cannot_fill_the_graders_memory():
+    """Output goes to files capped by the file-size limit, not pipes the grader drains into memory until the timeout
+    (once per grading thread, and `workers` defaults to the CPU count)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    r = run_python("import sys\nb = 'x' * 65536\nwhile True:\n    sys.stdout.write(b)\n", Limits(timeout_s=3))
+    grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert r.status != "passed" and r.stdout == "x" * Limits().output_chars and grew_mib < 64, (r.status, grew_mib)
+    ok = run_python("print('é' * 3000)\nimport sys\nprint('end', file=sys.stderr)\n", Limits(timeout_s=3))
+    assert ok.status == "passed" and ok.stdout == "é" * 1999 + "\n" and ok.stderr == "end\n"
+
+
 # ---- instruction following -------------------------------------------------------------------------
 
 

@@ -76,26 +76,28 @@ def run_python(source: str, limits: Limits = Limits()) -> RunResult:
             f.write(source)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": tmp, "LANG": "C.UTF-8"}
         start = time.monotonic()
-        proc = subprocess.Popen(
-            [*prefix, sys.executable, "-I", "-B", script],
-            cwd=tmp,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_limit(limits),
-        )
-        try:
-            out, err = proc.communicate(timeout=limits.timeout_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            out, err = proc.communicate()
-            timed_out = True
-        seconds = time.monotonic() - start
-    out_s = out.decode("utf-8", "replace")[-limits.output_chars :]
-    err_s = err.decode("utf-8", "replace")[-limits.output_chars :]
+        # stdout and stderr go to files (capped by RLIMIT_FSIZE), not pipes: a program printing in a loop until its
+        # timeout would otherwise make the grader hold gigabytes, once per grading thread
+        with open(os.path.join(tmp, ".stdout"), "w+b") as out, open(os.path.join(tmp, ".stderr"), "w+b") as err:
+            proc = subprocess.Popen(
+                [*prefix, sys.executable, "-I", "-B", script],
+                cwd=tmp,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=_limit(limits),
+            )
+            try:
+                proc.wait(timeout=limits.timeout_s)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                proc.wait()
+                timed_out = True
+            seconds = time.monotonic() - start
+            out_s, err_s = (_tail(f, limits.output_chars) for f in (out, err))
     if timed_out or proc.returncode == -signal.SIGXCPU:
         status = "timeout"
     elif proc.returncode == 0:
@@ -105,6 +107,12 @@ def run_python(source: str, limits: Limits = Limits()) -> RunResult:
     else:
         status = "failed"
     return RunResult(status, proc.returncode, out_s, err_s, seconds, bool(prefix))
+
+
+def _tail(f, chars: int) -> str:
+    """The last `chars` characters of a file (read from its last 4 bytes a character at most)."""
+    f.seek(max(0, f.seek(0, os.SEEK_END) - 4 * chars))
+    return f.read().decode("utf-8", "replace")[-chars:]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
