@@ -154,8 +154,8 @@ def test_bridge_round_trip_is_bit_exact(tmp_path, family, dtype):
 
 @pytest.mark.parametrize("variant", ["qwen3", "glm"])
 def test_published_buckets_apply_to_the_transformers_model(ckpts, variant):
-    """What a weight push sends (learner.publish: per-expert checkpoint names, in export order, bounded
-    buckets) lands in the transformers model's fused experts through apply_update."""
+    """What a weight push sends (learner.publish: per-expert checkpoint names, the dense tensors then the experts,
+    each in export order, bounded buckets) lands in the transformers model's fused experts through apply_update."""
     from learner.publish import owned_buckets
     from zeda_rl.weights import WeightUpdate, apply_update
 
@@ -165,7 +165,9 @@ def test_published_buckets_apply_to_the_transformers_model(ckpts, variant):
             p.mul_(1.01)
     upd = WeightUpdate(version=7, buckets=list(owned_buckets(m, 8192)))
     names = [n for n, _ in upd.named_tensors()]
-    assert names == [n for n, _ in bridge.full_hf_state(m)]
+    full = [n for n, _ in bridge.full_hf_state(m)]
+    experts = [n for n in full if ".mlp.experts." in n]
+    assert names == [n for n in full if ".mlp.experts." not in n] + experts  # the TP-gathered pass first
     assert set(names) == set(load_file(ckpts[variant] / "model.safetensors"))
     for b in upd.buckets:
         assert len(b) == 1 or sum(t.numel() * t.element_size() for _, t in b) <= 8192
