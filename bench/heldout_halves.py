@@ -63,7 +63,7 @@ def evaluate_b(students: list[tuple[str, str]]) -> None:
     for name, path in students:
         h = np.array(evaluate(path, n_per_family=N_PER_FAMILY, tasks=SUITE, progress=False)["hits"], float)
         hits[name] = h[in_b]
-        per = {f: round(100 * h[in_b & (family == f)].mean(), 2) for f in sorted(set(family))}
+        per = {str(f): round(100 * float(h[in_b & (family == f)].mean()), 2) for f in sorted(set(family))}
         print(f"{name}: half B {per}, all of B {100 * h[in_b].mean():.2f}", flush=True)
     first = students[0][0]
     for name, h in list(hits.items())[1:]:
