@@ -30,9 +30,10 @@ def check_score_temperature(temperature: float) -> None:
 def teacher_engine_kwargs(backend: str, engine_kwargs: dict | None) -> dict:
     """A teacher's routing is never used (it is the static model, and the student routes over other experts), so an
     SGLang teacher does not capture it: for a 32k-token answer of a 48-layer top-8 model that is 75 MB of base64."""
-    return (
-        {"return_routed_experts": False, **(engine_kwargs or {})} if backend == "sglang" else dict(engine_kwargs or {})
-    )
+    kw = dict(engine_kwargs or {})
+    if backend == "sglang":
+        kw.setdefault("return_routed_experts", False)
+    return kw
 
 
 @ray.remote(max_restarts=3, max_task_retries=0)

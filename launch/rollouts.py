@@ -197,7 +197,9 @@ def write_rollouts(
             part, path = inflight.pop(ref)
             try:
                 r = ray.get(ref)
-            except ray.exceptions.RayActorError as err:  # the engine died (Ray restarts it): answer the chunk again
+            except ray.exceptions.RayActorError as err:
+                # the engine died (Ray restarts it): answer the chunk again. An error the call raised itself (a full
+                # disk, a refused request) is not caught here: it ends the job, named
                 key = part[0]["id"]
                 tries[key] = tries.get(key, 0) + 1
                 if tries[key] >= MAX_TRIES:  # an engine that dies on it each time, or no engine left alive
@@ -208,7 +210,7 @@ def write_rollouts(
                 if log is not None:
                     log.log("driver", "actor_restart", f"rollouts: {str(err)[:200]}")
                 chunks.append(part)
-                continue  # an error the call raised itself (a full disk, a refused request) ends the job, named
+                continue
             answered += r["records"]
             tokens += r["tokens"]
             truncated += r["truncated"]

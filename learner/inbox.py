@@ -80,9 +80,9 @@ class LearnerInbox:
             while any(i not in self.rows and i not in self.refused for i in ids) and time.monotonic() < deadline:
                 self.cond.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             found = [(i, self.rows.pop(i)) for i in ids if i in self.rows]
-            self.refused.difference_update(ids)
             missing = sorted(set(ids) - {i for i, _ in found})
-            self.abandoned.update(missing)
+            self.abandoned.update(i for i in missing if i not in self.refused)  # refused ones came already
+            self.refused.difference_update(ids)
         kept, stale, unsynced, lags = [], [], [], []
         for sid, (arrays, row) in found:
             v = int(arrays["policy_version"][row])
@@ -109,8 +109,9 @@ class LearnerInbox:
         """Forget samples that will never be trained (e.g. the last in-flight ones when a phase ends); those not here
         yet are dropped when they come. Returns how many were here."""
         with self.cond:
-            here = [int(i) for i in ids if self.rows.pop(int(i), None) is not None]
-            self.abandoned.update(int(i) for i in ids if int(i) not in here)
+            gone = {int(i) for i in ids}
+            here = {i for i in gone if self.rows.pop(i, None) is not None}
+            self.abandoned |= gone - here
             return len(here)
 
     def stats(self) -> dict:
