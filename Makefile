@@ -24,9 +24,10 @@ run: install
 	$(BIN)/python -m launch.train --config launch/configs/tiny-cpu-hard.yaml
 
 # ruff first (pyproject's [tool.ruff]: lint and format, line length 120): seconds, before the suite.
-# The four slowest end-to-end runs (marked `slow`: a killed driver resumed, `ray job submit` and `ray job stop`
-# against a local head, a chat-templated run resumed) take about 6 of its minutes: CI (CI set) and
-# `make test-all` run them, a developer's `make test` leaves them out to stay under 15 minutes.
+# The slowest end-to-end runs (marked `slow`: a killed driver resumed, `ray job submit` and `ray job stop`
+# against a local head, a chat-templated run resumed, four rollout and two teacher engines, synchronous OPD from a
+# JSONL) take about 7.5 of its minutes: CI (CI set) and `make test-all` run them, a developer's `make test` leaves
+# them out to stay under 15 minutes.
 PYTEST_SELECT ?= $(if $(CI),,-m "not slow")
 test: install
 	$(BIN)/ruff check .

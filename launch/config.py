@@ -72,6 +72,15 @@ class SFTSection(SFTStage):
         2000, ge=1, description="training prompts the teacher answers (None: every prompt of data.sft_prompts once)"
     )
     teacher_temperature: float = Field(0.0, ge=0)
+    rollout_chunk: int = Field(
+        64,
+        ge=1,
+        description=(
+            "teacher rollouts: prompts per engine call and per shard. An SGLang call returns when its longest answer "
+            "ends, so at 32k-token answers a call of 64 leaves the engine near idle for much of its tail; bigger "
+            "chunks keep its batch full longer, at the cost of more answers redone when a job is killed"
+        ),
+    )
 
     @field_validator("lr")
     @classmethod

@@ -1,7 +1,7 @@
 """Teacher rollouts as a job of their own: the teacher engines answer the SFT prompts into sharded JSONL.
 
 At ZEDA's scale this is a third of the adaptation (8.2 of 30.1 hours for Qwen3-30B-A3B), so
-it keeps every teacher engine busy (two chunks queued per engine, least-loaded first) and it
+it keeps every teacher engine busy (two chunks of `sft.rollout_chunk` prompts queued per engine) and it
 survives being killed: each chunk is written by the engine that answered it as one shard,
 under a temporary name renamed when complete, so the directory only ever holds whole shards,
 and a restarted job reads the ids already answered and submits only the rest (no prompt
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-CHUNK = 64  # prompts per engine call and per shard
 MAX_TRIES = 3  # engine deaths one chunk may cause before the job gives up on it
 
 
@@ -161,9 +160,7 @@ def _check_manifest(out: Path, want: dict) -> int:
     return have["attempts"]
 
 
-def write_rollouts(
-    cfg, teachers, items: list[dict], params, teacher: Path, out: Path, log=None, chunk: int = CHUNK, progress=None
-) -> dict:
+def write_rollouts(cfg, teachers, items: list[dict], params, teacher: Path, out: Path, log=None, progress=None) -> dict:
     """Answer every item of `plan` not yet in `out`; returns counts. `teachers`: a TeacherPool.
 
     The teacher stops on every one of its stop ids whatever `params` names (`with_teacher_stops`):
@@ -178,7 +175,7 @@ def write_rollouts(
     dedupe(out)
     done = done_ids(out)
     todo = [it for it in items if it["id"] not in done]
-    next_shard = 0
+    next_shard, chunk = 0, cfg.sft.rollout_chunk
     chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
     inflight: dict = {}
     tries: dict[str, int] = {}  # engine deaths per chunk (by its first id)
@@ -246,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None, help="output directory (default: RUN_DIR/rollouts); rerun to resume")
-    ap.add_argument("--chunk", type=int, default=CHUNK, help="prompts per engine call and per shard")
     a = ap.parse_args(argv)
 
     import ray
@@ -285,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
                 params,
                 teacher,
                 out,
-                chunk=a.chunk,
                 progress=lambda done, total, rate: bar.update(done, note=f"{rate:.0f} tokens/s"),
             )
     finally:

@@ -20,7 +20,6 @@ Modules (one idea each):
 - `checkpoint`       full learner state saved atomically, exact resume.
 - `actor`            one Ray actor per rank and the `LearnerGroup` driving them.
 - `inbox`            the learner's ZMQ inbox of OPD batches.
-- `sft`              `python -m learner.sft`: a few SFT steps on a tiny checkpoint, for users.
 - `testing`          tiny converted checkpoints and a checked transformers reference loader.
 
 Importing this package imports neither Megatron nor Ray; the modules do, when used.

@@ -97,6 +97,7 @@ def test_a_failed_call_is_dropped_and_counted_not_waited_for():
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow  # 51 s: CI runs it; `make test` stays under 15 minutes without it
 def test_four_rollout_and_two_teacher_engines_on_cpu(tmp_path):
     from tests.helpers import run_on_fresh_ray, short_run_config
     from zeda_rl.metrics import read_events

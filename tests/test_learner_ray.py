@@ -117,7 +117,7 @@ def test_tiny_cpu_yaml_reaches_the_learner_unchanged(local_ray, tmp_path):
 
 
 def test_sft_command_runs_two_ep_ranks(tmp_path):
-    """The documented demo: `python -m learner.sft --make-tiny ... --ep 2 --steps 3` in its own process and Ray."""
+    """The documented demo: `python -m launch.learner_sft --make-tiny ... --ep 2 --steps 3` in its own process and Ray."""
     import os
     import subprocess
     import sys
@@ -127,7 +127,7 @@ def test_sft_command_runs_two_ep_ranks(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "learner.sft",
+        "launch.learner_sft",
         "--make-tiny",
         "glm4_moe_lite",
         "--checkpoint",

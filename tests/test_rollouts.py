@@ -39,6 +39,7 @@ def setup(tmp_path_factory):
         "data.sft_prompts": str(prompts),
         "sft.prompts": None,
         "sft.teacher_temperature": 1.0,
+        "sft.rollout_chunk": CHUNK,
         "sampling.max_new_tokens": 6,
         "teacher.replicas": 2,
         "teacher.cpus": 0.5,
@@ -83,8 +84,6 @@ def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
             str(cfg_file),
             "--out",
             str(out),
-            "--chunk",
-            str(CHUNK),
         ],
         start_new_session=True,
         stdout=subprocess.PIPE,
@@ -108,7 +107,7 @@ def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
     try:
         pool, _pg = start_teachers(cfg, teacher, tok.pad_token_id)
         items = plan(*streams.sft_prompts(cfg, streams.chat_format(cfg, tok)))
-        r = write_rollouts(cfg, pool, items, sampling_params(cfg, tok.eos_token_id), teacher, out, chunk=CHUNK)
+        r = write_rollouts(cfg, pool, items, sampling_params(cfg, tok.eos_token_id), teacher, out)
     finally:
         ray.shutdown()
     # engines of the killed job may finish a chunk after it died: at least what was there is kept
@@ -119,6 +118,8 @@ def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
     assert sorted(ids) == sorted(it["id"] for it in items)  # every prompt once: none lost, none twice
     assert len(set(ids)) == N_PROMPTS
     assert not list(out.glob(".*tmp*"))
+    sizes = [len(p.read_text().splitlines()) for p in out.glob("rollouts-*.jsonl")]
+    assert max(sizes) == CHUNK  # sft.rollout_chunk prompts per engine call and shard (dedupe may thin one)
     rec = records[0]
     assert [m["role"] for m in rec["messages"]] == ["user", "assistant"]
     assert rec["sampling"]["temperature"] == 1.0 and rec["sampling"]["max_new_tokens"] == 6
@@ -212,9 +213,7 @@ def test_a_chunk_whose_engine_dies_every_time_ends_the_job_named(setup, tmp_path
         ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         with pytest.raises(RuntimeError, match="from id 'p.*' failed 3 times, its engine dying each time"):
-            write_rollouts(
-                cfg, _DeadPool(), items, sampling_params(cfg, tok.eos_token_id), teacher, tmp_path / "o", chunk=4
-            )
+            write_rollouts(cfg, _DeadPool(), items, sampling_params(cfg, tok.eos_token_id), teacher, tmp_path / "o")
     finally:
         if started:
             ray.shutdown()

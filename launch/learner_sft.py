@@ -1,9 +1,10 @@
-"""`python -m learner.sft`: a few SFT steps of the Megatron learner on a converted checkpoint.
+"""`python -m launch.learner_sft`: a few SFT steps of the Megatron learner on a converted checkpoint.
 
-    python -m learner.sft --make-tiny qwen3_moe --checkpoint /tmp/tiny-qwen --ep 2 --steps 5
-    python -m learner.sft --checkpoint /path/to/converted --ep 2 --steps 5 --export /tmp/student
+    python -m launch.learner_sft --make-tiny qwen3_moe --checkpoint /tmp/tiny-qwen --ep 2 --steps 5
+    python -m launch.learner_sft --checkpoint /path/to/converted --ep 2 --steps 5 --export /tmp/student
 
-Starts a local Ray of its own (or joins the cluster at RAY_ADDRESS), places one learner actor per rank in a
+Starts a local Ray of its own, on loopback as every local run's (`launch.fleet.start_local_ray`), or joins the
+cluster at RAY_ADDRESS; places one learner actor per rank in a
 placement group (EP x DP ranks; gloo and the allgather dispatcher on CPU, nccl and
 alltoall on GPU), and trains on synthetic data: arithmetic token sequences whose second
 half is the "response" (loss mask 1), which any model learns quickly, so the loss visibly
@@ -37,7 +38,7 @@ def synthetic_batch(step: int, batch_size: int, seq_len: int, vocab: int, seed: 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m learner.sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m launch.learner_sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--checkpoint", required=True, help="converted (zero-expert) HF checkpoint directory")
     p.add_argument(
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     a = parse(argv)
     import ray
 
+    from launch.fleet import start_local_ray
     from learner.actor import LearnerGroup
     from learner.config import LearnerSection, SFTStage
     from learner.megatron_config import load_hf_config
@@ -102,13 +104,8 @@ def main(argv=None) -> int:
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(include_dashboard=False, log_to_driver=False)
-        else:  # a fresh local Ray of our own, never someone else's cluster on this machine
-            ray.init(
-                address="local",
-                num_cpus=max(2, int(world * a.cpus_per_rank + 0.999)),
-                include_dashboard=False,
-                log_to_driver=False,
-            )
+        else:  # a fresh local Ray of our own on loopback, never someone else's cluster on this machine
+            start_local_ray(num_cpus=max(2, int(world * a.cpus_per_rank + 0.999)), log_to_driver=False)
         started = True
     t0 = time.time()
     group = LearnerGroup(ckpt, cfg, stage)
