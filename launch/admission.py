@@ -25,6 +25,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+MAX_REFILLS = 4  # an engine restarted unseen, or every sample stale, empties a step now and then; 5 in a row is stuck
+
 
 @dataclass
 class Call:
@@ -57,6 +59,7 @@ class Admission:
         self.pending: set[int] = set()  # sample ids admitted, not yet back from their call
         self.calls: dict[object, Call] = {}  # call handle -> call
         self.dropped: Counter = Counter()  # reason -> samples
+        self.refills: Counter = Counter()  # step -> times it was admitted again, nothing of it trained
         self.trained = 0
         self.admitted = 0
         self.busy_s = [0.0] * engines
@@ -153,8 +156,19 @@ class Admission:
             if report[reason]:
                 self.dropped[reason] += len(report[reason])
 
-    def refill(self, step: int) -> None:
-        """Nothing of step `step` could be trained: admit a full step's prompts for it again."""
+    def refill(self, step: int, report: dict | None = None) -> None:
+        """Nothing of step `step` could be trained (its inbox `report` says why): admit a full step's prompts for it
+        again, up to MAX_REFILLS times. A step that never trains (a stuck inbox: every call backpressured, every
+        sample missing) would otherwise be admitted again forever, at a generation's cost each time."""
+        self.refills[step] += 1
+        if self.refills[step] > MAX_REFILLS:
+            why = ", ".join(f"{len(report[k])} {k}" for k in ("stale", "unsynced", "missing") if (report or {}).get(k))
+            raise RuntimeError(
+                f"OPD step {step + 1}: none of its samples could be trained, {self.refills[step]} times in a row "
+                f"(last: {why or 'no sample came back'}; dropped so far: {dict(self.dropped)}). The learner's "
+                "inbox is not receiving (see its stats) or the engines serve no usable weights; the last "
+                "checkpoint resumes the run"
+            )
         self.expected.pop(step, None)
         self.quota[step] = self.pps
 

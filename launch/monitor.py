@@ -135,6 +135,8 @@ def render(s: MonitorState):
         ("staleness max", "learner", "staleness_max", "{:.0f}"),
         ("dropped stale", "driver", "dropped_stale", "{:.0f}"),
         ("dropped malformed", "driver", "dropped_malformed", "{:.0f}"),
+        ("dropped missing", "driver", "dropped_missing", "{:.0f}"),
+        ("dropped backpressure", "driver", "dropped_backpressure", "{:.0f}"),
         ("reverse KL", "learner", "reverse_kl", "{:.4f}"),
         ("loss", "learner", "loss", "{:.4f}"),
         ("weight sync (s)", "driver", "weight_sync_s", "{:.3f}"),

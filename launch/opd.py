@@ -96,8 +96,8 @@ def opd_phase(
         )
         adm.trained_step(step, report)
         _log_inbox(log, adm, report, step, resync, len(rollouts))
-        if metrics is None:  # none of the step's samples could be trained: admit the step again
-            adm.refill(step)
+        if metrics is None:  # none of the step's samples could be trained: admit the step again (a few times)
+            adm.refill(step, report)
             continue
         metrics.update(staleness_mean=report["staleness_mean"], staleness_max=report["staleness_max"])
         step += 1
@@ -185,6 +185,8 @@ def _log_inbox(log: MetricsLog, adm: Admission, report: dict, step: int, resync:
         resync.mark(range(engines))
     if report["stale"]:
         log.log("driver", "dropped_stale", adm.dropped["stale"], step)
+    if report["missing"]:  # not back after the inbox's wait: lost on the way, or the inbox is stuck
+        log.log("driver", "dropped_missing", adm.dropped["missing"], step)
     if "first_row" in report:
         log_first_row(log, "opd", report["first_row"]["tokens"], report["first_row"]["loss_mask"])
 

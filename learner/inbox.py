@@ -39,10 +39,29 @@ class LearnerInbox:
         self.cond = threading.Condition()
         self.closed = False
         self.received = 0
+        self.error: str | None = None  # why the drain thread died, if it did: every later take or stats raises it
         self.thread = threading.Thread(target=self._drain, name="learner-inbox", daemon=True)
         self.thread.start()
 
     def _drain(self) -> None:
+        """Drain the socket until closed. An error that kills the thread (a MemoryError copying a 0.45 GB
+        message, a bug) is kept: without it the socket fills, every push times out as backpressure, and the
+        run re-admits steps that can never train, with every actor alive."""
+        try:
+            self._drain_loop()
+        except BaseException as err:
+            with self.cond:
+                self.error = f"{type(err).__name__}: {err}"
+                self.cond.notify_all()
+            raise
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(
+                f"learner inbox on {self.endpoint}: its drain thread died ({self.error}); restart the run"
+            )
+
+    def _drain_loop(self) -> None:
         while not self.closed:
             batch = self.puller.recv(timeout_s=0.2)
             if batch is None:
@@ -77,8 +96,10 @@ class LearnerInbox:
         """
         deadline = time.monotonic() + timeout_s
         with self.cond:
+            self._check()
             while any(i not in self.rows and i not in self.refused for i in ids) and time.monotonic() < deadline:
                 self.cond.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                self._check()
             found = [(i, self.rows.pop(i)) for i in ids if i in self.rows]
             missing = sorted(set(ids) - {i for i, _ in found})
             self.abandoned.update(i for i in missing if i not in self.refused)  # refused ones came already
@@ -116,6 +137,7 @@ class LearnerInbox:
 
     def stats(self) -> dict:
         with self.cond:
+            self._check()
             return {
                 "received": self.received,
                 "waiting": len(self.rows),

@@ -96,6 +96,28 @@ def test_a_failed_call_is_dropped_and_counted_not_waited_for():
     assert adm.next_call(0) == (0, 2)
 
 
+def test_a_step_that_never_trains_ends_the_run_instead_of_being_admitted_forever():
+    """A stuck inbox (every call backpressured, every sample missing) empties every attempt at a step: the
+    driver used to admit it again forever, each time at the cost of a generation."""
+    from launch.admission import MAX_REFILLS
+
+    adm = Admission(prompts_per_step=2, samples_per_prompt=2, window=1, engines=1, rollout_batch=2)
+    report = {"trained": [], "stale": [], "unsynced": [], "missing": [0, 1, 2, 3]}
+    for attempt in range(MAX_REFILLS + 1):
+        engine, n = adm.next_call(0)
+        ids = adm.submitted(f"call{attempt}", engine, 0, [0, 1])
+        adm.finished(f"call{attempt}")
+        assert adm.ready(0) == ids
+        adm.trained_step(0, {**report, "missing": ids})
+        if attempt < MAX_REFILLS:
+            adm.refill(0, {**report, "missing": ids})
+    with pytest.raises(
+        RuntimeError, match=r"OPD step 1: none of its samples could be trained, 5 times in a row \(last: 4 missing"
+    ):
+        adm.refill(0, {**report, "missing": ids})
+    assert adm.dropped["missing"] == 4 * (MAX_REFILLS + 1)
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.slow  # 51 s: CI runs it; `make test` stays under 15 minutes without it
 def test_four_rollout_and_two_teacher_engines_on_cpu(tmp_path):

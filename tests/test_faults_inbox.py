@@ -82,3 +82,30 @@ def test_samples_that_come_after_a_step_gave_up_on_them_are_not_kept():
         assert inbox.stats()["waiting"] == 0 and inbox.stats()["abandoned"] == 0  # the late ones were dropped
     finally:
         inbox.close()
+
+
+def test_a_drain_thread_that_dies_is_raised_not_waited_on(monkeypatch):
+    """An error in the drain thread (a MemoryError copying a 0.45 GB message, say) used to end it silently: the
+    socket filled, every push timed out as backpressure and each step reported its samples missing, forever."""
+    import pytest
+
+    inbox = LearnerInbox("tcp://127.0.0.1:0", run=RUN)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's traceback is expected here
+
+    def boom(*a, **kw):
+        raise MemoryError("copying a message")
+
+    try:
+        batch = valid_batch(RUN, seed=0, ids=(0, 1))
+        monkeypatch.setattr(np, "array", boom)  # the drain's copy of every array of a message
+        with Pusher(inbox.endpoint, hwm=64) as pusher:
+            assert pusher.send(batch, timeout_s=30)
+            inbox.thread.join(timeout=30)
+        monkeypatch.undo()
+        assert not inbox.thread.is_alive()
+        with pytest.raises(RuntimeError, match=r"drain thread died \(MemoryError: copying a message\)"):
+            inbox.take([0, 1], version=0, max_staleness=1, timeout_s=60)
+        with pytest.raises(RuntimeError, match="drain thread died"):
+            inbox.stats()
+    finally:
+        inbox.close()

@@ -404,7 +404,11 @@ def join_group(
     """A process group of its own (not the caller's default world), the way SGLang's
     `init_weights_update_group` builds the one it joins: a TCP rendezvous at address:port
     (rank 0 hosts it, on `address` only: `zeda_rl.transport.rendezvous_store`), a store prefixed by the
-    group name. Blocks until all `world_size` joined."""
+    group name. Blocks until all `world_size` joined.
+
+    No `device_id`: NCCL then creates its communicator lazily, at the first broadcast, as stock SGLang's side
+    does (its `init_weights_update_group` passes none either). A sender that initialised eagerly would block
+    in the join, waiting for communicators the engines create only when the first bucket comes."""
     import datetime
 
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
