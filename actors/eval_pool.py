@@ -37,7 +37,7 @@ class EvalEngines:
             import ray
 
             opts = {"num_cpus": threads, "num_gpus": 0} if backend == "torch" else {"num_cpus": 1, "num_gpus": 1}
-            cls = ray.remote(max_restarts=0)(EngineActor).options(**opts)
+            cls = ray.remote(max_restarts=0, concurrency_groups={"health": 1})(EngineActor).options(**opts)
             self.actors = [cls.remote(backend, str(checkpoint), threads, engine_kwargs) for _ in range(engines)]
 
     @classmethod

@@ -40,6 +40,7 @@ class EngineActor:
         self.started = time.time()
         self.tokens_out = 0
 
+    @ray.method(concurrency_group="health")  # answered while a long generation runs (`launch.health`)
     def health(self) -> dict:
         return {
             "pid": os.getpid(),
@@ -66,7 +67,7 @@ class EngineActor:
         return self.engine.score(seqs, temperature=temperature)
 
 
-@ray.remote(max_restarts=3, max_task_retries=0, concurrency_groups={"weights": 1})
+@ray.remote(max_restarts=3, max_task_retries=0, concurrency_groups={"weights": 1, "health": 1})
 class RolloutActor(EngineActor):
     """A student engine: samples responses with behaviour logprobs and routed experts.
 

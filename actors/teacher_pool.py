@@ -36,7 +36,7 @@ def teacher_engine_kwargs(backend: str, engine_kwargs: dict | None) -> dict:
     return kw
 
 
-@ray.remote(max_restarts=3, max_task_retries=0)
+@ray.remote(max_restarts=3, max_task_retries=0, concurrency_groups={"health": 1})
 class TeacherActor(EngineActor):
     def __init__(
         self,
@@ -148,19 +148,55 @@ class TeacherActor(EngineActor):
 
 
 class TeacherPool:
-    """Least-loaded dispatch over TeacherActors (driver side); actors restart on failure."""
+    """Least-loaded dispatch over TeacherActors (driver side), around actors that are restarting.
 
-    def __init__(self, actors: list):
+    Ray restarts a teacher that dies, and reloading a large checkpoint takes minutes; with `max_task_retries=0`
+    every call sent to it meanwhile fails at once (ActorUnavailableError), and least-loaded dispatch sends it the
+    most, since it has nothing in flight. So a teacher whose call failed is left out until a health ping answers
+    (pinged `retry_s` after each failed ping, twice as long after each, up to `max_retry_s`); with every teacher
+    out, a submit waits up to `wait_s` for one to come back, then raises naming them."""
+
+    def __init__(self, actors: list, retry_s: float = 2.0, max_retry_s: float = 30.0, wait_s: float = 1800.0):
         if not actors:
             raise ValueError("TeacherPool needs at least one teacher actor")
         self.actors = actors
         self.inflight = {i: set() for i in range(len(actors))}
+        self.retry_s, self.max_retry_s, self.wait_s = retry_s, max_retry_s, wait_s
+        self.down: dict[int, tuple] = {}  # actor -> (pending health ping or None, next ping at, wait after a failure)
 
-    def _least_loaded(self) -> int:
-        for i, refs in self.inflight.items():  # forget finished requests
+    def _refresh(self) -> None:
+        """Forget finished requests, mark actors whose request died with them, and bring back those that answer."""
+        for i, refs in self.inflight.items():
             done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0) if refs else ([], [])
             refs.difference_update(done)
-        return min(self.inflight, key=lambda i: len(self.inflight[i]))
+            if i not in self.down and any(_actor_failed(r, self.actors[i]) for r in done):
+                self.down[i] = (None, 0.0, self.retry_s)
+        now = time.monotonic()
+        for i, (ping, at, wait) in list(self.down.items()):
+            if ping is None:
+                if now >= at:
+                    self.down[i] = (self.actors[i].health.remote(), at, wait)
+                continue
+            if not ray.wait([ping], timeout=0)[0]:
+                continue
+            if _actor_failed(ping, self.actors[i]):
+                self.down[i] = (None, now + wait, min(2 * wait, self.max_retry_s))
+            else:
+                del self.down[i]
+
+    def _least_loaded(self) -> int:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            self._refresh()
+            up = [i for i in self.inflight if i not in self.down]
+            if up:
+                return min(up, key=lambda i: len(self.inflight[i]))
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"no teacher engine answered for {self.wait_s:.0f} s: all {len(self.actors)} are dead or "
+                    "restarting (see the actors' logs)"
+                )
+            time.sleep(0.2)
 
     def submit(self, method: str, *args, **kwargs):
         i = self._least_loaded()
@@ -169,5 +205,17 @@ class TeacherPool:
         return ref
 
     def load(self) -> list[int]:
-        self._least_loaded()
+        self._refresh()
         return [len(v) for v in self.inflight.values()]
+
+
+def _actor_failed(ref, actor) -> bool:
+    """Whether a finished call failed because `actor` died or is restarting: not an error the call raised, nor the
+    death of another actor whose result it took as an argument (a rollout engine's, for `score_and_push`)."""
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.RayActorError as err:
+        return err.actor_id is None or err.actor_id == actor._actor_id.hex()
+    except Exception:  # noqa: BLE001 - the call's own error: its caller sees it; the actor is fine
+        return False
+    return False

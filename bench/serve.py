@@ -241,7 +241,7 @@ def _serving_actor_class():
 
     from actors.rollout import EngineActor
 
-    @ray.remote(max_restarts=0)
+    @ray.remote(max_restarts=0, concurrency_groups={"health": 1})
     class BatchingEngineActor(EngineActor):
         """An engine actor whose requests a serving thread batches into generate calls (`Batcher`).
         Run it with max_concurrency above the client's concurrency: every request call waits in a

@@ -104,14 +104,17 @@ def settle(acks: list, log: MetricsLog, timeout_s: float | None = None) -> list:
 
 class Resync:
     """Rollout engines owed the current weights: their calls failed (Ray restarts them) or unsynced
-    samples arrived. Each gets one push at a time, retried once a second until one reaches the
-    restarted process; the regular pushes of later versions reach it as well."""
+    samples arrived. Each gets one push at a time, retried until one reaches the restarted process, 1 s
+    after a failure at first and twice as long after each failure in a row, up to `max_wait_s`: an engine
+    dead for good (its restarts spent) would otherwise log a failure a second for the rest of the run. The
+    regular pushes of later versions reach a restarted engine as well."""
 
-    def __init__(self, sync: WeightSync):
-        self.sync, self.log = sync, sync.log
+    def __init__(self, sync: WeightSync, max_wait_s: float = 60.0):
+        self.sync, self.log, self.max_wait_s = sync, sync.log, max_wait_s
         self.owed: set[int] = set()
         self.pending: dict = {}  # ack ref -> engine index
-        self.last_try: dict[int, float] = {}
+        self.next_try: dict[int, float] = {}
+        self.wait_s: dict[int, float] = {}  # engine -> wait after its next failure
 
     def mark(self, indices) -> None:
         self.owed.update(indices)
@@ -120,14 +123,18 @@ class Resync:
     def poll(self) -> None:
         now = time.time()
         for j in self.owed - set(self.pending.values()):
-            if now - self.last_try.get(j, 0.0) >= 1.0:
-                self.pending[self.sync.resync(j)], self.last_try[j] = j, now
+            if now >= self.next_try.get(j, 0.0):
+                self.pending[self.sync.resync(j)] = j
         if self.pending:
             done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
             for ref in done:
                 j = self.pending.pop(ref)
                 if settle([ref], self.log):
                     self.owed.discard(j)
+                    self.wait_s.pop(j, None)
+                else:
+                    wait = self.wait_s.get(j, 1.0)
+                    self.next_try[j], self.wait_s[j] = time.time() + wait, min(2 * wait, self.max_wait_s)
 
 
 def probe_rollouts(rollouts: list, probe: list[list[int]], log: MetricsLog, version: int) -> None:
@@ -142,10 +149,11 @@ def probe_rollouts(rollouts: list, probe: list[list[int]], log: MetricsLog, vers
     log.log("rollout", "probe_logprobs", [float(x) for lp in lps for x in lp], version)
 
 
-def serve_final(sync: WeightSync, rollouts: list, version: int, log: MetricsLog, tries: int = 3) -> None:
-    """Every rollout engine on `version` before the evaluation samples from them: an engine that restarted after
-    the last push it took serves the checkpoint it loaded (the student before OPD), so it gets `version` again
-    through Ray's object store. Refuses, naming the engines, if they still do not serve it."""
+def serve_final(sync: WeightSync, rollouts: list, version: int, log: MetricsLog, tries: int = 3) -> list:
+    """The rollout engines that serve `version`, the ones the evaluation may sample from: an engine that restarted
+    after the last push it took serves the checkpoint it loaded (the student before OPD), so it gets `version`
+    again through Ray's object store. One that still does not serve it (dead for good: its restarts spent) is left
+    out, logged and named; with none left this refuses, since the whole run's training is saved but unevaluated."""
     behind: dict[int, str] = {}
     for _ in range(tries):
         behind = {}
@@ -157,14 +165,22 @@ def serve_final(sync: WeightSync, rollouts: list, version: int, log: MetricsLog,
             except ray.exceptions.RayError as err:  # restarting: it is owed the weights like the others
                 behind[i] = f"unreachable ({str(err)[:80]})"
         if not behind:
-            return
+            return list(rollouts)
         sync.engine_lost()
         log.log("driver", "final_resync", {str(i): why for i, why in behind.items()}, version)
         settle([sync.resync(i) for i in behind], log)
-    raise RuntimeError(
-        f"rollout engines {sorted(behind)} do not serve the final weights v{version} ({behind}); the evaluation "
-        "would sample the student before OPD on them"
+    if len(behind) == len(rollouts):
+        raise RuntimeError(
+            f"no rollout engine serves the final weights v{version} ({behind}); the evaluation would sample the "
+            "student before OPD"
+        )
+    log.log("driver", "final_engines_excluded", {str(i): why for i, why in behind.items()}, version)
+    from launch.runlog import console
+
+    console.print(
+        f"[yellow]rollout engines {sorted(behind)} do not serve v{version} ({behind}): evaluating without them"
     )
+    return [a for i, a in enumerate(rollouts) if i not in behind]
 
 
 def teacher_selftest(teachers: list, sequences: list[list[int]], repeats: int, tol: float, log: MetricsLog) -> float:

@@ -1,14 +1,17 @@
 """Actor health as the driver sees it: which actors answer, and which came back restarted.
 
 Every actor has a cheap `health()` that returns its pid. The driver pings each actor
-every `every_s` without waiting (a ping queues behind the actor's current call, so a
-busy actor answers late but answers); an actor is alive while its last answer is
-younger than `grace_s` or its pending ping is. A restart is counted once per outage: a ping
+every `every_s` without waiting. The engines answer in a concurrency group of their own
+(`health`), so a call of 32k-token answers running for minutes does not hold the ping; the
+learner ranks answer between their steps, so for them a pending ping counts as alive however
+old (their death ends the run through `LearnerGroup.check`). Any other actor is alive while its
+last answer is younger than `grace_s` or its pending ping is. A restart is counted once per outage: a ping
 that fails (the actor died or is restarting) after one that answered, or a new pid behind
 the same handle; a short run can end before a restarted engine answers again, so waiting
 for the new pid alone missed restarts. Groups in `no_restarts` (the learner ranks, which Ray
 does not restart) count nothing: their death ends the run. The figures go to the
-metrics log as `driver/alive/<group>`, `driver/total/<group>`, `driver/restarts/<group>`.
+metrics log as `driver/alive/<group>`, `driver/total/<group>`, `driver/restarts/<group>`, when they
+change and once a minute (every 2 s they were 90% of a day's metrics log).
 It runs in a thread of the driver, beside the loop, so no phase has to remember to ask.
 """
 
@@ -31,6 +34,7 @@ class Health:
         self.restarts = {g: 0 for g in groups}
         self.pending: dict = {}  # ref -> (group, index, sent at)
         self.last_report = 0.0
+        self.logged: dict[str, tuple[int, float]] = {}  # name -> (value, when) last logged
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="actor-health", daemon=True)
 
@@ -76,11 +80,22 @@ class Health:
             for i, actor in enumerate(actors):
                 if (g, i) not in waiting:
                     self.pending[actor.health.remote()] = (g, i, now)
+            busy_ok = g in self.no_restarts  # a learner rank's ping waits for its step: pending is alive
             alive = sum(
                 1
                 for i in range(len(actors))
-                if now - self.last_ok[(g, i)] < self.grace_s or now - waiting.get((g, i), -1e18) < self.grace_s
+                if now - self.last_ok[(g, i)] < self.grace_s
+                or ((g, i) in waiting and (busy_ok or now - waiting[(g, i)] < self.grace_s))
             )
-            self.log.log("driver", f"alive/{g}", alive)
-            self.log.log("driver", f"total/{g}", len(actors))
-            self.log.log("driver", f"restarts/{g}", self.restarts[g])
+            for name, value in (
+                (f"alive/{g}", alive),
+                (f"total/{g}", len(actors)),
+                (f"restarts/{g}", self.restarts[g]),
+            ):
+                self._log(name, value, now)
+
+    def _log(self, name: str, value: int, now: float) -> None:
+        last = self.logged.get(name)
+        if last is None or last[0] != value or now - last[1] >= 60.0:
+            self.log.log("driver", name, value)
+            self.logged[name] = (value, now)

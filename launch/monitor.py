@@ -194,7 +194,8 @@ def _eta(s: MonitorState) -> str:
     if not done or not total or not s.started:
         return "-"
     phase_start = s.value("driver", "progress_started", s.started)
-    rate = done / max(s.now - phase_start, 1e-6)
+    base = s.value("driver", "progress_base", 0) or 0  # a resumed phase counts from its first step, not from 0
+    rate = (done - base) / max(s.now - phase_start, 1e-6)
     return clock((total - done) / rate) if rate > 0 else "-"  # the counts are on the progress line
 
 

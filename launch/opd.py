@@ -37,8 +37,9 @@ def opd_phase(
     prompts_at: int = 0,
     reissue: list[int] | None = None,
     skipped: int = 0,
-) -> int:
-    """Train opd.steps steps from step `start` (prompt stream at `prompts_at`); returns the final policy version.
+) -> tuple[int, list]:
+    """Train opd.steps steps from step `start` (prompt stream at `prompts_at`); returns the final policy version
+    and the rollout engines that serve it (`launch.fleet.serve_final`: the ones the evaluation may sample from).
 
     The checkpoint's cursor is the training frontier: the prompts admitted for later steps and in flight
     when it was written (`reissue`, stream positions) are admitted again first, under their own sample ids,
@@ -64,7 +65,8 @@ def opd_phase(
     probe_rollouts(rollouts, probe, log, version)
     if o.probe_every and start == 0:  # the student as SFT left it: the probe's step 0
         learner.export_hf(snapshot_dir(cfg.run_dir, 0))
-    log.log("driver", "progress_started", time.time())
+    log.log("driver", "progress_started", time.time())  # the monitor's ETA: steps done since `start`, over time
+    log.log("driver", "progress_base", start)
     step, seed, gauges = start, cfg.seed * 100_003 + start * 1_000, None
     while step < o.steps:
         seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync, version, o)
@@ -203,8 +205,9 @@ def _finish(
     version: int,
     step: int,
     owed: list[int] = (),
-) -> int:
-    """Let the last calls finish (no actor left mid-call), give every engine the final weights, account for every sample."""
+) -> tuple[int, list]:
+    """Let the last calls finish (no actor left mid-call), give every engine the final weights, account for every sample;
+    returns the final version and the engines that serve it."""
     for ref in list(adm.calls):
         try:
             ray.get(ref)
@@ -215,8 +218,8 @@ def _finish(
         version += 1
         acks += sync.push(version)
     _applied(acks, log, step, wait=True)
-    serve_final(sync, rollouts, version, log)  # the evaluation samples from these engines next
-    probe_rollouts(rollouts, probe, log, version)
+    serving = serve_final(sync, rollouts, version, log)  # the evaluation samples from these engines next
+    probe_rollouts(serving, probe, log, version)
     left = adm.outstanding()  # only if the phase ended early: admitted, never trained
     if left:
         learner.inbox_discard(left)
@@ -234,4 +237,4 @@ def _finish(
         f"OPD samples: {summary['admitted']} admitted, {summary['trained']} trained, dropped {summary['dropped']}; "
         f"engine utilisation {', '.join(f'{100 * u:.0f}%' for u in summary['engine_utilisation'])}"
     )
-    return version
+    return version, serving

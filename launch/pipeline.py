@@ -87,7 +87,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             _save(cfg, learner)
         with phases("opd"):
             at = cursor if in_opd else {}
-            version = opd_phase(
+            version, serving = opd_phase(
                 cfg,
                 rollouts,
                 teachers,
@@ -108,7 +108,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             final = learner.export_hf(cfg.run_dir / "student")
         with phases("eval"):
             teacher_eval, student_eval = evaluate_phase(
-                cfg, teacher_dir, final, data, log, engines={"teacher": teachers.actors, "student": rollouts}
+                cfg, teacher_dir, final, data, log, engines={"teacher": teachers.actors, "student": serving}
             )
         phases.times["total"] = time.time() - t_start
         result = write_report(
@@ -187,6 +187,9 @@ def _resume_point(cfg: RunConfig) -> Path:
 
 
 def _save(cfg: RunConfig, learner) -> None:
-    """A learner checkpoint at each phase end (and every learner.checkpoint_every steps, by the learner)."""
-    step = learner.state()["step"]
-    learner.save(cfg.run_dir / "learner" / f"step_{step:08d}")
+    """A learner checkpoint at each phase end (and every learner.checkpoint_every steps, by the learner), unless
+    the learner's state is on disk as it is: saved at this step by `checkpoint_every`, or resumed from and not
+    trained since (a resumed run rewrote the same 430 GB of Qwen3-30B-A3B state after each phase)."""
+    state = learner.state()
+    if state["saved_step"] != state["step"]:
+        learner.save(cfg.run_dir / "learner" / f"step_{state['step']:08d}")

@@ -25,7 +25,8 @@ def sft_phase(cfg: RunConfig, teachers, learner, teacher: Path, data: RunData, l
     if start >= cfg.sft.steps:
         return
     answers = data.sft_records if data.sft_records is not None else teacher_answers(cfg, teachers, data, teacher, log)
-    log.log("driver", "progress_started", time.time())  # the monitor's ETA counts from here
+    log.log("driver", "progress_started", time.time())  # the monitor's ETA counts from here ...
+    log.log("driver", "progress_base", start)  # ... and from this step (a resumed run's first)
     for step, batch in sft_batches(answers, cfg.sft.steps, cfg.sft.batch_size, cfg.seed, start):
         if step == start:
             n = int(batch["attention_mask"][0].sum())

@@ -233,11 +233,20 @@ def sft_records(cfg, fmt: ChatFormat, dropped: dict | None = None, source: str |
     dropped["sft_rollouts"] = counts["too_long"]
     if cut:
         dropped["sft_rollouts_cut_at_max_new_tokens"] = cut
+    if counts["template"]:  # answers the chat template renders as no continuation of their prompt
+        dropped["sft_rollouts_refused_by_template"] = counts["template"]
+        from launch.runlog import console
+
+        console.print(
+            f"[yellow]{source}: {counts['template']} answer(s) left out, refused by the chat template; the first: "
+            f"{counts['template_first'][:400]}"
+        )
     if not len(records):
         raise DataError(
             f"data.sft_rollouts ({source}): none of its {counts['records']} records is usable: {cut} were cut at "
-            f"the token cap, the rest are longer than data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) "
-            f"or data.max_response_tokens ({cfg.data.max_response_tokens})"
+            f"the token cap, {counts['template']} refused by the chat template, the rest are longer than "
+            f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) or data.max_response_tokens "
+            f"({cfg.data.max_response_tokens})"
         )
     return records
 

@@ -193,7 +193,12 @@ class LearnerActor:
         return self.learner.settings()
 
     def state(self) -> dict:
-        return {"step": self.learner.step, "stage": self.learner.stage.name, "data_cursor": self.learner.data_cursor}
+        return {
+            "step": self.learner.step,
+            "stage": self.learner.stage.name,
+            "data_cursor": self.learner.data_cursor,
+            "saved_step": self.learner.saved_step,
+        }
 
     def close(self) -> None:
         if getattr(self, "weight_group", None) is not None:

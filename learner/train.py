@@ -112,6 +112,7 @@ class Learner:
         self.step = 0  # completed optimiser steps
         self.stage_start = 0  # step at which the current stage (and its lr schedule) began
         self.data_cursor: object = None  # opaque JSON-able position of the data stream, saved with the state
+        self.saved_step: int | None = None  # the step whose state was last saved or loaded: on disk as it is now
 
     def set_stage(self, stage: Stage, reset_optimizer: bool = True) -> Stage:
         """Switch to the next stage's section (e.g. SFT -> OPD); its schedule starts at 0."""
@@ -139,6 +140,7 @@ class Learner:
         from learner import checkpoint
 
         path = checkpoint.save(self, path)
+        self.saved_step = self.step
         if path.name.startswith("step_") and (not dist.is_initialized() or dist.get_rank() == 0):
             checkpoint.prune(path, self.config.keep_checkpoints)
         return path
@@ -147,7 +149,9 @@ class Learner:
         """Resume from a learner checkpoint written by `save` (collective); returns its meta."""
         from learner import checkpoint
 
-        return checkpoint.load(self, path)
+        meta = checkpoint.load(self, path)
+        self.saved_step = self.step
+        return meta
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from zeda_rl.graders import make_grader, strip_thinking
+from zeda_rl.graders import Problem, make_grader, strip_thinking
 from zeda_rl.graders.code import extract_code
 from zeda_rl.graders.sandbox import Limits, network_prefix, run_python
 
@@ -25,6 +25,25 @@ def test_strip_thinking():
     assert strip_thinking("<think>cut off while thinking, \\boxed{3}") == ""
     assert strip_thinking("  no thinking here ") == "no thinking here"
     assert strip_thinking("<think>a</think>b</think> c") == "c"
+
+
+@pytest.mark.parametrize(
+    "name,thinking,opened",
+    [("glm-4.7-flash", True, True), ("glm-4.7-flash", False, False), ("qwen3", True, False), ("qwen3", False, False)],
+)
+def test_a_glm_answer_cut_while_thinking_has_no_answer(name, thinking, opened):
+    """GLM-4.7-Flash's prompt ends in `<think>`, so an answer cut at max_new_tokens has neither tag: it was graded
+    as if all its reasoning were the answer, a `\\boxed{4}` in passing scoring 1.0."""
+    from transformers import AutoTokenizer
+
+    from zeda_rl.suites import render_prompt, thinking_opened
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "tokenizers" / name)
+    assert thinking_opened(tok, render_prompt(tok, "What is 2+2?", thinking)) is opened
+    cut = "2+2: that gives \\boxed{4}. Hmm, wait, let me double-check by"
+    grade = make_grader("math").grade
+    problem = Problem("p", "What is 2+2?", {"gold": "$4$"})
+    assert grade([problem], [strip_thinking(cut, opened)])[0].score == (0.0 if opened else 1.0)
 
 
 # ---- math ------------------------------------------------------------------------------------------

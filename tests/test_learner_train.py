@@ -154,15 +154,17 @@ def test_resume_continues_exactly(ckpts, tmp_path):
     a = make(ckpts["qwen3_moe"], stage, save_dir=tmp_path / "ck", checkpoint_every=2)
     for i in range(2):
         a.train_step(batches[i], data_cursor={"epoch": 0, "row": 4 * (i + 1)})
+        assert a.saved_step == (2 if i == 1 else None)  # what the driver's phase-end save skips when equal to step
     saved = checkpoint.latest(tmp_path / "ck")
     assert saved is not None and saved.name == "step_00000002"
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step_00000002"]  # no temporary left
     m3 = a.train_step(batches[2])
+    assert a.saved_step == 2 and a.step == 3
     p3 = params(a)
 
     b = make(ckpts["qwen3_moe"], stage, save_dir=tmp_path / "ck", checkpoint_every=2)
     meta = b.load(saved)
-    assert meta["step"] == 2 and b.step == 2 and b.data_cursor == {"epoch": 0, "row": 8}
+    assert meta["step"] == 2 and b.step == 2 and b.data_cursor == {"epoch": 0, "row": 8} and b.saved_step == 2
     r3 = b.train_step(batches[2])
     assert r3["loss"] == m3["loss"] and r3["lr"] == m3["lr"] and r3["step"] == 3
     q3 = params(b)
@@ -265,3 +267,26 @@ def test_expert_load_and_its_violation_of_uniform():
     v = load_violation(torch.cat([load, torch.tensor([[1.0, 1.0, 1.0, 1.0]]), torch.zeros(1, 4)]))
     # mean 1.25: max (2 - 1.25) / 1.25 = 0.6, mean |.| = (0.75 + 3 * 0.25) / 4 / 1.25 = 0.3; uniform 0; empty 0
     assert v["max"] == pytest.approx([0.6, 0.0, 0.0]) and v["mean"] == pytest.approx([0.3, 0.0, 0.0])
+
+
+def test_a_phase_end_save_is_skipped_when_the_state_is_on_disk_as_it_is(tmp_path):
+    """A resumed run whose phase had nothing left to train rewrote the checkpoint it had just loaded (430 GB for
+    Qwen3-30B-A3B) after each phase; so did a phase ending on a `checkpoint_every` step."""
+    from launch.config import load_config
+    from launch.pipeline import _save
+
+    class Recorder:  # what _save reads of a LearnerGroup (state) and calls (save), recorded
+        def __init__(self, step, saved_step):
+            self.s, self.saves = {"step": step, "saved_step": saved_step}, []
+
+        def state(self):
+            return dict(self.s)
+
+        def save(self, path):
+            self.saves.append(path.name)
+
+    cfg = load_config("launch/configs/tiny-cpu.yaml", {"output_dir": str(tmp_path)})
+    for step, saved, want in ((790, 790, []), (800, 790, ["step_00000800"]), (800, None, ["step_00000800"])):
+        learner = Recorder(step, saved)
+        _save(cfg, learner)
+        assert learner.saves == want

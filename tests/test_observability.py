@@ -195,3 +195,102 @@ def test_report_plots_mark_where_opd_starts(tmp_path):
     assert r["opd_starts_at"] == 12 and json.loads((tmp_path / "report.json").read_text())["opd_starts_at"] == 12
     for png in ("accuracy", "zero_ratio", "training", "throughput_time"):
         assert (tmp_path / f"{png}.png").stat().st_size > 10_000
+
+
+def test_eta_after_a_resume_counts_only_the_steps_this_driver_trained():
+    """Resumed at OPD step 70 of 320, the first step 225 s later: 249 steps to go at 225 s a step are 15.6 h (the
+    monitor divided all 71 steps by 225 s and showed 13 minutes)."""
+    from launch.monitor import _eta
+    from zeda_rl.metrics import Event
+
+    state = MonitorState()
+    for ev in (
+        Event("driver", "phase", "opd", 0, 1000.0),
+        Event("driver", "progress_started", 1000.0, 0, 1000.0),
+        Event("driver", "progress_base", 70, 0, 1000.0),
+        Event("driver", "progress_total", 320, 71, 1225.0),
+        Event("driver", "progress_done", 71, 71, 1225.0),
+    ):
+        state.update(ev)
+    assert _eta(state) == "15:33:45"  # 249 steps to go at 225 s
+
+
+@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"health": 1})
+class BusyEngine:
+    """Pinged as the engines are: `health` in a lane of its own, so it answers during a long call."""
+
+    @ray.method(concurrency_group="health")
+    def health(self) -> dict:
+        return {"pid": os.getpid()}
+
+    def generate(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def test_an_engine_busy_for_longer_than_the_grace_is_still_alive_and_unchanged_counts_are_not_relogged(local_ray):
+    """A call of 32k-token answers runs for minutes; with pings queued behind it the monitor showed 0 of 4 engines
+    alive while all worked. And every 2 s the same three counts per group went to the log: 90% of a day's events."""
+    from tests.test_observability import _Log as _Values
+
+    class Log(_Values):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def log(self, component, name, value, step=0):
+            self.count += 1
+            super().log(component, name, value, step)
+
+    engine, log = BusyEngine.remote(), Log()
+    ray.get(engine.health.remote())
+    health = Health({"rollout": [engine]}, log, every_s=0.2, grace_s=1.0).start()
+    try:
+        busy = engine.generate.remote(4.0)
+        time.sleep(3.0)  # three times the grace, with the call still running
+        assert log.values[("driver", "alive/rollout")] == 1
+        assert log.count == 3  # alive, total, restarts: once, as nothing changed
+        ray.get(busy)
+    finally:
+        health.stop()
+
+
+@ray.remote(num_cpus=0, max_restarts=1, max_task_retries=0)
+class Flaky:
+    """Dies on its first call when `dies`; back after a 4 s restart (a teacher reloading its checkpoint)."""
+
+    def __init__(self, dies: bool):
+        self.dies = dies and not ray.get_runtime_context().was_current_actor_reconstructed
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            time.sleep(4.0)
+
+    def health(self) -> dict:
+        return {"pid": os.getpid()}
+
+    def work(self) -> int:
+        if self.dies:
+            os._exit(1)
+        return os.getpid()
+
+
+def test_teacher_pool_leaves_a_restarting_teacher_out_until_it_answers(local_ray):
+    """While a teacher restarts, every call sent to it fails at once, and least-loaded dispatch sends it the most
+    (nothing in flight): the rollouts job gave up on a chunk after three such failures with the others healthy."""
+    from actors.teacher_pool import TeacherPool
+
+    pool = TeacherPool([Flaky.remote(True), Flaky.remote(False)], retry_s=0.5)
+    first = [pool.submit("work") for _ in range(2)]  # one to each: the first kills its teacher
+    outcomes = []
+    for ref in first:
+        try:
+            outcomes.append(ray.get(ref))
+        except ray.exceptions.RayActorError:
+            outcomes.append("died")
+    assert outcomes.count("died") == 1
+    t0, failed, pids = time.time(), 0, set()
+    while time.time() - t0 < 8.0:  # through the restart and after it
+        try:
+            pids.add(ray.get(pool.submit("work")))
+        except ray.exceptions.RayActorError:
+            failed += 1
+        time.sleep(0.05)
+    assert failed == 0 and len(pids) == 2  # nothing sent to it while it restarted; used again once back

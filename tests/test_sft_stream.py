@@ -105,7 +105,7 @@ def test_a_large_source_goes_through_worker_processes_into_a_reused_token_file(t
     # the next build reads the token file back (no workers), with the same counts
     caps = cfg.data.max_prompt_tokens, cfg.data.max_response_tokens
     again, counts = load_sft_set(src, fmt, streams._fields(cfg), *caps, cache=cache, in_memory_bytes=0)
-    assert counts == {"records": 150, "cut": 2, "too_long": 3, "from_cache": True}
+    assert counts == {"records": 150, "cut": 2, "too_long": 3, "template": 0, "template_first": "", "from_cache": True}
     _same(again.take(np.arange(145)), data.take(np.arange(145)))
 
     # the same files under other caps (another run's config): a second entry beside it, the first one kept
@@ -188,3 +188,27 @@ def test_sft_phase_trains_on_the_streamed_batches_and_logs_the_first_row(tmp_pat
     n = int(first["attention_mask"][0].sum())
     assert ev["first_row/sft/tokens"] == first["tokens"][0, :n].tolist()
     assert ev["first_row/sft/loss_mask"] == first["loss_mask"][0, :n].tolist()
+
+
+@pytest.mark.parametrize("in_memory_bytes", [1 << 30, 0], ids=["in memory", "token file"])
+def test_an_answer_the_glm_template_refuses_is_left_out_not_the_whole_set(tmp_path, in_memory_bytes):
+    """GLM-4.7-Flash's prompt ends in `<think>`; an answer with an empty thinking block renders as no continuation
+    of it. One such answer among a real run's 60k made the whole SFT set fail to build, at every resume."""
+    from transformers import AutoTokenizer
+
+    from zeda_rl.chat import ChatFormat, TemplateError
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "tokenizers" / "glm-4.7-flash")
+    fmt = ChatFormat(tok, enable_thinking=True)
+    rows = [
+        {"id": f"r{i}", "messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": a}]}
+        for i, a in enumerate(["<think>greet</think>Hello!", "</think>Hello!", "<think>sum</think>4"])
+    ]
+    src = _write(tmp_path / "glm.jsonl", rows)
+    cfg = load_config("launch/configs/glm-4.7-flash-h200.yaml", {"data.sft_rollouts": str(src)})
+    args = (src, fmt, streams._fields(cfg), 4096, 4096)
+    data, counts = load_sft_set(*args, cache=tmp_path / "c", in_memory_bytes=in_memory_bytes, procs=0)
+    assert len(data) == 2 and counts["template"] == 1 and "glm.jsonl:2:" in counts["template_first"]
+    _write(src, [rows[1], {**rows[1], "id": "r9"}])  # every answer refused: the template does not fit
+    with pytest.raises(TemplateError, match="the chat template refuses 2 of 2 answers; the first: .*glm.jsonl:1:"):
+        load_sft_set(*args, cache=tmp_path / "c", in_memory_bytes=in_memory_bytes, procs=0)

@@ -290,9 +290,12 @@ def test_broadcast_under_tensor_parallelism_sends_dense_before_experts(fleet, tm
 
 def test_engines_restarted_after_the_last_push_get_the_final_weights_before_eval(fleet, tmp_path):
     """An engine restarted after the last push serves the student it loaded at start; the evaluation samples from
-    these engines, so the end of OPD gives it the final version again, and refuses when an engine cannot take it."""
+    these engines, so the end of OPD gives it the final version again. One dead for good is left out of the
+    evaluation (it used to fail the run after the whole of OPD), and retried ever more rarely meanwhile; with no
+    engine left, serve_final refuses."""
     from actors.rollout import RolloutActor
-    from launch.fleet import WeightSync, serve_final, settle
+    from launch.fleet import Resync, WeightSync, serve_final, settle
+    from zeda_rl.metrics import read_events
 
     log = MetricsLog(tmp_path / "m.jsonl")
     engines = [RolloutActor.options(num_cpus=0.25).remote("torch", str(fleet["ckpt"])) for _ in range(2)]
@@ -307,7 +310,19 @@ def test_engines_restarted_after_the_last_push_get_the_final_weights_before_eval
         want = _learner_tensors(fleet["group"], tmp_path / "export")
         _assert_same(_engine_tensors(engines[1], list(want)), want)
         ray.kill(engines[0], no_restart=True)
-        with pytest.raises(RuntimeError, match=r"rollout engines \[0\] do not serve the final weights v31"):
+        resync = Resync(sync)
+        resync.mark([0])
+        t0 = time.time()
+        while time.time() - t0 < 4.0:  # tries at about 0, 1 and 3 s (it was one a second)
+            resync.poll()
+            time.sleep(0.05)
+        fails = [e for e in read_events(tmp_path / "m.jsonl") if e.name == "actor_restart" and e.time >= t0]
+        assert 2 <= len(fails) <= 3 and resync.owed == {0}
+        assert serve_final(sync, engines, 31, log, tries=1) == [engines[1]]
+        excluded = [e.value for e in read_events(tmp_path / "m.jsonl") if e.name == "final_engines_excluded"]
+        assert list(excluded[-1]) == ["0"] and "unreachable" in excluded[-1]["0"]
+        ray.kill(engines[1], no_restart=True)
+        with pytest.raises(RuntimeError, match=r"no rollout engine serves the final weights v31"):
             serve_final(sync, engines, 31, log, tries=1)
     finally:
         for e in engines:

@@ -9,7 +9,7 @@ starts, every `every_s` seconds and when it ends:
 
 Both go to stderr, so a command's stdout (`zeda eval --json`) stays its result. Given a
 MetricsLog it also logs the driver events `progress_label`, `progress_total`,
-`progress_started` and `progress_done` (at most twice a second, and at the end), from which
+`progress_started`, `progress_base` (the count it started from) and `progress_done` (at most twice a second, and at the end), from which
 `zeda monitor` draws the current phase's progress line and ETA. `ZEDA_PROGRESS_EVERY` sets
 the default interval of the plain lines (seconds, default 10).
 """
@@ -83,6 +83,7 @@ class Progress:
             self.log.log("driver", "progress_label", self.label)
             self.log.log("driver", "progress_total", self.total)
             self.log.log("driver", "progress_started", self.t0)
+            self.log.log("driver", "progress_base", self._done0)
             self._log_done()
         if self.enabled:
             console = Console(file=self.stream)

@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from zeda_rl.chat import ChatFormat
+from zeda_rl.chat import ChatFormat, TemplateError
 from zeda_rl.data import SHARD_SUFFIXES, DataError, Fields, Record, iter_rows, to_record
 
 CACHE_VERSION = 1
+META_COUNTS = ("records", "cut", "too_long", "template", "template_first")  # kept with a token file
 IN_MEMORY_BYTES = 64 << 20  # sources with fewer bytes of files are tokenized here and kept in memory
 CHUNK_RECORDS = 64  # records per task of a tokenizer worker ...
 CHUNK_CHARS = 8 << 20  # ... or fewer when they are long
@@ -178,10 +179,16 @@ class _Encoder:
     def __init__(self, fmt: ChatFormat, max_prompt_tokens: int, max_response_tokens: int):
         self.fmt, self.max_prompt, self.max_response = fmt, max_prompt_tokens, max_response_tokens
 
-    def __call__(self, records: list[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        ids, plens, lens = [], [], []
+    def __call__(self, records: list[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, tuple[int, str]]:
+        """... and (records the chat template refused, the first refusal): one odd answer among 60k (GLM renders
+        an answer with an empty thinking block as no continuation of its prompt) is left out, not the whole set."""
+        ids, plens, lens, refused, first = [], [], [], 0, ""
         for rec in records:
-            p, a = self.fmt.sft_ids(rec)
+            try:
+                p, a = self.fmt.sft_ids(rec)
+            except TemplateError as err:
+                refused, first = refused + 1, first or str(err)
+                continue
             if len(p) > self.max_prompt or len(a) > self.max_response:
                 continue
             ids.append(np.asarray(p, dtype=np.int32))
@@ -189,7 +196,8 @@ class _Encoder:
             plens.append(len(p))
             lens.append(len(p) + len(a))
         flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
-        return flat, np.asarray(plens, dtype=np.int64), np.asarray(lens, dtype=np.int64), len(records) - len(lens)
+        over = len(records) - len(lens) - refused
+        return flat, np.asarray(plens, dtype=np.int64), np.asarray(lens, dtype=np.int64), over, (refused, first)
 
 
 _WORKER: _Encoder | None = None
@@ -314,7 +322,7 @@ def load_sft_set(
     files = _source_files(source)
     caps = (int(max_prompt_tokens), int(max_response_tokens))
     pad = fmt.tokenizer.pad_token_id or 0
-    counts = {"records": 0, "cut": 0, "too_long": 0, "from_cache": False}
+    counts = {"records": 0, "cut": 0, "too_long": 0, "template": 0, "template_first": "", "from_cache": False}
     if sum(f.stat().st_size for f in files) < in_memory_bytes:
         encode = _Encoder(fmt, *caps)
         parts = [encode(chunk) for chunk in _chunks(_records(source, fields, counts))]
@@ -325,7 +333,7 @@ def load_sft_set(
     entry = root / key
     meta = _read_meta(entry)
     if meta is not None:
-        counts.update({k: meta[k] for k in ("records", "cut", "too_long")}, from_cache=True)
+        counts.update({k: meta.get(k, counts[k]) for k in META_COUNTS}, from_cache=True)
         index = np.load(entry / "index.npy")
         return SftSet(str(entry / "tokens.i32"), _offsets(index[:, 1]), index[:, 0], index[:, 1], pad), counts
 
@@ -345,6 +353,7 @@ def load_sft_set(
         with Progress(f"tokenize {source.name}", _count_rows(files), "records") as bar:
             records = _records(source, fields, counts, bar)
             index = _tokenize_to(tmp / "tokens.i32", records, fmt, caps, procs, counts)
+        _check_template(counts, source)
         if not len(index):
             return SftSet(np.zeros(0, dtype=np.int32), *(np.zeros(0, dtype=np.int64),) * 3, pad), counts
         np.save(tmp / "index.npy", index)
@@ -354,7 +363,7 @@ def load_sft_set(
             "files": _fingerprint(files),
             "rows": len(index),
             "tokens": int(index[:, 1].sum()),
-            **{k: counts[k] for k in ("records", "cut", "too_long")},
+            **{k: counts[k] for k in META_COUNTS},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
@@ -368,8 +377,25 @@ def load_sft_set(
     return SftSet(str(entry / "tokens.i32"), _offsets(index[:, 1]), index[:, 0], index[:, 1], pad), counts
 
 
+def _count_refused(counts: dict, refused: tuple[int, str]) -> None:
+    counts["template"] += refused[0]
+    counts["template_first"] = counts["template_first"] or refused[1]
+
+
+def _check_template(counts: dict, source: Path) -> None:
+    """A few answers the template refuses are data; most of them is a template or config that does not fit."""
+    if counts["template"] and 2 * counts["template"] > counts["records"] - counts["cut"]:
+        raise TemplateError(
+            f"{source}: the chat template refuses {counts['template']} of {counts['records'] - counts['cut']} "
+            f"answers; the first: {counts['template_first']}"
+        )
+
+
 def _in_memory(parts, counts: dict, source: Path, pad: int) -> tuple[SftSet, dict]:
     counts["too_long"] = sum(p[3] for p in parts)
+    for p in parts:
+        _count_refused(counts, p[4])
+    _check_template(counts, source)
     if not parts:
         parts = [(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0)]
     tokens = np.concatenate([p[0] for p in parts])
@@ -386,10 +412,11 @@ def _tokenize_to(path: Path, records, fmt: ChatFormat, caps, procs: int | None, 
     with path.open("wb") as out:
 
         def write(result) -> None:
-            flat, plens, lens, over = result
+            flat, plens, lens, over, refused = result
             out.write(flat.tobytes())
             index.append(np.stack([plens, lens], axis=1))
             counts["too_long"] += over
+            _count_refused(counts, refused)
 
         if procs == 0:
             encode = _Encoder(fmt, *caps)

@@ -130,6 +130,11 @@ def render_prompt(tokenizer, text: str, enable_thinking: bool) -> list[int]:
     )
 
 
+def thinking_opened(tokenizer, prompt_ids: list[int]) -> bool:
+    """Whether the rendered prompt ends inside an opened thinking block (GLM-4.7-Flash's ends in `<think>`)."""
+    return tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False).rstrip().endswith("<think>")
+
+
 def response_text(tokenizer, output_ids: list[int], stops: tuple[int, ...]) -> str:
     """The decoded response, thinking tags kept (they are not special to Qwen3), end-of-turn dropped."""
     ids = [t for t in output_ids if t not in stops and t != tokenizer.pad_token_id]
@@ -212,7 +217,10 @@ def _run_benchmark(
     )
     outs = generate([p for p in prompts for _ in range(k)], params)
     texts = [response_text(tokenizer, s.output_ids, stops) for s in outs]
-    grades = grader.grade([p for p in problems for _ in range(k)], [strip_thinking(t) for t in texts])
+    opened = [thinking_opened(tokenizer, p) for p in prompts for _ in range(k)]
+    grades = grader.grade(
+        [p for p in problems for _ in range(k)], [strip_thinking(t, o) for t, o in zip(texts, opened)]
+    )
     shares = [request_zero_shares(s.routed_experts, n_experts, n_layers) for s in outs]
     scores = [g.score for g in grades]
     for i, (s, text, g, z) in enumerate(zip(outs, texts, grades, shares)):

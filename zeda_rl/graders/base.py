@@ -24,15 +24,17 @@ class Grade:
     detail: dict = field(default_factory=dict)
 
 
-def strip_thinking(text: str) -> str:
+def strip_thinking(text: str, opened: bool = False) -> str:
     """The answer part of a response, as the official evaluation of thinking models grades it.
 
     Everything up to and including the last `</think>` goes. A response that opened a
-    thinking block and never closed it (cut off while thinking) has no answer: "".
+    thinking block and never closed it (cut off while thinking) has no answer: "". `opened`: the
+    prompt itself ends in `<think>` (GLM-4.7-Flash's generation prompt), so the response starts inside
+    the block: without a `</think>` all of it is thinking, a `\\boxed{4}` in passing included.
     """
     if "</think>" in text:
         return text.rpartition("</think>")[2].strip()
-    if text.lstrip().startswith("<think>"):
+    if opened or text.lstrip().startswith("<think>"):
         return ""
     return text.strip()
 
