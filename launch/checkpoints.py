@@ -3,6 +3,9 @@ build) and the student it converts into (zero experts injected), or the student 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 from launch.config import RunConfig
@@ -23,9 +26,16 @@ def prepare_checkpoints(cfg: RunConfig, phases: Phases) -> tuple[Path, Path]:
     with phases("convert"):
         n = _num_experts(teacher)
         nz = cfg.model.zero_experts or n // 2
-        student = convert_checkpoint(
+        student, made = cfg.run_dir / "student-init", cfg.run_dir / "student-init.json"
+        _remove_stale_tmp(cfg.run_dir, student.name)
+        want = _conversion(teacher, nz, cfg)
+        if student.is_dir() and made.is_file() and json.loads(made.read_text()) == want:
+            console.print(f"student: {student} (N={n}, N_Z={nz}; converted by an earlier start of this run, reused)")
+            return teacher, student
+        made.unlink(missing_ok=True)
+        convert_checkpoint(
             teacher,
-            cfg.run_dir / "student-init",
+            student,
             zero_experts=nz,
             zero_type=cfg.model.zero_type,
             seed=cfg.model.convert_seed,
@@ -33,8 +43,44 @@ def prepare_checkpoints(cfg: RunConfig, phases: Phases) -> tuple[Path, Path]:
             progress=True,
             log=phases.log,
         )
+        tmp = made.with_name(f".{made.name}.tmp")
+        tmp.write_text(json.dumps(want, indent=1))
+        tmp.rename(made)
         console.print(f"student: {student} (N={n}, N_Z={nz})")
-    return teacher, Path(student)
+    return teacher, student
+
+
+def _conversion(teacher: Path, zero_experts: int, cfg: RunConfig) -> dict:
+    """What the student-init conversion was made from: a resumed run reuses it when these are the same (a 30B
+    conversion reads and writes 61 GB, minutes before anything trains, at every start)."""
+    from launch.rollouts import fingerprint
+
+    return {
+        "teacher": str(teacher.resolve()),
+        "teacher_fingerprint": fingerprint(teacher),
+        "zero_experts": zero_experts,
+        "zero_type": cfg.model.zero_type,
+        "seed": cfg.model.convert_seed,
+    }
+
+
+def _remove_stale_tmp(run_dir: Path, name: str) -> None:
+    """Half-written conversions of killed drivers (`.NAME.tmp-PID`, up to 61 GB each): the next start only ever
+    removed its own pid's."""
+    for tmp in run_dir.glob(f".{name}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _num_experts(checkpoint: Path) -> int:

@@ -16,6 +16,33 @@ import numpy as np  # noqa: E402
 
 from zeda_rl.metrics import read_events  # noqa: E402
 
+PHASE_ORDER = ("teacher", "convert", "start", "sft", "opd", "probe", "export", "eval")
+
+
+def lineage(events) -> list:
+    """The events of the final model's lineage. A killed driver logged steps past the checkpoint the run resumed
+    from, which the resumed driver trained again: at each `resumed` marker (cursor stage and step), the earlier
+    drivers' events of that stage logged at a later step, and those of every later phase, are left out, so a
+    step-indexed series holds each step once (the report counted steps 71-77 twice after a resume at step 70)."""
+    kept: list[tuple] = []  # (event, phase it was logged in)
+    phase = None
+    for e in events:
+        if e.component == "driver" and e.name == "resumed" and isinstance(e.value, dict):
+            stage, step = e.value.get("stage"), int(e.value.get("step") or 0)
+            at = PHASE_ORDER.index(stage) if stage in PHASE_ORDER else None
+            if at is not None:
+                kept = [
+                    (x, ph)
+                    for x, ph in kept
+                    if ph not in PHASE_ORDER
+                    or PHASE_ORDER.index(ph) < at
+                    or (PHASE_ORDER.index(ph) == at and x.step <= step)
+                ]
+        if e.component == "driver" and e.name == "phase":
+            phase = e.value
+        kept.append((e, phase))
+    return [x for x, _ in kept]
+
 
 def _series(events, component, name):
     return [(e.step, e.value, e.time) for e in events if e.component == component and e.name == name]
@@ -57,7 +84,7 @@ def write_report(
     cfg, teacher_eval: dict, student_eval: dict, phase_times: dict, metrics_path: Path, final_version: int = 0
 ) -> dict:
     run = Path(cfg.run_dir)
-    events = read_events(metrics_path)
+    events = lineage(read_events(metrics_path))
     zr = student_eval["zero_ratio"]
     t_acc, s_acc = teacher_eval["accuracy"], student_eval["accuracy"]
     rkl = _series(events, "learner", "reverse_kl")

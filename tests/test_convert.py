@@ -417,3 +417,31 @@ def test_peak_memory_is_bounded_by_a_tensor_not_the_model(tmp_path):
     assert index["metadata"]["total_size"] == total + 2 * 4 * 32 * 4
     with safe_open(tmp_path / "zeda" / "model-00004-of-00004.safetensors", "pt") as f:
         assert f.get_tensor("model.layers.1.mlp.experts.34.filler")[-1].item() == 34.0
+
+
+def test_a_run_reuses_its_student_init_and_clears_what_killed_conversions_left(tmp_path):
+    """Every start, resumes included, converted the teacher again (61 GB read and written for a 30B model), and a
+    conversion killed midway left its `.student-init.tmp-PID` (up to 61 GB) for good."""
+    import subprocess
+    import sys
+
+    from launch.checkpoints import prepare_checkpoints
+    from launch.config import load_config
+    from launch.runlog import Phases
+    from tests.helpers import save_static
+    from zeda_rl.metrics import MetricsLog
+
+    save_static("qwen3_moe", tmp_path / "teacher")
+    over = {"output_dir": str(tmp_path / "runs"), "model.teacher": str(tmp_path / "teacher")}
+    cfg = load_config("launch/configs/tiny-cpu.yaml", over)
+    phases = Phases(MetricsLog(tmp_path / "m.jsonl"))
+    _, student = prepare_checkpoints(cfg, phases)
+    weights = {p.name: p.stat().st_mtime_ns for p in student.iterdir()}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = cfg.run_dir / f".student-init.tmp-{int(dead.stdout)}"  # a pid that has exited
+    stale.mkdir()
+    assert prepare_checkpoints(cfg, phases)[1] == student  # the same conversion: reused, not written again
+    assert {p.name: p.stat().st_mtime_ns for p in student.iterdir()} == weights and not stale.exists()
+    other = load_config("launch/configs/tiny-cpu.yaml", {**over, "model.zero_experts": 2})
+    prepare_checkpoints(other, phases)  # another one: converted again
+    assert {p.name: p.stat().st_mtime_ns for p in student.iterdir()} != weights

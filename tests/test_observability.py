@@ -294,3 +294,24 @@ def test_teacher_pool_leaves_a_restarting_teacher_out_until_it_answers(local_ray
             failed += 1
         time.sleep(0.05)
     assert failed == 0 and len(pids) == 2  # nothing sent to it while it restarted; used again once back
+
+
+def test_the_report_counts_each_step_once_after_a_resume():
+    """A driver killed at OPD step 10, resumed from its step-6 checkpoint: steps 7-10 were trained again by the
+    resumed driver. The report plotted 1..10 then 7..20; the lineage is 1..20, and the killed driver's SFT stays."""
+    from launch.report import _series, lineage
+    from zeda_rl.metrics import Event
+
+    t = iter(range(10_000))
+    events = [Event("driver", "phase", "sft", 0, next(t))] + [Event("learner", "loss", 1.0, s, next(t)) for s in (1, 2)]
+    events += [Event("driver", "phase", "opd", 0, next(t))]
+    events += [Event("learner", "reverse_kl", 0.1, s, next(t)) for s in range(1, 11)]
+    events += [Event("driver", "phase", "start", 0, next(t))]
+    events += [Event("driver", "resumed", {"from": "step_8", "learner_step": 8, "stage": "opd", "step": 6}, 0, next(t))]
+    events += [Event("driver", "phase", "sft", 0, next(t)), Event("driver", "phase", "opd", 0, next(t))]
+    events += [Event("learner", "reverse_kl", 0.2, s, next(t)) for s in range(7, 21)]
+    kept = lineage(events)
+    assert [s for s, _, _ in _series(kept, "learner", "reverse_kl")] == list(range(1, 21))
+    assert [v for s, v, _ in _series(kept, "learner", "reverse_kl") if s in (6, 7)] == [0.1, 0.2]
+    assert [s for s, _, _ in _series(kept, "learner", "loss")] == [1, 2]
+    assert [s for s, _, _ in _series(events, "learner", "reverse_kl")] != list(range(1, 21))  # what it was
