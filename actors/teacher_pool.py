@@ -204,6 +204,10 @@ class TeacherPool:
         self.inflight[i].add(ref)
         return ref
 
+    def holder(self, ref):
+        """The actor a call went to (None once the call is forgotten)."""
+        return next((self.actors[i] for i, refs in self.inflight.items() if ref in refs), None)
+
     def load(self) -> list[int]:
         self._refresh()
         return [len(v) for v in self.inflight.values()]

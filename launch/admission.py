@@ -34,6 +34,7 @@ class Call:
     sample_ids: list[int]
     targets: list[int]  # target step of each sample
     started: float = field(default_factory=time.monotonic)
+    source: object = None  # the generation the call scores (the driver's: which engine to blame if it hangs)
 
 
 class Admission:
@@ -95,7 +96,7 @@ class Admission:
         """The ids of the samples of these prompts (stream positions): samples_per_prompt each."""
         return [p * self.spp + k for p in prompt_positions for k in range(self.spp)]
 
-    def submitted(self, handle, engine: int, step: int, prompt_positions: list[int]) -> list[int]:
+    def submitted(self, handle, engine: int, step: int, prompt_positions: list[int], source=None) -> list[int]:
         """Record a call of these prompts (stream positions) on `engine`; returns its sample ids."""
         ids, targets = [], []
         for p in prompt_positions:
@@ -106,7 +107,7 @@ class Admission:
                 targets.append(t)
                 self.expected.setdefault(t, []).append(sid)
         self.pending.update(ids)
-        self.calls[handle] = Call(engine, ids, targets)
+        self.calls[handle] = Call(engine, ids, targets, source=source)
         self.admitted += len(ids)
         if self.load[engine] == 0:
             self.busy_since[engine] = time.monotonic()
@@ -171,6 +172,11 @@ class Admission:
             )
         self.expected.pop(step, None)
         self.quota[step] = self.pps
+
+    def overdue(self, timeout_s: float) -> list:
+        """Handles of the calls running for longer than `timeout_s`."""
+        now = time.monotonic()
+        return [h for h, c in self.calls.items() if now - c.started > timeout_s]
 
     def waiting(self) -> int:
         """Samples back from their calls and not yet trained (the learner inbox's queue)."""

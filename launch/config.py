@@ -117,6 +117,14 @@ class OPDSection(OPDStage):
         "for a pushed version may take: an engine applies a push after the generation it is running, and a call of "
         "16 answers of 32k tokens takes minutes",
     )
+    call_timeout_s: float = Field(
+        7200.0,
+        gt=0,
+        description="how long one generation-and-scoring call may run before its engine counts as wedged (alive, never "
+        "answering): the call is given up, its samples dropped (`timeout`), and the engine that holds it killed, "
+        "so Ray restarts it and it gets the weights again. Above weight_sync_timeout_s (a call may wait that long "
+        "for a version) plus the longest generation",
+    )
     teacher_temperature: float = Field(
         1.0,
         description="temperature the teacher scores the samples at: 1.0 only (SGLang "

@@ -71,6 +71,7 @@ def opd_phase(
     while step < o.steps:
         seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync, version, o)
         _collect(adm, log, resync, learner)
+        _expire(adm, log, resync, learner, rollouts, teachers, o.call_timeout_s)
         learner.check()  # a dead learner rank ends the run now, not when the next step needs it
         resync.poll()
         acks = _applied(acks, log, step)
@@ -141,6 +142,7 @@ def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync,
             engine,
             step,
             positions,
+            source=gen,
         )
     return seed
 
@@ -170,6 +172,25 @@ def _collect(adm: Admission, log: MetricsLog, resync: Resync, learner, timeout_s
         adm.finished(ref)
         log.log("teacher", "tokens", r["tokens"])
         log.log("rollout", "tokens", r.get("output_tokens", r["tokens"]))
+
+
+def _expire(adm: Admission, log: MetricsLog, resync: Resync, learner, rollouts, teachers, timeout_s: float) -> None:
+    """Give up the calls older than `timeout_s` (`opd.call_timeout_s`): an engine alive but never answering (a wedged
+    request) held its step forever with every health check green. The engine holding the call is killed, the
+    rollout engine if its generation has not returned, else the teacher scoring it: Ray restarts either, a
+    rollout engine then owed the weights. The call's samples are dropped (`timeout`) and its step admits others."""
+    for ref in adm.overdue(timeout_s):
+        call = adm.calls[ref]
+        gen_done = call.source is None or bool(ray.wait([call.source], timeout=0)[0])
+        culprit = teachers.holder(ref) if gen_done else rollouts[call.engine]
+        learner.inbox_discard(adm.failed(ref, "timeout").sample_ids)
+        where = "teacher" if gen_done else f"rollout engine {call.engine}"
+        log.log("driver", "call_timeout", f"{where}: no answer in {timeout_s:.0f} s, killed (Ray restarts it)")
+        console.print(f"[yellow]OPD: a call on {where} ran past opd.call_timeout_s ({timeout_s:.0f} s); restarting it")
+        if culprit is not None:
+            ray.kill(culprit, no_restart=False)
+        if not gen_done:
+            resync.mark([call.engine])
 
 
 def _applied(acks: list, log: MetricsLog, step: int, wait: bool = False) -> list:

@@ -315,3 +315,58 @@ def test_the_report_counts_each_step_once_after_a_resume():
     assert [v for s, v, _ in _series(kept, "learner", "reverse_kl") if s in (6, 7)] == [0.1, 0.2]
     assert [s for s, _, _ in _series(kept, "learner", "loss")] == [1, 2]
     assert [s for s, _, _ in _series(events, "learner", "reverse_kl")] != list(range(1, 21))  # what it was
+
+
+@ray.remote(num_cpus=0, max_restarts=1, max_task_retries=0)
+class Wedged:
+    """An engine alive and answering pings whose generation never returns (a wedged request)."""
+
+    def health(self) -> dict:
+        return {"pid": os.getpid()}
+
+    def generate(self) -> list:
+        time.sleep(3600)
+        return []
+
+    def score_and_push(self, samples) -> dict:
+        return {"sent": True, "tokens": 0}
+
+
+def test_a_call_that_never_returns_is_given_up_and_its_engine_restarted(local_ray, tmp_path):
+    """A wedged SGLang request kept its step waiting forever, every actor alive. Past opd.call_timeout_s the call's
+    samples are dropped, the rollout engine holding it is killed (Ray restarts it) and owed the weights."""
+    from actors.teacher_pool import TeacherPool
+    from launch.admission import Admission
+    from launch.fleet import Resync, WeightSync
+    from launch.opd import _expire
+
+    class Inbox:  # what _expire calls on the LearnerGroup, recorded
+        def __init__(self):
+            self.discarded = []
+
+        def inbox_discard(self, ids):
+            self.discarded.extend(ids)
+
+    engine, teacher = Wedged.remote(), Wedged.remote()
+    pid = ray.get(engine.health.remote())["pid"]
+    log = MetricsLog(tmp_path / "m.jsonl")
+    pool, resync = TeacherPool([teacher]), Resync(WeightSync(None, [engine], log))
+    adm = Admission(prompts_per_step=1, samples_per_prompt=2, window=1, engines=1, rollout_batch=1)
+    gen = engine.generate.remote()
+    ref = pool.submit("score_and_push", gen)
+    ids = adm.submitted(ref, *adm.next_call(0)[:1], 0, [0], source=gen)
+    inbox = Inbox()
+    _expire(adm, log, resync, inbox, [engine], pool, timeout_s=60.0)
+    assert adm.calls and not inbox.discarded  # not overdue yet
+    time.sleep(0.3)
+    _expire(adm, log, resync, inbox, [engine], pool, timeout_s=0.2)
+    assert not adm.calls and adm.dropped["timeout"] == 2 and inbox.discarded == ids and resync.owed == {0}
+
+    def restarted() -> bool:
+        try:
+            return ray.get(engine.health.remote(), timeout=30)["pid"] != pid
+        except ray.exceptions.RayActorError:  # restarting
+            return False
+
+    _until(restarted)  # killed, restarted by Ray, answering again
+    assert [e.name for e in read_events(tmp_path / "m.jsonl")].count("call_timeout") == 1
