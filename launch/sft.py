@@ -25,6 +25,12 @@ def sft_phase(cfg: RunConfig, teachers, learner, teacher: Path, data: RunData, l
     if start >= cfg.sft.steps:
         return
     answers = data.sft_records if data.sft_records is not None else teacher_answers(cfg, teachers, data, teacher, log)
+    passes = cfg.sft.steps * cfg.sft.batch_size / max(len(answers), 1)
+    log.log("data", "sft_passes", passes)  # over 1: some answers are trained twice (the paper's SFT is one epoch)
+    console.print(
+        f"SFT: {cfg.sft.steps} steps x {cfg.sft.batch_size} rows over {len(answers)} usable answers "
+        f"({passes:.2f} passes over them)"
+    )
     log.log("driver", "progress_started", time.time())  # the monitor's ETA counts from here ...
     log.log("driver", "progress_base", start)  # ... and from this step (a resumed run's first)
     for step, batch in sft_batches(answers, cfg.sft.steps, cfg.sft.batch_size, cfg.seed, start):
