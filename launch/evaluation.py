@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from launch.config import RunConfig
@@ -54,6 +55,19 @@ def evaluate_phase(
     return teacher_eval, student_eval
 
 
+def _teacher_key(teacher_dir: Path, suite) -> str:
+    """What the teacher's suite results depend on: its weights (config, names, sizes, mtimes), the suite and its
+    benchmark files. A run whose student eval failed reruns only the student (the teacher's can take hours of
+    32k-token answers); the teacher is the static model, so its results do not change between attempts."""
+    import hashlib
+
+    from launch.rollouts import fingerprint
+
+    files = [(str(b.path), b.path.stat().st_size, b.path.stat().st_mtime_ns) for b in suite.benchmarks]
+    spec = {"teacher": fingerprint(teacher_dir), "suite": suite.model_dump(mode="json"), "files": files}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _suite_eval(
     cfg: RunConfig, teacher_dir: Path, student_dir: Path, log: MetricsLog, engines: dict
 ) -> tuple[dict, dict]:
@@ -63,9 +77,21 @@ def _suite_eval(
 
     suite = load_suite(cfg.eval.suite)
     runs = {}
+    kept = cfg.run_dir / "eval" / "teacher-run.json"  # the teacher's results, for a rerun of this phase
+    key = _teacher_key(teacher_dir, suite)
+    if kept.is_file() and (old := json.loads(kept.read_text())).get("key") == key:
+        runs["teacher"] = old["run"]
+        console.print(f"eval teacher: reused {kept} (same teacher, suite and benchmark files)")
     for who, ckpt in (("teacher", teacher_dir), ("student", student_dir)):
+        if who in runs:
+            continue
         with EvalEngines.over(engines[who], batch_size=suite.batch_size) as gen:
             runs[who] = run_suite(ckpt, suite, gen, log=log, label=f"eval {who}")
+        if who == "teacher":
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = kept.with_name(f".{kept.name}.tmp")
+            tmp.write_text(json.dumps({"key": key, "run": runs["teacher"]}))
+            tmp.replace(kept)
     files = write_outputs(cfg.run_dir / "eval", runs["student"], runs["teacher"])
     console.print(f"benchmark report: {files['markdown']}")
     out = []

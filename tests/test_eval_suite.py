@@ -292,3 +292,32 @@ def test_eval_over_the_runs_engines_skips_one_that_restarted_unsynced(ckpts, ray
     finally:
         for a in (unsynced, synced):
             ray_local.kill(a)
+
+
+def test_a_rerun_of_the_eval_phase_reuses_the_teachers_results(ckpts, ray_local, tmp_path):
+    """The teacher's suite results (hours of 32k-token answers on a real run) were kept only in memory, so a failure
+    in the student's evaluation threw them away: a rerun reuses them while teacher, suite and files are the same."""
+    from actors.rollout import RolloutActor
+    from launch.config import load_config
+    from launch.evaluation import _suite_eval
+    from zeda_rl.metrics import MetricsLog
+
+    teacher_ckpt, student_ckpt = ckpts
+    cfg = load_config(
+        "launch/configs/tiny-cpu.yaml", {"output_dir": str(tmp_path), "eval.suite": str(FIX / "suite.yaml")}
+    )
+    log = MetricsLog(tmp_path / "m.jsonl")
+    teacher, student = (
+        RolloutActor.options(num_cpus=0.25).remote("torch", str(c)) for c in (teacher_ckpt, student_ckpt)
+    )
+    try:
+        for a in (teacher, student):  # as after a weight push (rollout actors stand for the run's engines here)
+            ray_local.get(a.__ray_call__.remote(lambda a: setattr(a, "synced", True)))
+        first = _suite_eval(cfg, teacher_ckpt, student_ckpt, log, {"teacher": [teacher], "student": [student]})
+        assert (cfg.run_dir / "eval" / "teacher-run.json").is_file()
+        ray_local.kill(teacher)  # gone: only the kept results can give the teacher's side now
+        again = _suite_eval(cfg, teacher_ckpt, student_ckpt, log, {"teacher": [teacher], "student": [student]})
+        assert again[0] == first[0] and again[1]["accuracy"] == first[1]["accuracy"]
+    finally:
+        for a in (teacher, student):
+            ray_local.kill(a)
