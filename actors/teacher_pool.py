@@ -156,7 +156,7 @@ class TeacherPool:
     (pinged `retry_s` after each failed ping, twice as long after each, up to `max_retry_s`); with every teacher
     out, a submit waits up to `wait_s` for one to come back, then raises naming them."""
 
-    def __init__(self, actors: list, retry_s: float = 2.0, max_retry_s: float = 30.0, wait_s: float = 1800.0):
+    def __init__(self, actors: list, retry_s: float = 0.5, max_retry_s: float = 10.0, wait_s: float = 1800.0):
         if not actors:
             raise ValueError("TeacherPool needs at least one teacher actor")
         self.actors = actors

@@ -104,7 +104,7 @@ def settle(acks: list, log: MetricsLog, timeout_s: float | None = None) -> list:
 
 class Resync:
     """Rollout engines owed the current weights: their calls failed (Ray restarts them) or unsynced
-    samples arrived. Each gets one push at a time, retried until one reaches the restarted process, 1 s
+    samples arrived. Each gets one push at a time, retried until one reaches the restarted process, 0.5 s
     after a failure at first and twice as long after each failure in a row, up to `max_wait_s`: an engine
     dead for good (its restarts spent) would otherwise log a failure a second for the rest of the run. The
     regular pushes of later versions reach a restarted engine as well."""
@@ -133,7 +133,7 @@ class Resync:
                     self.owed.discard(j)
                     self.wait_s.pop(j, None)
                 else:
-                    wait = self.wait_s.get(j, 1.0)
+                    wait = self.wait_s.get(j, 0.5)
                     self.next_try[j], self.wait_s[j] = time.time() + wait, min(2 * wait, self.max_wait_s)
 
 

@@ -135,6 +135,7 @@ def test_killed_engines_and_malformed_inbox_messages_leave_no_sample_unaccounted
     )
 
 
+@pytest.mark.slow  # 30-45 s: CI runs it; `make test` stays under 15 minutes without it
 @pytest.mark.timeout(600)
 def test_a_killed_learner_rank_ends_the_run_promptly_with_a_resumable_checkpoint(base):
     from learner.checkpoint import latest, read_meta

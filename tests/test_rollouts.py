@@ -61,6 +61,7 @@ def _config_file(root, overrides):
     return path
 
 
+@pytest.mark.slow  # 30-45 s: CI runs it; `make test` stays under 15 minutes without it
 @pytest.mark.timeout(600)
 def test_killed_job_resumes_without_losing_or_repeating_a_prompt(setup):
     from transformers import AutoTokenizer
