@@ -313,11 +313,11 @@ def test_engines_restarted_after_the_last_push_get_the_final_weights_before_eval
         resync = Resync(sync)
         resync.mark([0])
         t0 = time.time()
-        while time.time() - t0 < 4.0:  # tries at about 0, 1 and 3 s (it was one a second)
+        while time.time() - t0 < 6.0:  # tries at about 0, 0.5, 1.5 and 3.5 s, the next at 7.5 (it was one a second)
             resync.poll()
             time.sleep(0.05)
         fails = [e for e in read_events(tmp_path / "m.jsonl") if e.name == "actor_restart" and e.time >= t0]
-        assert 2 <= len(fails) <= 3 and resync.owed == {0}
+        assert 3 <= len(fails) <= 4 and resync.owed == {0}
         assert serve_final(sync, engines, 31, log, tries=1) == [engines[1]]
         excluded = [e.value for e in read_events(tmp_path / "m.jsonl") if e.name == "final_engines_excluded"]
         assert list(excluded[-1]) == ["0"] and "unreachable" in excluded[-1]["0"]
