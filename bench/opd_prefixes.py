@@ -99,13 +99,39 @@ def train_arm(cfg, student_dir: Path, teacher, tok, sampler: str, seed: int, out
         opt.step()
         log.append({"step": step + 1, "reverse_kl": loss_kl.item(), "aux": float(aux.item())})
         if (step + 1) % 50 == 0:
-            print(f"  {sampler} s{seed} step {step + 1}: KL {float(loss_kl):.4f} L_GA {float(aux):.4f}", flush=True)
+            print(
+                f"  {sampler} s{seed} step {step + 1}: KL {log[-1]['reverse_kl']:.4f} L_GA {log[-1]['aux']:.4f}",
+                flush=True,
+            )
     student.eval()
     out.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "train_log.json").write_text(json.dumps(log))
     return {"seconds": round(time.time() - t0, 1), "kl_first_50": _mean(log[:50]), "kl_last_50": _mean(log[-50:])}
+
+
+def agreement(cfg, student_dir: Path, teacher, tok, seed: int, n: int = 1024) -> dict:
+    """How often the SFT student's temperature-1 answer to an OPD prompt differs from the teacher's: drawn with
+    the same random numbers (what separates the arms' samples at step 1), and the teacher's from two draws
+    (what sampling alone varies)."""
+    from launch.streams import chat_format, opd_prompts
+    from zeda_rl.evaluate import load
+    from zeda_rl.probe import sample_ids
+
+    student, _ = load(student_dir)
+    drawn, _ = opd_prompts(cfg, chat_format(cfg, tok)).take(n)
+    texts = [tok.decode(p) for p in drawn]
+    m = cfg.sampling.max_new_tokens
+    s, t, t2 = (
+        sample_ids(model, tok, texts, m, seed=k)
+        for model, k in ((student, 2 * seed + 1), (teacher, 2 * seed + 1), (teacher, 2 * seed + 2))
+    )
+    return {
+        "prompts": n,
+        "student_vs_teacher_same_draws": round(sum(a != b for a, b in zip(s, t)) / n, 4),
+        "teacher_vs_teacher_two_draws": round(sum(a != b for a, b in zip(t, t2)) / n, 4),
+    }
 
 
 def _mean(rows: list[dict]) -> float:
@@ -119,6 +145,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="runs/lean-opd/prefixes")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--agreement-only", action="store_true", help="only how often the arms' samples differ")
     a = ap.parse_args(argv)
 
     from launch.config import load_run_config
@@ -131,6 +158,9 @@ def main(argv=None) -> None:
         teacher, tok = load(teacher_dir(cfg))
         teacher.requires_grad_(False)
         sft = Path(a.baselines) / f"zeda-s{seed}" / "student-sft"
+        print(json.dumps({"seed": seed, "samples_differ": agreement(cfg, sft, teacher, tok, seed)}), flush=True)
+        if a.agreement_only:
+            continue
         for sampler in ("student", "teacher"):
             dst = Path(a.out) / f"{sampler}-samples" / f"zeda-s{seed}" / "student"
             r = train_arm(cfg, sft, teacher, tok, sampler, seed, dst)
