@@ -231,9 +231,9 @@ def _finish(
     returns the final version and the engines that serve it."""
     for ref in list(adm.calls):
         try:
-            ray.get(ref)
+            ray.get(ref, timeout=cfg.opd.call_timeout_s)  # a wedged call must not hold the run's end forever
             adm.finished(ref)
-        except ray.exceptions.RayError:
+        except ray.exceptions.RayError:  # GetTimeoutError included
             adm.failed(ref, "engine_failure")
     if step % cfg.opd.sync_every:
         version += 1
