@@ -310,6 +310,7 @@ def test_engines_restarted_after_the_last_push_get_the_final_weights_before_eval
         want = _learner_tensors(fleet["group"], tmp_path / "export")
         _assert_same(_engine_tensors(engines[1], list(want)), want)
         ray.kill(engines[0], no_restart=True)
+        _settles(lambda: not _answers(engines[0]))  # the kill lands asynchronously
         resync = Resync(sync)
         resync.mark([0])
         t0 = time.time()
@@ -322,11 +323,20 @@ def test_engines_restarted_after_the_last_push_get_the_final_weights_before_eval
         excluded = [e.value for e in read_events(tmp_path / "m.jsonl") if e.name == "final_engines_excluded"]
         assert list(excluded[-1]) == ["0"] and "unreachable" in excluded[-1]["0"]
         ray.kill(engines[1], no_restart=True)
+        _settles(lambda: not _answers(engines[1]))  # the kill lands asynchronously
         with pytest.raises(RuntimeError, match=r"no rollout engine serves the final weights v31"):
             serve_final(sync, engines, 31, log, tries=1)
     finally:
         for e in engines:
             ray.kill(e)
+
+
+def _answers(engine) -> bool:
+    try:
+        ray.get(engine.serving.remote(), timeout=30)
+        return True
+    except ray.exceptions.RayError:
+        return False
 
 
 def _settles(ok, timeout_s: float = 60.0) -> None:
