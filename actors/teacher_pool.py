@@ -198,6 +198,11 @@ class TeacherPool:
                 )
             time.sleep(0.2)
 
+    def available(self) -> bool:
+        """Whether some teacher is up now (the OPD loop admits no call otherwise, and goes on collecting)."""
+        self._refresh()
+        return len(self.down) < len(self.actors)
+
     def submit(self, method: str, *args, **kwargs):
         i = self._least_loaded()
         ref = getattr(self.actors[i], method).remote(*args, **kwargs)

@@ -119,11 +119,12 @@ def opd_phase(
 
 
 def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync, version: int, o) -> int:
-    """Start every generation call the window and the engines have room for; returns the last seed used.
+    """Start every generation call the window and the engines have room for; returns the last seed used. None while
+    every teacher is down (restarting): the loop goes on collecting what returns instead of waiting in a submit.
 
     Each call waits in its engine for `version`, the last one pushed: with the window, that is
     what keeps every sample within `max_staleness` versions of the step that trains it."""
-    while (nxt := adm.next_call(step, usable=lambda i: i not in resync.owed)) is not None:
+    while teachers.available() and (nxt := adm.next_call(step, usable=lambda i: i not in resync.owed)) is not None:
         engine, n = nxt
         prompts, positions = data.opd.take(n)
         seed += 1

@@ -272,6 +272,18 @@ class Flaky:
         return os.getpid()
 
 
+def test_with_its_only_teacher_restarting_the_pool_says_so_instead_of_blocking(local_ray):
+    """The OPD loop admits no call while no teacher is up, and goes on collecting (a submit would wait in it)."""
+    from actors.teacher_pool import TeacherPool
+
+    pool = TeacherPool([Flaky.remote(True)], retry_s=0.5)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(pool.submit("work"))
+    assert not pool.available()
+    _until(pool.available, timeout_s=30)  # pinged back once restarted
+    assert ray.get(pool.submit("work")) > 0
+
+
 def test_teacher_pool_leaves_a_restarting_teacher_out_until_it_answers(local_ray):
     """While a teacher restarts, every call sent to it fails at once, and least-loaded dispatch sends it the most
     (nothing in flight): the rollouts job gave up on a chunk after three such failures with the others healthy."""
