@@ -67,20 +67,12 @@ def _conversion(teacher: Path, zero_experts: int, cfg: RunConfig) -> dict:
 def _remove_stale_tmp(run_dir: Path, name: str) -> None:
     """Half-written conversions of killed drivers (`.NAME.tmp-PID`, up to 61 GB each): the next start only ever
     removed its own pid's."""
+    import psutil
+
     for tmp in run_dir.glob(f".{name}.tmp-*"):
         pid = tmp.name.rpartition("-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _num_experts(checkpoint: Path) -> int:
