@@ -5,6 +5,7 @@ chunks of `batch_size` and handed to whichever actor is free next, so a slow chu
 answers) does not hold the others back; results come back in request order. `engines=0`
 runs one engine in this process instead (torch only: SGLang's scheduler SIGKILLs the
 process that created its Engine when it dies, so it always gets an actor of its own).
+The actors send each sample's per-layer zero share, not its expert ids (`EngineActor.generate`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import dataclasses
 from actors.engine import make_engine
 from actors.rollout import EngineActor
 from zeda_rl.sampling import Sample, SamplingParams
+
+ROUTING = "zero_shares"  # what an actor sends of a sample's routing: an evaluation needs no more
 
 
 class EvalEngines:
@@ -68,7 +71,10 @@ class EvalEngines:
                 chunk = queue.pop(0)
                 start, ps, p = chunk
                 actor = free.pop(0)
-                pending[actor.generate.remote(ps, p, list(range(start, start + len(ps))))] = (chunk, actor)
+                pending[actor.generate.remote(ps, p, list(range(start, start + len(ps))), routing=ROUTING)] = (
+                    chunk,
+                    actor,
+                )
             if not pending:
                 raise RuntimeError(
                     f"evaluation: no engine left of {len(self.actors)} ({'; '.join(lost)}); "

@@ -162,10 +162,12 @@ def test_suite_end_to_end_teacher_vs_student(ckpts, ray_local, tmp_path):
         teacher = run_suite(teacher_ckpt, suite, gen)
     with EvalEngines("torch", student_ckpt, engines=2, batch_size=4) as gen:
         student = run_suite(student_ckpt, suite, gen)
-    with EvalEngines("torch", student_ckpt, engines=1, batch_size=4) as gen:
+    with EvalEngines("torch", student_ckpt, engines=0, batch_size=4) as gen:
         again = run_suite(student_ckpt, suite, gen)
-    # the share-out over actors changes nothing: same requests, same seeds, same order back
+    # the share-out over actors changes nothing: same requests, same seeds, same order back; and the zero shares the
+    # actors send instead of the expert ids are those the ids give in process
     assert [s["response"] for s in again["samples"]] == [s["response"] for s in student["samples"]]
+    assert [s["r_ze"] for s in again["samples"]] == pytest.approx([s["r_ze"] for s in student["samples"]])
 
     k = {"gsm8k": 2, "math500": 1, "humaneval": 2, "ifeval": 2}  # avg@k: the suite's 2, math500's own 1
     for rep, is_student in ((teacher, False), (student, True)):
@@ -287,6 +289,8 @@ def test_eval_over_the_runs_engines_skips_one_that_restarted_unsynced(ckpts, ray
         params = SamplingParams(temperature=0, max_new_tokens=3)
         got = EvalEngines.over([unsynced, synced], batch_size=2)(prompts, params)
         assert [s.prompt_ids for s in got] == prompts and all(s.policy_version == 0 for s in got)
+        # the driver gets each sample's per-layer zero share, not its expert ids (24 MB for a 32k-token answer)
+        assert all(s.routed_experts is None and len(s.extra["zero_shares"]) == 2 for s in got)
         with pytest.raises(RuntimeError, match="no engine left of 1 .*engine 0 restarted"):
             EvalEngines.over([unsynced], batch_size=2)(prompts, params)
     finally:
@@ -321,3 +325,16 @@ def test_a_rerun_of_the_eval_phase_reuses_the_teachers_results(ckpts, ray_local,
     finally:
         for a in (teacher, student):
             ray_local.kill(a)
+
+
+def test_zero_shares_from_ids_or_from_the_engine():
+    from zeda_rl.evaluate import reduce_routing, sample_zero_shares
+    from zeda_rl.sampling import Sample
+
+    ids = np.array([[[0, 9]], [[8, 8]], [[-1, -1]]], dtype=np.int16)  # 3 tokens, 1 MoE layer, top-2, N = 8
+    s = Sample([1, 2], [3], np.zeros(1, np.float32), ids, "stop")
+    assert sample_zero_shares(s, 8, 1).tolist() == [0.75]  # 3 of the 4 recorded slots are zero experts
+    small = reduce_routing(s, 8, 1)
+    assert small.routed_experts is None and sample_zero_shares(small, 8, 1).tolist() == [0.75]
+    with pytest.raises(ValueError, match="zero shares of 1 layers from the engine; expected 2 MoE layers"):
+        sample_zero_shares(small, 8, 2)

@@ -169,6 +169,27 @@ def request_zero_shares(routed, num_experts: int, n_layers: int):
     return (routed >= num_experts).sum(axis=(0, 2)) / np.maximum(seen, 1)
 
 
+def reduce_routing(sample, num_experts: int, n_layers: int):
+    """`sample` with its expert ids replaced by its per-layer zero-slot share (`extra["zero_shares"]`), what an
+    evaluation keeps of them: an engine actor sends this instead of the ids (`EngineActor.generate`)."""
+    import dataclasses
+
+    shares = request_zero_shares(sample.routed_experts, num_experts, n_layers)
+    return dataclasses.replace(sample, routed_experts=None, extra={**sample.extra, "zero_shares": shares.tolist()})
+
+
+def sample_zero_shares(sample, num_experts: int, n_layers: int):
+    """A sample's per-layer zero-slot share: the one its engine reduced it to, or from its expert ids."""
+    import numpy as np
+
+    shares = sample.extra.get("zero_shares")
+    if shares is None:
+        return request_zero_shares(sample.routed_experts, num_experts, n_layers)
+    if len(shares) != n_layers:
+        raise ValueError(f"zero shares of {len(shares)} layers from the engine; expected {n_layers} MoE layers")
+    return np.asarray(shares, dtype=float)
+
+
 def mean_zero_ratio(per_request: list) -> dict:
     """r_ZE as the official ZEDA evaluation reports it: each request's share, averaged over requests."""
     import numpy as np

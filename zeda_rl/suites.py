@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from zeda_rl.chat import ChatFormat, stop_ids
 from zeda_rl.data import Record
-from zeda_rl.evaluate import mean_zero_ratio, moe_shape, request_zero_shares
+from zeda_rl.evaluate import mean_zero_ratio, moe_shape, sample_zero_shares
 from zeda_rl.graders import make_grader, strip_thinking
 from zeda_rl.progress import Progress
 from zeda_rl.sampling import SamplingParams
@@ -221,7 +221,7 @@ def _run_benchmark(
     grades = grader.grade(
         [p for p in problems for _ in range(k)], [strip_thinking(t, o) for t, o in zip(texts, opened)]
     )
-    shares = [request_zero_shares(s.routed_experts, n_experts, n_layers) for s in outs]
+    shares = [sample_zero_shares(s, n_experts, n_layers) for s in outs]
     scores = [g.score for g in grades]
     for i, (s, text, g, z) in enumerate(zip(outs, texts, grades, shares)):
         samples_out.append(
