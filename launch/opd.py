@@ -16,6 +16,7 @@ import time
 
 import ray
 
+from actors.rollout import VersionWaitTimeout
 from launch.admission import Admission
 from launch.config import RunConfig
 from launch.fleet import Resync, WeightSync, probe_rollouts, serve_final, settle, teacher_selftest
@@ -59,7 +60,7 @@ def opd_phase(
     sync = WeightSync(learner, rollouts, log, o.weight_sync, o.weight_sync_timeout_s)
     resync = Resync(sync)
     settle(sync.push(version), log)
-    acks, probe = [], data.opd.ids[:4]  # fixed sequences whose logprobs show which weights the engines serve
+    acks, probe = {}, data.opd.ids[:4]  # acks: ref -> engine; probe: fixed sequences showing the weights served
     if start == 0:
         teacher_selftest(teachers.actors, probe, o.teacher_selftest_repeats, o.teacher_selftest_tol, log)
     probe_rollouts(rollouts, probe, log, version)
@@ -70,11 +71,11 @@ def opd_phase(
     step, seed, gauges = start, cfg.seed * 100_003 + start * 1_000, None
     while step < o.steps:
         seed = _admit(adm, step, data, rollouts, teachers, params, seed, resync, version, o)
-        _collect(adm, log, resync, learner)
+        _collect(adm, log, resync, learner, rollouts)
         _expire(adm, log, resync, learner, rollouts, teachers, o.call_timeout_s)
         learner.check()  # a dead learner rank ends the run now, not when the next step needs it
         resync.poll()
-        acks = _applied(acks, log, step)
+        _applied(acks, log, step, resync)
         now = (adm.waiting(), len(adm.pending))
         if now != gauges:  # logged on change: the loop turns about 20 times a second, for days on a real run
             gauges = now
@@ -112,9 +113,9 @@ def opd_phase(
             learner.export_hf(snapshot_dir(cfg.run_dir, step))
         if bump:
             version += 1
-            acks += sync.push(version)
+            acks.update(zip(sync.push(version), range(len(rollouts))))
             if not o.asynchronous:
-                acks = _applied(acks, log, step, wait=True)
+                _applied(acks, log, step, resync, wait=True)
     return _finish(cfg, adm, learner, rollouts, sync, acks, probe, log, version, step, owed=data.opd.pending())
 
 
@@ -148,9 +149,11 @@ def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync,
     return seed
 
 
-def _collect(adm: Admission, log: MetricsLog, resync: Resync, learner, timeout_s: float = 0.05) -> None:
+def _collect(adm: Admission, log: MetricsLog, resync: Resync, learner, rollouts, timeout_s: float = 0.05) -> None:
     """Account for the calls that returned: their samples are on the learner's socket, or lost (and then dropped by
-    the inbox should they come after all: a teacher may have sent them before it died)."""
+    the inbox should they come after all: a teacher may have sent them before it died). Only a failure of the rollout
+    engine itself makes it owed the weights (`_engine_at_fault`): a resync is a full push through Ray, and after one
+    the weights go through Ray for the rest of the run (`WeightSync.engine_lost`)."""
     calls = list(adm.calls)
     if not calls:  # nothing to wait on (every engine owed a resync, say): the loop must not spin
         time.sleep(timeout_s)
@@ -159,12 +162,16 @@ def _collect(adm: Admission, log: MetricsLog, resync: Resync, learner, timeout_s
     for ref in ready:
         try:
             r = ray.get(ref)
-        except ray.exceptions.RayError as err:  # a dead engine: Ray restarts it, it is owed the current weights
+        except ray.exceptions.RayError as err:
             call = adm.failed(ref, "engine_failure")
             learner.inbox_discard(call.sample_ids)
-            resync.mark([call.engine])
-            log.log("driver", "actor_restart", str(err)[:200])
-            console.print(f"[yellow]rollout/teacher failure, actor restarting: {str(err)[:300]}")
+            if _engine_at_fault(err, rollouts[call.engine]):  # dead (Ray restarts it) or never served the push
+                resync.mark([call.engine])
+                where = f"rollout engine {call.engine}"
+            else:
+                where = "teacher or task"
+            log.log("driver", "actor_restart", f"{where}: {str(err)[:200]}")
+            console.print(f"[yellow]OPD call failed ({where}), its samples dropped: {str(err)[:300]}")
             continue
         if not r["sent"]:  # the learner's inbox stayed full past the push timeout
             learner.inbox_discard(adm.failed(ref, "backpressure").sample_ids)
@@ -173,6 +180,16 @@ def _collect(adm: Admission, log: MetricsLog, resync: Resync, learner, timeout_s
         adm.finished(ref)
         log.log("teacher", "tokens", r["tokens"])
         log.log("rollout", "tokens", r.get("output_tokens", r["tokens"]))
+
+
+def _engine_at_fault(err: Exception, engine) -> bool:
+    """Whether a failed call's error is its rollout engine's loss: the engine died or was restarting (the error names
+    its actor, also when it reaches the driver through the teacher call that took the generation as its argument), or
+    its generation waited in vain for the version pushed last. A teacher's death or a task error leaves the engine
+    serving the current weights."""
+    if isinstance(err, VersionWaitTimeout):
+        return True
+    return getattr(err, "actor_id", None) == engine._actor_id.hex()
 
 
 def _expire(adm: Admission, log: MetricsLog, resync: Resync, learner, rollouts, teachers, timeout_s: float) -> None:
@@ -194,14 +211,20 @@ def _expire(adm: Admission, log: MetricsLog, resync: Resync, learner, rollouts, 
             resync.mark([call.engine])
 
 
-def _applied(acks: list, log: MetricsLog, step: int, wait: bool = False) -> list:
-    """Log the weight pushes the engines have applied; returns those still pending."""
+def _applied(acks: dict, log: MetricsLog, step: int, resync: Resync | None = None, wait: bool = False) -> None:
+    """Log the weight pushes the engines have applied, taking them out of `acks` (ref -> engine). An engine whose
+    push failed (it died, or refused a bucket) is owed the weights now, rather than after its next call has waited
+    `opd.weight_sync_timeout_s` for a version it will never serve."""
     if not acks:
-        return acks
-    done, acks = (acks, []) if wait else ray.wait(acks, num_returns=len(acks), timeout=0)
-    for v in settle(done, log):
-        log.log("rollout", "served_version", v, step)
-    return acks
+        return
+    done = list(acks) if wait else ray.wait(list(acks), num_returns=len(acks), timeout=0)[0]
+    for ack in done:
+        engine = acks.pop(ack)
+        served = settle([ack], log)
+        if served:
+            log.log("rollout", "served_version", served[0], step)
+        elif resync is not None:
+            resync.mark([engine])
 
 
 def _log_inbox(log: MetricsLog, adm: Admission, report: dict, step: int, resync: Resync, engines: int) -> None:
@@ -238,7 +261,7 @@ def _finish(
             adm.failed(ref, "engine_failure")
     if step % cfg.opd.sync_every:
         version += 1
-        acks += sync.push(version)
+        acks.update(zip(sync.push(version), range(len(rollouts))))
     _applied(acks, log, step, wait=True)
     serving = serve_final(sync, rollouts, version, log)  # the evaluation samples from these engines next
     probe_rollouts(serving, probe, log, version)
