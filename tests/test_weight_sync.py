@@ -264,6 +264,7 @@ def test_broadcast_path_delivers_the_same_tensors_to_fake_sglang(fleet, tmp_path
             ray.kill(f)
 
 
+@pytest.mark.slow  # CI runs it; 30-40 s, out of a developer's `make test` (README, Makefile)
 def test_broadcast_under_tensor_parallelism_sends_dense_before_experts(fleet, tmp_path):
     """TP=2 x EP=2: both ranks gather the dense tensors together, and the engines take rank 0's group to its end
     before rank 1's. Rank 1 must therefore finish every TP gather before it sends its first expert bucket: sent in
@@ -288,6 +289,7 @@ def test_broadcast_under_tensor_parallelism_sends_dense_before_experts(fleet, tm
         group.shutdown()
 
 
+@pytest.mark.slow  # CI runs it; 30-40 s, out of a developer's `make test` (README, Makefile)
 def test_engines_restarted_after_the_last_push_get_the_final_weights_before_eval(fleet, tmp_path):
     """An engine restarted after the last push serves the student it loaded at start; the evaluation samples from
     these engines, so the end of OPD gives it the final version again. One dead for good is left out of the
