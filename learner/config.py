@@ -63,6 +63,13 @@ class LearnerSection(_Strict):
         "(a Qwen3-30B-A3B checkpoint with its fp32 masters and AdamW state is about 430 GB over 8 ranks)",
     )
     bucket_bytes: int = Field(32 << 20, ge=1024)
+    collective_timeout_s: float = Field(
+        7200.0,
+        gt=0,
+        description="how long a learner rank waits in a collective for the others before failing the run. torch's "
+        "10-minute default is shorter than a save of 54 GB per rank can differ between ranks on a shared file system, "
+        "or rank 0 exporting the 61 GB student while the others wait; a dead rank is caught by Ray first",
+    )
     # Memory knobs `zeda plan` (launch.plan) budgets with; the defaults are the CPU learner's layout.
     # Values the learner cannot run yet are refused by `not_implemented`.
     precision: Literal["fp32", "bf16"] = Field(

@@ -79,7 +79,9 @@ class Learner:
             raise ValueError(
                 "Learner: world_size > 1 needs the master_port every rank rendezvous on (LearnerGroup passes it)"
             )
-        parallel.setup(rank, world_size, c.ep, master_addr, master_port, backend, seed=self.seed, tp_size=c.tp)
+        parallel.setup(
+            rank, world_size, c.ep, master_addr, master_port, backend, self.seed, c.collective_timeout_s, c.tp
+        )
         self.rank, self.world_size = rank, world_size
         self.source = Path(checkpoint_dir)
         self.info = model_info(load_hf_config(checkpoint_dir))

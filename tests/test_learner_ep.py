@@ -39,7 +39,7 @@ def batch():
 
 
 def config(ep: int, dispatcher: str) -> LearnerSection:
-    return LearnerSection(micro_batch_tokens=24, ep=ep, dispatcher=dispatcher)
+    return LearnerSection(micro_batch_tokens=24, ep=ep, dispatcher=dispatcher, collective_timeout_s=4321.0)
 
 
 SFT = SFTStage(lr=1e-2, schedule="constant", warmup_frac=0.0)
@@ -82,6 +82,8 @@ def _worker(rank, world, ep, port, ckpt, dispatcher, out):
     if rank == 0:
         result.update(metrics=m, grads=grads, params=params)
         result["resume_exact"] = m2["loss"] == r2["loss"] and all(torch.equal(p2[k], q2[k]) for k in p2)
+        # the learner's world waits learner.collective_timeout_s in a collective, not torch's 10 minutes
+        result["timeout_s"] = torch.distributed.group.WORLD._get_backend(torch.device("cpu")).options._timeout
         result["solo"] = (solo, solo_opd)
         torch.save(result, out / "result.pt")
     learner.barrier()
@@ -131,6 +133,7 @@ def test_expert_parallel_matches_one_process(ckpts, reference, tmp_path, family,
     assert sum(len(o) for o in owned) == len(on_disk)  # each tensor published by exactly one rank
     assert all(torch.equal(t, on_disk[k]) for o in owned for k, t in o.items())
     assert res["resume_exact"]
+    assert res["timeout_s"].total_seconds() == 4321.0
     solo, solo_opd = res["solo"]
     assert solo["tokens"] == float(batch()["attention_mask"][: ROWS // world].sum())  # only rank 0's rows
     assert torch.isfinite(torch.tensor([solo["loss"], solo_opd["loss"], solo_opd["reverse_kl"]])).all()
