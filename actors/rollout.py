@@ -130,6 +130,16 @@ class RolloutActor(EngineActor):
             )
 
     @ray.method(concurrency_group="weights")
+    def hold_for_update(self) -> bool:
+        """Broadcast pushes, first phase: stop serving (the running call ends first) until the update comes."""
+        self.engine.hold_for_update()
+        return True
+
+    @ray.method(concurrency_group="weights")
+    def release_hold(self) -> None:
+        self.engine.release_hold()
+
+    @ray.method(concurrency_group="weights")
     def update_weights_from_distributed(self, version: int, buckets: list) -> int:
         version = self.engine.update_weights_from_distributed(version, buckets)
         self._switched()

@@ -19,6 +19,7 @@ class Serving:
         self.lock = threading.Lock()
         self._open = threading.Event()
         self._open.set()
+        self._held = False
 
     @contextmanager
     def call(self):
@@ -33,3 +34,27 @@ class Serving:
             yield
         finally:
             self._open.set()
+
+    def hold(self) -> None:
+        """Stop new calls and wait for the running one to end, keeping the lock for an update to come: the first
+        phase of a broadcast push (`WeightSync`), taken by every engine before any learner rank sends."""
+        if not self._held:
+            self._open.clear()
+            self.lock.acquire()
+            self._held = True
+
+    def release(self) -> None:
+        """End a hold: after its update, or when the push it was taken for is given up."""
+        if self._held:
+            self._held = False
+            self.lock.release()
+            self._open.set()
+
+    @contextmanager
+    def switching(self):
+        """An update that switches weights as it receives them: under the hold taken for it, or one taken now."""
+        self.hold()
+        try:
+            yield
+        finally:
+            self.release()

@@ -511,6 +511,13 @@ class SGLangEngine:
             raise RuntimeError(f"SGLang could not join weight group {group_name!r}: {msg}")
         self._groups.add(group_name)
 
+    def hold_for_update(self) -> None:
+        """Stop serving until the next distributed update (or `release_hold`): returns once the running call ended."""
+        self._serving.hold()
+
+    def release_hold(self) -> None:
+        self._serving.release()
+
     def update_weights_from_distributed(self, version: int, buckets: list[tuple[str, list]]) -> int:
         """Receive `buckets` [(group, [(name, dtype, shape), ...]), ...] as the learner ranks broadcast
         them, in this order, then serve `version`. A bucket SGLang fails on leaves version -1."""
@@ -523,7 +530,7 @@ class SGLangEngine:
             if fused:
                 raise ValueError(f"broadcast tensors must use checkpoint names (per-expert), got fused {fused[:2]}")
         failed = None
-        with self._serving.updating(), self._serving.lock:
+        with self._serving.switching():  # the hold `hold_for_update` took, if it came first
             for n, (group, tensors) in enumerate(buckets):  # every bucket is received: a sender never waits forever
                 ok, msg = _result(
                     self._engine.update_weights_from_distributed(

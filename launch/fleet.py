@@ -23,8 +23,9 @@ class WeightSync:
     the last of them returns (Ray pins a pending task's arguments), so the store holds at most
     the versions not yet applied everywhere.
     transport "nccl" (gloo when the learner runs on CPU): one broadcast group per publishing
-    learner rank with every engine, set up on the first push; each push the driver tells the
-    engines the bucket specs and the ranks broadcast. A group cannot take a restarted engine
+    learner rank with every engine, set up on the first push; each push every engine first stops
+    serving (`_hold`: the driver waits for the calls running on them to end), then the driver tells
+    the engines the bucket specs and the ranks broadcast. A group cannot take a restarted engine
     back, so once an engine is lost (`engine_lost`) pushes go through Ray for the rest of the run.
     """
 
@@ -70,6 +71,7 @@ class WeightSync:
         try:
             if self._buckets is None:
                 self._join()
+            self._hold()
             acks = [a.update_weights_from_distributed.remote(version, self._buckets) for a in self.rollouts]
             ray.get(self.learner.broadcast(), timeout=self.timeout_s)
             return acks
@@ -79,6 +81,18 @@ class WeightSync:
                 "driver", "weight_sync_fallback", f"broadcast failed, weights go through Ray: {str(err)[:200]}"
             )
             return None
+
+    def _hold(self) -> None:
+        """Every engine stops serving before any rank sends. A broadcast waits for every member, and an engine takes a
+        push only after its running call (minutes at 32k tokens): an engine lost in that time left the learner ranks
+        waiting in their broadcasts until the group's timeout (NCCL's watchdog then kills them, ending the run). Lost
+        here, before anything is sent, it only sends this push through Ray; the engines that held serve again."""
+        try:
+            ray.get([a.hold_for_update.remote() for a in self.rollouts], timeout=self.timeout_s)
+        except ray.exceptions.RayError:
+            for a in self.rollouts:  # after its hold, in the engine's weights lane; a dead engine's is dropped
+                a.release_hold.remote()
+            raise
 
     def _join(self) -> None:
         eps = self.learner.weight_endpoints(f"zeda-weights-{time.time_ns()}")

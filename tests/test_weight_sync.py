@@ -232,7 +232,8 @@ def test_ten_pushes_under_load_through_the_actors_lose_no_request(fleet, tmp_pat
 def test_broadcast_path_delivers_the_same_tensors_to_fake_sglang(fleet, tmp_path):
     from actors.fake_sglang import FakeSGLangEngine
     from actors.rollout import RolloutActor
-    from launch.fleet import WeightSync
+    from launch.fleet import WeightSync, settle
+    from zeda_rl.sampling import SamplingParams
 
     group = fleet["group"]
     fakes = [
@@ -259,6 +260,23 @@ def test_broadcast_path_delivers_the_same_tensors_to_fake_sglang(fleet, tmp_path
         assert ray.get(sync.push(22)) == [22, 22]
         want = _learner_tensors(group, tmp_path / "export2")
         _assert_same(_engine_tensors(fakes[0], list(want)), want)
+
+        # An engine lost while a push waits for it: every engine holds before any rank sends, so nothing is sent
+        # (the ranks would wait in their broadcasts for a member that never comes: on GPUs until NCCL's watchdog
+        # kills them); the push goes through Ray, the learner trains on, the engine that held serves again.
+        received = len(
+            ray.get(fakes[0].__ray_call__.remote(lambda a: a.engine._engine.calls))["update_weights_from_distributed"]
+        )
+        ray.kill(fakes[1], no_restart=False)
+        group.train_step(fleet["sft"], fleet["batch"])
+        settle(sync.push(23), MetricsLog(tmp_path / "m.jsonl"))
+        assert sync.transport == "ray"
+        calls = ray.get(fakes[0].__ray_call__.remote(lambda a: a.engine._engine.calls))
+        assert len(calls["update_weights_from_distributed"]) == received  # no rank started a broadcast
+        assert ray.get(fakes[0].serving.remote()) == (23, True)
+        group.train_step(fleet["sft"], fleet["batch"])  # the ranks are not stuck in a broadcast
+        prompts, params = [[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=2)
+        assert len(ray.get(fakes[0].generate.remote(prompts, params, [0]), timeout=60)) == 1  # released
     finally:
         for f in fakes:
             ray.kill(f)
