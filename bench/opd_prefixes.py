@@ -47,7 +47,9 @@ def _router_logits(model):
     return kept
 
 
-def train_arm(cfg, student_dir: Path, teacher, tok, sampler: str, seed: int, out: Path) -> dict:
+def train_arm(
+    cfg, student_dir: Path, teacher, tok, sampler: str, seed: int, out: Path, divergence: str = "reverse"
+) -> dict:
     from launch.streams import chat_format, opd_prompts
     from zeda_rl.evaluate import load
     from zeda_rl.losses import group_aux_loss
@@ -82,7 +84,10 @@ def train_arm(cfg, student_dir: Path, teacher, tok, sampler: str, seed: int, out
         student.train()
         kept.clear()
         ls = torch.log_softmax(student(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        kl = (ls.exp() * (ls - lt)).sum(-1) * resp  # [rows, positions]: exact reverse KL at each response position
+        if divergence == "reverse":  # [rows, positions]: the exact KL at each response position, as full_kl takes it
+            kl = (ls.exp() * (ls - lt)).sum(-1) * resp
+        else:  # forward KL(p_T || p_S): mass-covering, the teacher's whole distribution as a soft label
+            kl = (lt.exp() * (lt - ls)).sum(-1) * resp
         per_sample = kl.sum(1) / resp.sum(1).clamp_min(1)
         loss_kl = per_sample.mean() if o.loss_agg == "sample_mean" else kl.sum() / resp.sum()
         tokens = mask.reshape(-1).bool()
@@ -146,6 +151,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="runs/lean-opd/prefixes")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--agreement-only", action="store_true", help="only how often the arms' samples differ")
+    ap.add_argument("--samplers", default="student,teacher", help="the arms: whose samples the KL is taken on")
+    ap.add_argument(
+        "--divergence",
+        choices=("reverse", "forward"),
+        default="reverse",
+        help="KL(p_S||p_T), what full_kl takes, or KL(p_T||p_S) (an ablation: not an opd.objective)",
+    )
     a = ap.parse_args(argv)
 
     from launch.config import load_run_config
@@ -158,13 +170,15 @@ def main(argv=None) -> None:
         teacher, tok = load(teacher_dir(cfg))
         teacher.requires_grad_(False)
         sft = Path(a.baselines) / f"zeda-s{seed}" / "student-sft"
-        print(json.dumps({"seed": seed, "samples_differ": agreement(cfg, sft, teacher, tok, seed)}), flush=True)
+        if a.agreement_only or "teacher" in a.samplers:  # what separates the arms' samples
+            print(json.dumps({"seed": seed, "samples_differ": agreement(cfg, sft, teacher, tok, seed)}), flush=True)
         if a.agreement_only:
             continue
-        for sampler in ("student", "teacher"):
-            dst = Path(a.out) / f"{sampler}-samples" / f"zeda-s{seed}" / "student"
-            r = train_arm(cfg, sft, teacher, tok, sampler, seed, dst)
-            print(json.dumps({"seed": seed, "samples_from": sampler, **r, "student": str(dst)}), flush=True)
+        for sampler in a.samplers.split(","):
+            arm = f"{sampler}-samples" + ("" if a.divergence == "reverse" else f"-{a.divergence}")
+            dst = Path(a.out) / arm / f"zeda-s{seed}" / "student"
+            r = train_arm(cfg, sft, teacher, tok, sampler, seed, dst, a.divergence)
+            print(json.dumps({"seed": seed, "samples_from": sampler, "divergence": a.divergence, **r}), flush=True)
 
 
 if __name__ == "__main__":
