@@ -443,7 +443,7 @@ class SGLangEngine:
             return self._apply(update.version, buckets)
 
     def _apply(self, version: int, buckets: list) -> int:
-        with self._serving.lock:
+        with self._serving.switching():  # takes over a broadcast push's hold, should one be left
             for n, named in enumerate(buckets):
                 ok, msg = _result(self._engine.update_weights_from_tensor(named_tensors=named, flush_cache=False))
                 if not ok:
@@ -512,7 +512,13 @@ class SGLangEngine:
         self._groups.add(group_name)
 
     def hold_for_update(self) -> None:
-        """Stop serving until the next distributed update (or `release_hold`): returns once the running call ended."""
+        """Stop serving until the next distributed update (or `release_hold`): returns once the running call ended.
+        An engine outside the broadcast groups (restarted since they were set up) refuses: the ranks would wait for
+        it in every broadcast."""
+        if not self._groups:
+            raise RuntimeError(
+                "hold for a broadcast push: this engine is in no weight group (restarted since the join)"
+            )
         self._serving.hold()
 
     def release_hold(self) -> None:
@@ -521,16 +527,16 @@ class SGLangEngine:
     def update_weights_from_distributed(self, version: int, buckets: list[tuple[str, list]]) -> int:
         """Receive `buckets` [(group, [(name, dtype, shape), ...]), ...] as the learner ranks broadcast
         them, in this order, then serve `version`. A bucket SGLang fails on leaves version -1."""
-        for group, tensors in buckets:
-            if group not in self._groups:
-                raise RuntimeError(
-                    f"update_weights_from_distributed: group {group!r} not joined (init_distributed_weight_sync)"
-                )
-            fused = [n for n, _, _ in tensors if _FUSED_EXPERTS.match(n)]
-            if fused:
-                raise ValueError(f"broadcast tensors must use checkpoint names (per-expert), got fused {fused[:2]}")
         failed = None
-        with self._serving.switching():  # the hold `hold_for_update` took, if it came first
+        with self._serving.switching():  # the hold `hold_for_update` took, if it came first; released on any error
+            for group, tensors in buckets:
+                if group not in self._groups:
+                    raise RuntimeError(
+                        f"update_weights_from_distributed: group {group!r} not joined (init_distributed_weight_sync)"
+                    )
+                fused = [n for n, _, _ in tensors if _FUSED_EXPERTS.match(n)]
+                if fused:
+                    raise ValueError(f"broadcast tensors must use checkpoint names (per-expert), got {fused[:2]}")
             for n, (group, tensors) in enumerate(buckets):  # every bucket is received: a sender never waits forever
                 ok, msg = _result(
                     self._engine.update_weights_from_distributed(

@@ -71,7 +71,8 @@ class WeightSync:
         try:
             if self._buckets is None:
                 self._join()
-            self._hold()
+            if not self._hold():
+                return None  # this push goes through Ray; the next tries the groups again
             acks = [a.update_weights_from_distributed.remote(version, self._buckets) for a in self.rollouts]
             ray.get(self.learner.broadcast(), timeout=self.timeout_s)
             return acks
@@ -82,17 +83,23 @@ class WeightSync:
             )
             return None
 
-    def _hold(self) -> None:
+    def _hold(self) -> bool:
         """Every engine stops serving before any rank sends. A broadcast waits for every member, and an engine takes a
         push only after its running call (minutes at 32k tokens): an engine lost in that time left the learner ranks
         waiting in their broadcasts until the group's timeout (NCCL's watchdog then kills them, ending the run). Lost
-        here, before anything is sent, it only sends this push through Ray; the engines that held serve again."""
+        here, before anything is sent, it sends this push through Ray and raises (pushes go through Ray from then on,
+        as after any engine loss); the engines that held serve again. Only slow (a call running past `timeout_s`): this
+        push goes through Ray (False) and the next tries the groups again."""
         try:
             ray.get([a.hold_for_update.remote() for a in self.rollouts], timeout=self.timeout_s)
-        except ray.exceptions.RayError:
+            return True
+        except ray.exceptions.RayError as err:
             for a in self.rollouts:  # after its hold, in the engine's weights lane; a dead engine's is dropped
                 a.release_hold.remote()
-            raise
+            if not isinstance(err, ray.exceptions.GetTimeoutError):
+                raise
+            self.log.log("driver", "weight_sync_slow", f"an engine did not stop serving in {self.timeout_s:.0f} s")
+            return False
 
     def _join(self) -> None:
         eps = self.learner.weight_endpoints(f"zeda-weights-{time.time_ns()}")

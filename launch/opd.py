@@ -59,8 +59,9 @@ def opd_phase(
     params = cfg.sampling.model_copy(update={"stop_token_ids": data.format.stop_ids})
     sync = WeightSync(learner, rollouts, log, o.weight_sync, o.weight_sync_timeout_s)
     resync = Resync(sync)
-    settle(sync.push(version), log)
     acks, probe = {}, data.opd.ids[:4]  # acks: ref -> engine; probe: fixed sequences showing the weights served
+    acks.update(zip(sync.push(version), range(len(rollouts))))
+    _applied(acks, log, start, resync, wait=True)
     if start == 0:
         teacher_selftest(teachers.actors, probe, o.teacher_selftest_repeats, o.teacher_selftest_tol, log)
     probe_rollouts(rollouts, probe, log, version)
@@ -183,13 +184,17 @@ def _collect(adm: Admission, log: MetricsLog, resync: Resync, learner, rollouts,
 
 
 def _engine_at_fault(err: Exception, engine) -> bool:
-    """Whether a failed call's error is its rollout engine's loss: the engine died or was restarting (the error names
-    its actor, also when it reaches the driver through the teacher call that took the generation as its argument), or
-    its generation waited in vain for the version pushed last. A teacher's death or a task error leaves the engine
-    serving the current weights."""
+    """Whether a failed call may have lost its rollout engine the weights: the engine died or was restarting (the error
+    names its actor, also when it reaches the driver through the teacher call that took the generation as its
+    argument), its generation waited in vain for the version pushed last, or an actor or object was lost and the error
+    names no actor (assumed the engine's: a needless resync costs one push, a missed one serves stale weights). A
+    teacher's death (the error names the teacher) or a task error leaves the engine serving the current weights."""
     if isinstance(err, VersionWaitTimeout):
         return True
-    return getattr(err, "actor_id", None) == engine._actor_id.hex()
+    named = getattr(err, "actor_id", None)
+    if named is not None:
+        return named == engine._actor_id.hex()
+    return isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError))
 
 
 def _expire(adm: Admission, log: MetricsLog, resync: Resync, learner, rollouts, teachers, timeout_s: float) -> None:

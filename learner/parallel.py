@@ -29,6 +29,7 @@ that run the same on gloo and nccl and keep grads in `param.grad` for torch's op
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import warnings
@@ -122,6 +123,7 @@ def setup(
         expert_model_parallel_size=ep_size,
         expert_tensor_parallel_size=1,
         create_gloo_process_groups=False,
+        distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),  # the TP/EP/DP groups wait as long as WORLD
     )
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import types
 
 import pytest
 import ray
@@ -422,6 +423,17 @@ def test_only_a_rollout_engines_own_failure_makes_it_owed_the_weights(local_ray,
         def inbox_discard(self, ids):
             pass
 
+    from launch.opd import _engine_at_fault
+
+    me = types.SimpleNamespace(_actor_id=bytes.fromhex("ab"))
+    for err, owed in (
+        (ray.exceptions.RayActorError(actor_id="ab"), True),  # the engine's death
+        (ray.exceptions.RayActorError(actor_id="cd"), False),  # another actor's: its teacher's
+        (ray.exceptions.ActorDiedError(), True),  # an actor lost, none named: assumed the engine
+        (ray.exceptions.ObjectLostError("ab" * 14, None, ""), True),  # its answer lost with its node
+        (ray.exceptions.RayTaskError("score_and_push", "", ValueError("bad")), False),  # a task's own error
+    ):
+        assert _engine_at_fault(err, me) is owed, err
     log = MetricsLog(tmp_path / "m.jsonl")
     engine, teacher = OnDemand.remote(), OnDemand.remote()
     for mode, owed in (("ok", False), ("version never served", True), ("teacher dies", False), ("engine dies", True)):

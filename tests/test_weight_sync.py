@@ -261,6 +261,17 @@ def test_broadcast_path_delivers_the_same_tensors_to_fake_sglang(fleet, tmp_path
         want = _learner_tensors(group, tmp_path / "export2")
         _assert_same(_engine_tensors(fakes[0], list(want)), want)
 
+        # An engine that does not stop serving in time (a call running past the push's timeout, here a lock held for
+        # it): this push goes through Ray once the engine is free, and the next goes through the groups again
+        ray.get(fakes[1].__ray_call__.remote(lambda a: a.engine._serving.lock.acquire()))
+        sync.timeout_s = 2.0
+        acks = sync.push(23)
+        ray.get(fakes[1].__ray_call__.remote(lambda a: a.engine._serving.lock.release()))
+        assert ray.get(acks, timeout=60) == [23, 23] and sync.transport == "nccl" and sync.latest.version == 23
+        sync.timeout_s = 120.0
+        group.train_step(fleet["sft"], fleet["batch"])
+        assert ray.get(sync.push(24), timeout=120) == [24, 24] and sync.latest.version == 23  # the groups again
+
         # An engine lost while a push waits for it: every engine holds before any rank sends, so nothing is sent
         # (the ranks would wait in their broadcasts for a member that never comes: on GPUs until NCCL's watchdog
         # kills them); the push goes through Ray, the learner trains on, the engine that held serves again.
@@ -269,11 +280,11 @@ def test_broadcast_path_delivers_the_same_tensors_to_fake_sglang(fleet, tmp_path
         )
         ray.kill(fakes[1], no_restart=False)
         group.train_step(fleet["sft"], fleet["batch"])
-        settle(sync.push(23), MetricsLog(tmp_path / "m.jsonl"))
+        settle(sync.push(25), MetricsLog(tmp_path / "m.jsonl"))
         assert sync.transport == "ray"
         calls = ray.get(fakes[0].__ray_call__.remote(lambda a: a.engine._engine.calls))
         assert len(calls["update_weights_from_distributed"]) == received  # no rank started a broadcast
-        assert ray.get(fakes[0].serving.remote()) == (23, True)
+        assert ray.get(fakes[0].serving.remote()) == (25, True)
         group.train_step(fleet["sft"], fleet["batch"])  # the ranks are not stuck in a broadcast
         prompts, params = [[5, 6, 7]], SamplingParams(temperature=0, max_new_tokens=2)
         assert len(ray.get(fakes[0].generate.remote(prompts, params, [0]), timeout=60)) == 1  # released
