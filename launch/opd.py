@@ -223,12 +223,13 @@ def _applied(acks: dict, log: MetricsLog, step: int, resync: Resync | None = Non
     if not acks:
         return
     done = list(acks) if wait else ray.wait(list(acks), num_returns=len(acks), timeout=0)[0]
-    for ack in done:
-        engine = acks.pop(ack)
-        served = settle([ack], log)
+    results = [(acks.pop(ack), settle([ack], log)) for ack in done]
+    for engine, served in results:
         if served:
             log.log("rollout", "served_version", served[0], step)
-        elif resync is not None:
+    later = set(acks.values()) | {e for e, served in results if served}  # a newer push still coming, or applied
+    for engine in {e for e, served in results if not served} - later:
+        if resync is not None:
             resync.mark([engine])
 
 

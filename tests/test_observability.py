@@ -451,6 +451,9 @@ def test_only_a_rollout_engines_own_failure_makes_it_owed_the_weights(local_ray,
     acks = {engine.update_weights.remote(5, False): 0}
     _applied(acks, log, 1, resync, wait=True)
     assert not acks and not resync.owed
-    acks = {engine.update_weights.remote(6, True): 0}  # the engine refused a bucket: it serves no known version
+    acks = {engine.update_weights.remote(6, True): 0, engine.update_weights.remote(7, False): 0}
+    _applied(acks, log, 1, resync, wait=True)  # a refused push, then a newer one applied: nothing owed
+    assert not acks and not resync.owed
+    acks = {engine.update_weights.remote(8, True): 0}  # the engine refused a bucket: it serves no known version
     _applied(acks, log, 1, resync, wait=True)
     assert not acks and resync.owed == {0}
