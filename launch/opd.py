@@ -60,7 +60,7 @@ def opd_phase(
     sync = WeightSync(learner, rollouts, log, o.weight_sync, o.weight_sync_timeout_s)
     resync = Resync(sync)
     acks, probe = {}, data.opd.ids[:4]  # acks: ref -> engine; probe: fixed sequences showing the weights served
-    acks.update(zip(sync.push(version), range(len(rollouts))))
+    _push(sync, version, acks)
     _applied(acks, log, start, resync, wait=True)
     if start == 0:
         teacher_selftest(teachers.actors, probe, o.teacher_selftest_repeats, o.teacher_selftest_tol, log)
@@ -114,19 +114,20 @@ def opd_phase(
             learner.export_hf(snapshot_dir(cfg.run_dir, step))
         if bump:
             version += 1
-            acks.update(zip(sync.push(version), range(len(rollouts))))
+            _push(sync, version, acks)
             if not o.asynchronous:
                 _applied(acks, log, step, resync, wait=True)
     return _finish(cfg, adm, learner, rollouts, sync, acks, probe, log, version, step, owed=data.opd.pending())
 
 
 def _admit(adm: Admission, step, data, rollouts, teachers, params, seed, resync, version: int, o) -> int:
-    """Start every generation call the window and the engines have room for; returns the last seed used. None while
-    every teacher is down (restarting): the loop goes on collecting what returns instead of waiting in a submit.
+    """Start every generation call the window and the engines have room for; returns the last seed used. Nothing is
+    started while every teacher is down (restarting): the loop goes on collecting what returns instead of waiting in a
+    submit. The teachers are looked at only when a call is due (the loop turns about 20 times a second).
 
     Each call waits in its engine for `version`, the last one pushed: with the window, that is
     what keeps every sample within `max_staleness` versions of the step that trains it."""
-    while teachers.available() and (nxt := adm.next_call(step, usable=lambda i: i not in resync.owed)) is not None:
+    while (nxt := adm.next_call(step, usable=lambda i: i not in resync.owed)) is not None and teachers.available():
         engine, n = nxt
         prompts, positions = data.opd.take(n)
         seed += 1
@@ -216,6 +217,11 @@ def _expire(adm: Admission, log: MetricsLog, resync: Resync, learner, rollouts, 
             resync.mark([call.engine])
 
 
+def _push(sync: WeightSync, version: int, acks: dict) -> None:
+    """Push `version` to every engine, its acks recorded in `acks` (ref -> engine index) for `_applied`."""
+    acks.update(zip(sync.push(version), range(len(sync.rollouts))))
+
+
 def _applied(acks: dict, log: MetricsLog, step: int, resync: Resync | None = None, wait: bool = False) -> None:
     """Log the weight pushes the engines have applied, taking them out of `acks` (ref -> engine). An engine whose
     push failed (it died, or refused a bucket) is owed the weights now, rather than after its next call has waited
@@ -228,9 +234,9 @@ def _applied(acks: dict, log: MetricsLog, step: int, resync: Resync | None = Non
         if served:
             log.log("rollout", "served_version", served[0], step)
     later = set(acks.values()) | {e for e, served in results if served}  # a newer push still coming, or applied
-    for engine in {e for e, served in results if not served} - later:
-        if resync is not None:
-            resync.mark([engine])
+    owed = {e for e, served in results if not served} - later
+    if owed and resync is not None:
+        resync.mark(owed)
 
 
 def _log_inbox(log: MetricsLog, adm: Admission, report: dict, step: int, resync: Resync, engines: int) -> None:
@@ -267,7 +273,7 @@ def _finish(
             adm.failed(ref, "engine_failure")
     if step % cfg.opd.sync_every:
         version += 1
-        acks.update(zip(sync.push(version), range(len(rollouts))))
+        _push(sync, version, acks)
     _applied(acks, log, step, wait=True)
     serving = serve_final(sync, rollouts, version, log)  # the evaluation samples from these engines next
     probe_rollouts(serving, probe, log, version)
