@@ -27,8 +27,8 @@ run: install
 # The slowest end-to-end runs (marked `slow`: a killed driver resumed, `ray job submit` and `ray job stop`
 # against a local head, a chat-templated run resumed, four rollout and two teacher engines, synchronous OPD from a
 # JSONL, a killed learner rank, killed engines with 10,000 malformed messages, a killed rollouts job resumed, the
-# learner demo command, the TP broadcast order, the final weights after engine restarts) take about 11.5 of its minutes: CI (CI set) and `make test-all` run them, a developer's
-# `make test` leaves them out to stay under 15.
+# learner demo command, the TP broadcast order, the final weights after engine restarts) take about 11.5 of its
+# minutes: CI (CI set) and `make test-all` run them, a developer's `make test` leaves them out to stay under 15.
 PYTEST_SELECT ?= $(if $(CI),,-m "not slow")
 test: install
 	$(BIN)/ruff check .
