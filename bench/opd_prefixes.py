@@ -48,7 +48,15 @@ def _router_logits(model):
 
 
 def train_arm(
-    cfg, student_dir: Path, teacher, tok, sampler: str, seed: int, out: Path, divergence: str = "reverse"
+    cfg,
+    student_dir: Path,
+    teacher,
+    tok,
+    sampler: str,
+    seed: int,
+    out: Path,
+    divergence: str = "reverse",
+    temperature: float = 1.0,
 ) -> dict:
     from launch.streams import chat_format, opd_prompts
     from zeda_rl.evaluate import load
@@ -77,7 +85,9 @@ def train_arm(
         prompts = [list(p) for p in tok(texts).input_ids]  # as sample_ids encodes them
         policy = student if sampler == "student" else teacher
         student.eval()
-        responses = sample_ids(policy, tok, texts, cfg.sampling.max_new_tokens, seed=seed * 100_003 + step)
+        responses = sample_ids(
+            policy, tok, texts, cfg.sampling.max_new_tokens, seed=seed * 100_003 + step, temperature=temperature
+        )
         ids, mask, resp = _batch(prompts, responses, pad)
         with torch.no_grad():
             lt = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
@@ -158,6 +168,13 @@ def main(argv=None) -> None:
         default="reverse",
         help="KL(p_S||p_T), what full_kl takes, or KL(p_T||p_S) (an ablation: not an opd.objective)",
     )
+    ap.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="the arms sample at it (the KL is still taken at temperature 1): above 1 the student's prefixes "
+        "leave the teacher's path more often",
+    )
     a = ap.parse_args(argv)
 
     from launch.config import load_run_config
@@ -176,9 +193,21 @@ def main(argv=None) -> None:
             continue
         for sampler in a.samplers.split(","):
             arm = f"{sampler}-samples" + ("" if a.divergence == "reverse" else f"-{a.divergence}")
+            arm += "" if a.temperature == 1.0 else f"-t{a.temperature:g}"
             dst = Path(a.out) / arm / f"zeda-s{seed}" / "student"
-            r = train_arm(cfg, sft, teacher, tok, sampler, seed, dst, a.divergence)
-            print(json.dumps({"seed": seed, "samples_from": sampler, "divergence": a.divergence, **r}), flush=True)
+            r = train_arm(cfg, sft, teacher, tok, sampler, seed, dst, a.divergence, a.temperature)
+            print(
+                json.dumps(
+                    {
+                        "seed": seed,
+                        "samples_from": sampler,
+                        "divergence": a.divergence,
+                        "temperature": a.temperature,
+                        **r,
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

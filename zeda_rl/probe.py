@@ -20,10 +20,16 @@ from zeda_rl.tasks import Example, score
 
 @torch.no_grad()
 def sample_ids(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 64
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 64,
+    temperature: float = 1.0,
 ) -> list[list[int]]:
-    """One response per prompt at temperature 1 with no truncation (top-k and top-p off), as OPD samples;
-    token ids up to and including the first stop id (`zeda_rl.chat.stop_ids`, as the engines stop)."""
+    """One response per prompt at `temperature` (1 by default) with no truncation (top-k and top-p off), as OPD
+    samples; token ids up to and including the first stop id (`zeda_rl.chat.stop_ids`, as the engines stop)."""
     from zeda_rl.chat import stop_ids
     from zeda_rl.generate import until_stop
 
@@ -37,7 +43,7 @@ def sample_ids(
             input_ids=enc.input_ids,
             attention_mask=enc.attention_mask,
             do_sample=True,
-            temperature=1.0,
+            temperature=temperature,
             top_k=0,
             top_p=1.0,
             max_new_tokens=max_new_tokens,
