@@ -8,6 +8,11 @@ seed and a summary. Seeds run one after another in this process (the hard recipe
 start two processes to use two cores). Nothing is cached.
 
     python bench/teacher_recipe.py --tasks hard --seeds 0 1 2 --every 500 --out runs/teacher-recipe.jsonl
+
+With --stop-at PCT it also stops a seed at the first check that reaches PCT and saves that teacher, for a run with
+`model.teacher: DIR` (how the README's teachers stopped at 93% were made):
+
+    python bench/teacher_recipe.py --teacher hard-lean --every 250 --n 200 --stop-at 92 --save runs/room/lean
 """
 
 from __future__ import annotations
@@ -38,6 +43,15 @@ def main(argv=None) -> None:
     ap.add_argument("--every", type=int, default=500, help="steps between held-out checks")
     ap.add_argument("--n", type=int, default=300, help="held-out prompts per family")
     ap.add_argument("--out", default=None, help="append one JSON line per seed here")
+    ap.add_argument(
+        "--stop-at",
+        type=float,
+        default=None,
+        metavar="PCT",
+        help="stop at the first check whose held-out mean reaches PCT and save that teacher (HF format) under "
+        "--save/seed-N: a teacher with a chosen accuracy, for `model.teacher: DIR` (README, 'A teacher with room')",
+    )
+    ap.add_argument("--save", default="runs/teacher-stopped", help="where --stop-at saves its teachers")
     a = ap.parse_args(argv)
 
     from zeda_rl import tasks
@@ -62,29 +76,35 @@ def main(argv=None) -> None:
     for seed in a.seeds:
         curve = []
 
-        def probe(step, model, loss, curve=curve):
+        def probe(step, model, loss, curve=curve, seed=seed):
             acc = accuracy(model, tok_box[0], heldout)
             curve.append({"step": step, "loss": round(loss, 4), **{k: round(100 * v, 1) for k, v in acc.items()}})
             print(f"seed {seed} step {step}: loss {loss:.3f} held-out {json.dumps(curve[-1])}", flush=True)
+            if a.stop_at is not None and curve[-1]["mean"] >= a.stop_at:
+                _save(model, tok_box[0], Path(a.save) / f"seed-{seed}", curve[-1])
+                raise _Stopped
 
         from zeda_rl.tokenizer import build_tokenizer
 
         tok_box = [build_tokenizer()]
         t0 = time.time()
-        _train(
-            steps,
-            seed,
-            False,
-            suite=a.tasks,
-            model_kw=model_kw,
-            recipe=dict(recipe, steps=steps),
-            probe=(a.every, probe),
-        )
+        try:
+            _train(
+                steps,
+                seed,
+                False,
+                suite=a.tasks,
+                model_kw=model_kw,
+                recipe=dict(recipe, steps=steps),
+                probe=(a.every, probe),
+            )
+        except _Stopped:
+            pass
         row = {
             "tasks": a.tasks,
             "seed": seed,
             "steps": steps,
-            "recipe": recipe,
+            "recipe": dict(recipe, steps=steps),
             "teacher": a.teacher or a.tasks,
             "model": {k: v for k, v in model_kw.items() if v != base.get(k)},
             "seconds": round(time.time() - t0),
@@ -99,6 +119,25 @@ def main(argv=None) -> None:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             with open(a.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+class _Stopped(Exception):
+    """--stop-at reached: the teacher is saved, training ends."""
+
+
+def _save(model, tok, out: Path, check: dict) -> None:
+    """The stopped teacher in HF format, written to a temporary directory and renamed."""
+    from zeda_rl.hfdir import replace_dir
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp"
+    model.config.output_router_logits = False
+    model.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "teacher.json").write_text(json.dumps({"stopped_at": check}, indent=2) + "\n")
+    replace_dir(tmp, out)
+    print(f"saved {out} at step {check['step']} (held-out mean {check['mean']}%)", flush=True)
 
 
 if __name__ == "__main__":
