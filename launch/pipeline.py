@@ -46,6 +46,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     if not resume:  # a fresh run of the same name: its report must not count the last one's events
         (cfg.run_dir / "metrics.jsonl").unlink(missing_ok=True)
     log = MetricsLog(cfg.run_dir / "metrics.jsonl")
+    log.log("driver", "driver_started", {"resume": bool(ckpt)})  # where this driver's events begin (the report)
     phases = Phases(log)
     t_start = time.time()
     console.print(f"run directory: {cfg.run_dir.resolve()}")

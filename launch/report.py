@@ -44,6 +44,36 @@ def lineage(events) -> list:
     return [x for x, _ in kept]
 
 
+def phase_times(events, current: dict) -> tuple[dict, dict]:
+    """Wall time per phase over every driver of the run, and the part of it a killed driver spent in phases it did not
+    finish (work the resumed driver did again). `current`: the times of this driver (`Phases.times`, with its
+    `total`). Earlier drivers are the stretches of `events` between `driver_started` markers: a finished phase
+    counts its logged `phase_seconds`, an unfinished one the time to the driver's last event. Before, a resumed
+    run's report showed its last driver's times alone, hiding the hours of the one that was killed."""
+    drivers: list[list] = []
+    for e in events:
+        if e.component == "driver" and e.name == "driver_started":
+            drivers.append([])
+        if drivers:
+            drivers[-1].append(e)
+    total, cut = dict(current), {}
+    for d in drivers[:-1]:
+        done = set()
+        for e in d:
+            if e.component == "driver" and e.name.startswith("phase_seconds/"):
+                name = e.name.split("/", 1)[1]
+                done.add(name)
+                total[name] = total.get(name, 0.0) + e.value
+        started = [e for e in d if e.component == "driver" and e.name == "phase" and e.value in PHASE_ORDER]
+        if started and started[-1].value not in done:
+            name, lost = started[-1].value, d[-1].time - started[-1].time
+            total[name] = total.get(name, 0.0) + lost
+            cut[name] = cut.get(name, 0.0) + lost
+        if "total" in total:
+            total["total"] += d[-1].time - d[0].time
+    return total, cut
+
+
 def _series(events, component, name):
     return [(e.step, e.value, e.time) for e in events if e.component == component and e.name == name]
 
@@ -81,12 +111,14 @@ def faults(events) -> dict:
 
 
 def write_report(
-    cfg, teacher_eval: dict, student_eval: dict, phase_times: dict, metrics_path: Path, final_version: int = 0
+    cfg, teacher_eval: dict, student_eval: dict, phase_times_now: dict, metrics_path: Path, final_version: int = 0
 ) -> dict:
     run = Path(cfg.run_dir)
-    events = lineage(read_events(metrics_path))
+    raw = read_events(metrics_path)
+    events = lineage(raw)
     zr = student_eval["zero_ratio"]
     t_acc, s_acc = teacher_eval["accuracy"], student_eval["accuracy"]
+    times, cut = phase_times(raw, phase_times_now)
     rkl = _series(events, "learner", "reverse_kl")
     zero_steps = _series(events, "learner", "zero_ratio")
     load_vio = _series(events, "learner", "expert_load_max_violation_per_layer")
@@ -122,7 +154,8 @@ def write_report(
         if opd_at is None
         else sum(t < opd_at for _, _, t in zero_steps),  # index in the list above
         "tokens_per_s": throughput(events),
-        "phase_seconds": phase_times,
+        "phase_seconds": times,  # every driver's, a killed one's included
+        "phase_seconds_cut": cut,  # of which in phases a killed driver did not finish (done again after the resume)
         "final_policy_version": final_version,
         "dropped_stale": stale[-1][1] if stale else 0,
         "opd_admission": next(
@@ -276,12 +309,14 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def _admission_line(a: dict | None) -> str:
+def _admission_line(a: dict | None, resumes: list) -> str:
     if not a:
         return "- OPD admission: no OPD samples"
     util = ", ".join(f"{100 * u:.0f}%" for u in a["engine_utilisation"])
+    at = [r.get("step", 0) for r in resumes if r.get("stage") == "opd"]
     return (
-        f"- OPD samples: {a['admitted']} admitted, {a['trained']} trained, {100 * a['drop_share']:.1f}% dropped "
+        f"- OPD samples{f' (counted by the last driver, from OPD step {at[-1]})' if at else ''}: {a['admitted']} "
+        f"admitted, {a['trained']} trained, {100 * a['drop_share']:.1f}% dropped "
         f"({', '.join(f'{k}: {v}' for k, v in a['dropped'].items()) or 'none'}); rollout engines busy {util} of the phase, "
         f"calls per engine {a['engine_calls']}"
     )
@@ -306,12 +341,19 @@ def _versions() -> dict:
     return library_versions()
 
 
+def _phase_rows(times: dict, cut: dict) -> str:
+    return "\n".join(
+        f"| {k} | {v:.1f}{f' (of which {cut[k]:.1f} in a killed driver, done again)' if k in cut else ''} |"
+        for k, v in times.items()
+    )
+
+
 def _markdown(r: dict) -> str:
     t, s = r["accuracy"]["teacher"], r["accuracy"]["student"]
     rows = "\n".join(f"| {f} | {100 * t[f]:.1f} | {100 * s[f]:.1f} |" for f in t)
     per = ", ".join(f"{100 * v:.1f}%" for v in r["zero_expert_ratio"]["per_layer"])
     tps = r["tokens_per_s"]
-    ph = "\n".join(f"| {k} | {v:.1f} |" for k, v in r["phase_seconds"].items())
+    ph = _phase_rows(r["phase_seconds"], r.get("phase_seconds_cut") or {})
     tg = r["targets"]
     rkl = r["reverse_kl"]
     accuracy = (
@@ -341,7 +383,7 @@ Student minus teacher: {r["accuracy"]["delta_points"]:+.1f} points.
 ## Training
 - OPD reverse KL: {f"{rkl[0]['value']:.4f} -> {rkl[-1]['value']:.4f}" if rkl else "n/a"} over {len(rkl)} steps
 - Final policy version: {r["final_policy_version"]}; samples dropped as too stale: {r["dropped_stale"]}
-{_admission_line(r["opd_admission"])}
+{_admission_line(r["opd_admission"], r["faults"]["resumes"])}
 {_faults_line(r["faults"])}
 - Records dropped as longer than data.max_prompt_tokens / data.max_response_tokens: {sum(dropped.values())}{f" ({', '.join(f'{k}: {v}' for k, v in dropped.items())})" if dropped else ""}
 

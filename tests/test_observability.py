@@ -330,6 +330,28 @@ def test_the_report_counts_each_step_once_after_a_resume():
     assert [s for s, _, _ in _series(events, "learner", "reverse_kl")] != list(range(1, 21))  # what it was
 
 
+def test_the_report_times_every_driver_of_a_resumed_run():
+    """The killed driver's finished phases and the OPD it was killed in count with the resumed driver's own times
+    (the report showed the last driver's alone), and the killed OPD's time is shown as done again."""
+    from launch.report import _phase_rows, phase_times
+    from zeda_rl.metrics import Event
+
+    def ev(name, value, t):
+        return Event("driver", name, value, 0, t)
+
+    events = [ev("driver_started", {"resume": False}, 100.0), ev("phase", "teacher", 100.0)]
+    events += [ev("phase_seconds/teacher", 2.0, 102.0), ev("phase", "sft", 102.0), ev("phase_seconds/sft", 10.0, 112.0)]
+    events += [ev("phase", "opd", 112.0), Event("learner", "reverse_kl", 0.1, 3, 140.0)]  # killed after t = 140
+    events += [ev("driver_started", {"resume": True}, 500.0), ev("phase", "teacher", 500.0)]
+    now = {"teacher": 0.5, "start": 4.0, "sft": 0.1, "opd": 20.0, "total": 30.0}
+    times, cut = phase_times(events, now)
+    assert times == {"teacher": 2.5, "start": 4.0, "sft": 10.1, "opd": 48.0, "total": 70.0}
+    assert cut == {"opd": 28.0}
+    assert phase_times(events[:7], now) == (now, {})  # one driver: its own times
+    assert phase_times([], now) == (now, {})  # a log from before the markers
+    assert "| opd | 48.0 (of which 28.0 in a killed driver, done again) |" in _phase_rows(times, cut).splitlines()
+
+
 @ray.remote(num_cpus=0, max_restarts=1, max_task_retries=0)
 class Wedged:
     """An engine alive and answering pings whose generation never returns (a wedged request)."""

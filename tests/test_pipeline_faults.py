@@ -311,6 +311,12 @@ def test_a_killed_driver_resumes_at_the_checkpoint_step_with_its_optimizer_state
     )
     report = json.loads((cfg.run_dir / "report.json").read_text())
     assert len(report["faults"]["resumes"]) == 1
+    # the killed driver's time counts: its SFT, and the OPD it was killed in (shown as done again)
+    own = {e.name.split("/", 1)[1]: e.value for e in resumed if e.name.startswith("phase_seconds/")}
+    cut = report["phase_seconds_cut"]
+    assert set(cut) == {"opd"} and cut["opd"] > 0, cut
+    assert report["phase_seconds"]["opd"] == pytest.approx(own["opd"] + cut["opd"])
+    assert report["phase_seconds"]["sft"] > own["sft"]
     print(
         f"[faults] driver killed after OPD step {_opd_steps(base / 'driver-killed-metrics.jsonl')}, resumed at step {c} "
         f"(learner step {meta['step']}): {len(cursor['reissue'])} prompts in flight admitted again; every one of "
