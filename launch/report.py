@@ -160,6 +160,10 @@ def write_report(
         "dropped_stale": stale[-1][1] if stale else 0,
         "opd_admission": next(
             (e.value for e in reversed(events) if e.component == "driver" and e.name == "admission"), None
+        ),  # the last driver's: a killed one never logs its summary
+        # samples trained into the final model, by every driver (a resumed run's admission counts the last one's)
+        "opd_trained_in_lineage": sum(
+            len(e.value) for e in events if e.component == "driver" and e.name == "trained_ids"
         ),
         "faults": faults(events),
         "versions": _versions(),
@@ -309,7 +313,7 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def _admission_line(a: dict | None, resumes: list) -> str:
+def _admission_line(a: dict | None, resumes: list, lineage_trained: int = 0) -> str:
     if not a:
         return "- OPD admission: no OPD samples"
     util = ", ".join(f"{100 * u:.0f}%" for u in a["engine_utilisation"])
@@ -319,6 +323,7 @@ def _admission_line(a: dict | None, resumes: list) -> str:
         f"admitted, {a['trained']} trained, {100 * a['drop_share']:.1f}% dropped "
         f"({', '.join(f'{k}: {v}' for k, v in a['dropped'].items()) or 'none'}); rollout engines busy {util} of the phase, "
         f"calls per engine {a['engine_calls']}"
+        + (f"; trained into the final model by every driver: {lineage_trained}" if at else "")
     )
 
 
@@ -383,7 +388,7 @@ Student minus teacher: {r["accuracy"]["delta_points"]:+.1f} points.
 ## Training
 - OPD reverse KL: {f"{rkl[0]['value']:.4f} -> {rkl[-1]['value']:.4f}" if rkl else "n/a"} over {len(rkl)} steps
 - Final policy version: {r["final_policy_version"]}; samples dropped as too stale: {r["dropped_stale"]}
-{_admission_line(r["opd_admission"], r["faults"]["resumes"])}
+{_admission_line(r["opd_admission"], r["faults"]["resumes"], r.get("opd_trained_in_lineage", 0))}
 {_faults_line(r["faults"])}
 - Records dropped as longer than data.max_prompt_tokens / data.max_response_tokens: {sum(dropped.values())}{f" ({', '.join(f'{k}: {v}' for k, v in dropped.items())})" if dropped else ""}
 

@@ -317,6 +317,9 @@ def test_a_killed_driver_resumes_at_the_checkpoint_step_with_its_optimizer_state
     assert set(cut) == {"opd"} and cut["opd"] > 0, cut
     assert report["phase_seconds"]["opd"] == pytest.approx(own["opd"] + cut["opd"])
     assert report["phase_seconds"]["sft"] > own["sft"]
+    # the admission line is the resumed driver's; what went into the final model is counted over both
+    assert report["opd_trained_in_lineage"] == len(trained) > adm["trained"]
+    assert f"trained into the final model by every driver: {len(trained)}" in (cfg.run_dir / "report.md").read_text()
     print(
         f"[faults] driver killed after OPD step {_opd_steps(base / 'driver-killed-metrics.jsonl')}, resumed at step {c} "
         f"(learner step {meta['step']}): {len(cursor['reissue'])} prompts in flight admitted again; every one of "
