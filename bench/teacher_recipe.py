@@ -128,14 +128,11 @@ class _Stopped(Exception):
 def _save(model, tok, out: Path, check: dict) -> None:
     """The stopped teacher in HF format, written to a temporary directory and renamed."""
     from zeda_rl.hfdir import replace_dir
+    from zeda_rl.teacher import write_teacher
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp"
-    model.config.output_router_logits = False
-    model.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "teacher.json").write_text(json.dumps({"stopped_at": check}, indent=2) + "\n")
+    write_teacher(model, tok, tmp, {"stopped_at": check})  # the probe runs with router logits off, as saved
     replace_dir(tmp, out)
     print(f"saved {out} at step {check['step']} (held-out mean {check['mean']}%)", flush=True)
 

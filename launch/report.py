@@ -313,7 +313,7 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def _admission_line(a: dict | None, resumes: list, lineage_trained: int = 0) -> str:
+def _admission_line(a: dict | None, resumes: list, lineage_trained: int) -> str:
     if not a:
         return "- OPD admission: no OPD samples"
     util = ", ".join(f"{100 * u:.0f}%" for u in a["engine_utilisation"])
@@ -358,7 +358,7 @@ def _markdown(r: dict) -> str:
     rows = "\n".join(f"| {f} | {100 * t[f]:.1f} | {100 * s[f]:.1f} |" for f in t)
     per = ", ".join(f"{100 * v:.1f}%" for v in r["zero_expert_ratio"]["per_layer"])
     tps = r["tokens_per_s"]
-    ph = _phase_rows(r["phase_seconds"], r.get("phase_seconds_cut") or {})
+    ph = _phase_rows(r["phase_seconds"], r["phase_seconds_cut"])
     tg = r["targets"]
     rkl = r["reverse_kl"]
     accuracy = (
@@ -388,7 +388,7 @@ Student minus teacher: {r["accuracy"]["delta_points"]:+.1f} points.
 ## Training
 - OPD reverse KL: {f"{rkl[0]['value']:.4f} -> {rkl[-1]['value']:.4f}" if rkl else "n/a"} over {len(rkl)} steps
 - Final policy version: {r["final_policy_version"]}; samples dropped as too stale: {r["dropped_stale"]}
-{_admission_line(r["opd_admission"], r["faults"]["resumes"], r.get("opd_trained_in_lineage", 0))}
+{_admission_line(r["opd_admission"], r["faults"]["resumes"], r["opd_trained_in_lineage"])}
 {_faults_line(r["faults"])}
 - Records dropped as longer than data.max_prompt_tokens / data.max_response_tokens: {sum(dropped.values())}{f" ({', '.join(f'{k}: {v}' for k, v in dropped.items())})" if dropped else ""}
 

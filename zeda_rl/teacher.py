@@ -185,17 +185,19 @@ def build_teacher(
                 f"build {which} --seed {seed + 1}` and `model.teacher_seed: {seed + 1}` in the run config (the recipe "
                 "cleared the bar on seeds 0-2 here; bench/teacher_recipe.py measures a recipe over seeds)"
             )
-        model.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "teacher.json").write_text(
-            json.dumps({"recipe_hash": digest, "seed": seed, "suite": suite, "teacher": name, **report}, indent=2)
-            + "\n"
-        )
+        write_teacher(model, tok, tmp, {"recipe_hash": digest, "seed": seed, "suite": suite, "teacher": name, **report})
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_teacher(model, tok, d: Path, meta: dict) -> None:
+    """A teacher as every loader reads it: HF weights, generation config and tokenizer, and `teacher.json` (`meta`)."""
+    model.save_pretrained(d)
+    model.generation_config.save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "teacher.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _batch(examples: list[tasks.Example], tok) -> dict[str, torch.Tensor]:
